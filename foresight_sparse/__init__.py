@@ -1,0 +1,57 @@
+"""foresight-sparse: effective information of PyTorch networks, sparse and matrix-free.
+
+``import foresight_sparse.ei as ei`` is a drop-in replacement for the old ``foresight.ei``.
+:func:`report` gives the totals with a per-layer breakdown; :func:`register` adds a
+connectivity builder for a new layer type.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from . import ei
+from .analysis import report
+from .budget import DEFAULT_MAX_MEMORY
+from .connectivity import Connectivity, ExplicitMatrix, register, unregister
+from .exceptions import (
+                         ForesightError,
+                         ForwardError,
+                         MemoryBudgetError,
+                         MissingInputError,
+                         NonFiniteWeightsError,
+                         NoSupportedLayersError,
+                         ShapeMismatchError,
+                         UnknownNameError,
+                         UnsupportedLayerError,
+)
+from .norms import lin_norm, sig_norm, soft_norm
+from .report import LayerReport, Report
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ei",
+    "report",
+    "Report",
+    "LayerReport",
+    "register",
+    "unregister",
+    "Connectivity",
+    "ExplicitMatrix",
+    "lin_norm",
+    "soft_norm",
+    "sig_norm",
+    "DEFAULT_MAX_MEMORY",
+    "ForesightError",
+    "ForwardError",
+    "MemoryBudgetError",
+    "MissingInputError",
+    "NoSupportedLayersError",
+    "NonFiniteWeightsError",
+    "ShapeMismatchError",
+    "UnknownNameError",
+    "UnsupportedLayerError",
+    "__version__",
+]
+
+logging.getLogger("foresight_sparse").addHandler(logging.NullHandler())

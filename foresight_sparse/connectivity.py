@@ -1,0 +1,701 @@
+"""Layer connectivity: the registry from module type to builder, and the sparse matrices.
+
+A builder (an *adapter*) reads a module and its traced shapes and returns a
+:class:`Connectivity`: a description of the layer's connectivity matrix ``A`` (one row per
+input neuron, one column per output neuron, ``A[r, c]`` the weight from input ``r`` to output
+``c``) that can produce any block of rows as sparse index arrays, or the whole matrix as a
+torch sparse tensor, without ever building it densely.
+
+Three kinds cover the built-in layers and user extensions:
+
+- :class:`Stencil`: sliding-window layers (Conv2d, AvgPool2d), described by a kernel and two
+  :class:`~foresight_sparse.geometry.Axis` objects;
+- :class:`FullyConnected`: Linear, the weight transposed;
+- :class:`ExplicitMatrix`: a matrix a user-supplied ``create_matrix`` function returned.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import scipy.sparse
+import torch
+from torch import nn
+
+from . import _kernels
+from .budget import check_budget, format_bytes, resolve_budget
+from .exceptions import ShapeMismatchError, UnknownNameError, UnsupportedLayerError
+from .geometry import PADDING_MODES, Axis, AxisPairs, conv_output_size
+
+__all__ = [
+    "Block",
+    "Connectivity",
+    "Stencil",
+    "FullyConnected",
+    "ExplicitMatrix",
+    "REGISTRY",
+    "register",
+    "unregister",
+    "connectivity",
+    "linear",
+    "conv2d",
+    "avgpool2d",
+    "LAYOUTS",
+]
+
+#: The layouts :meth:`Connectivity.to_sparse` accepts.
+LAYOUTS = ("coo", "csr", "scipy")
+
+_INT32_MAX = 2**31 - 1
+
+
+@dataclass
+class Block:
+    """Rows ``r0 .. r0 + len(rowptr) - 1`` of a connectivity matrix, in CSR form.
+
+    ``rowptr`` starts at 0; ``cols`` ascend within each row; ``rows`` (the row of each entry,
+    absolute) is present only when asked for.
+    """
+
+    r0: int
+    rowptr: torch.Tensor
+    cols: torch.Tensor
+    vals: torch.Tensor
+    rows: torch.Tensor | None = None
+
+    @property
+    def n_rows(self) -> int:
+        return self.rowptr.numel() - 1
+
+
+class Connectivity:
+    """A layer's connectivity matrix, described rather than stored.
+
+    Attributes
+    ----------
+    label : str
+        How errors name the layer (its name in the model and its type).
+    n_rows, n_cols : int
+        Input and output neurons.
+    device : torch.device
+        Where the weights live; blocks are produced there.
+    dtype : torch.dtype
+        The dtype of the weights (the values of :meth:`to_sparse`).
+    """
+
+    label: str
+    n_rows: int
+    n_cols: int
+    device: torch.device
+    dtype: torch.dtype
+
+    @property
+    def nnz(self) -> int:
+        """Number of structural (stored) entries."""
+        return int(self.row_counts(0, self.n_rows).sum())
+
+    @property
+    def max_row_nnz(self) -> int:
+        """Largest number of stored entries in one row."""
+        return int(self.row_counts(0, self.n_rows).max(initial=0))
+
+    def row_counts(self, r0: int, r1: int) -> np.ndarray:
+        """Stored entries of each row in ``r0 .. r1`` (int64 numpy array)."""
+        raise NotImplementedError
+
+    def block(self, r0: int, r1: int, *, dtype: torch.dtype = torch.float64,
+              device: torch.device | str | None = None, with_rows: bool = False,
+              index_dtype: torch.dtype = torch.int64) -> Block:
+        """Rows ``r0 .. r1`` as a :class:`Block` with values in ``dtype`` on ``device``."""
+        raise NotImplementedError
+
+    def weight_bound(self) -> float:
+        """An upper bound on every entry (used to shift ``exp`` away from overflow)."""
+        raise NotImplementedError
+
+    def check_finite(self) -> None:
+        """Raise :class:`~foresight_sparse.exceptions.NonFiniteWeightsError` on NaN/Inf weights."""
+        raise NotImplementedError
+
+    def sparse_bytes(self, layout: str = "coo") -> int:
+        """Bytes :meth:`to_sparse` would allocate for ``layout``."""
+        layout = _layout_name(layout)
+        val = torch.empty((), dtype=self.dtype).element_size()
+        nnz = self.nnz
+        if layout == "coo":
+            return nnz * (16 + val)
+        idx = 4 if _fits_int32(nnz, self.n_cols) else 8
+        return nnz * (idx + val) + (self.n_rows + 1) * idx
+
+    def to_sparse(self, layout: Any = torch.sparse_coo, *,
+                  max_memory: int | str | None = None):
+        """The whole matrix as a torch sparse tensor (or a ``scipy.sparse.csr_array``).
+
+        Parameters
+        ----------
+        layout : torch.layout or str
+            ``torch.sparse_coo`` (default, coalesced), ``torch.sparse_csr`` (int32 indices
+            where they fit, else int64) or ``'scipy'`` (a ``scipy.sparse.csr_array`` sharing
+            memory with the index arrays, CPU only).
+        max_memory : int or str, optional
+            Refuse before allocating when the matrix needs more bytes. Defaults to half of
+            the memory available on the device now.
+
+        Raises
+        ------
+        MemoryBudgetError
+            With the byte estimate, when the matrix is over budget.
+        """
+        layout = _layout_name(layout)
+        budget = resolve_budget(max_memory, self.device, default=None)
+        check_budget(self.sparse_bytes(layout), budget,
+                     f"{self.label}: the {self.n_rows} x {self.n_cols} connectivity matrix "
+                     f"({self.nnz} entries, {layout})",
+                     "pass a larger max_memory, or let the engines stream it "
+                     "(determinism/degeneracy/ei never hold a whole matrix)")
+        idx_dtype = torch.int64
+        if layout in ("csr", "scipy") and _fits_int32(self.nnz, self.n_cols):
+            idx_dtype = torch.int32
+        blk = self.block(0, self.n_rows, dtype=self.dtype, with_rows=(layout == "coo"),
+                         index_dtype=idx_dtype)
+        size = (self.n_rows, self.n_cols)
+        if layout == "coo":
+            indices = torch.stack((blk.rows, blk.cols)) if blk.rows is not None else None
+            return torch.sparse_coo_tensor(indices, blk.vals, size, is_coalesced=True,
+                                           check_invariants=False)
+        crow = blk.rowptr.to(idx_dtype)
+        if layout == "csr":
+            with warnings.catch_warnings():  # "sparse CSR support is in beta": not news to users
+                warnings.simplefilter("ignore", UserWarning)
+                return torch.sparse_csr_tensor(crow, blk.cols, blk.vals, size,
+                                               check_invariants=False)
+        if blk.vals.device.type != "cpu":
+            raise UnknownNameError(f"{self.label}: layout='scipy' needs CPU tensors; the "
+                                   f"layer lives on {blk.vals.device}. Move the model to the "
+                                   "CPU or use torch.sparse_csr")
+        return scipy.sparse.csr_array((blk.vals.numpy(), blk.cols.numpy(), crow.numpy()),
+                                      shape=size)
+
+    def to_dense(self, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+        """The dense matrix (small layers only: for custom norms and tests)."""
+        blk = self.block(0, self.n_rows, dtype=dtype, with_rows=True)
+        dense = torch.zeros(self.n_rows, self.n_cols, dtype=dtype, device=blk.vals.device)
+        dense[blk.rows, blk.cols] = blk.vals
+        return dense
+
+
+def _fits_int32(nnz: int, n_cols: int) -> bool:
+    return nnz <= _INT32_MAX and n_cols <= _INT32_MAX
+
+
+def _layout_name(layout: Any) -> str:
+    if layout in (torch.sparse_coo, "coo", None):
+        return "coo"
+    if layout in (torch.sparse_csr, "csr"):
+        return "csr"
+    if layout == "scipy":
+        return "scipy"
+    raise UnknownNameError(f"unknown layout {layout!r}; valid layouts are torch.sparse_coo, "
+                           "torch.sparse_csr and 'scipy'")
+
+
+def _check_finite_tensor(t: torch.Tensor, label: str) -> None:
+    from .exceptions import NonFiniteWeightsError
+
+    if not bool(torch.isfinite(t).all()):
+        n_bad = int((~torch.isfinite(t)).sum())
+        raise NonFiniteWeightsError(
+            f"{label}: {n_bad} of {t.numel()} weights are NaN or infinite (weight shape "
+            f"{tuple(t.shape)}); entropies are undefined. Fix or reinitialise the weights")
+
+
+def _rowptr(counts: np.ndarray) -> np.ndarray:
+    ptr = np.zeros(len(counts) + 1, dtype=np.int64)
+    np.cumsum(counts, out=ptr[1:])
+    return ptr
+
+
+# --------------------------------------------------------------------------- stencils
+
+
+@dataclass
+class Stencil(Connectivity):
+    """A 2-d sliding-window layer: ``A[(ci,ih,iw), (co,oh,ow)] = sum of kernel taps * scale``.
+
+    Parameters
+    ----------
+    label : str
+        The layer's name for messages.
+    kernel : torch.Tensor
+        ``(C_out, C_in // groups, KH, KW)``, on the layer's device.
+    in_chw, out_chw : tuple of int
+        Input and output ``(C, H, W)``.
+    groups : int
+        Channel groups, as in ``nn.Conv2d``.
+    axis_h, axis_w : Axis
+        The window geometry of each spatial axis.
+    scale_h, scale_w : numpy.ndarray, optional
+        A per-output-row and per-output-column factor (average pooling divisors); ones if
+        omitted.
+    """
+
+    label: str
+    kernel: torch.Tensor
+    in_chw: tuple[int, int, int]
+    out_chw: tuple[int, int, int]
+    groups: int
+    axis_h: Axis
+    axis_w: Axis
+    scale_h: np.ndarray | None = None
+    scale_w: np.ndarray | None = None
+    pairs_h: AxisPairs = field(init=False, repr=False)
+    pairs_w: AxisPairs = field(init=False, repr=False)
+
+    def __post_init__(self):
+        c_in, _, _ = self.in_chw
+        c_out, out_h, out_w = self.out_chw
+        self.cin_g = c_in // self.groups
+        self.cout_g = c_out // self.groups
+        self.n_rows = math.prod(self.in_chw)
+        self.n_cols = math.prod(self.out_chw)
+        self.device = self.kernel.device
+        self.dtype = self.kernel.dtype if self.kernel.is_floating_point() else torch.float32
+        self.pairs_h = self.axis_h.pairs()
+        self.pairs_w = self.axis_w.pairs()
+        if self.scale_h is None:
+            self.scale_h = np.ones(out_h)
+        if self.scale_w is None:
+            self.scale_w = np.ones(out_w)
+        self.scale_h = np.ascontiguousarray(self.scale_h, dtype=np.float64)
+        self.scale_w = np.ascontiguousarray(self.scale_w, dtype=np.float64)
+        self._kernel_np = None
+
+    @property
+    def zero_padded(self) -> bool:
+        """True when no input is reached twice by one output (no summed duplicate taps)."""
+        return self.pairs_h.single_tap and self.pairs_w.single_tap
+
+    @property
+    def kernel_np(self) -> np.ndarray:
+        if self._kernel_np is None:
+            self._kernel_np = np.ascontiguousarray(
+                self.kernel.detach().to("cpu", torch.float64).numpy())
+        return self._kernel_np
+
+    @property
+    def nnz(self) -> int:
+        return self.in_chw[0] * self.cout_g * len(self.pairs_h.out) * len(self.pairs_w.out)
+
+    def row_counts(self, r0: int, r1: int) -> np.ndarray:
+        _, height, width = self.in_chw
+        r = np.arange(r0, r1, dtype=np.int64)
+        ih = (r // width) % height
+        iw = r % width
+        return self.cout_g * self.pairs_h.counts[ih] * self.pairs_w.counts[iw]
+
+    def weight_bound(self) -> float:
+        taps_h = int(np.diff(self.pairs_h.tap_ptr).max(initial=1))
+        taps_w = int(np.diff(self.pairs_w.tap_ptr).max(initial=1))
+        k = float(self.kernel_np.max(initial=0.0))
+        return max(k, 0.0) * taps_h * taps_w * float(self.scale_h.max(initial=1.0)) * float(
+            self.scale_w.max(initial=1.0))
+
+    def check_finite(self) -> None:
+        _check_finite_tensor(self.kernel, self.label)
+
+    def block(self, r0, r1, *, dtype=torch.float64, device=None, with_rows=False,
+              index_dtype=torch.int64):
+        device = torch.device(device) if device is not None else self.device
+        if device.type == "cpu":
+            return self._block_numba(r0, r1, dtype, with_rows, index_dtype)
+        return self.block_torch(r0, r1, dtype=dtype, device=device, with_rows=with_rows,
+                                index_dtype=index_dtype)
+
+    def _block_numba(self, r0, r1, dtype, with_rows, index_dtype) -> Block:
+        rowptr = _rowptr(self.row_counts(r0, r1))
+        nnz = int(rowptr[-1])
+        np_val = torch.empty((), dtype=dtype).numpy().dtype
+        np_idx = np.int32 if index_dtype == torch.int32 else np.int64
+        cols = np.empty(nnz, dtype=np_idx)
+        vals = np.empty(nnz, dtype=np_val)
+        rows = np.empty(nnz if with_rows else 0, dtype=np.int64)
+        _kernels.fill_stencil_rows(r0, r1 - r0, self, rowptr, cols, vals, rows)
+        return Block(r0, torch.from_numpy(rowptr), torch.from_numpy(cols),
+                     torch.from_numpy(vals), torch.from_numpy(rows) if with_rows else None)
+
+    def block_torch(self, r0: int, r1: int, *, dtype: torch.dtype = torch.float64,
+                    device: torch.device | str | None = None, with_rows: bool = False,
+                    index_dtype: torch.dtype = torch.int64) -> Block:
+        """Rows ``r0 .. r1`` by vectorised torch index arithmetic (the CUDA path).
+
+        Produces the same block as the numba kernel, on any device: every entry's position
+        in the row is decomposed into (output channel, H pair, W pair) and its value gathered
+        from the kernel, duplicate taps summed through a padded tap table.
+        """
+        device = torch.device(device) if device is not None else self.device
+        _, height, width = self.in_chw
+        _, out_h, out_w = self.out_chw
+
+        def t(a):
+            return torch.as_tensor(a, device=device)
+
+        counts = t(self.row_counts(r0, r1))
+        rowptr = torch.zeros(r1 - r0 + 1, dtype=torch.int64, device=device)
+        torch.cumsum(counts, 0, out=rowptr[1:])
+        nnz = int(rowptr[-1])
+        local_row = torch.repeat_interleave(torch.arange(r1 - r0, device=device), counts,
+                                            output_size=nnz)
+        pos = torch.arange(nnz, device=device) - rowptr[local_row]
+        r = local_row + r0
+        ci = r // (height * width)
+        ih = (r // width) % height
+        iw = r % width
+        nh = t(self.pairs_h.counts)[ih]
+        nw = t(self.pairs_w.counts)[iw]
+        lq = pos % nw
+        rest = pos // nw
+        lp = rest % nh
+        co_l = rest // nh
+        del rest, pos
+        p = t(self.pairs_h.ptr)[ih] + lp
+        q = t(self.pairs_w.ptr)[iw] + lq
+        oh = t(self.pairs_h.out)[p]
+        ow = t(self.pairs_w.out)[q]
+        g = ci // self.cin_g
+        co = g * self.cout_g + co_l
+        ci_l = ci - g * self.cin_g
+        kernel = self.kernel.detach().to(device, torch.float64)
+        taps_h = _tap_table(self.pairs_h, device)
+        taps_w = _tap_table(self.pairs_w, device)
+        vals = torch.zeros(nnz, dtype=torch.float64, device=device)
+        for a in range(taps_h.shape[1]):
+            kh = taps_h[p, a]
+            for b in range(taps_w.shape[1]):
+                kw = taps_w[q, b]
+                ok = (kh >= 0) & (kw >= 0)
+                vals += torch.where(ok, kernel[co, ci_l, kh.clamp(min=0), kw.clamp(min=0)], 0.0)
+        vals *= t(self.scale_h)[oh] * t(self.scale_w)[ow]
+        cols = (co * out_h + oh) * out_w + ow
+        return Block(r0, rowptr, cols.to(index_dtype), vals.to(dtype), r if with_rows else None)
+
+
+def _tap_table(pairs: AxisPairs, device) -> torch.Tensor:
+    """Taps of each pair, padded with -1 to the widest pair: shape ``(n_pairs, max_taps)``."""
+    n_taps = np.diff(pairs.tap_ptr)
+    width = int(n_taps.max(initial=1))
+    table = np.full((len(pairs.out), width), -1, dtype=np.int64)
+    col = np.arange(len(pairs.tap)) - np.repeat(pairs.tap_ptr[:-1], n_taps)
+    table[np.repeat(np.arange(len(pairs.out)), n_taps), col] = pairs.tap
+    return torch.as_tensor(table, device=device)
+
+
+# --------------------------------------------------------------------------- dense layers
+
+
+@dataclass
+class FullyConnected(Connectivity):
+    """A fully connected layer: ``A = weight.T`` with every entry stored.
+
+    Parameters
+    ----------
+    label : str
+        The layer's name for messages.
+    weight : torch.Tensor
+        ``(out_features, in_features)``, as ``nn.Linear`` stores it.
+    """
+
+    label: str
+    weight: torch.Tensor
+
+    def __post_init__(self):
+        self.n_cols, self.n_rows = self.weight.shape
+        self.device = self.weight.device
+        self.dtype = self.weight.dtype
+
+    @property
+    def nnz(self) -> int:
+        return self.n_rows * self.n_cols
+
+    @property
+    def max_row_nnz(self) -> int:
+        return self.n_cols
+
+    def row_counts(self, r0, r1):
+        return np.full(r1 - r0, self.n_cols, dtype=np.int64)
+
+    def weight_bound(self) -> float:
+        return max(float(self.weight.detach().max()), 0.0) if self.weight.numel() else 0.0
+
+    def check_finite(self) -> None:
+        _check_finite_tensor(self.weight.detach(), self.label)
+
+    def block(self, r0, r1, *, dtype=torch.float64, device=None, with_rows=False,
+              index_dtype=torch.int64):
+        device = torch.device(device) if device is not None else self.device
+        n = r1 - r0
+        vals = self.weight.detach()[:, r0:r1].to(device=device, dtype=dtype).t().reshape(-1)
+        rowptr = torch.arange(n + 1, device=device, dtype=torch.int64) * self.n_cols
+        if device.type == "cpu":
+            np_idx = np.int32 if index_dtype == torch.int32 else np.int64
+            cols = np.empty(n * self.n_cols, dtype=np_idx)
+            rows = np.empty(n * self.n_cols if with_rows else 0, dtype=np.int64)
+            _kernels.fill_dense_rows(r0, n, self.n_cols, cols, rows)
+            return Block(r0, rowptr, torch.from_numpy(cols), vals,
+                         torch.from_numpy(rows) if with_rows else None)
+        cols = torch.arange(self.n_cols, device=device, dtype=index_dtype).repeat(n)
+        rows = None
+        if with_rows:
+            rows = torch.arange(r0, r1, device=device).repeat_interleave(self.n_cols)
+        return Block(r0, rowptr, cols, vals, rows)
+
+
+@dataclass
+class ExplicitMatrix(Connectivity):
+    """A connectivity matrix given outright (dense or torch sparse), e.g. by a user builder."""
+
+    label: str
+    matrix: torch.Tensor
+
+    def __post_init__(self):
+        m = self.matrix
+        if m.dim() != 2:
+            raise ShapeMismatchError(f"{self.label}: a create_matrix function must return a "
+                                     f"2-d matrix, got shape {tuple(m.shape)}")
+        self.n_rows, self.n_cols = m.shape
+        self.device = m.device
+        self.dtype = m.dtype
+        if m.layout == torch.sparse_csr:
+            self._csr = m
+        elif m.layout == torch.sparse_coo:
+            self._csr = m.coalesce().to_sparse_csr()
+        else:
+            self._csr = m.to_sparse_csr()
+        self._crow = self._csr.crow_indices().to(torch.int64)
+
+    def row_counts(self, r0, r1):
+        return torch.diff(self._crow[r0:r1 + 1]).cpu().numpy()
+
+    def weight_bound(self) -> float:
+        v = self._csr.values()
+        return max(float(v.max()), 0.0) if v.numel() else 0.0
+
+    def check_finite(self) -> None:
+        _check_finite_tensor(self._csr.values(), self.label)
+
+    def block(self, r0, r1, *, dtype=torch.float64, device=None, with_rows=False,
+              index_dtype=torch.int64):
+        device = torch.device(device) if device is not None else self.device
+        lo, hi = int(self._crow[r0]), int(self._crow[r1])
+        rowptr = (self._crow[r0:r1 + 1] - lo).to(device)
+        cols = self._csr.col_indices()[lo:hi].to(device=device, dtype=index_dtype)
+        vals = self._csr.values()[lo:hi].to(device=device, dtype=dtype)
+        rows = None
+        if with_rows:
+            rows = torch.repeat_interleave(torch.arange(r0, r1, device=device),
+                                           torch.diff(rowptr), output_size=hi - lo)
+        return Block(r0, rowptr, cols, vals, rows)
+
+
+# --------------------------------------------------------------------------- adapters
+
+Adapter = Callable[..., Connectivity]
+
+#: Module type -> adapter ``(module, in_shape, out_shape, *, legacy, label) -> Connectivity``.
+#: Matching is by exact type, as in the old module: a subclass must be registered itself.
+REGISTRY: dict[type, Adapter] = {}
+
+
+def register(module_type: type, adapter: Adapter | None = None):
+    """Register ``adapter`` as the connectivity builder of ``module_type``.
+
+    The adapter is called as ``adapter(module, in_shape, out_shape, *, legacy, label)`` and
+    returns a :class:`Connectivity` (for instance an :class:`ExplicitMatrix`). Usable as a
+    decorator: ``@register(MyLayer)``.
+    """
+    if not isinstance(module_type, type):
+        raise TypeError(f"register() takes a module class, got {module_type!r}")
+
+    def deco(fn: Adapter) -> Adapter:
+        REGISTRY[module_type] = fn
+        return fn
+
+    return deco(adapter) if adapter is not None else deco
+
+
+def unregister(module_type: type) -> None:
+    """Remove the builder of ``module_type`` (a KeyError if there is none)."""
+    del REGISTRY[module_type]
+
+
+def connectivity(module: nn.Module, in_shape, out_shape, *, legacy: bool = False,
+                 label: str | None = None) -> Connectivity:
+    """The :class:`Connectivity` of ``module`` for the traced shapes, via :data:`REGISTRY`.
+
+    Raises
+    ------
+    UnsupportedLayerError
+        When no builder is registered for ``type(module)``.
+    """
+    label = label or type(module).__name__
+    adapter = REGISTRY.get(type(module))
+    if adapter is None:
+        valid = ", ".join(sorted(t.__name__ for t in REGISTRY))
+        raise UnsupportedLayerError(
+            f"{label}: no connectivity builder is registered for {type(module).__name__} "
+            f"(input {tuple(in_shape)}, output {tuple(out_shape)}). Registered types: "
+            f"{valid}. Register one with foresight_sparse.register({type(module).__name__}, "
+            "builder)")
+    return adapter(module, tuple(in_shape), tuple(out_shape), legacy=legacy, label=label)
+
+
+def _pair(v) -> tuple[int, int]:
+    if isinstance(v, (tuple, list)):
+        if len(v) == 1:
+            return int(v[0]), int(v[0])
+        return int(v[0]), int(v[1])
+    return int(v), int(v)
+
+
+def _chw(shape, label: str, what: str, module) -> tuple[int, int, int]:
+    if len(shape) not in (3, 4):
+        raise ShapeMismatchError(
+            f"{label}: {type(module).__name__} needs a 4-d (N, C, H, W) or 3-d (C, H, W) "
+            f"{what} shape, got {tuple(shape)}. Pass shapes traced from this model "
+            "(get_shapes) or an input of shape (1, C, H, W)")
+    return tuple(int(s) for s in shape[-3:])
+
+
+@register(nn.Linear)
+def linear(module: nn.Linear, in_shape, out_shape, *, legacy: bool = False,
+           label: str | None = None) -> FullyConnected:
+    """Adapter for ``nn.Linear``: the weight transposed (bias ignored).
+
+    Only the last dimension of the shapes is checked: extra leading dimensions share the
+    same weights and do not add neurons, as in the old module.
+    """
+    label = label or "Linear"
+    weight = module.weight
+    if not in_shape or not out_shape or in_shape[-1] != weight.shape[1] \
+            or out_shape[-1] != weight.shape[0]:
+        raise ShapeMismatchError(
+            f"{label}: Linear({weight.shape[1]}, {weight.shape[0]}) cannot map input "
+            f"{tuple(in_shape)} to output {tuple(out_shape)}; the last dimensions must be "
+            f"{weight.shape[1]} and {weight.shape[0]}. Were the shapes traced from another "
+            "model?")
+    return FullyConnected(label, weight)
+
+
+def _conv_pads(module: nn.Conv2d, in_hw, kernel, dilation, label) -> list[tuple[int, int]]:
+    padding = module.padding
+    if isinstance(padding, str):
+        if padding == "valid":
+            return [(0, 0), (0, 0)]
+        if padding == "same":
+            pads = []
+            for d, k in zip(dilation, kernel):
+                total = d * (k - 1)
+                pads.append((total // 2, total - total // 2))
+            return pads
+        raise UnsupportedLayerError(f"{label}: unknown padding {padding!r}; use 'same', "
+                                    "'valid', an int or a tuple")
+    ph, pw = _pair(padding)
+    return [(ph, ph), (pw, pw)]
+
+
+@register(nn.Conv2d)
+def conv2d(module: nn.Conv2d, in_shape, out_shape, *, legacy: bool = False,
+           label: str | None = None) -> Stencil:
+    """Adapter for ``nn.Conv2d``: the transposed Jacobian of the bias-free layer.
+
+    Honours stride, int/tuple/``'same'``/``'valid'`` padding, dilation, groups and every
+    ``padding_mode`` (non-zero modes sum the taps that land on the same input).
+    """
+    label = label or "Conv2d"
+    c_in, h, w = _chw(in_shape, label, "input", module)
+    c_out, oh, ow = _chw(out_shape, label, "output", module)
+    kernel = _pair(module.kernel_size)
+    stride = _pair(module.stride)
+    dilation = _pair(module.dilation)
+    mode = module.padding_mode
+    if mode not in PADDING_MODES:
+        raise UnsupportedLayerError(f"{label}: padding_mode {mode!r} is not supported; "
+                                    f"supported modes are {', '.join(PADDING_MODES)}")
+    pads = _conv_pads(module, (h, w), kernel, dilation, label)
+    expected = tuple(conv_output_size(n, k, s, d, pb + pa)
+                     for n, k, s, d, (pb, pa) in zip((h, w), kernel, stride, dilation, pads))
+    if c_in != module.in_channels or c_out != module.out_channels or (oh, ow) != expected:
+        raise ShapeMismatchError(
+            f"{label}: Conv2d({module.in_channels}, {module.out_channels}, "
+            f"kernel_size={kernel}, stride={stride}, padding={module.padding}, "
+            f"dilation={dilation}) maps input {tuple(in_shape)} to "
+            f"(N, {module.out_channels}, {expected[0]}, {expected[1]}), but the shapes say "
+            f"output {tuple(out_shape)}. Pass shapes traced from this model (get_shapes)")
+    axes = [Axis(n, o, k, s, d, pb, pa, mode)
+            for n, o, k, s, d, (pb, pa) in zip((h, w), (oh, ow), kernel, stride, dilation, pads)]
+    return Stencil(label, module.weight, (c_in, h, w), (c_out, oh, ow), module.groups, *axes)
+
+
+@register(nn.AvgPool2d)
+def avgpool2d(module: nn.AvgPool2d, in_shape, out_shape, *, legacy: bool = False,
+              label: str | None = None) -> Stencil:
+    """Adapter for ``nn.AvgPool2d``.
+
+    By default each output connects to its window in its own channel with the divisor
+    PyTorch uses (``padding``, ``ceil_mode``, ``count_include_pad`` and
+    ``divisor_override`` honoured). ``legacy=True`` reproduces the old module: every output
+    connects to the window in *all* input channels with entry ``1 / (kh * kw)``, and
+    padding is refused.
+    """
+    label = label or "AvgPool2d"
+    c_in, h, w = _chw(in_shape, label, "input", module)
+    c_out, oh, ow = _chw(out_shape, label, "output", module)
+    kernel = _pair(module.kernel_size)
+    stride = _pair(module.stride if module.stride not in (None, ()) else module.kernel_size)
+    pads = _pair(module.padding)
+    expected = tuple(_pool_out(n, k, s, p, module.ceil_mode)
+                     for n, k, s, p in zip((h, w), kernel, stride, pads))
+    if c_out != c_in or (oh, ow) != expected:
+        raise ShapeMismatchError(
+            f"{label}: AvgPool2d(kernel_size={kernel}, stride={stride}, padding={pads}, "
+            f"ceil_mode={module.ceil_mode}) maps input {tuple(in_shape)} to "
+            f"(N, {c_in}, {expected[0]}, {expected[1]}), but the shapes say output "
+            f"{tuple(out_shape)}. Pass shapes traced from this model (get_shapes)")
+    if legacy:
+        if pads != (0, 0):
+            raise UnsupportedLayerError(
+                f"{label}: legacy=True reproduces the old module, which refuses AvgPool2d "
+                f"padding (got padding={module.padding}, input {tuple(in_shape)}); use "
+                "legacy=False for the true pooling connectivity")
+        axes = [Axis(n, o, k, s) for n, o, k, s in zip((h, w), (oh, ow), kernel, stride)]
+        weight = torch.full((c_in, c_in) + kernel, 1.0 / (kernel[0] * kernel[1]))
+        return Stencil(label, weight, (c_in, h, w), (c_in, oh, ow), 1, *axes)
+    axes = [Axis(n, o, k, s, 1, p, p) for n, o, k, s, p in zip((h, w), (oh, ow), kernel,
+                                                                stride, pads)]
+    if module.divisor_override:
+        scale_h = np.full(oh, 1.0 / module.divisor_override)
+        scale_w = np.ones(ow)
+    else:
+        pick = 0 if module.count_include_pad else 1
+        scale_h = 1.0 / axes[0].window_lengths()[pick]
+        scale_w = 1.0 / axes[1].window_lengths()[pick]
+    weight = torch.ones((c_in, 1) + kernel, dtype=torch.get_default_dtype())
+    return Stencil(label, weight, (c_in, h, w), (c_in, oh, ow), c_in, *axes, scale_h, scale_w)
+
+
+def _pool_out(n: int, k: int, s: int, p: int, ceil_mode: bool) -> int:
+    out = conv_output_size(n, k, s, 1, 2 * p, ceil_mode)
+    # PyTorch drops a last window that would start inside the right padding.
+    if ceil_mode and (out - 1) * s >= n + p:
+        out -= 1
+    return out
+
+
+def describe(conn: Connectivity) -> str:
+    """One line about a connectivity for logs: shape and stored entries."""
+    return (f"{conn.label}: {conn.n_rows} x {conn.n_cols}, {conn.nnz} entries "
+            f"({format_bytes(conn.sparse_bytes('coo'))} as COO)")

@@ -1,0 +1,92 @@
+"""Engines: reduce one layer's connectivity to its row entropies and column sums.
+
+Every engine computes, for one layer under one norm, the sum of its rows' entropies and the
+vector of its column sums (float64). :mod:`foresight_sparse.analysis` combines layers into
+determinism, degeneracy and EI, so each quantity has one code path whatever the engine.
+
+- ``'sparse'``: streams row blocks of the sparse matrix under a memory budget
+  (:mod:`.sparse`);
+- ``'implicit'``: never materialises the matrix; convolutions of the kernel with maps of
+  ones and of ``1/Z`` (:mod:`.implicit`);
+- ``'dense'``: the dense reference, for checks and as the benchmark baseline (:mod:`.dense`);
+- ``'auto'``: implicit wherever it is exact, sparse elsewhere.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from ..connectivity import Connectivity
+from ..exceptions import UnknownNameError
+from ..norms import Norm
+from ..tracing import TracedLayer
+
+__all__ = ["LayerJob", "LayerStats", "ENGINES", "ENGINE_NAMES", "pick_engine"]
+
+
+@dataclass
+class LayerJob:
+    """What an engine needs for one layer."""
+
+    layer: TracedLayer
+    conn: Connectivity
+    norm: Norm
+    device: torch.device
+    budget: int
+    legacy: bool = False
+
+
+@dataclass
+class LayerStats:
+    """One layer reduced: the sum of its row entropies and its column sums (float64)."""
+
+    h_sum: float
+    n_rows: int
+    col_sums: torch.Tensor
+    engine: str
+
+
+Engine = Callable[[LayerJob], LayerStats]
+
+
+def _engines() -> dict[str, Engine]:
+    from . import dense, implicit, sparse
+
+    return {"sparse": sparse.layer_stats, "implicit": implicit.layer_stats,
+            "dense": dense.layer_stats}
+
+
+#: The engine names ``engine=`` accepts.
+ENGINE_NAMES = ("auto", "implicit", "sparse", "dense")
+
+
+class _Registry(dict):
+    def __missing__(self, key):
+        self.update(_engines())
+        if key in self:
+            return self[key]
+        raise UnknownNameError(f"unknown engine {key!r}; valid engines are "
+                               f"{', '.join(ENGINE_NAMES)}")
+
+
+#: Engine name -> function ``LayerJob -> LayerStats``.
+ENGINES: dict[str, Engine] = _Registry()
+
+
+def pick_engine(requested: str, job: LayerJob) -> str:
+    """The engine that serves ``job``: ``requested``, or for ``'auto'`` implicit where exact.
+
+    An explicit ``'implicit'`` also falls back to sparse for layers it cannot express
+    (non-zero padding modes, custom norms, user builders).
+    """
+    if requested not in ENGINE_NAMES:
+        raise UnknownNameError(f"unknown engine {requested!r}; valid engines are "
+                               f"{', '.join(ENGINE_NAMES)}")
+    if requested in ("auto", "implicit"):
+        from .implicit import supports
+
+        return "implicit" if supports(job) else "sparse"
+    return requested

@@ -1,0 +1,112 @@
+"""The sparse engine: stream row blocks of the connectivity matrix, reduce them exactly.
+
+Rows are produced in blocks sized to the memory budget; each block is reduced to row
+entropies and column contributions with the absent-entry formulas of DESIGN.md section 2,
+in float64. On the CPU both steps are numba kernels; on CUDA they are torch operations
+(:func:`reduce_block_torch`, which also runs on CPU tensors and is tested there).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from .. import _kernels
+from ..budget import row_blocks
+from ..entropy import H, row_entropy
+from ..norms import ElementwiseNorm, LinNorm, SigNorm, SoftNorm, Unnormalised
+from . import LayerJob, LayerStats
+
+__all__ = ["layer_stats", "reduce_block_torch", "BYTES_PER_ENTRY"]
+
+#: Working bytes per stored entry while a block is reduced: indices, values and temporaries.
+BYTES_PER_ENTRY = 96
+
+_KINDS = {LinNorm: _kernels.KIND_LIN, SoftNorm: _kernels.KIND_SOFT,
+          SigNorm: _kernels.KIND_SIG, Unnormalised: _kernels.KIND_NONE}
+
+
+def layer_stats(job: LayerJob) -> LayerStats:
+    """Reduce one layer with the sparse engine (see module docstring)."""
+    conn, norm = job.conn, job.norm
+    n_cols = conn.n_cols
+    counts = conn.row_counts(0, conn.n_rows)
+    if not norm.elementwise:
+        return _rowwise(job, counts)
+    fixed = n_cols * 8 * (1 + _threads(job.device))
+    blocks = row_blocks(counts, BYTES_PER_ENTRY, 64, max(job.budget - fixed, 1),
+                        conn.label)
+    shift = norm.shift(conn.weight_bound())
+    c, clogc = norm.zero(shift), norm.zero_log2(shift)
+    kind = _KINDS.get(type(norm))
+    if job.device.type == "cpu" and kind is not None:
+        acc = _kernels.column_accumulator(n_cols)
+        h_sum = inv_sum = 0.0
+        for r0, r1 in blocks:
+            b = conn.block(r0, r1, device="cpu")
+            h, inv = _kernels.reduce_rows(b.rowptr.numpy(), b.cols.numpy(), b.vals.numpy(),
+                                          kind, shift, c, clogc, n_cols, norm.normalizes, acc)
+            h_sum += h
+            inv_sum += inv
+        col = torch.from_numpy(acc.sum(axis=0))
+        col += c * inv_sum
+        return LayerStats(h_sum, conn.n_rows, col, "sparse")
+    col = torch.zeros(n_cols, dtype=torch.float64, device=job.device)
+    h_sum = torch.zeros((), dtype=torch.float64, device=job.device)
+    inv_sum = torch.zeros((), dtype=torch.float64, device=job.device)
+    for r0, r1 in blocks:
+        b = conn.block(r0, r1, device=job.device)
+        h, inv = reduce_block_torch(b.rowptr, b.cols, b.vals, norm, shift, n_cols, col)
+        h_sum += h
+        inv_sum += inv
+    col += c * inv_sum
+    return LayerStats(float(h_sum), conn.n_rows, col, "sparse")
+
+
+def _threads(device: torch.device) -> int:
+    return _kernels.column_accumulator(0).shape[0] if device.type == "cpu" else 1
+
+
+def reduce_block_torch(rowptr: torch.Tensor, cols: torch.Tensor, vals: torch.Tensor,
+                       norm: ElementwiseNorm, shift: float, n_cols: int,
+                       col: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Torch form of the block reduction: add to ``col``; return (sum of H, sum of 1/Z).
+
+    Segment sums over the stored values and ``index_add_`` into the columns; never
+    ``torch.sparse.sum``. The constant ``c * sum(1/Z)`` is left to the caller.
+    """
+    vals = vals.to(torch.float64)
+    counts = torch.diff(rowptr)
+    f = norm.f(vals, shift)
+    z = torch.segment_reduce(f, "sum", offsets=rowptr)
+    t = torch.segment_reduce(norm.f_log2f(vals, shift), "sum", offsets=rowptr)
+    c = norm.zero(shift)
+    if norm.normalizes:
+        absent = (n_cols - counts).to(torch.float64)
+        z = z + c * absent
+        t = t + norm.zero_log2(shift) * absent
+    else:
+        z = torch.ones_like(z)
+    inv = torch.where(z > 0, 1.0 / torch.where(z > 0, z, 1.0), 0.0)
+    rows = torch.repeat_interleave(torch.arange(len(counts), device=vals.device), counts,
+                                   output_size=vals.numel())
+    col.index_add_(0, cols, (f - c) * inv[rows])
+    return row_entropy(z, t).sum(), inv.sum()
+
+
+def _rowwise(job: LayerJob, counts: np.ndarray) -> LayerStats:
+    """A custom row-wise norm: densify row blocks under the budget and apply it."""
+    conn = job.conn
+    # each dense row: the block, the norm's output and H's temporaries, float64
+    blocks = row_blocks(np.zeros_like(counts), 0, conn.n_cols * 8 * 4, job.budget,
+                        f"{conn.label} (custom norm {job.norm.name}, dense rows)")
+    col = torch.zeros(conn.n_cols, dtype=torch.float64, device=job.device)
+    h_sum = torch.zeros((), dtype=torch.float64, device=job.device)
+    for r0, r1 in blocks:
+        b = conn.block(r0, r1, device=job.device, with_rows=True)
+        dense = torch.zeros(r1 - r0, conn.n_cols, dtype=torch.float64, device=job.device)
+        dense[b.rows - r0, b.cols] = b.vals
+        p = job.norm(dense)
+        h_sum += H(p, dim=1).sum()
+        col += p.sum(0)
+    return LayerStats(float(h_sum), conn.n_rows, col, "sparse")

@@ -1,0 +1,229 @@
+"""Find a model's layers and their input/output shapes with one hooked forward pass."""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from collections import Counter
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from .connectivity import REGISTRY
+from .exceptions import ForwardError, MissingInputError, NoSupportedLayersError, ShapeMismatchError
+
+__all__ = ["TracedLayer", "Trace", "trace", "get_shapes", "layers_from_shapes"]
+
+log = logging.getLogger("foresight_sparse")
+
+#: Leaf modules that act elementwise or only reshape: skipping them loses no connectivity
+#: the old module would have counted, so they are listed in reports but not warned about.
+_PASSIVE = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.PReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU,
+            nn.SiLU, nn.Mish, nn.Sigmoid, nn.Tanh, nn.Hardtanh, nn.Hardswish, nn.Hardsigmoid,
+            nn.Softplus, nn.Dropout, nn.Dropout2d, nn.Dropout1d, nn.AlphaDropout, nn.Identity,
+            nn.Flatten, nn.Unflatten, nn.Softmax, nn.LogSoftmax)
+
+
+@dataclass
+class TracedLayer:
+    """A supported layer found in a forward pass: its qualified name, module and shapes."""
+
+    name: str
+    module: nn.Module
+    in_shape: tuple[int, ...]
+    out_shape: tuple[int, ...]
+
+    @property
+    def label(self) -> str:
+        """How messages name the layer: ``"features.0 (Conv2d)"``."""
+        return f"{self.name} ({type(self.module).__name__})" if self.name else \
+            type(self.module).__name__
+
+
+@dataclass
+class Trace:
+    """The layers of a model in forward order, and the leaf modules that were skipped."""
+
+    layers: list[TracedLayer]
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    # torch.compile wraps the model; hooks belong on the original modules.
+    return getattr(model, "_orig_mod", model)
+
+
+def _names(model: nn.Module) -> dict[nn.Module, str]:
+    names: dict[nn.Module, str] = {}
+    for name, mod in model.named_modules(remove_duplicate=False):
+        names.setdefault(mod, name)
+    return names
+
+
+def _model_device_dtype(model: nn.Module):
+    for p in model.parameters():
+        return p.device, p.dtype
+    return None, None
+
+
+def _call(model: nn.Module, input):
+    if isinstance(input, dict):
+        return model(**input)
+    if isinstance(input, (tuple, list)):
+        return model(*input)
+    return model(input)
+
+
+def _adapt_input(model: nn.Module, input):
+    """Move a tensor input to the model's device and floating dtype (shapes are all we need)."""
+    device, dtype = _model_device_dtype(model)
+    if not isinstance(input, torch.Tensor) or device is None:
+        return input
+    if input.is_floating_point() and input.dtype != dtype:
+        input = input.to(dtype)
+    return input.to(device)
+
+
+def trace(model: nn.Module, input, registry: dict | None = None) -> Trace:
+    """Run ``model(input)`` once and record every registered layer's input and output shape.
+
+    The pass runs under ``torch.no_grad()`` in eval mode; every module's train/eval mode is
+    restored and every hook removed afterwards, also when the forward pass fails. A tensor
+    ``input`` is moved to the model's device and floating dtype first; a tuple is unpacked
+    into positional arguments and a dict into keyword arguments.
+
+    A module called more than once (shared weights) is one layer, listed where it was first
+    called, with the shapes of its last call, as in the old module; a warning says so when
+    the calls saw different shapes.
+
+    Raises
+    ------
+    ForwardError
+        When the forward pass raises; the message names the last module entered.
+    NoSupportedLayersError
+        When no module of a registered type ran.
+    """
+    registry = REGISTRY if registry is None else registry
+    model = _unwrap(model)
+    names = _names(model)
+    shapes: dict[nn.Module, tuple] = {}
+    seen_shapes: dict[nn.Module, set] = {}
+    skipped: dict[nn.Module, None] = {}
+    reached: list[str] = []
+    modes = {m: m.training for m in model.modules()}
+
+    def pre_hook(module, args):
+        reached.append(names.get(module, type(module).__name__))
+
+    def hook(module, args, output):
+        if type(module) in registry:
+            in_shape = tuple(args[0].shape) if args and isinstance(args[0], torch.Tensor) \
+                else ()
+            out = output[0] if isinstance(output, (tuple, list)) else output
+            shapes[module] = (in_shape, tuple(out.shape))
+            seen_shapes.setdefault(module, set()).add(shapes[module])
+        elif not any(True for _ in module.children()):
+            skipped.setdefault(module)
+
+    handles = []
+    try:
+        for mod in model.modules():
+            handles.append(mod.register_forward_pre_hook(pre_hook))
+            handles.append(mod.register_forward_hook(hook))
+        model.eval()
+        with torch.no_grad():
+            try:
+                _call(model, _adapt_input(model, input))
+            except Exception as exc:
+                last = reached[-1] if reached else "(before the first module)"
+                raise ForwardError(
+                    f"the forward pass failed in module {last!r} ({type(exc).__name__}: "
+                    f"{exc}). Check that input has the shape and dtype the model expects") \
+                    from exc
+    finally:
+        for h in handles:
+            h.remove()
+        for m, mode in modes.items():
+            m.training = mode
+
+    layers = [TracedLayer(names.get(m, ""), m, *s) for m, s in shapes.items()]
+    for layer in layers:
+        if len(seen_shapes[layer.module]) > 1:
+            warnings.warn(f"{layer.label} was called with several shapes "
+                          f"{sorted(seen_shapes[layer.module])}; it counts once, with the "
+                          "shapes of its last call", stacklevel=3)
+    if not layers:
+        found = Counter(type(m).__name__ for m in skipped)
+        raise NoSupportedLayersError(
+            f"{type(model).__name__} has no layer of a supported type "
+            f"({', '.join(sorted(t.__name__ for t in registry))}); its forward pass ran "
+            f"{dict(found) or 'no leaf modules'}. Register a builder for your layer type "
+            "with foresight_sparse.register")
+    skipped_list = [(names.get(m, ""), type(m).__name__) for m in skipped]
+    return Trace(layers, skipped_list)
+
+
+def warn_skipped(tr: Trace) -> None:
+    """One warning naming the skipped layers that carry connectivity (pools, norms, ...)."""
+    counts = Counter(t for _, t in tr.skipped if t not in {c.__name__ for c in _PASSIVE})
+    if counts:
+        what = ", ".join(f"{n} {t}" for t, n in sorted(counts.items()))
+        warnings.warn(f"skipped layers with no connectivity builder: {what}. They do not "
+                      "count towards EI, as in the old module; see report().skipped",
+                      stacklevel=3)
+
+
+def get_shapes(model: nn.Module, input) -> dict[nn.Module, tuple[tuple, tuple]]:
+    """``{module: (in_shape, out_shape)}`` for the supported modules of ``model``.
+
+    The drop-in form of :func:`trace`: one forward pass with ``input``, modules in forward
+    order.
+    """
+    return {layer.module: (layer.in_shape, layer.out_shape)
+            for layer in trace(model, input).layers}
+
+
+def layers_from_shapes(model: nn.Module, shapes: dict, registry: dict | None = None) -> Trace:
+    """Turn a ``shapes`` dict (as :func:`get_shapes` returns) into a :class:`Trace`.
+
+    Raises
+    ------
+    ShapeMismatchError
+        When ``shapes`` names a module that is not part of ``model``.
+    NoSupportedLayersError
+        When ``shapes`` holds no supported module.
+    """
+    registry = REGISTRY if registry is None else registry
+    model = _unwrap(model)
+    names = _names(model)
+    layers = []
+    for module, value in shapes.items():
+        if module not in names:
+            raise ShapeMismatchError(
+                f"shapes holds a {type(module).__name__} that is not part of "
+                f"{type(model).__name__}; were the shapes traced from another model? "
+                "Recompute them with get_shapes(model, input)")
+        try:
+            in_shape, out_shape = value
+        except (TypeError, ValueError):
+            raise ShapeMismatchError(
+                f"shapes[{names[module]!r}] must be (in_shape, out_shape), got {value!r}") \
+                from None
+        if type(module) in registry:
+            layers.append(TracedLayer(names[module], module, tuple(in_shape), tuple(out_shape)))
+    if not layers:
+        raise NoSupportedLayersError(f"shapes holds no module of a supported type for "
+                                     f"{type(model).__name__}")
+    return Trace(layers)
+
+
+def resolve_layers(model: nn.Module, input=None, shapes=None) -> Trace:
+    """The layers to analyse: from ``shapes`` if given, else traced with ``input``."""
+    if shapes is not None:
+        return layers_from_shapes(model, shapes)
+    if input is None:
+        raise MissingInputError(
+            f"cannot find the layers of {type(model).__name__}: pass input (an example "
+            "batch, e.g. torch.zeros(1, 3, 224, 224)) or shapes (from get_shapes)")
+    return trace(model, input)
