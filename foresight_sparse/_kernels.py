@@ -16,16 +16,17 @@ __all__: list[str] = []
 def _fill_stencil_rows(r0, n_rows, height, width, cin_g, cout_g, out_h, out_w,
                        hp_ptr, hp_out, hp_tptr, hp_tap,
                        wp_ptr, wp_out, wp_tptr, wp_tap,
-                       kernel, scale_h, scale_w, rowptr, cols, vals, rows):
+                       kernel, scale_h, scale_w, scaled, rowptr, cols, vals, rows):
     """Entries of rows ``r0 .. r0+n_rows`` of a sliding-window layer, in (row, column) order.
 
     Row ``r = (ci, ih, iw)`` holds, for every output channel ``co`` of its group, every
     output ``oh`` that input row ``ih`` feeds (ascending) and every ``ow`` that ``iw`` feeds,
     the sum over the contributing taps of ``kernel[co, ci_local, kh, kw]``, times the column
-    scale ``scale_h[oh] * scale_w[ow]``. Columns come out ascending, so the result is
-    coalesced. ``rows`` is filled only when it has room for every entry (COO output).
+    scale ``scale_h[oh] * scale_w[ow]`` when ``scaled``. Columns come out ascending, so the
+    result is coalesced. ``rows`` is filled only when it has room for every entry (COO).
     """
     plane = height * width
+    single = hp_tap.shape[0] == hp_out.shape[0] and wp_tap.shape[0] == wp_out.shape[0]
     write_rows = rows.shape[0] == cols.shape[0]
     for t in numba.prange(n_rows):
         r = r0 + t
@@ -36,23 +37,29 @@ def _fill_stencil_rows(r0, n_rows, height, width, cin_g, cout_g, out_h, out_w,
         g = ci // cin_g
         ci_l = ci - g * cin_g
         pos = rowptr[t]
+        p0, p1 = hp_ptr[ih], hp_ptr[ih + 1]
+        q0, q1 = wp_ptr[iw], wp_ptr[iw + 1]
         for co in range(g * cout_g, (g + 1) * cout_g):
+            k2 = kernel[co, ci_l]
             base = co * out_h * out_w
-            for p in range(hp_ptr[ih], hp_ptr[ih + 1]):
-                oh = hp_out[p]
-                sh = scale_h[oh]
-                for q in range(wp_ptr[iw], wp_ptr[iw + 1]):
-                    ow = wp_out[q]
-                    acc = 0.0
-                    for a in range(hp_tptr[p], hp_tptr[p + 1]):
-                        kh = hp_tap[a]
-                        for b in range(wp_tptr[q], wp_tptr[q + 1]):
-                            acc += kernel[co, ci_l, kh, wp_tap[b]]
-                    cols[pos] = base + oh * out_w + ow
-                    vals[pos] = acc * sh * scale_w[ow]
-                    if write_rows:
-                        rows[pos] = r
+            for p in range(p0, p1):
+                row_base = base + hp_out[p] * out_w
+                for q in range(q0, q1):
+                    if single:
+                        acc = k2[hp_tap[p], wp_tap[q]]
+                    else:
+                        acc = 0.0
+                        for a in range(hp_tptr[p], hp_tptr[p + 1]):
+                            for b in range(wp_tptr[q], wp_tptr[q + 1]):
+                                acc += k2[hp_tap[a], wp_tap[b]]
+                    if scaled:
+                        acc *= scale_h[hp_out[p]] * scale_w[wp_out[q]]
+                    cols[pos] = row_base + wp_out[q]
+                    vals[pos] = acc
                     pos += 1
+        if write_rows:
+            for e in range(rowptr[t], pos):
+                rows[e] = r
 
 
 @numba.njit(parallel=True, cache=True, nogil=True)
@@ -79,7 +86,8 @@ def fill_stencil_rows(r0: int, n_rows: int, spec, rowptr: np.ndarray, cols: np.n
     _, out_h, out_w = spec.out_chw
     _fill_stencil_rows(r0, n_rows, height, width, spec.cin_g, spec.cout_g, out_h, out_w,
                        hp.ptr, hp.out, hp.tap_ptr, hp.tap, wp.ptr, wp.out, wp.tap_ptr, wp.tap,
-                       spec.kernel_np, spec.scale_h, spec.scale_w, rowptr, cols, vals, rows)
+                       spec.kernel_np, spec.scale_h, spec.scale_w, spec.scaled, rowptr, cols,
+                       vals, rows)
 
 
 def fill_dense_rows(r0: int, n_rows: int, n_cols: int, cols: np.ndarray,
@@ -181,3 +189,276 @@ def reduce_rows(rowptr: np.ndarray, cols: np.ndarray, vals: np.ndarray, kind: in
 def column_accumulator(n_cols: int) -> np.ndarray:
     """Per-thread column sums for :func:`reduce_rows`: zeros of shape ``(threads, n_cols)``."""
     return np.zeros((numba.get_num_threads(), n_cols), dtype=np.float64)
+
+
+@numba.njit(inline="always")
+def _f_only(a, kind, shift):
+    if kind == 0:
+        return a if a > 0.0 else 0.0
+    if kind == 3:
+        return a
+    if kind == 1:
+        return np.exp(a - shift)
+    if a >= 0.0:
+        return 1.0 / (1.0 + np.exp(-a))
+    e = np.exp(a)
+    return e / (1.0 + e)
+
+
+@numba.njit(parallel=True, cache=True, nogil=True)
+def _stencil_row_entropy(sf, st, mh, mw, counts_h, counts_w, cout_g, n_cols, c, clogc,
+                         normalizes, inv_out, h_part, inv_part):
+    """Row entropies of a zero-padded stencil from its channel-summed kernels.
+
+    ``Z[ci, ih, iw] = sum_{kh, kw} mh[ih, kh] * sf[ci, kh, kw] * mw[iw, kw]`` plus the
+    absent entries (and ``T`` likewise from ``st``), fused with ``H`` and ``1/Z`` so that
+    no input-sized temporary is written besides ``inv_out``.
+    """
+    n_c, n_kh, n_kw = sf.shape
+    height = mh.shape[0]
+    width = mw.shape[0]
+    for job in numba.prange(n_c * height):
+        ci = job // height
+        ih = job - ci * height
+        a = np.zeros(n_kw)
+        b = np.zeros(n_kw)
+        for kh in range(n_kh):
+            if mh[ih, kh] != 0.0:
+                for kw in range(n_kw):
+                    a[kw] += sf[ci, kh, kw]
+                    b[kw] += st[ci, kh, kw]
+        h_sum = 0.0
+        inv_sum = 0.0
+        for iw in range(width):
+            z = 0.0
+            t = 0.0
+            for kw in range(n_kw):
+                if mw[iw, kw] != 0.0:
+                    z += a[kw]
+                    t += b[kw]
+            if normalizes:
+                m = n_cols - cout_g * counts_h[ih] * counts_w[iw]
+                z += c * m
+                t += clogc * m
+            else:
+                z = 1.0
+            inv = 0.0
+            if z > 0.0:
+                inv = 1.0 / z
+                h_sum += np.log2(z) - t * inv
+                inv_sum += inv
+            inv_out[ci, ih, iw] = inv
+        h_part[job] = h_sum
+        inv_part[job] = inv_sum
+
+
+def stencil_row_entropy(sf, st, mh, mw, counts_h, counts_w, cout_g, n_cols, c, clogc,
+                        normalizes, inv_out) -> tuple[float, float]:
+    """Sum of row entropies and of ``1/Z`` of a zero-padded stencil; fills ``inv_out``."""
+    n = sf.shape[0] * mh.shape[0]
+    h_part = np.empty(n)
+    inv_part = np.empty(n)
+    _stencil_row_entropy(sf, st, mh, mw, counts_h, counts_w, cout_g, n_cols, c, clogc,
+                         normalizes, inv_out, h_part, inv_part)
+    return float(h_part.sum()), float(inv_part.sum())
+
+
+@numba.njit(parallel=True, cache=True, nogil=True)
+def _dense_row_sums(w, kind, shift, z, t, n_chunks):
+    """``z[i] = sum_o f(w[o, i])`` and ``t[i] = sum_o f log2 f``: threads own column slices."""
+    n_out, n_in = w.shape
+    for ch in numba.prange(n_chunks):
+        lo = n_in * ch // n_chunks
+        hi = n_in * (ch + 1) // n_chunks
+        for o in range(n_out):
+            for i in range(lo, hi):
+                f, flf = _f_and_flogf(np.float64(w[o, i]), kind, shift)
+                z[i] += f
+                t[i] += flf
+
+
+@numba.njit(parallel=True, cache=True, nogil=True)
+def _dense_cols(w, kind, shift, c, inv, col):
+    """``col[o] = sum_i (f(w[o, i]) - c) * inv[i]``."""
+    n_out, n_in = w.shape
+    for o in numba.prange(n_out):
+        acc = 0.0
+        for i in range(n_in):
+            acc += (_f_only(np.float64(w[o, i]), kind, shift) - c) * inv[i]
+        col[o] = acc
+
+
+def dense_row_sums(w: np.ndarray, kind: int, shift: float) -> tuple[np.ndarray, np.ndarray]:
+    """Column-wise ``sum f`` and ``sum f log2 f`` of a weight matrix (float64)."""
+    z = np.zeros(w.shape[1])
+    t = np.zeros(w.shape[1])
+    n_chunks = max(1, min(numba.get_num_threads() * 4, w.shape[1]))
+    if w.dtype == np.float32 and kind in (KIND_LIN, KIND_NONE):
+        _dense_row_sums_relu32(w, w.view(np.int32), kind == KIND_NONE, z, t, n_chunks,
+                               _LOG2_HI, _INV_HI)
+    else:
+        _dense_row_sums(w, kind, shift, z, t, n_chunks)
+    return z, t
+
+
+def dense_cols(w: np.ndarray, kind: int, shift: float, c: float,
+               inv: np.ndarray) -> np.ndarray:
+    """Row-wise ``sum (f - c) * inv`` of a weight matrix (float64)."""
+    col = np.empty(w.shape[0])
+    _dense_cols(w, kind, shift, c, inv, col)
+    return col
+
+
+@numba.njit(parallel=True, cache=True, nogil=True)
+def _column_terms(v, add, n_chunks, out):
+    n = v.shape[0]
+    for ch in numba.prange(n_chunks):
+        lo = n * ch // n_chunks
+        hi = n * (ch + 1) // n_chunks
+        ap = 0.0
+        bp = 0.0
+        an = 0.0
+        bn = 0.0
+        for i in range(lo, hi):
+            x = np.float64(v[i]) + add
+            if x > 0.0:
+                ap += x
+                bp += x * np.log2(x)
+            elif x < 0.0:
+                an += x
+                bn += -x * np.log2(-x)
+        out[ch, 0] = ap
+        out[ch, 1] = bp
+        out[ch, 2] = an
+        out[ch, 3] = bn
+
+
+def column_terms(v: np.ndarray, add: float = 0.0) -> np.ndarray:
+    """``[sum x, sum x log2 x]`` over positive ``x = v + add`` and the same for ``-x`` over
+    negative ``x``: what the entropy of the normalised vector needs (float64, shape (4,))."""
+    n_chunks = max(1, min(numba.get_num_threads() * 4, v.shape[0]))
+    out = np.zeros((n_chunks, 4))
+    _column_terms(v, add, n_chunks, out)
+    return out.sum(axis=0)
+
+
+@numba.njit(parallel=True, cache=True, nogil=True)
+def _max_and_nonfinite(flat, n_chunks, out_max, out_bad):
+    n = flat.shape[0]
+    for ch in numba.prange(n_chunks):
+        lo = n * ch // n_chunks
+        hi = n * (ch + 1) // n_chunks
+        mx = -np.inf
+        bad = 0
+        for i in range(lo, hi):
+            x = np.float64(flat[i])
+            if np.isfinite(x):
+                if x > mx:
+                    mx = x
+            else:
+                bad += 1
+        out_max[ch] = mx
+        out_bad[ch] = bad
+
+
+def max_and_nonfinite(arr: np.ndarray) -> tuple[float, int]:
+    """Largest finite entry and the number of NaN/Inf entries, in one parallel pass."""
+    flat = arr.reshape(-1)
+    n_chunks = max(1, min(numba.get_num_threads() * 4, flat.shape[0]))
+    out_max = np.empty(n_chunks)
+    out_bad = np.empty(n_chunks, dtype=np.int64)
+    _max_and_nonfinite(flat, n_chunks, out_max, out_bad)
+    return float(out_max.max(initial=-np.inf)), int(out_bad.sum())
+
+
+@numba.njit(parallel=True, cache=True, nogil=True)
+def _kernel_sums(k, bits, kind, shift, c, groups, sf_part, st_part, gk, log_hi, inv_hi):
+    """Channel-summed ``f(K)`` and ``f log2 f(K)`` per input channel, and ``f(K) - c``.
+
+    Reads the kernel in memory order (threads own output-channel ranges, each with its own
+    partial sums) and, for float32 ``relu`` kernels, takes log2 from the bits.
+    """
+    c_out, cin_g, n_kh, n_kw = k.shape
+    cout_g = c_out // groups
+    n_chunks = sf_part.shape[0]
+    fast = bits.shape[0] == c_out
+    for ch in numba.prange(n_chunks):
+        lo = c_out * ch // n_chunks
+        hi = c_out * (ch + 1) // n_chunks
+        sf = sf_part[ch]
+        st = st_part[ch]
+        for co in range(lo, hi):
+            base = (co // cout_g) * cin_g
+            for ci_l in range(cin_g):
+                ci = base + ci_l
+                for kh in range(n_kh):
+                    for kw in range(n_kw):
+                        a = np.float64(k[co, ci_l, kh, kw])
+                        if fast:
+                            b = bits[co, ci_l, kh, kw]
+                            if b >= 0x00800000:
+                                f = a
+                                flf = a * _log2_f32_bits(b, log_hi, inv_hi)
+                            else:
+                                f, flf = _f_and_flogf(a, kind, shift)
+                        else:
+                            f, flf = _f_and_flogf(a, kind, shift)
+                        sf[ci, kh, kw] += f
+                        st[ci, kh, kw] += flf
+                        gk[co, ci_l, kh, kw] = f - c
+
+
+def kernel_sums(k: np.ndarray, kind: int, shift: float, c: float, groups: int,
+                gk_dtype) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(sf, st, f(K) - c)`` for the implicit engine, in one pass over the kernel."""
+    c_out, cin_g, n_kh, n_kw = k.shape
+    n_chunks = max(1, min(numba.get_num_threads(), c_out))
+    sf = np.zeros((n_chunks, groups * cin_g, n_kh, n_kw))
+    st = np.zeros((n_chunks, groups * cin_g, n_kh, n_kw))
+    gk = np.empty(k.shape, dtype=gk_dtype)
+    # the bit-level log2 applies to float32 weights under relu (positive normal floats)
+    bits = k.view(np.int32) if k.dtype == np.float32 and kind == KIND_LIN else \
+        np.empty((0, 0, 0, 0), dtype=np.int32)
+    _kernel_sums(k, bits, kind, shift, c, groups, sf, st, gk, _LOG2_HI, _INV_HI)
+    return sf.sum(axis=0), st.sum(axis=0), gk
+
+
+# log2 of float32 values from their bits: exponent + table of log2 of the top 12 mantissa
+# bits + a 4-term series for the remaining factor (1 + d, d < 2**-12): error below 1e-16,
+# several times faster than libm's log2, and exact enough for float64 accumulation.
+_LOG2_HI = np.log2(1.0 + np.arange(4096) / 4096.0)
+_INV_HI = 1.0 / (1.0 + np.arange(4096) / 4096.0)
+
+
+@numba.njit(inline="always")
+def _log2_f32_bits(bits, log_hi, inv_hi):
+    e = (bits >> 23) & 0xFF
+    mant = bits & 0x7FFFFF
+    hi = mant >> 11
+    d = (mant & 0x7FF) * inv_hi[hi] * (1.0 / 8388608.0)
+    series = d * (1.0 - d * (0.5 - d * (1.0 / 3.0 - d * 0.25)))
+    return (e - 127) + log_hi[hi] + series * _INV_LN2
+
+
+@numba.njit(parallel=True, cache=True, nogil=True)
+def _dense_row_sums_relu32(w, bits, keep_negative, z, t, n_chunks, log_hi, inv_hi):
+    """:func:`_dense_row_sums` for float32 weights under ``relu`` or no norm, with a table log2.
+
+    Subnormal weights fall back to libm.
+    """
+    n_out, n_in = w.shape
+    for ch in numba.prange(n_chunks):
+        lo = n_in * ch // n_chunks
+        hi = n_in * (ch + 1) // n_chunks
+        for o in range(n_out):
+            for i in range(lo, hi):
+                b = bits[o, i]
+                a = np.float64(w[o, i])
+                if b > 0:
+                    z[i] += a
+                    if b >= 0x00800000:
+                        t[i] += a * _log2_f32_bits(b, log_hi, inv_hi)
+                    else:
+                        t[i] += a * np.log2(a)
+                elif keep_negative:
+                    z[i] += a

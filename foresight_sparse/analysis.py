@@ -12,7 +12,7 @@ from torch import nn
 from .budget import resolve_budget
 from .connectivity import connectivity
 from .engines import ENGINE_NAMES, ENGINES, LayerJob, pick_engine
-from .entropy import H
+from .entropy import column_terms, entropy_from_terms
 from .exceptions import UnknownNameError
 from .norms import get_norm, lin_norm
 from .report import LayerReport, Report
@@ -42,10 +42,6 @@ def resolve_device(device) -> torch.device:
     if dev.type not in ("cpu", "cuda"):
         raise UnknownNameError(f"device={device!r} is not supported; use 'cpu' or 'cuda'")
     return dev
-
-
-def _entropy_of_sums(v: torch.Tensor) -> float:
-    return float(H(v / v.sum()))
 
 
 def report(model: nn.Module, input=None, shapes=None, norm=lin_norm, device="cpu", *,
@@ -101,7 +97,7 @@ def report(model: nn.Module, input=None, shapes=None, norm=lin_norm, device="cpu
 
     h_total = 0.0
     n_total = 0
-    cols: list[torch.Tensor] = []
+    terms = torch.zeros(4, dtype=torch.float64)
     rows: list[LayerReport] = []
     for layer in layers_iter:
         t0 = time.perf_counter()
@@ -113,20 +109,21 @@ def report(model: nn.Module, input=None, shapes=None, norm=lin_norm, device="cpu
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)  # torch's "beta" notices on sparse ops
             stats = ENGINES[name](job)
-        col = stats.col_sums.to(dev, torch.float64)
+        layer_terms = column_terms(stats.col_sums, stats.col_offset)
         h_total += stats.h_sum
         n_total += stats.n_rows
-        cols.append(col)
+        terms += layer_terms
         mean_h = stats.h_sum / stats.n_rows if stats.n_rows else 0.0
-        deg = _entropy_of_sums(col)
+        deg = entropy_from_terms(layer_terms)
         seconds = time.perf_counter() - t0
         rows.append(LayerReport(layer.name, type(layer.module).__name__, layer.in_shape,
                                 layer.out_shape, conn.n_rows, conn.n_cols, conn.nnz, mean_h,
                                 deg, deg - mean_h, stats.engine, seconds))
         log.debug("%s: %s engine, %.3f s", layer.label, stats.engine, seconds)
+        del stats  # free the column sums before the next layer allocates its own
 
     determinism = h_total / n_total if n_total else 0.0
-    degeneracy = _entropy_of_sums(torch.cat(cols))
+    degeneracy = entropy_from_terms(terms)
     return Report(determinism, degeneracy, degeneracy - determinism, rows, trace.skipped,
                   norm=norm_obj.name, engine=engine, device=str(dev), legacy=legacy,
                   seconds=time.perf_counter() - start)

@@ -122,6 +122,13 @@ class Connectivity:
         """Raise :class:`~foresight_sparse.exceptions.NonFiniteWeightsError` on NaN/Inf weights."""
         raise NotImplementedError
 
+    def _scan(self, weights: torch.Tensor) -> tuple[float, int]:
+        # one pass over the weights serves both check_finite and weight_bound
+        cached = getattr(self, "_scan_cache", None)
+        if cached is None:
+            cached = self._scan_cache = weight_scan(weights)
+        return cached
+
     def sparse_bytes(self, layout: str = "coo") -> int:
         """Bytes :meth:`to_sparse` would allocate for ``layout``."""
         layout = _layout_name(layout)
@@ -204,14 +211,29 @@ def _layout_name(layout: Any) -> str:
                            "torch.sparse_csr and 'scipy'")
 
 
-def _check_finite_tensor(t: torch.Tensor, label: str) -> None:
+def weight_scan(t: torch.Tensor) -> tuple[float, int]:
+    """Largest finite weight and the number of NaN/Inf weights (one pass)."""
+    t = t.detach()
+    if t.numel() == 0:
+        return 0.0, 0
+    if t.device.type == "cpu" and t.dtype in (torch.float32, torch.float64):
+        return _kernels.max_and_nonfinite(t.contiguous().numpy())
+    finite = torch.isfinite(t)
+    n_bad = int((~finite).sum())
+    mx = t[finite].max() if n_bad else t.max()
+    return (float(mx) if mx.numel() else 0.0), n_bad
+
+
+def _check_finite_tensor(t: torch.Tensor, label: str, scan=None) -> float:
+    """Raise on NaN/Inf weights; return the largest weight."""
     from .exceptions import NonFiniteWeightsError
 
-    if not bool(torch.isfinite(t).all()):
-        n_bad = int((~torch.isfinite(t)).sum())
+    mx, n_bad = scan if scan is not None else weight_scan(t)
+    if n_bad:
         raise NonFiniteWeightsError(
             f"{label}: {n_bad} of {t.numel()} weights are NaN or infinite (weight shape "
             f"{tuple(t.shape)}); entropies are undefined. Fix or reinitialise the weights")
+    return mx
 
 
 def _rowptr(counts: np.ndarray) -> np.ndarray:
@@ -242,6 +264,9 @@ class Stencil(Connectivity):
     scale_h, scale_w : numpy.ndarray, optional
         A per-output-row and per-output-column factor (average pooling divisors); ones if
         omitted.
+    values_dtype : torch.dtype, optional
+        dtype of :meth:`to_sparse` values; the kernel's dtype if omitted. (Pools keep an
+        exact float64 kernel but return the default dtype, as a layer would.)
     """
 
     label: str
@@ -253,6 +278,7 @@ class Stencil(Connectivity):
     axis_w: Axis
     scale_h: np.ndarray | None = None
     scale_w: np.ndarray | None = None
+    values_dtype: torch.dtype | None = None
     pairs_h: AxisPairs = field(init=False, repr=False)
     pairs_w: AxisPairs = field(init=False, repr=False)
 
@@ -264,7 +290,7 @@ class Stencil(Connectivity):
         self.n_rows = math.prod(self.in_chw)
         self.n_cols = math.prod(self.out_chw)
         self.device = self.kernel.device
-        self.dtype = self.kernel.dtype if self.kernel.is_floating_point() else torch.float32
+        self.dtype = self.values_dtype or self.kernel.dtype
         self.pairs_h = self.axis_h.pairs()
         self.pairs_w = self.axis_w.pairs()
         if self.scale_h is None:
@@ -273,6 +299,7 @@ class Stencil(Connectivity):
             self.scale_w = np.ones(out_w)
         self.scale_h = np.ascontiguousarray(self.scale_h, dtype=np.float64)
         self.scale_w = np.ascontiguousarray(self.scale_w, dtype=np.float64)
+        self.scaled = bool((self.scale_h != 1).any() or (self.scale_w != 1).any())
         self._kernel_np = None
 
     @property
@@ -301,12 +328,12 @@ class Stencil(Connectivity):
     def weight_bound(self) -> float:
         taps_h = int(np.diff(self.pairs_h.tap_ptr).max(initial=1))
         taps_w = int(np.diff(self.pairs_w.tap_ptr).max(initial=1))
-        k = float(self.kernel_np.max(initial=0.0))
+        k = self._scan(self.kernel)[0]
         return max(k, 0.0) * taps_h * taps_w * float(self.scale_h.max(initial=1.0)) * float(
             self.scale_w.max(initial=1.0))
 
     def check_finite(self) -> None:
-        _check_finite_tensor(self.kernel, self.label)
+        _check_finite_tensor(self.kernel, self.label, self._scan(self.kernel))
 
     def block(self, r0, r1, *, dtype=torch.float64, device=None, with_rows=False,
               index_dtype=torch.int64):
@@ -319,14 +346,15 @@ class Stencil(Connectivity):
     def _block_numba(self, r0, r1, dtype, with_rows, index_dtype) -> Block:
         rowptr = _rowptr(self.row_counts(r0, r1))
         nnz = int(rowptr[-1])
-        np_val = torch.empty((), dtype=dtype).numpy().dtype
+        # numpy has no bfloat16: such values are made in float32 and cast by torch
+        fill_dtype = dtype if dtype in (torch.float32, torch.float64) else torch.float32
         np_idx = np.int32 if index_dtype == torch.int32 else np.int64
         cols = np.empty(nnz, dtype=np_idx)
-        vals = np.empty(nnz, dtype=np_val)
+        vals = torch.empty(nnz, dtype=fill_dtype)
         rows = np.empty(nnz if with_rows else 0, dtype=np.int64)
-        _kernels.fill_stencil_rows(r0, r1 - r0, self, rowptr, cols, vals, rows)
-        return Block(r0, torch.from_numpy(rowptr), torch.from_numpy(cols),
-                     torch.from_numpy(vals), torch.from_numpy(rows) if with_rows else None)
+        _kernels.fill_stencil_rows(r0, r1 - r0, self, rowptr, cols, vals.numpy(), rows)
+        return Block(r0, torch.from_numpy(rowptr), torch.from_numpy(cols), vals.to(dtype),
+                     torch.from_numpy(rows) if with_rows else None)
 
     def block_torch(self, r0: int, r1: int, *, dtype: torch.dtype = torch.float64,
                     device: torch.device | str | None = None, with_rows: bool = False,
@@ -429,10 +457,10 @@ class FullyConnected(Connectivity):
         return np.full(r1 - r0, self.n_cols, dtype=np.int64)
 
     def weight_bound(self) -> float:
-        return max(float(self.weight.detach().max()), 0.0) if self.weight.numel() else 0.0
+        return max(self._scan(self.weight)[0], 0.0)
 
     def check_finite(self) -> None:
-        _check_finite_tensor(self.weight.detach(), self.label)
+        _check_finite_tensor(self.weight, self.label, self._scan(self.weight))
 
     def block(self, r0, r1, *, dtype=torch.float64, device=None, with_rows=False,
               index_dtype=torch.int64):
@@ -672,8 +700,10 @@ def avgpool2d(module: nn.AvgPool2d, in_shape, out_shape, *, legacy: bool = False
                 f"padding (got padding={module.padding}, input {tuple(in_shape)}); use "
                 "legacy=False for the true pooling connectivity")
         axes = [Axis(n, o, k, s) for n, o, k, s in zip((h, w), (oh, ow), kernel, stride)]
-        weight = torch.full((c_in, c_in) + kernel, 1.0 / (kernel[0] * kernel[1]))
-        return Stencil(label, weight, (c_in, h, w), (c_in, oh, ow), 1, *axes)
+        weight = torch.full((c_in, c_in) + kernel, 1.0 / (kernel[0] * kernel[1]),
+                            dtype=torch.float64)
+        return Stencil(label, weight, (c_in, h, w), (c_in, oh, ow), 1, *axes,
+                       values_dtype=torch.get_default_dtype())
     axes = [Axis(n, o, k, s, 1, p, p) for n, o, k, s, p in zip((h, w), (oh, ow), kernel,
                                                                 stride, pads)]
     if module.divisor_override:
@@ -683,8 +713,9 @@ def avgpool2d(module: nn.AvgPool2d, in_shape, out_shape, *, legacy: bool = False
         pick = 0 if module.count_include_pad else 1
         scale_h = 1.0 / axes[0].window_lengths()[pick]
         scale_w = 1.0 / axes[1].window_lengths()[pick]
-    weight = torch.ones((c_in, 1) + kernel, dtype=torch.get_default_dtype())
-    return Stencil(label, weight, (c_in, h, w), (c_in, oh, ow), c_in, *axes, scale_h, scale_w)
+    weight = torch.ones((c_in, 1) + kernel, dtype=torch.float64)
+    return Stencil(label, weight, (c_in, h, w), (c_in, oh, ow), c_in, *axes, scale_h, scale_w,
+                   torch.get_default_dtype())
 
 
 def _pool_out(n: int, k: int, s: int, p: int, ceil_mode: bool) -> int:

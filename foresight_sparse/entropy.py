@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 
-__all__ = ["H", "row_entropy"]
+__all__ = ["H", "row_entropy", "column_terms", "entropy_from_terms"]
 
 
 def H(x: torch.Tensor, dim: int = 0) -> torch.Tensor:
@@ -38,3 +40,40 @@ def row_entropy(total: torch.Tensor, plogp: torch.Tensor) -> torch.Tensor:
     """
     safe = torch.where(total > 0, total, torch.ones_like(total))
     return torch.where(total > 0, torch.log2(safe) - plogp / safe, torch.zeros_like(total))
+
+
+def column_terms(v: torch.Tensor, add: float = 0.0) -> torch.Tensor:
+    """Sufficient statistics of ``H(x / sum x)`` for ``x = v + add``, as float64 ``(4,)``.
+
+    ``[sum x, sum x log2 x]`` over the positive entries and ``[sum x, sum |x| log2 |x|]``
+    over the negative ones. They add up across layers, so the network's degeneracy needs no
+    concatenated column vector (see :func:`entropy_from_terms`).
+    """
+    if v.device.type == "cpu":
+        from . import _kernels
+
+        arr = v.detach().contiguous().numpy()
+        return torch.from_numpy(_kernels.column_terms(arr, float(add)))
+    x = v.to(torch.float64) + add
+    pos, neg = x > 0, x < 0
+    ax = torch.where(pos | neg, x.abs(), torch.ones_like(x))
+    xlx = ax * torch.log2(ax)
+    zero = torch.zeros((), dtype=torch.float64, device=x.device)
+    return torch.stack([torch.where(pos, x, zero).sum(), torch.where(pos, xlx, zero).sum(),
+                        torch.where(neg, x, zero).sum(), torch.where(neg, xlx, zero).sum()]).cpu()
+
+
+def entropy_from_terms(terms) -> float:
+    r"""``H(x / sum x)`` in bits, from :func:`column_terms`, with the old module's rule.
+
+    As in :func:`H`, a term with ``x / sum x <= 0`` counts as 0: for ``S = sum x > 0`` only
+    positive entries count and :math:`H = (A_+ \log_2 S - B_+) / S`; for ``S < 0`` only
+    negative ones. An all-zero vector has entropy 0.
+    """
+    ap, bp, an, bn = (float(t) for t in terms)
+    s = ap + an
+    if s > 0:
+        return (ap * math.log2(s) - bp) / s
+    if s < 0:
+        return (-an * math.log2(-s) - bn) / -s
+    return 0.0 if ap == 0 and an == 0 else float("nan")

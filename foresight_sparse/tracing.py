@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import logging
 import warnings
 from collections import Counter
@@ -85,11 +86,89 @@ def _adapt_input(model: nn.Module, input):
     return input.to(device)
 
 
+def _to_meta(obj):
+    if isinstance(obj, torch.Tensor):
+        return torch.empty_like(obj, device="meta")
+    if isinstance(obj, (tuple, list)):
+        return type(obj)(_to_meta(o) for o in obj)
+    if isinstance(obj, dict):
+        return {k: _to_meta(v) for k, v in obj.items()}
+    return obj
+
+
+def _meta_twin(model: nn.Module) -> tuple[nn.Module, dict[nn.Module, nn.Module]] | None:
+    """A copy of ``model`` whose tensors live on the meta device, and a twin -> original map.
+
+    A forward pass of the twin computes shapes without arithmetic and costs milliseconds
+    where the real pass of a large CNN costs seconds. ``None`` when the model cannot be
+    copied this way.
+    """
+    memo = {id(t): torch.empty_like(t, device="meta")
+            for t in [*model.parameters(), *model.buffers()]}
+    try:
+        twin = copy.deepcopy(model, memo)
+    except Exception as exc:  # un-copyable attributes: use the real pass
+        log.debug("no meta twin (%s: %s)", type(exc).__name__, exc)
+        return None
+    originals = list(model.modules())
+    twins = list(twin.modules())
+    if len(originals) != len(twins):  # pragma: no cover - deepcopy keeps the tree
+        return None
+    return twin, dict(zip(twins, originals))
+
+
+class _Recorder:
+    """Forward hooks that record shapes, skipped leaves and the last module entered.
+
+    ``twins`` maps the modules the pass runs on to the model's own modules (for a meta
+    twin); modules missing from it are the model's own.
+    """
+
+    def __init__(self, registry, names, twins):
+        self.registry = registry
+        self.names = names
+        self.twins = twins
+        self.shapes: dict[nn.Module, tuple] = {}
+        self.seen_shapes: dict[nn.Module, set] = {}
+        self.skipped: dict[nn.Module, None] = {}
+        self.reached: list[str] = []
+
+    def pre_hook(self, module, args):
+        module = self.twins.get(module, module)
+        self.reached.append(self.names.get(module, type(module).__name__))
+
+    def hook(self, module, args, output):
+        module = self.twins.get(module, module)
+        if type(module) in self.registry:
+            in_shape = tuple(args[0].shape) if args and isinstance(args[0], torch.Tensor) \
+                else ()
+            out = output[0] if isinstance(output, (tuple, list)) else output
+            self.shapes[module] = (in_shape, tuple(out.shape))
+            self.seen_shapes.setdefault(module, set()).add(self.shapes[module])
+        elif not any(True for _ in module.children()):
+            self.skipped.setdefault(module)
+
+    def run(self, model: nn.Module, x) -> None:
+        handles = []
+        try:
+            for mod in model.modules():
+                handles.append(mod.register_forward_pre_hook(self.pre_hook))
+                handles.append(mod.register_forward_hook(self.hook))
+            model.eval()
+            with torch.no_grad():
+                _call(model, x)
+        finally:
+            for h in handles:
+                h.remove()
+
+
 def trace(model: nn.Module, input, registry: dict | None = None) -> Trace:
     """Run ``model(input)`` once and record every registered layer's input and output shape.
 
-    The pass runs under ``torch.no_grad()`` in eval mode; every module's train/eval mode is
-    restored and every hook removed afterwards, also when the forward pass fails. A tensor
+    The pass runs under ``torch.no_grad()`` in eval mode, on a copy of the model whose
+    tensors live on the meta device (shapes without arithmetic) where that works, and on
+    the model itself otherwise; every module's train/eval mode is restored and every hook
+    removed afterwards, also when the forward pass fails. A tensor
     ``input`` is moved to the model's device and floating dtype first; a tuple is unpacked
     into positional arguments and a dict into keyword arguments.
 
@@ -107,45 +186,32 @@ def trace(model: nn.Module, input, registry: dict | None = None) -> Trace:
     registry = REGISTRY if registry is None else registry
     model = _unwrap(model)
     names = _names(model)
-    shapes: dict[nn.Module, tuple] = {}
-    seen_shapes: dict[nn.Module, set] = {}
-    skipped: dict[nn.Module, None] = {}
-    reached: list[str] = []
     modes = {m: m.training for m in model.modules()}
-
-    def pre_hook(module, args):
-        reached.append(names.get(module, type(module).__name__))
-
-    def hook(module, args, output):
-        if type(module) in registry:
-            in_shape = tuple(args[0].shape) if args and isinstance(args[0], torch.Tensor) \
-                else ()
-            out = output[0] if isinstance(output, (tuple, list)) else output
-            shapes[module] = (in_shape, tuple(out.shape))
-            seen_shapes.setdefault(module, set()).add(shapes[module])
-        elif not any(True for _ in module.children()):
-            skipped.setdefault(module)
-
-    handles = []
-    try:
-        for mod in model.modules():
-            handles.append(mod.register_forward_pre_hook(pre_hook))
-            handles.append(mod.register_forward_hook(hook))
-        model.eval()
-        with torch.no_grad():
-            try:
-                _call(model, _adapt_input(model, input))
-            except Exception as exc:
-                last = reached[-1] if reached else "(before the first module)"
-                raise ForwardError(
-                    f"the forward pass failed in module {last!r} ({type(exc).__name__}: "
-                    f"{exc}). Check that input has the shape and dtype the model expects") \
-                    from exc
-    finally:
-        for h in handles:
-            h.remove()
-        for m, mode in modes.items():
-            m.training = mode
+    x = _adapt_input(model, input)
+    twin = _meta_twin(model)
+    rec = None
+    if twin is not None:
+        rec = _Recorder(registry, names, twin[1])
+        try:
+            rec.run(twin[0], _to_meta(x))
+        except Exception as exc:  # data-dependent or meta-unfriendly models: real pass
+            log.debug("meta trace failed (%s: %s); running the real forward pass",
+                      type(exc).__name__, exc)
+            rec = None
+    if rec is None:
+        rec = _Recorder(registry, names, {})
+        try:
+            rec.run(model, x)
+        except Exception as exc:
+            last = rec.reached[-1] if rec.reached else "(before the first module)"
+            raise ForwardError(
+                f"the forward pass failed in module {last!r} ({type(exc).__name__}: "
+                f"{exc}). Check that input has the shape, dtype and device the model "
+                "expects") from exc
+        finally:
+            for m, mode in modes.items():
+                m.training = mode
+    shapes, seen_shapes, skipped = rec.shapes, rec.seen_shapes, rec.skipped
 
     layers = [TracedLayer(names.get(m, ""), m, *s) for m, s in shapes.items()]
     for layer in layers:

@@ -41,12 +41,17 @@ class LayerJob:
 
 @dataclass
 class LayerStats:
-    """One layer reduced: the sum of its row entropies and its column sums (float64)."""
+    """One layer reduced: the sum of its row entropies and its column sums (float64).
+
+    The column sums are ``col_sums + col_offset``: the constant every column receives from
+    the absent entries is kept apart rather than added in another pass over the columns.
+    """
 
     h_sum: float
     n_rows: int
     col_sums: torch.Tensor
     engine: str
+    col_offset: float = 0.0
 
 
 Engine = Callable[[LayerJob], LayerStats]

@@ -22,7 +22,8 @@ __all__ = ["layer_stats", "reduce_block_torch", "BYTES_PER_ENTRY"]
 #: Working bytes per stored entry while a block is reduced: indices, values and temporaries.
 BYTES_PER_ENTRY = 96
 
-_KINDS = {LinNorm: _kernels.KIND_LIN, SoftNorm: _kernels.KIND_SOFT,
+#: Norm class -> the code of its elementwise map in the numba kernels.
+KINDS = {LinNorm: _kernels.KIND_LIN, SoftNorm: _kernels.KIND_SOFT,
           SigNorm: _kernels.KIND_SIG, Unnormalised: _kernels.KIND_NONE}
 
 
@@ -38,7 +39,7 @@ def layer_stats(job: LayerJob) -> LayerStats:
                         conn.label)
     shift = norm.shift(conn.weight_bound())
     c, clogc = norm.zero(shift), norm.zero_log2(shift)
-    kind = _KINDS.get(type(norm))
+    kind = KINDS.get(type(norm))
     if job.device.type == "cpu" and kind is not None:
         acc = _kernels.column_accumulator(n_cols)
         h_sum = inv_sum = 0.0
@@ -49,8 +50,7 @@ def layer_stats(job: LayerJob) -> LayerStats:
             h_sum += h
             inv_sum += inv
         col = torch.from_numpy(acc.sum(axis=0))
-        col += c * inv_sum
-        return LayerStats(h_sum, conn.n_rows, col, "sparse")
+        return LayerStats(h_sum, conn.n_rows, col, "sparse", c * inv_sum)
     col = torch.zeros(n_cols, dtype=torch.float64, device=job.device)
     h_sum = torch.zeros((), dtype=torch.float64, device=job.device)
     inv_sum = torch.zeros((), dtype=torch.float64, device=job.device)
@@ -59,8 +59,7 @@ def layer_stats(job: LayerJob) -> LayerStats:
         h, inv = reduce_block_torch(b.rowptr, b.cols, b.vals, norm, shift, n_cols, col)
         h_sum += h
         inv_sum += inv
-    col += c * inv_sum
-    return LayerStats(float(h_sum), conn.n_rows, col, "sparse")
+    return LayerStats(float(h_sum), conn.n_rows, col, "sparse", c * float(inv_sum))
 
 
 def _threads(device: torch.device) -> int:
