@@ -40,7 +40,8 @@ from ..norms import ElementwiseNorm
 from . import LayerJob, LayerStats
 from .sparse import KINDS as _KINDS
 
-__all__ = ["supports", "layer_stats", "conv_rows_torch", "linear_torch", "conv_dtype", "CONV_DTYPE", "FLOAT64_CONV_MACS"]
+__all__ = ["supports", "layer_stats", "conv_rows_torch", "linear_torch", "conv_dtype",
+           "CONV_DTYPE", "FLOAT64_CONV_MACS"]
 
 #: dtype of the column-pass convolution of large layers (see :func:`conv_dtype`).
 CONV_DTYPE = torch.float32
