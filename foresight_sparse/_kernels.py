@@ -208,8 +208,10 @@ def _f_only(a, kind, shift):
 @numba.njit(parallel=True, cache=True, nogil=True)
 def _stencil_row_entropy(sf, st, mh, mw, counts_h, counts_w, cout_g, n_cols, c, clogc,
                          normalizes, inv_out, h_part, inv_part):
-    """Row entropies of a zero-padded stencil from its channel-summed kernels.
+    """Row entropies of a single-tap stencil from its channel-summed kernels.
 
+    ``mh[ih, kh]`` counts the outputs that reach input row ``ih`` through kernel row ``kh``
+    (0 or 1 with zero padding; up to 2 where reflection folds the border back).
     ``Z[ci, ih, iw] = sum_{kh, kw} mh[ih, kh] * sf[ci, kh, kw] * mw[iw, kw]`` plus the
     absent entries (and ``T`` likewise from ``st``), fused with ``H`` and ``1/Z`` so that
     no input-sized temporary is written besides ``inv_out``.
@@ -223,19 +225,21 @@ def _stencil_row_entropy(sf, st, mh, mw, counts_h, counts_w, cout_g, n_cols, c, 
         a = np.zeros(n_kw)
         b = np.zeros(n_kw)
         for kh in range(n_kh):
-            if mh[ih, kh] != 0.0:
+            m_h = mh[ih, kh]  # how many outputs reach this input through tap kh
+            if m_h != 0.0:
                 for kw in range(n_kw):
-                    a[kw] += sf[ci, kh, kw]
-                    b[kw] += st[ci, kh, kw]
+                    a[kw] += m_h * sf[ci, kh, kw]
+                    b[kw] += m_h * st[ci, kh, kw]
         h_sum = 0.0
         inv_sum = 0.0
         for iw in range(width):
             z = 0.0
             t = 0.0
             for kw in range(n_kw):
-                if mw[iw, kw] != 0.0:
-                    z += a[kw]
-                    t += b[kw]
+                m_w = mw[iw, kw]
+                if m_w != 0.0:
+                    z += m_w * a[kw]
+                    t += m_w * b[kw]
             if normalizes:
                 m = n_cols - cout_g * counts_h[ih] * counts_w[iw]
                 z += c * m
@@ -254,7 +258,7 @@ def _stencil_row_entropy(sf, st, mh, mw, counts_h, counts_w, cout_g, n_cols, c, 
 
 def stencil_row_entropy(sf, st, mh, mw, counts_h, counts_w, cout_g, n_cols, c, clogc,
                         normalizes, inv_out) -> tuple[float, float]:
-    """Sum of row entropies and of ``1/Z`` of a zero-padded stencil; fills ``inv_out``."""
+    """Sum of row entropies and of ``1/Z`` of a single-tap stencil; fills ``inv_out``."""
     n = sf.shape[0] * mh.shape[0]
     h_part = np.empty(n)
     inv_part = np.empty(n)

@@ -348,8 +348,6 @@ def _eager_leaf(script, cls: type) -> nn.Module:
 
 
 def _load_weights(model: nn.Module, path: str) -> None:
-    if not os.path.isfile(path):
-        raise UsageError(f"--weights file {path!r} does not exist")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # any unreadable file is the same usage error
@@ -392,6 +390,8 @@ def load_model(spec: str, *, seed: int = 0, weights: str | None = None,
         shape is known.
     """
     kind = _kind(spec)
+    if weights is not None and not os.path.isfile(weights):
+        raise UsageError(f"--weights file {weights!r} does not exist")
     default_shape = None
     if kind == "torchvision":
         model, default_shape = _from_torchvision(spec, seed)

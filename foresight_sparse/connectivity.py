@@ -303,8 +303,8 @@ class Stencil(Connectivity):
         self._kernel_np = None
 
     @property
-    def zero_padded(self) -> bool:
-        """True when no input is reached twice by one output (no summed duplicate taps)."""
+    def single_tap(self) -> bool:
+        """True when no output reaches an input through two taps (no summed duplicates)."""
         return self.pairs_h.single_tap and self.pairs_w.single_tap
 
     @property

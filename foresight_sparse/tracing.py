@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import copy
 import logging
+import operator
 import warnings
 from collections import Counter
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import torch
@@ -63,8 +65,9 @@ def _names(model: nn.Module) -> dict[nn.Module, str]:
 
 
 def _model_device_dtype(model: nn.Module):
-    for p in model.parameters():
-        return p.device, p.dtype
+    for t in (*model.parameters(), *model.buffers()):
+        if t.is_floating_point():
+            return t.device, t.dtype
     return None, None
 
 
@@ -76,14 +79,42 @@ def _call(model: nn.Module, input):
     return model(input)
 
 
+#: Modules whose forward takes integer indices: an integer input must reach them as it is.
+_INDEX_INPUT = (nn.Embedding, nn.EmbeddingBag)
+
+
 def _adapt_input(model: nn.Module, input):
-    """Move a tensor input to the model's device and floating dtype (shapes are all we need)."""
+    """Move the input to the model's device and floating dtype (shapes are all we need).
+
+    A tensor ``input`` that is floating, integer or boolean is cast to the model's floating
+    dtype (the default dtype for a model without floating parameters or buffers), so
+    ``torch.zeros(1, 3, 32, 32, dtype=torch.int64)`` traces like a float batch; models with
+    an ``nn.Embedding``/``nn.EmbeddingBag`` keep integer inputs. Tensors inside a tuple,
+    list or dict input are moved to the model's device, and the floating ones cast to its
+    dtype; integer and boolean ones (indices, masks) are left as they are.
+    """
     device, dtype = _model_device_dtype(model)
-    if not isinstance(input, torch.Tensor) or device is None:
-        return input
-    if input.is_floating_point() and input.dtype != dtype:
-        input = input.to(dtype)
-    return input.to(device)
+    dtype = dtype or torch.get_default_dtype()
+    if isinstance(input, torch.Tensor):
+        cast = input.is_floating_point() or (
+            not input.is_complex()
+            and not any(isinstance(m, _INDEX_INPUT) for m in model.modules()))
+        if cast and input.dtype != dtype:
+            input = input.to(dtype)
+        return input if device is None else input.to(device)
+    if isinstance(input, (tuple, list)):
+        return type(input)(_adapt_nested(v, device, dtype) for v in input)
+    if isinstance(input, dict):
+        return {k: _adapt_nested(v, device, dtype) for k, v in input.items()}
+    return input
+
+
+def _adapt_nested(value, device, dtype):
+    if not isinstance(value, torch.Tensor):
+        return value
+    if value.is_floating_point() and value.dtype != dtype:
+        value = value.to(dtype)
+    return value if device is None else value.to(device)
 
 
 def _to_meta(obj):
@@ -131,14 +162,24 @@ class _Recorder:
         self.shapes: dict[nn.Module, tuple] = {}
         self.seen_shapes: dict[nn.Module, set] = {}
         self.skipped: dict[nn.Module, None] = {}
-        self.reached: list[str] = []
+        # modules entered and not yet returned from: after a failure, the innermost one
+        # (the last) is the module whose own code raised
+        self.running: list[nn.Module] = []
 
     def pre_hook(self, module, args):
-        module = self.twins.get(module, module)
-        self.reached.append(self.names.get(module, type(module).__name__))
+        self.running.append(self.twins.get(module, module))
+
+    def failed_in(self) -> str:
+        """How a ForwardError names the module that raised: ``'features.3' (Conv2d)``."""
+        if not self.running:
+            return "(before the first module)"
+        module = self.running[-1]
+        return f"{self.names.get(module, '')!r} ({type(module).__name__})"
 
     def hook(self, module, args, output):
         module = self.twins.get(module, module)
+        if self.running and self.running[-1] is module:
+            self.running.pop()
         if type(module) in self.registry:
             in_shape = tuple(args[0].shape) if args and isinstance(args[0], torch.Tensor) \
                 else ()
@@ -169,8 +210,10 @@ def trace(model: nn.Module, input, registry: dict | None = None) -> Trace:
     tensors live on the meta device (shapes without arithmetic) where that works, and on
     the model itself otherwise; every module's train/eval mode is restored and every hook
     removed afterwards, also when the forward pass fails. A tensor
-    ``input`` is moved to the model's device and floating dtype first; a tuple is unpacked
-    into positional arguments and a dict into keyword arguments.
+    ``input`` is moved to the model's device and cast to its floating dtype first, integer
+    and boolean ones included (only shapes matter; models with an embedding keep integer
+    inputs); a tuple is unpacked into positional arguments and a dict into keyword
+    arguments, their floating tensors moved and cast likewise.
 
     A module called more than once (shared weights) is one layer, listed where it was first
     called, with the shapes of its last call, as in the old module; a warning says so when
@@ -179,7 +222,8 @@ def trace(model: nn.Module, input, registry: dict | None = None) -> Trace:
     Raises
     ------
     ForwardError
-        When the forward pass raises; the message names the last module entered.
+        When the forward pass raises; the message names the innermost module that was
+        running (the one whose own code raised), with its type.
     NoSupportedLayersError
         When no module of a registered type ran.
     """
@@ -203,9 +247,8 @@ def trace(model: nn.Module, input, registry: dict | None = None) -> Trace:
         try:
             rec.run(model, x)
         except Exception as exc:
-            last = rec.reached[-1] if rec.reached else "(before the first module)"
             raise ForwardError(
-                f"the forward pass failed in module {last!r} ({type(exc).__name__}: "
+                f"the forward pass failed in module {rec.failed_in()} ({type(exc).__name__}: "
                 f"{exc}). Check that input has the shape, dtype and device the model "
                 "expects") from exc
         finally:
@@ -250,21 +293,49 @@ def get_shapes(model: nn.Module, input) -> dict[nn.Module, tuple[tuple, tuple]]:
             for layer in trace(model, input).layers}
 
 
+def _checked_shape(shape, where: str, what: str) -> tuple[int, ...]:
+    """A shape from a ``shapes`` dict as a tuple of non-negative ints, or a precise error."""
+    try:
+        dims = None if isinstance(shape, (str, bytes)) else \
+            tuple(operator.index(d) for d in shape)
+    except TypeError:
+        dims = None
+    if dims is None or any(d < 0 for d in dims):
+        raise ShapeMismatchError(
+            f"{where}: {what} must be a tuple of non-negative ints such as (1, 3, 32, 32), "
+            f"got {shape!r}. Recompute the shapes with get_shapes(model, input)")
+    return dims
+
+
 def layers_from_shapes(model: nn.Module, shapes: dict, registry: dict | None = None) -> Trace:
     """Turn a ``shapes`` dict (as :func:`get_shapes` returns) into a :class:`Trace`.
 
+    Every in/out shape must be a sequence of non-negative ints (a ``torch.Size``, tuple or
+    list); they are checked here, before any layer is built, and then against the layer by
+    its builder.
+
     Raises
     ------
+    TypeError
+        When ``shapes`` is not a mapping.
     ShapeMismatchError
-        When ``shapes`` names a module that is not part of ``model``.
+        When ``shapes`` names a module that is not part of ``model``, or a value is not a
+        pair of valid shapes.
     NoSupportedLayersError
         When ``shapes`` holds no supported module.
     """
     registry = REGISTRY if registry is None else registry
     model = _unwrap(model)
     names = _names(model)
+    if not isinstance(shapes, Mapping):
+        raise TypeError(f"shapes must be a dict {{module: (in_shape, out_shape)}} as "
+                        f"get_shapes(model, input) returns, not {type(shapes).__name__}")
     layers = []
     for module, value in shapes.items():
+        if not isinstance(module, nn.Module):
+            raise ShapeMismatchError(
+                f"shapes is keyed by modules of the model, got the key {module!r}; build it "
+                "with get_shapes(model, input)")
         if module not in names:
             raise ShapeMismatchError(
                 f"shapes holds a {type(module).__name__} that is not part of "
@@ -276,8 +347,11 @@ def layers_from_shapes(model: nn.Module, shapes: dict, registry: dict | None = N
             raise ShapeMismatchError(
                 f"shapes[{names[module]!r}] must be (in_shape, out_shape), got {value!r}") \
                 from None
+        where = f"shapes[{names[module]!r}] ({type(module).__name__})"
+        in_shape = _checked_shape(in_shape, where, "in_shape")
+        out_shape = _checked_shape(out_shape, where, "out_shape")
         if type(module) in registry:
-            layers.append(TracedLayer(names[module], module, tuple(in_shape), tuple(out_shape)))
+            layers.append(TracedLayer(names[module], module, in_shape, out_shape))
     if not layers:
         raise NoSupportedLayersError(f"shapes holds no module of a supported type for "
                                      f"{type(model).__name__}")

@@ -1,9 +1,11 @@
 """The implicit engine: EI quantities as convolutions of the kernel; no matrix is built.
 
-For a zero-padded sliding-window layer every quantity the norms need is a product of small
-per-axis 0/1 matrices with channel-summed kernels, or one forward convolution
-(DESIGN.md section 3). With ``Mh[ih, kh] = 1`` when input row ``ih`` is reached through
-kernel row ``kh`` (and ``Mw`` likewise):
+For a sliding-window layer in which no output reaches an input through two taps (always so
+with zero padding; also for circular padding narrower than the input, and for the
+reflect/replicate layers whose folded taps never meet in one window) every quantity the
+norms need is a product of small per-axis matrices with channel-summed kernels, or one
+forward convolution (DESIGN.md section 3). With ``Mh[ih, kh]`` the number of outputs that
+reach input row ``ih`` through kernel row ``kh`` (and ``Mw`` likewise):
 
     sum_{S_r} f(a)          = Mh @ Sf[ci] @ Mw.T,   Sf[ci] = sum over the group's co of f(K)
     sum_{S_r} f(a) log2 f(a) = Mh @ St[ci] @ Mw.T
@@ -22,7 +24,7 @@ input-to-output matrices, and the column pass is a window sum of ``1/Z``.
 Linear layers are read in blocks of output rows: one pass for ``Z`` and ``T``, one for the
 columns, with float64 accumulation.
 
-Layers with summed duplicate taps (reflect/replicate/circular padding), custom norms and
+Layers with summed duplicate taps (most reflect/replicate padding), custom norms and
 user-registered builders are not expressible this way: :func:`supports` says so and
 ``engine='auto'`` hands them to the sparse engine.
 """
@@ -63,7 +65,11 @@ def supports(job: LayerJob) -> bool:
     if isinstance(conn, FullyConnected):
         return True
     if isinstance(conn, Stencil):
-        return conn.zero_padded and (not conn.scaled or _constant_kernel(conn))
+        if not conn.single_tap:
+            return False
+        if _constant_kernel(conn):  # pools: zero padding only (their windows clip)
+            return conn.axis_h.mode == conn.axis_w.mode == "zeros"
+        return not conn.scaled
     return False
 
 
@@ -190,10 +196,14 @@ def _column_conv(conn: Stencil, inv: torch.Tensor, g_kernel: torch.Tensor,
     """
     ah, aw = conn.axis_h, conn.axis_w
     x = inv.to(dtype)[None]
-    if ah.pad_before == ah.pad_after and aw.pad_before == aw.pad_after:
+    pads = (aw.pad_before, aw.pad_after, ah.pad_before, ah.pad_after)
+    if ah.mode != "zeros":  # the layer's own padding mode: 1/Z wraps or reflects as x would
+        x = F.pad(x, pads, mode=ah.mode)
+        padding = (0, 0)
+    elif ah.pad_before == ah.pad_after and aw.pad_before == aw.pad_after:
         padding = (ah.pad_before, aw.pad_before)
     else:
-        x = F.pad(x, (aw.pad_before, aw.pad_after, ah.pad_before, ah.pad_after))
+        x = F.pad(x, pads)
         padding = (0, 0)
     stride, dilation = (ah.stride, aw.stride), (ah.dilation, aw.dilation)
     _, oh, ow = conn.out_chw
