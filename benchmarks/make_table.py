@@ -1,0 +1,94 @@
+"""Regenerate docs/benchmarks.md from a pytest-benchmark JSON file.
+
+Usage::
+
+    python -m pytest benchmarks --benchmark-json=bench.json
+    python benchmarks/make_table.py bench.json [--out docs/benchmarks.md]
+
+Every figure in the page comes from the JSON, with the machine it was measured on.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+
+def _gib(n) -> str:
+    return f"{n / 2**30:.2f} GiB" if n else "-"
+
+
+def _ms(s) -> str:
+    return f"{s * 1e3:.1f} ms" if s < 10 else f"{s:.1f} s"
+
+
+def render(data: dict) -> str:
+    rows = data["benchmarks"]
+    machine = data.get("machine_info", {})
+    first = rows[0]["extra_info"] if rows else {}
+    gpu = next((r["extra_info"].get("gpu") for r in rows if r["extra_info"].get("gpu")), None)
+    cpu = first.get("cpu", machine.get("cpu", {}).get("brand_raw", "?"))
+    out = ["# Benchmarks", "",
+           f"Measured {data.get('datetime', '?')[:19]} on {cpu}, "
+           f"{first.get('cores', '?')} cores, {first.get('threads', '?')} torch threads, "
+           f"torch {first.get('torch', '?')}" + (f"; GPU: {gpu}" if gpu else "; no GPU") + ".",
+           "Regenerate with `python -m pytest benchmarks --benchmark-json=bench.json && "
+           "python benchmarks/make_table.py bench.json`.", ""]
+
+    imagenet = [r for r in rows if "ratio" in r["extra_info"]]
+    if imagenet:
+        out += ["## ImageNet CNNs at 1x3x224x224", "",
+                "One forward pass (batch 1, no grad, median of 5) and one `report()` in the "
+                "same process.", "",
+                "| net | engine | device | entries | forward | EI | EI / forward | peak RSS "
+                "| EI (bits) |", "|---|---|---|---|---|---|---|---|---|"]
+        for r in imagenet:
+            e = r["extra_info"]
+            out.append(f"| {e['net']} | {e['engine']} | {e['device']} | {e['nnz']:.3g} | "
+                       f"{_ms(e['forward_s'])} | {_ms(e['ei_s'])} | {e['ratio']:.2f}x | "
+                       f"{_gib(e['peak_rss'])} | {e['ei']:.6f} |")
+        out.append("")
+        for r in imagenet:
+            e = r["extra_info"]
+            out += [f"### {e['net']}, {e['engine']} engine, {e['device']}: layer by layer", "",
+                    "| layer | type | engine | entries | time |", "|---|---|---|---|---|"]
+            out += [f"| {lay['name']} | {lay['type']} | {lay['engine']} | {lay['nnz']:.3g} | "
+                    f"{_ms(lay['seconds'])} |" for lay in e["layers"]]
+            out.append("")
+
+    small = [r for r in rows if "net" in r["extra_info"] and "ratio" not in r["extra_info"]]
+    if small:
+        out += ["## Small networks: every engine against the dense reference", "",
+                "| net | engine | median time | entries | peak RSS | EI (bits) |",
+                "|---|---|---|---|---|---|"]
+        for r in small:
+            e = r["extra_info"]
+            out.append(f"| {e['net']} | {e['engine']} | {_ms(r['stats']['median'])} | "
+                       f"{e['nnz']} | {_gib(e['peak_rss'])} | {e['ei']:.9f} |")
+        out.append("")
+
+    builders = [r for r in rows if "entries_per_s" in r["extra_info"]]
+    if builders:
+        out += ["## Connectivity builders", "",
+                "| benchmark | entries | median time | entries/s |", "|---|---|---|---|"]
+        for r in builders:
+            e = r["extra_info"]
+            out.append(f"| {r['name']} | {e['nnz']:.4g} | {_ms(r['stats']['median'])} | "
+                       f"{e['entries_per_s'] / 1e6:.0f}M/s |")
+        out.append("")
+    return "\n".join(out)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("json", type=Path)
+    parser.add_argument("--out", type=Path, default=Path("docs/benchmarks.md"))
+    args = parser.parse_args(argv)
+    args.out.write_text(render(json.loads(args.json.read_text())))
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,32 @@
+"""Every engine against the dense reference on networks the reference can hold."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import foresight_sparse
+from foresight_sparse import reference
+
+from .conftest import machine
+from .nets import SMALL
+
+
+@pytest.mark.parametrize("net", sorted(SMALL))
+@pytest.mark.parametrize("engine", ["reference", "dense", "sparse", "implicit", "auto"])
+def test_small_network(benchmark, peak_rss, net, engine):
+    build, shape = SMALL[net]
+    torch.manual_seed(0)
+    model = build().eval()
+    x = torch.zeros(shape)
+    if engine == "reference":
+        def run():
+            return reference.ei(model, x)
+    else:
+        def run():
+            return foresight_sparse.report(model, x, engine=engine).ei
+
+    value = benchmark.pedantic(run, rounds=3, iterations=1, warmup_rounds=1)
+    rep = foresight_sparse.report(model, x, engine="sparse")
+    benchmark.extra_info.update(machine(), net=net, engine=engine, ei=value, nnz=rep.nnz,
+                                peak_rss=peak_rss(), device="cpu")

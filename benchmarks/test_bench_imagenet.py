@@ -1,0 +1,61 @@
+"""ImageNet CNNs at 1x3x224x224: EI time against one forward pass, peak memory, values."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import foresight_sparse
+
+from .conftest import machine, median_time
+from .nets import imagenet
+
+pytest.importorskip("torchvision")
+
+NETS = ["vgg16", "resnet50", "alexnet"]
+
+
+def _run(benchmark, smoke, peak_rss, name, engine, device, rounds):
+    size = 64 if smoke else 224
+    model = imagenet(name).to(device)
+    x = torch.zeros(1, 3, size, size, device=device)
+
+    def forward():
+        with torch.no_grad():
+            model(x)
+        if device == "cuda":
+            torch.cuda.synchronize()
+
+    def ei():
+        r = foresight_sparse.report(model, x, engine=engine, device=device)
+        if device == "cuda":
+            torch.cuda.synchronize()
+        return r
+
+    fwd = median_time(forward, repeat=1 if smoke else 5)
+    rep = benchmark.pedantic(ei, rounds=1 if smoke else rounds, iterations=1, warmup_rounds=1)
+    seconds = benchmark.stats.stats.median if benchmark.stats else float("nan")
+    benchmark.extra_info.update(
+        machine(), net=name, engine=engine, device=device, input=[1, 3, size, size],
+        forward_s=fwd, ei_s=seconds, ratio=seconds / fwd, peak_rss=peak_rss(),
+        nnz=rep.nnz, ei=rep.ei, determinism=rep.determinism, degeneracy=rep.degeneracy,
+        layers=[{"name": lay.name, "type": lay.type, "engine": lay.engine,
+                 "seconds": lay.seconds, "nnz": lay.nnz} for lay in rep.layers])
+
+
+@pytest.mark.parametrize("name", NETS)
+def test_imagenet_auto_cpu(benchmark, smoke, peak_rss, name):
+    """The default engine on the CPU, against one forward pass in the same process."""
+    _run(benchmark, smoke, peak_rss, name, "auto", "cpu", rounds=5)
+
+
+def test_vgg16_sparse_cpu(benchmark, smoke, peak_rss):
+    """The sparse engine streams all 15e9 entries of VGG-16 (minutes on 2 cores)."""
+    _run(benchmark, smoke, peak_rss, "vgg16", "sparse", "cpu", rounds=1)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("name", NETS)
+def test_imagenet_auto_cuda(benchmark, smoke, peak_rss, name):
+    _run(benchmark, smoke, peak_rss, name, "auto", "cuda", rounds=20)
