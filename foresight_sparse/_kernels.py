@@ -124,8 +124,8 @@ def _f_and_flogf(a, kind, shift):
 
 
 @numba.njit(parallel=True, cache=True, nogil=True)
-def _reduce_rows(rowptr, cols, vals, kind, shift, c, clogc, n_cols, normalizes, max_row,
-                 col_acc, h_out, inv_out):
+def _reduce_rows(rowptr, cols, vals, bits, kind, shift, c, clogc, n_cols, normalizes, max_row,
+                 col_acc, h_out, inv_out, log_hi, inv_hi):
     """Row entropies and column sums of one CSR block under an elementwise norm.
 
     For each row: ``Z = sum f + c * m``, ``T = sum f log2 f + c log2 c * m`` with ``m`` the
@@ -135,6 +135,7 @@ def _reduce_rows(rowptr, cols, vals, kind, shift, c, clogc, n_cols, normalizes, 
     """
     n_rows = rowptr.shape[0] - 1
     n_chunks = col_acc.shape[0]
+    fast = bits.shape[0] == vals.shape[0]  # float32 values under relu: table log2
     for t in numba.prange(n_chunks):
         lo = n_rows * t // n_chunks
         hi = n_rows * (t + 1) // n_chunks
@@ -148,7 +149,12 @@ def _reduce_rows(rowptr, cols, vals, kind, shift, c, clogc, n_cols, normalizes, 
             z = 0.0
             tt = 0.0
             for e in range(start, stop):
-                f, flf = _f_and_flogf(vals[e], kind, shift)
+                a = np.float64(vals[e])
+                if fast and bits[e] >= 0x00800000:
+                    f = a
+                    flf = a * _log2_f32_bits(bits[e], log_hi, inv_hi)
+                else:
+                    f, flf = _f_and_flogf(a, kind, shift)
                 buf[e - start] = f
                 z += f
                 tt += flf
@@ -181,8 +187,10 @@ def reduce_rows(rowptr: np.ndarray, cols: np.ndarray, vals: np.ndarray, kind: in
     h_out = np.zeros(n_chunks)
     inv_out = np.zeros(n_chunks)
     max_row = int(np.max(np.diff(rowptr), initial=0))
-    _reduce_rows(rowptr, cols, vals, kind, shift, c, clogc, n_cols, normalizes, max_row,
-                 col_acc, h_out, inv_out)
+    bits = vals.view(np.int32) if vals.dtype == np.float32 and kind == KIND_LIN else \
+        np.empty(0, dtype=np.int32)
+    _reduce_rows(rowptr, cols, vals, bits, kind, shift, c, clogc, n_cols, normalizes,
+                 max_row, col_acc, h_out, inv_out, _LOG2_HI, _INV_HI)
     return float(h_out.sum()), float(inv_out.sum())
 
 

@@ -183,6 +183,37 @@ def _generic_create_matrix(adapter):
 VALID_MODULES: MutableMapping = _ValidModules()
 
 
+_PARAMETERS = """\
+Parameters
+    ----------
+    model : torch.nn.Module
+        A feed-forward network.
+    input : torch.Tensor, optional
+        An example input, needed unless ``shapes`` is given.
+    shapes : dict, optional
+        ``{module: (in_shape, out_shape)}`` from :func:`get_shapes`.
+    norm : Norm, str, callable or None, default lin_norm
+        Row normalisation: ``lin_norm``, ``soft_norm``, ``sig_norm`` (or their names
+        ``'lin'``, ``'soft'``, ``'sig'``), ``None`` for raw weights, or any row-wise
+        callable.
+    device : str or torch.device, default 'cpu'
+        Where the computation runs (``'cpu'`` or ``'cuda'``).
+    engine : {'auto', 'implicit', 'sparse', 'dense'}, default 'auto'
+        Keyword-only. See :func:`foresight_sparse.analysis.report`.
+    legacy : bool, default False
+        Keyword-only. Use the old module's cross-channel AvgPool2d matrices.
+    max_memory : int or str, optional
+        Keyword-only. Working-memory budget of the engines (default 2 GiB).
+"""
+
+
+def _with_parameters(fn):
+    """Fill the shared ``{parameters}`` section of the three drop-in functions' docstrings."""
+    fn.__doc__ = fn.__doc__.replace("{parameters}", _PARAMETERS.strip())
+    return fn
+
+
+@_with_parameters
 def determinism(model: nn.Module, input=None, shapes=None, norm=lin_norm, device="cpu", *,
                 engine: str = "auto", legacy: bool = False, max_memory=None) -> float:
     r"""Determinism of ``model``: the mean entropy of every neuron's normalised out-weights.
@@ -191,21 +222,7 @@ def determinism(model: nn.Module, input=None, shapes=None, norm=lin_norm, device
 
     where ``N`` counts every row (input neuron) of every layer, all-zero rows included.
 
-    Parameters
-    ----------
-    model : torch.nn.Module
-        A feed-forward network.
-    input : torch.Tensor, optional
-        An example input, needed unless ``shapes`` is given.
-    shapes : dict, optional
-        ``{module: (in_shape, out_shape)}`` from :func:`get_shapes`.
-    norm : callable or None, default lin_norm
-        Row normalisation (``lin_norm``, ``soft_norm``, ``sig_norm``, ``None`` or a
-        row-wise callable).
-    device : str, default 'cpu'
-        Where the computation runs (``'cpu'`` or ``'cuda'``).
-    engine, legacy, max_memory
-        Keyword-only; see :func:`foresight_sparse.report`.
+    {parameters}
 
     Returns
     -------
@@ -216,14 +233,16 @@ def determinism(model: nn.Module, input=None, shapes=None, norm=lin_norm, device
                    max_memory=max_memory).determinism
 
 
+@_with_parameters
 def degeneracy(model: nn.Module, input=None, shapes=None, norm=lin_norm, device="cpu", *,
                engine: str = "auto", legacy: bool = False, max_memory=None) -> float:
     r"""Degeneracy of ``model``: the entropy of the pooled, normalised in-weights.
 
     .. math:: \text{degeneracy} = H\left(v / \textstyle\sum v\right)
 
-    where ``v`` concatenates every layer's column sums of ``P``. Parameters as in
-    :func:`determinism`.
+    where ``v`` concatenates every layer's column sums of ``P``.
+
+    {parameters}
 
     Returns
     -------
@@ -234,6 +253,7 @@ def degeneracy(model: nn.Module, input=None, shapes=None, norm=lin_norm, device=
                    max_memory=max_memory).degeneracy
 
 
+@_with_parameters
 def ei(model: nn.Module, input=None, shapes=None, norm=lin_norm, device="cpu", *,
        engine: str = "auto", legacy: bool = False, max_memory=None) -> float:
     r"""Effective information of ``model``: ``degeneracy - determinism``.
@@ -242,7 +262,9 @@ def ei(model: nn.Module, input=None, shapes=None, norm=lin_norm, device="cpu", *
 
     (the old module's docstring states the difference the other way round; its code, and
     this function, compute degeneracy minus determinism). Both parts come from one pass,
-    each layer built once. Parameters as in :func:`determinism`.
+    each layer built once.
+
+    {parameters}
 
     Returns
     -------

@@ -3,8 +3,8 @@
 A norm is a small object. Called on a dense matrix it behaves exactly like the old module's
 function of the same name. It also carries what the sparse and implicit engines need to treat
 absent entries exactly without materialising rows: an elementwise map ``f`` and its value at
-zero ``c = f(0)`` (DESIGN.md section 2), so a row with ``m`` absent entries has total
-``Z = sum f(a) + c * m``.
+zero ``c = f(0)`` (see the mathematics page of the docs), so a row with ``m`` absent
+entries has total ``Z = sum f(a) + c * m``.
 """
 
 from __future__ import annotations
@@ -65,7 +65,7 @@ class ElementwiseNorm(Norm):
     """
 
     elementwise = True
-    #: False only for :class:`Unnormalised`: rows are not divided by their sum.
+    #: Whether rows are divided by their sum (False only for :class:`Unnormalised`).
     normalizes = True
 
     def shift(self, bound: float) -> float:

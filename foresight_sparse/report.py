@@ -18,10 +18,14 @@ class LayerReport:
         Qualified name in the model (``"features.0"``).
     type : str
         Module class name.
-    in_shape, out_shape : tuple of int
-        Traced shapes.
-    n_in, n_out : int
-        Input neurons (rows) and output neurons (columns).
+    in_shape : tuple of int
+        Traced input shape.
+    out_shape : tuple of int
+        Traced output shape.
+    n_in : int
+        Input neurons (rows of the connectivity matrix).
+    n_out : int
+        Output neurons (columns).
     nnz : int
         Stored (structural) entries of the connectivity matrix.
     mean_row_entropy : float
@@ -56,16 +60,23 @@ class Report:
 
     Attributes
     ----------
-    determinism, degeneracy, ei : float
-        Network totals in bits; ``ei = degeneracy - determinism``.
+    determinism : float
+        Mean entropy of every row of every layer, in bits.
+    degeneracy : float
+        Entropy of the pooled, normalised column sums, in bits.
+    ei : float
+        ``degeneracy - determinism``, in bits.
     layers : list of LayerReport
         In forward order.
     skipped : list of (str, str)
         ``(name, type)`` of leaf modules the forward pass ran that have no builder (they do
         not count, as in the old module).
-    norm, engine, device : str
-        How the numbers were computed (``engine`` as requested; each layer says which
-        engine served it).
+    norm : str
+        Name of the norm used.
+    engine : str
+        The engine requested (each layer says which engine served it).
+    device : str
+        Where the reductions ran.
     legacy : bool
         Whether the old module's cross-channel pooling was used.
     seconds : float

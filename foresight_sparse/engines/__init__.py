@@ -85,7 +85,7 @@ def pick_engine(requested: str, job: LayerJob) -> str:
     """The engine that serves ``job``: ``requested``, or for ``'auto'`` implicit where exact.
 
     An explicit ``'implicit'`` also falls back to sparse for layers it cannot express
-    (non-zero padding modes, custom norms, user builders).
+    (padding that folds two taps onto one input, custom norms, user builders).
     """
     if requested not in ENGINE_NAMES:
         raise UnknownNameError(f"unknown engine {requested!r}; valid engines are "

@@ -4,29 +4,34 @@ For a sliding-window layer in which no output reaches an input through two taps 
 with zero padding; also for circular padding narrower than the input, and for the
 reflect/replicate layers whose folded taps never meet in one window) every quantity the
 norms need is a product of small per-axis matrices with channel-summed kernels, or one
-forward convolution (DESIGN.md section 3). With ``Mh[ih, kh]`` the number of outputs that
-reach input row ``ih`` through kernel row ``kh`` (and ``Mw`` likewise):
+forward convolution (see the mathematics page of the docs). With ``Mh[ih, kh]`` the number
+of outputs that reach input row ``ih`` through kernel row ``kh`` (and ``Mw`` likewise)::
 
-    sum_{S_r} f(a)          = Mh @ Sf[ci] @ Mw.T,   Sf[ci] = sum over the group's co of f(K)
-    sum_{S_r} f(a) log2 f(a) = Mh @ St[ci] @ Mw.T
-    |S_r|                   = C_out/groups * rowcount_h[ih] * rowcount_w[iw]
-    col_j = c * sum_r 1/Z_r  + conv2d(1/Z, f(K) - c)[j]
+    sum over S_r of f(a)           = Mh @ Sf[ci] @ Mw.T,  Sf[ci] = sum over the group's co of f(K)
+    sum over S_r of f(a) log2 f(a) = Mh @ St[ci] @ Mw.T
+    number of stored entries       = C_out/groups * pairs_h[ih] * pairs_w[iw]
+    column j                       = c * sum_r 1/Z_r + conv2d(1/Z, f(K) - c)[j]
 
 The first three are the channel-summed ("depthwise") transposed convolutions of a map of
 ones, written as two small matrix products per channel. Only the column pass is a full
-convolution: one forward pass of the layer, run in float32 (float64 reductions everywhere
-else); it stays within 1e-8 relative of the float64 reference.
+convolution, i.e. one forward pass of the layer. Its dtype is chosen by
+:func:`conv_dtype`: float32 for large layers, float64 for small ones and for
+``norm=None``; every reduction is float64. The result stays within 1e-8 relative of the
+float64 reference.
 
 Average pools have a constant kernel and a per-output divisor, so ``f`` of an entry depends
 only on its column: ``F[j] = f(d_j)``; the row sums are ``Mh_o @ F @ Mw_o.T`` with the 0/1
 input-to-output matrices, and the column pass is a window sum of ``1/Z``.
 
-Linear layers are read in blocks of output rows: one pass for ``Z`` and ``T``, one for the
-columns, with float64 accumulation.
+Linear layers are read twice, with float64 accumulation: one pass for ``Z`` and ``T``,
+one for the columns.
 
 Layers with summed duplicate taps (most reflect/replicate padding), custom norms and
 user-registered builders are not expressible this way: :func:`supports` says so and
 ``engine='auto'`` hands them to the sparse engine.
+
+Working memory is a few input- and output-sized maps per layer (never the matrix); it is
+checked against ``max_memory`` before a layer starts.
 """
 
 from __future__ import annotations
@@ -36,20 +41,21 @@ import torch
 import torch.nn.functional as F
 
 from .. import _kernels
+from ..budget import check_budget
 from ..connectivity import FullyConnected, Stencil
 from ..entropy import row_entropy
 from ..norms import ElementwiseNorm
 from . import LayerJob, LayerStats
 from .sparse import KINDS as _KINDS
 
-__all__ = ["supports", "layer_stats", "conv_rows_torch", "linear_torch", "conv_dtype",
-           "CONV_DTYPE", "FLOAT64_CONV_MACS"]
+__all__ = ["supports", "layer_stats", "working_bytes", "conv_rows_torch", "linear_torch",
+           "conv_dtype", "CONV_DTYPE", "FLOAT64_CONV_MACS"]
 
 #: dtype of the column-pass convolution of large layers (see :func:`conv_dtype`).
 CONV_DTYPE = torch.float32
 
-#: Below this many multiply-adds the column pass runs in float64: it is cheap there, and a
-#: layer with few columns does not average float32 rounding away.
+#: Multiply-adds below which the column pass runs in float64 (cheap there; a layer with
+#: few columns does not average float32 rounding away).
 FLOAT64_CONV_MACS = 20_000_000
 
 #: Elements of a Linear weight processed per block (float64 temporaries stay cache-sized
@@ -77,14 +83,32 @@ def layer_stats(job: LayerJob) -> LayerStats:
     """Reduce one layer implicitly (see module docstring)."""
     if not supports(job):
         raise ValueError(f"{job.conn.label}: the implicit engine cannot express this layer "
-                         "(non-zero padding mode, custom norm or custom builder); use "
-                         "engine='auto' or 'sparse'")
+                         "(padding that folds two taps onto one input, a custom norm or a "
+                         "custom builder); use engine='auto' or 'sparse'")
     conn = job.conn
+    check_budget(working_bytes(conn), job.budget,
+                 f"{conn.label}: the implicit engine's maps ({conn.n_rows} inputs, "
+                 f"{conn.n_cols} outputs)", "raise max_memory")
     if isinstance(conn, FullyConnected):
         return _linear(conn, job.norm, job.device)
     if _constant_kernel(conn):
         return _pool(conn, job.norm, job.device)
     return _conv(conn, job.norm, job.device)
+
+
+def working_bytes(conn) -> int:
+    """Bytes the implicit engine allocates for one layer (an upper estimate).
+
+    Sliding windows: ``1/Z`` and the column map in float64, the kernel's float64 copies and,
+    for the float64 CPU column pass, the unfolded input. Linear: per-input float64 sums and
+    one block of the float64 weight.
+    """
+    if isinstance(conn, FullyConnected):
+        return 8 * (4 * conn.n_rows + 2 * conn.n_cols) + 16 * _LINEAR_BLOCK
+    kernel = conn.kernel.numel() * 8 * 4
+    unfold = 8 * conn.n_cols // max(conn.cout_g, 1) * conn.kernel.shape[-1] * \
+        conn.kernel.shape[-2] * conn.cin_g
+    return 8 * (2 * conn.n_rows + 2 * conn.n_cols) + kernel + unfold
 
 
 def _constant_kernel(conn: Stencil) -> bool:

@@ -1,7 +1,7 @@
 """The sparse engine: stream row blocks of the connectivity matrix, reduce them exactly.
 
 Rows are produced in blocks sized to the memory budget; each block is reduced to row
-entropies and column contributions with the absent-entry formulas of DESIGN.md section 2,
+entropies and column contributions with the absent-entry formulas of the mathematics page,
 in float64. On the CPU both steps are numba kernels; on CUDA they are torch operations
 (:func:`reduce_block_torch`, which also runs on CPU tensors and is tested there).
 """
@@ -19,8 +19,10 @@ from . import LayerJob, LayerStats
 
 __all__ = ["layer_stats", "reduce_block_torch", "BYTES_PER_ENTRY"]
 
-#: Working bytes per stored entry while a block is reduced: indices, values and temporaries.
+#: Working bytes per stored entry while the torch path reduces a block (indices, values
+#: and temporaries); the numba path needs only its index and value arrays.
 BYTES_PER_ENTRY = 96
+_BYTES_PER_ENTRY_NUMBA = 16
 
 #: Norm class -> the code of its elementwise map in the numba kernels.
 KINDS = {LinNorm: _kernels.KIND_LIN, SoftNorm: _kernels.KIND_SOFT,
@@ -34,17 +36,22 @@ def layer_stats(job: LayerJob) -> LayerStats:
     counts = conn.row_counts(0, conn.n_rows)
     if not norm.elementwise:
         return _rowwise(job, counts)
-    fixed = n_cols * 8 * (1 + _threads(job.device))
-    blocks = row_blocks(counts, BYTES_PER_ENTRY, 64, max(job.budget - fixed, 1),
-                        conn.label)
     shift = norm.shift(conn.weight_bound())
     c, clogc = norm.zero(shift), norm.zero_log2(shift)
     kind = KINDS.get(type(norm))
-    if job.device.type == "cpu" and kind is not None:
+    numba_path = job.device.type == "cpu" and kind is not None
+    fixed = n_cols * 8 * (1 + _threads(job.device))
+    blocks = row_blocks(counts, _BYTES_PER_ENTRY_NUMBA if numba_path else BYTES_PER_ENTRY, 64,
+                        max(job.budget - fixed, 1), conn.label)
+    if numba_path:
         acc = _kernels.column_accumulator(n_cols)
         h_sum = inv_sum = 0.0
+        workspace: dict = {}  # one set of block buffers per layer: no fresh pages per block
         for r0, r1 in blocks:
-            b = conn.block(r0, r1, device="cpu")
+            # values in the narrowest exact dtype: float32 halves the traffic and lets
+            # the kernel take log2 from the bits; the reduction is float64 either way
+            b = conn.block(r0, r1, device="cpu", dtype=conn.exact_dtype, workspace=workspace,
+                           index_dtype=torch.int32)
             h, inv = _kernels.reduce_rows(b.rowptr.numpy(), b.cols.numpy(), b.vals.numpy(),
                                           kind, shift, c, clogc, n_cols, norm.normalizes, acc)
             h_sum += h
