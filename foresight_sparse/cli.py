@@ -10,9 +10,11 @@ MODEL is one of:
 - a torchvision model name (``vgg16``), built with random weights seeded by ``--seed``;
 - ``package.module:callable``, a function or class returning an ``nn.Module`` (the current
   directory is importable, as with ``python -m``);
-- a file: a TorchScript archive (``torch.jit.save``) or a module saved whole with
-  ``torch.save(model, FILE)``. The latter is unpickled with ``weights_only=False``, which runs
-  code from the file: use it only for files you trust.
+- a file: a module saved whole with ``torch.save(model, FILE)``, or a TorchScript archive of
+  a scripted ``nn.Sequential`` of torch.nn layers (``torch.jit.save(torch.jit.script(m))``),
+  which is rebuilt as an eager model because TorchScript modules cannot be hooked. A
+  ``torch.save`` file is unpickled with ``weights_only=False``, which runs code from the
+  file: use it only for files you trust.
 
 Exit status: 0 on success, 2 on a usage error (the command line cannot work as written), 1
 when the computation fails; the reason is printed as one line on stderr.
@@ -274,15 +276,12 @@ def _from_file(path: str) -> nn.Module:
     raise UsageError(f"{path!r} holds a {type(obj).__name__}, not a torch.nn.Module")
 
 
-# Layers are found with forward hooks, which TorchScript modules refuse. A scripted or traced
-# model built only of nn.Sequential and torch.nn layers is rebuilt as the eager model it was
-# made from; anything else has compiled forward code that cannot be hooked.
+# Layers are found with forward hooks, which TorchScript modules refuse. A scripted model built
+# only of nn.Sequential and torch.nn layers is rebuilt as the eager model it was made from;
+# anything else has compiled forward code that cannot be hooked, and a traced model has lost
+# its layers' settings (stride, padding, ...) to the graph.
 
 _TORCH_NN = "__torch__.torch.nn.modules."
-
-
-def _script_kind(module) -> str:
-    return module._c.qualified_name
 
 
 def _unscript(module: nn.Module, where: str) -> nn.Module:
@@ -292,7 +291,7 @@ def _unscript(module: nn.Module, where: str) -> nn.Module:
 
 
 def _rebuild(module, where: str, name: str) -> nn.Module:
-    qual = _script_kind(module)
+    qual = module._c.qualified_name
     cls = getattr(nn, module.original_name, None)
     children = list(module.named_children())
     supported = qual.startswith(_TORCH_NN) and isinstance(cls, type) and \
@@ -571,7 +570,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         except UsageError as exc:
             print(f"{PROG}: error: {_one_line(exc)}", file=sys.stderr)
             return 2
-        except (ForesightError, ModelError, RuntimeError, MemoryError) as exc:
+        except (ForesightError, ModelError, RuntimeError, MemoryError, OSError) as exc:
             msg = _one_line(exc) if isinstance(exc, (ForesightError, ModelError)) else \
                 f"{type(exc).__name__}: {_one_line(exc)}"
             print(f"{PROG}: error: {msg}", file=sys.stderr)
