@@ -54,11 +54,15 @@ def report(model: nn.Module, input=None, shapes=None, norm=lin_norm, device="cpu
     model : torch.nn.Module
         A feed-forward network. Its Linear, Conv2d and AvgPool2d layers (and any type
         registered with :func:`foresight_sparse.register`) count; others are skipped.
-    input : torch.Tensor, optional
-        An example input, used for one forward pass to find the layers' shapes.
+    input : torch.Tensor, tuple or dict, optional
+        An example input, used for one forward pass to find the layers' shapes. A tensor
+        is moved to the model's device and cast to its floating dtype first, integer and
+        boolean tensors included (unless the model has an ``nn.Embedding``); a tuple is
+        unpacked into positional and a dict into keyword arguments.
     shapes : dict, optional
         ``{module: (in_shape, out_shape)}`` from :func:`foresight_sparse.ei.get_shapes`;
-        when given, ``input`` is not used.
+        when given, ``input`` is not used. Every shape must be a sequence of non-negative
+        ints, and every module part of ``model``.
     norm : Norm, str, callable or None, default lin_norm
         Row normalisation: ``lin_norm``, ``soft_norm``, ``sig_norm`` (or ``'lin'``,
         ``'soft'``, ``'sig'``), ``None`` for raw weights, or any row-wise callable.

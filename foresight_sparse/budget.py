@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+import numbers
 import os
 import re
 
@@ -21,14 +23,20 @@ _UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "m": 1000**2, "mb": 1000**2, "g"
 
 
 def parse_bytes(value: int | float | str) -> int:
-    """Read a byte count: an int, or a string such as ``"512MiB"``, ``"2GiB"``, ``"1.5GB"``.
+    """Read a byte count: a number (numpy scalars included), or a string such as
+    ``"512MiB"``, ``"2GiB"``, ``"1.5GB"``.
 
     Raises
     ------
     ValueError
-        For a negative number or an unknown unit.
+        For a number below one byte, NaN or infinity, or an unknown unit; every message
+        names ``max_memory``.
+    TypeError
+        For anything that is neither a number nor a string (``bool`` included).
     """
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
+    if isinstance(value, numbers.Real) and not isinstance(value, bool):
+        if not math.isfinite(value):  # int() would raise a bare ValueError/OverflowError
+            raise ValueError(f"max_memory must be a finite number of bytes, got {value!r}")
         n = int(value)
     elif isinstance(value, str):
         m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", value)

@@ -17,6 +17,7 @@ Three kinds cover the built-in layers and user extensions:
 from __future__ import annotations
 
 import math
+import operator
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -110,13 +111,21 @@ class Connectivity:
 
     def block(self, r0: int, r1: int, *, dtype: torch.dtype = torch.float64,
               device: torch.device | str | None = None, with_rows: bool = False,
-              index_dtype: torch.dtype = torch.int64) -> Block:
-        """Rows ``r0 .. r1`` as a :class:`Block` with values in ``dtype`` on ``device``."""
+              index_dtype: torch.dtype = torch.int64, workspace: dict | None = None) -> Block:
+        """Rows ``r0 .. r1`` as a :class:`Block` with values in ``dtype`` on ``device``.
+
+        ``workspace`` is an optional dict of reusable buffers (see :meth:`Stencil.block`).
+        """
         raise NotImplementedError
 
     def weight_bound(self) -> float:
         """An upper bound on every entry (used to shift ``exp`` away from overflow)."""
         raise NotImplementedError
+
+    @property
+    def exact_dtype(self) -> torch.dtype:
+        """The narrowest of float32/float64 that holds every entry exactly."""
+        return torch.float64
 
     def check_finite(self) -> None:
         """Raise :class:`~foresight_sparse.exceptions.NonFiniteWeightsError` on NaN/Inf weights."""
@@ -236,6 +245,16 @@ def _check_finite_tensor(t: torch.Tensor, label: str, scan=None) -> float:
     return mx
 
 
+def _buffer(workspace: dict | None, key: str, n: int, dtype) -> np.ndarray:
+    """``n`` elements of a reusable buffer (fresh memory when there is no workspace)."""
+    if workspace is None:
+        return np.empty(n, dtype=dtype)
+    buf = workspace.get(key)
+    if buf is None or buf.shape[0] < n or buf.dtype != dtype:
+        buf = workspace[key] = np.empty(n, dtype=dtype)
+    return buf[:n]
+
+
 def _rowptr(counts: np.ndarray) -> np.ndarray:
     ptr = np.zeros(len(counts) + 1, dtype=np.int64)
     np.cumsum(counts, out=ptr[1:])
@@ -303,6 +322,14 @@ class Stencil(Connectivity):
         self._kernel_np = None
 
     @property
+    def exact_dtype(self) -> torch.dtype:
+        # single taps of a float32 (or narrower) kernel are its weights; sums and
+        # scaled entries need float64
+        narrow = self.kernel.dtype in (torch.float32, torch.float16, torch.bfloat16)
+        return torch.float32 if narrow and self.single_tap and not self.scaled \
+            else torch.float64
+
+    @property
     def single_tap(self) -> bool:
         """True when no output reaches an input through two taps (no summed duplicates)."""
         return self.pairs_h.single_tap and self.pairs_w.single_tap
@@ -336,22 +363,29 @@ class Stencil(Connectivity):
         _check_finite_tensor(self.kernel, self.label, self._scan(self.kernel))
 
     def block(self, r0, r1, *, dtype=torch.float64, device=None, with_rows=False,
-              index_dtype=torch.int64):
+              index_dtype=torch.int64, workspace: dict | None = None):
+        """Rows ``r0 .. r1``; see :meth:`Connectivity.block`.
+
+        ``workspace`` (a dict the caller keeps across blocks) lets the CPU path write into
+        the same buffers every time instead of mapping fresh memory per block; the returned
+        arrays are then views valid until the next call.
+        """
         device = torch.device(device) if device is not None else self.device
         if device.type == "cpu":
-            return self._block_numba(r0, r1, dtype, with_rows, index_dtype)
+            return self._block_numba(r0, r1, dtype, with_rows, index_dtype, workspace)
         return self.block_torch(r0, r1, dtype=dtype, device=device, with_rows=with_rows,
                                 index_dtype=index_dtype)
 
-    def _block_numba(self, r0, r1, dtype, with_rows, index_dtype) -> Block:
+    def _block_numba(self, r0, r1, dtype, with_rows, index_dtype, workspace=None) -> Block:
         rowptr = _rowptr(self.row_counts(r0, r1))
         nnz = int(rowptr[-1])
         # numpy has no bfloat16: such values are made in float32 and cast by torch
         fill_dtype = dtype if dtype in (torch.float32, torch.float64) else torch.float32
         np_idx = np.int32 if index_dtype == torch.int32 else np.int64
-        cols = np.empty(nnz, dtype=np_idx)
-        vals = torch.empty(nnz, dtype=fill_dtype)
-        rows = np.empty(nnz if with_rows else 0, dtype=np.int64)
+        cols = _buffer(workspace, "cols", nnz, np_idx)
+        vals = torch.from_numpy(_buffer(workspace, "vals", nnz,
+                                        torch.empty((), dtype=fill_dtype).numpy().dtype))
+        rows = _buffer(workspace, "rows", nnz if with_rows else 0, np.int64)
         _kernels.fill_stencil_rows(r0, r1 - r0, self, rowptr, cols, vals.numpy(), rows)
         return Block(r0, torch.from_numpy(rowptr), torch.from_numpy(cols), vals.to(dtype),
                      torch.from_numpy(rows) if with_rows else None)
@@ -453,6 +487,11 @@ class FullyConnected(Connectivity):
     def max_row_nnz(self) -> int:
         return self.n_cols
 
+    @property
+    def exact_dtype(self) -> torch.dtype:
+        narrow = self.weight.dtype in (torch.float32, torch.float16, torch.bfloat16)
+        return torch.float32 if narrow else torch.float64
+
     def row_counts(self, r0, r1):
         return np.full(r1 - r0, self.n_cols, dtype=np.int64)
 
@@ -463,7 +502,7 @@ class FullyConnected(Connectivity):
         _check_finite_tensor(self.weight, self.label, self._scan(self.weight))
 
     def block(self, r0, r1, *, dtype=torch.float64, device=None, with_rows=False,
-              index_dtype=torch.int64):
+              index_dtype=torch.int64, workspace=None):
         device = torch.device(device) if device is not None else self.device
         n = r1 - r0
         vals = self.weight.detach()[:, r0:r1].to(device=device, dtype=dtype).t().reshape(-1)
@@ -516,7 +555,7 @@ class ExplicitMatrix(Connectivity):
         _check_finite_tensor(self._csr.values(), self.label)
 
     def block(self, r0, r1, *, dtype=torch.float64, device=None, with_rows=False,
-              index_dtype=torch.int64):
+              index_dtype=torch.int64, workspace=None):
         device = torch.device(device) if device is not None else self.device
         lo, hi = int(self._crow[r0]), int(self._crow[r1])
         rowptr = (self._crow[r0:r1 + 1] - lo).to(device)
@@ -568,6 +607,9 @@ def connectivity(module: nn.Module, in_shape, out_shape, *, legacy: bool = False
     ------
     UnsupportedLayerError
         When no builder is registered for ``type(module)``.
+    ShapeMismatchError
+        From the built-in adapters, when a shape is not a sequence of ints or does not fit
+        the layer; the message names the layer.
     """
     label = label or type(module).__name__
     adapter = REGISTRY.get(type(module))
@@ -589,13 +631,27 @@ def _pair(v) -> tuple[int, int]:
     return int(v), int(v)
 
 
+def _dims(shape, label: str, what: str, module) -> tuple[int, ...]:
+    # a malformed shape (not a sequence of ints) is a shape error naming the layer, not a
+    # bare TypeError/ValueError from len() or int()
+    try:
+        if isinstance(shape, (str, bytes)):
+            raise TypeError
+        return tuple(operator.index(d) for d in shape)
+    except TypeError:
+        raise ShapeMismatchError(
+            f"{label}: the {what} shape of {type(module).__name__} must be a tuple of ints, "
+            f"got {shape!r}. Pass shapes traced from this model (get_shapes)") from None
+
+
 def _chw(shape, label: str, what: str, module) -> tuple[int, int, int]:
-    if len(shape) not in (3, 4):
+    dims = _dims(shape, label, what, module)
+    if len(dims) not in (3, 4):
         raise ShapeMismatchError(
             f"{label}: {type(module).__name__} needs a 4-d (N, C, H, W) or 3-d (C, H, W) "
             f"{what} shape, got {tuple(shape)}. Pass shapes traced from this model "
             "(get_shapes) or an input of shape (1, C, H, W)")
-    return tuple(int(s) for s in shape[-3:])
+    return dims[-3:]
 
 
 @register(nn.Linear)
@@ -608,6 +664,8 @@ def linear(module: nn.Linear, in_shape, out_shape, *, legacy: bool = False,
     """
     label = label or "Linear"
     weight = module.weight
+    in_shape = _dims(in_shape, label, "input", module)
+    out_shape = _dims(out_shape, label, "output", module)
     if not in_shape or not out_shape or in_shape[-1] != weight.shape[1] \
             or out_shape[-1] != weight.shape[0]:
         raise ShapeMismatchError(
