@@ -125,13 +125,15 @@ def _f_and_flogf(a, kind, shift):
 
 @numba.njit(parallel=True, cache=True, nogil=True)
 def _reduce_rows(rowptr, cols, vals, bits, kind, shift, c, clogc, n_cols, normalizes, max_row,
-                 col_acc, h_out, inv_out, log_hi, inv_hi):
+                 col_acc, h_out, off_out, log_hi, inv_hi):
     """Row entropies and column sums of one CSR block under an elementwise norm.
 
     For each row: ``Z = sum f + c * m``, ``T = sum f log2 f + c log2 c * m`` with ``m`` the
     absent entries, ``H = log2 Z - T / Z``; each stored entry adds ``(f - c) / Z`` to its
-    column. Thread ``t`` accumulates its rows' columns into ``col_acc[t]`` (no races) and
-    its sums of ``H`` and ``1/Z`` into ``h_out[t]``, ``inv_out[t]``.
+    column and every column receives ``c / Z``. Thread ``t`` accumulates its rows' columns
+    into ``col_acc[t]`` (no races), its sum of ``H`` into ``h_out[t]`` and of ``c / Z``
+    into ``off_out[t]``. The softmax (``kind`` 1) shifts each row by its own largest entry
+    (and 0 when it has absent entries), so no row underflows whatever the layer's range.
     """
     n_rows = rowptr.shape[0] - 1
     n_chunks = col_acc.shape[0]
@@ -142,10 +144,19 @@ def _reduce_rows(rowptr, cols, vals, bits, kind, shift, c, clogc, n_cols, normal
         buf = np.empty(max_row, dtype=np.float64)
         acc = col_acc[t]
         h_sum = 0.0
-        inv_sum = 0.0
+        off_sum = 0.0
         for r in range(lo, hi):
             start = rowptr[r]
             stop = rowptr[r + 1]
+            m = n_cols - (stop - start)
+            s_r, c_r, clogc_r = shift, c, clogc
+            if kind == 1:
+                s_r = 0.0 if m > 0 else -np.inf
+                for e in range(start, stop):
+                    s_r = max(s_r, np.float64(vals[e]))
+                # with no absent entry c cancels out; 0 keeps exp(-s) from overflowing
+                c_r = np.exp(-s_r) if m > 0 else 0.0
+                clogc_r = c_r * (-s_r) * _INV_LN2 if m > 0 else 0.0
             z = 0.0
             tt = 0.0
             for e in range(start, stop):
@@ -154,44 +165,43 @@ def _reduce_rows(rowptr, cols, vals, bits, kind, shift, c, clogc, n_cols, normal
                     f = a
                     flf = a * _log2_f32_bits(bits[e], log_hi, inv_hi)
                 else:
-                    f, flf = _f_and_flogf(a, kind, shift)
+                    f, flf = _f_and_flogf(a, kind, s_r)
                 buf[e - start] = f
                 z += f
                 tt += flf
             if normalizes:
-                m = n_cols - (stop - start)
-                z += c * m
-                tt += clogc * m
+                z += c_r * m
+                tt += clogc_r * m
             else:
                 z = 1.0
             if z > 0.0:
                 inv = 1.0 / z
                 h_sum += np.log2(z) - tt * inv
-                inv_sum += inv
+                off_sum += c_r * inv
                 for e in range(start, stop):
-                    acc[cols[e]] += (buf[e - start] - c) * inv
+                    acc[cols[e]] += (buf[e - start] - c_r) * inv
         h_out[t] = h_sum
-        inv_out[t] = inv_sum
+        off_out[t] = off_sum
 
 
 def reduce_rows(rowptr: np.ndarray, cols: np.ndarray, vals: np.ndarray, kind: int,
                 shift: float, c: float, clogc: float, n_cols: int, normalizes: bool,
                 col_acc: np.ndarray) -> tuple[float, float]:
-    """Add one block's column contributions to ``col_acc``; return (sum of H, sum of 1/Z).
+    """Add one block's column contributions to ``col_acc``; return (sum of H, sum of c/Z).
 
     ``col_acc`` is a ``(threads, n_cols)`` float64 array from :func:`column_accumulator`,
     kept across the blocks of a layer; its rows sum to the layer's column sums. The
-    constant ``c * sum(1/Z)`` that every column receives is left to the caller.
+    constant ``sum(c/Z)`` that every column receives is left to the caller.
     """
     n_chunks = col_acc.shape[0]
     h_out = np.zeros(n_chunks)
-    inv_out = np.zeros(n_chunks)
+    off_out = np.zeros(n_chunks)
     max_row = int(np.max(np.diff(rowptr), initial=0))
     bits = vals.view(np.int32) if vals.dtype == np.float32 and kind == KIND_LIN else \
         np.empty(0, dtype=np.int32)
     _reduce_rows(rowptr, cols, vals, bits, kind, shift, c, clogc, n_cols, normalizes,
-                 max_row, col_acc, h_out, inv_out, _LOG2_HI, _INV_HI)
-    return float(h_out.sum()), float(inv_out.sum())
+                 max_row, col_acc, h_out, off_out, _LOG2_HI, _INV_HI)
+    return float(h_out.sum()), float(off_out.sum())
 
 
 def column_accumulator(n_cols: int) -> np.ndarray:
@@ -355,32 +365,35 @@ def column_terms(v: np.ndarray, add: float = 0.0) -> np.ndarray:
 
 
 @numba.njit(parallel=True, cache=True, nogil=True)
-def _max_and_nonfinite(flat, n_chunks, out_max, out_bad):
+def _scan_weights(flat, n_chunks, out_max, out_min, out_bad):
     n = flat.shape[0]
     for ch in numba.prange(n_chunks):
         lo = n * ch // n_chunks
         hi = n * (ch + 1) // n_chunks
         mx = -np.inf
+        mn = np.inf
         bad = 0
         for i in range(lo, hi):
             x = np.float64(flat[i])
             if np.isfinite(x):
-                if x > mx:
-                    mx = x
+                mx = max(mx, x)
+                mn = min(mn, x)
             else:
                 bad += 1
         out_max[ch] = mx
+        out_min[ch] = mn
         out_bad[ch] = bad
 
 
-def max_and_nonfinite(arr: np.ndarray) -> tuple[float, int]:
-    """Largest finite entry and the number of NaN/Inf entries, in one parallel pass."""
+def scan_weights(arr: np.ndarray) -> tuple[float, float, int]:
+    """Largest and smallest finite entry and the number of NaN/Inf entries, in one pass."""
     flat = arr.reshape(-1)
     n_chunks = max(1, min(numba.get_num_threads() * 4, flat.shape[0]))
     out_max = np.empty(n_chunks)
+    out_min = np.empty(n_chunks)
     out_bad = np.empty(n_chunks, dtype=np.int64)
-    _max_and_nonfinite(flat, n_chunks, out_max, out_bad)
-    return float(out_max.max(initial=-np.inf)), int(out_bad.sum())
+    _scan_weights(flat, n_chunks, out_max, out_min, out_bad)
+    return float(out_max.max()), float(out_min.min()), int(out_bad.sum())
 
 
 @numba.njit(parallel=True, cache=True, nogil=True)

@@ -95,32 +95,39 @@ def check_budget(needed: int, budget: int, what: str, fix: str) -> None:
 
 
 def row_blocks(counts, bytes_per_entry: int, bytes_per_row: int, budget: int,
-               label: str) -> list[tuple[int, int]]:
+               label: str, reserved: int = 0) -> list[tuple[int, int]]:
     """Split rows into consecutive blocks whose working memory stays within ``budget``.
 
     Parameters
     ----------
     counts : numpy.ndarray
         Stored entries of every row.
-    bytes_per_entry, bytes_per_row : int
-        Working bytes per stored entry and per row.
+    bytes_per_entry : int
+        Working bytes per stored entry.
+    bytes_per_row : int
+        Working bytes per row.
     budget : int
-        Bytes one block may use.
+        The whole budget (``max_memory``).
     label : str
         The layer, for the error message.
+    reserved : int, default 0
+        Bytes held for the whole layer (e.g. column accumulators); blocks get the rest.
 
     Raises
     ------
     MemoryBudgetError
-        When a single row needs more than ``budget``.
+        When the reserved bytes and a single row need more than ``budget``; the error
+        reports the full ``budget`` and the full need.
     """
     import numpy as np
 
     counts = np.asarray(counts, dtype=np.int64)
     cost = counts * bytes_per_entry + bytes_per_row
-    if len(cost) and int(cost.max()) > budget:
-        check_budget(int(cost.max()), budget, f"{label}: one row of the connectivity matrix",
-                     "raise max_memory to at least that")
+    if len(cost) and int(cost.max()) + reserved > budget:
+        check_budget(int(cost.max()) + reserved, budget,
+                     f"{label}: one row of the connectivity matrix and the layer's column "
+                     "accumulators", "raise max_memory to at least that")
+    budget -= reserved
     cum = np.cumsum(cost)
     blocks = []
     start, spent = 0, 0

@@ -131,7 +131,11 @@ class Connectivity:
         """Raise :class:`~foresight_sparse.exceptions.NonFiniteWeightsError` on NaN/Inf weights."""
         raise NotImplementedError
 
-    def _scan(self, weights: torch.Tensor) -> tuple[float, int]:
+    def weight_range(self) -> tuple[float, float]:
+        """Smallest and largest weight the entries are made of."""
+        raise NotImplementedError
+
+    def _scan(self, weights: torch.Tensor) -> tuple[float, float, int]:
         # one pass over the weights serves both check_finite and weight_bound
         cached = getattr(self, "_scan_cache", None)
         if cached is None:
@@ -220,24 +224,26 @@ def _layout_name(layout: Any) -> str:
                            "torch.sparse_csr and 'scipy'")
 
 
-def weight_scan(t: torch.Tensor) -> tuple[float, int]:
-    """Largest finite weight and the number of NaN/Inf weights (one pass)."""
+def weight_scan(t: torch.Tensor) -> tuple[float, float, int]:
+    """Largest and smallest finite weight and the number of NaN/Inf weights (one pass)."""
     t = t.detach()
     if t.numel() == 0:
-        return 0.0, 0
+        return 0.0, 0.0, 0
     if t.device.type == "cpu" and t.dtype in (torch.float32, torch.float64):
-        return _kernels.max_and_nonfinite(t.contiguous().numpy())
+        return _kernels.scan_weights(t.contiguous().numpy())
     finite = torch.isfinite(t)
     n_bad = int((~finite).sum())
-    mx = t[finite].max() if n_bad else t.max()
-    return (float(mx) if mx.numel() else 0.0), n_bad
+    kept = t[finite] if n_bad else t
+    if kept.numel() == 0:
+        return 0.0, 0.0, n_bad
+    return float(kept.max()), float(kept.min()), n_bad
 
 
 def _check_finite_tensor(t: torch.Tensor, label: str, scan=None) -> float:
     """Raise on NaN/Inf weights; return the largest weight."""
     from .exceptions import NonFiniteWeightsError
 
-    mx, n_bad = scan if scan is not None else weight_scan(t)
+    mx, _, n_bad = scan if scan is not None else weight_scan(t)
     if n_bad:
         raise NonFiniteWeightsError(
             f"{label}: {n_bad} of {t.numel()} weights are NaN or infinite (weight shape "
@@ -361,6 +367,10 @@ class Stencil(Connectivity):
 
     def check_finite(self) -> None:
         _check_finite_tensor(self.kernel, self.label, self._scan(self.kernel))
+
+    def weight_range(self) -> tuple[float, float]:
+        mx, mn, _ = self._scan(self.kernel)
+        return mn, mx
 
     def block(self, r0, r1, *, dtype=torch.float64, device=None, with_rows=False,
               index_dtype=torch.int64, workspace: dict | None = None):
@@ -501,6 +511,10 @@ class FullyConnected(Connectivity):
     def check_finite(self) -> None:
         _check_finite_tensor(self.weight, self.label, self._scan(self.weight))
 
+    def weight_range(self) -> tuple[float, float]:
+        mx, mn, _ = self._scan(self.weight)
+        return mn, mx
+
     def block(self, r0, r1, *, dtype=torch.float64, device=None, with_rows=False,
               index_dtype=torch.int64, workspace=None):
         device = torch.device(device) if device is not None else self.device
@@ -548,8 +562,11 @@ class ExplicitMatrix(Connectivity):
         return torch.diff(self._crow[r0:r1 + 1]).cpu().numpy()
 
     def weight_bound(self) -> float:
-        v = self._csr.values()
-        return max(float(v.max()), 0.0) if v.numel() else 0.0
+        return max(self._scan(self._csr.values())[0], 0.0)
+
+    def weight_range(self) -> tuple[float, float]:
+        mx, mn, _ = self._scan(self._csr.values())
+        return mn, mx
 
     def check_finite(self) -> None:
         _check_finite_tensor(self._csr.values(), self.label)

@@ -316,17 +316,27 @@ def test_nan_bias_is_ignored():
     assert quiet(ei.ei, model, X) == expected
 
 
-@pytest.mark.xfail(strict=True, reason="BUG (engines): soft_norm uses one shift per layer, "
-                   "s = max(0, largest weight); a row whose entries all lie more than ~745 "
-                   "below s underflows to exp() = 0, so Z_r = 0 and the row counts as empty. "
-                   "Needs a per-row shift in the sparse and implicit engines")
-@pytest.mark.parametrize("engine", ["sparse", "implicit"])
+@pytest.mark.parametrize("engine", ["sparse", "implicit", "auto"])
 def test_soft_norm_survives_weights_far_apart(engine):
+    """The sparse engine shifts each softmax row by its own maximum; the implicit engine
+    hands layers whose weights span more than SOFTMAX_SPAN to it."""
     lin = nn.Linear(2, 2).double()
     with torch.no_grad():
         lin.weight.copy_(torch.tensor([[0.0, 1000.0], [0.0, 999.0]], dtype=F64))
     model, x = nn.Sequential(lin), torch.zeros(1, 2, dtype=F64)
     rep = fs.report(model, x, norm="soft", engine=engine)
+    assert_rel(rep.determinism, R.determinism(model, x, norm=R.soft_norm), 1e-9)
+    assert_rel(rep.degeneracy, R.degeneracy(model, x, norm=R.soft_norm), 1e-9)
+    assert rep.layers[0].engine == "sparse"
+
+
+def test_soft_norm_conv_with_one_huge_weight():
+    conv = nn.Conv2d(2, 3, 3, padding=1).double()
+    with torch.no_grad():
+        conv.weight[0, 0, 1, 1] = 900.0
+    model, x = nn.Sequential(conv), torch.zeros(1, 2, 5, 5, dtype=F64)
+    rep = fs.report(model, x, norm="soft")
+    assert rep.layers[0].engine == "sparse"
     assert_rel(rep.determinism, R.determinism(model, x, norm=R.soft_norm), 1e-9)
     assert_rel(rep.degeneracy, R.degeneracy(model, x, norm=R.soft_norm), 1e-9)
 

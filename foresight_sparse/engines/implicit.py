@@ -44,7 +44,7 @@ from .. import _kernels
 from ..budget import check_budget
 from ..connectivity import FullyConnected, Stencil
 from ..entropy import row_entropy
-from ..norms import ElementwiseNorm
+from ..norms import ElementwiseNorm, SoftNorm
 from . import LayerJob, LayerStats
 from .sparse import KINDS as _KINDS
 
@@ -63,11 +63,20 @@ FLOAT64_CONV_MACS = 20_000_000
 _LINEAR_BLOCK = 1 << 21
 
 
+#: Softmax layers whose weights span more than this many nats go to the sparse engine,
+#: which shifts every row by its own maximum; one shift per layer would underflow there.
+SOFTMAX_SPAN = 600.0
+
+
 def supports(job: LayerJob) -> bool:
     """True when the implicit engine computes ``job`` exactly."""
     if not job.norm.elementwise:
         return False
     conn = job.conn
+    if isinstance(job.norm, SoftNorm) and isinstance(conn, (FullyConnected, Stencil)):
+        lo, hi = conn.weight_range()
+        if max(hi, 0.0) - min(lo, 0.0) > SOFTMAX_SPAN:
+            return False
     if isinstance(conn, FullyConnected):
         return True
     if isinstance(conn, Stencil):

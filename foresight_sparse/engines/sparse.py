@@ -8,6 +8,8 @@ in float64. On the CPU both steps are numba kernels; on CUDA they are torch oper
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import torch
 
@@ -42,31 +44,31 @@ def layer_stats(job: LayerJob) -> LayerStats:
     numba_path = job.device.type == "cpu" and kind is not None
     fixed = n_cols * 8 * (1 + _threads(job.device))
     blocks = row_blocks(counts, _BYTES_PER_ENTRY_NUMBA if numba_path else BYTES_PER_ENTRY, 64,
-                        max(job.budget - fixed, 1), conn.label)
+                        job.budget, conn.label, reserved=fixed)
     if numba_path:
         acc = _kernels.column_accumulator(n_cols)
-        h_sum = inv_sum = 0.0
+        h_sum = off_sum = 0.0
         workspace: dict = {}  # one set of block buffers per layer: no fresh pages per block
         for r0, r1 in blocks:
             # values in the narrowest exact dtype: float32 halves the traffic and lets
             # the kernel take log2 from the bits; the reduction is float64 either way
             b = conn.block(r0, r1, device="cpu", dtype=conn.exact_dtype, workspace=workspace,
                            index_dtype=torch.int32)
-            h, inv = _kernels.reduce_rows(b.rowptr.numpy(), b.cols.numpy(), b.vals.numpy(),
+            h, off = _kernels.reduce_rows(b.rowptr.numpy(), b.cols.numpy(), b.vals.numpy(),
                                           kind, shift, c, clogc, n_cols, norm.normalizes, acc)
             h_sum += h
-            inv_sum += inv
+            off_sum += off
         col = torch.from_numpy(acc.sum(axis=0))
-        return LayerStats(h_sum, conn.n_rows, col, "sparse", c * inv_sum)
+        return LayerStats(h_sum, conn.n_rows, col, "sparse", off_sum)
     col = torch.zeros(n_cols, dtype=torch.float64, device=job.device)
     h_sum = torch.zeros((), dtype=torch.float64, device=job.device)
-    inv_sum = torch.zeros((), dtype=torch.float64, device=job.device)
+    off_sum = torch.zeros((), dtype=torch.float64, device=job.device)
     for r0, r1 in blocks:
         b = conn.block(r0, r1, device=job.device)
-        h, inv = reduce_block_torch(b.rowptr, b.cols, b.vals, norm, shift, n_cols, col)
+        h, off = reduce_block_torch(b.rowptr, b.cols, b.vals, norm, shift, n_cols, col)
         h_sum += h
-        inv_sum += inv
-    return LayerStats(float(h_sum), conn.n_rows, col, "sparse", c * float(inv_sum))
+        off_sum += off
+    return LayerStats(float(h_sum), conn.n_rows, col, "sparse", float(off_sum))
 
 
 def _threads(device: torch.device) -> int:
@@ -76,28 +78,42 @@ def _threads(device: torch.device) -> int:
 def reduce_block_torch(rowptr: torch.Tensor, cols: torch.Tensor, vals: torch.Tensor,
                        norm: ElementwiseNorm, shift: float, n_cols: int,
                        col: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Torch form of the block reduction: add to ``col``; return (sum of H, sum of 1/Z).
+    """Torch form of the block reduction: add to ``col``; return (sum of H, sum of c/Z).
 
     Segment sums over the stored values and ``index_add_`` into the columns; never
-    ``torch.sparse.sum``. The constant ``c * sum(1/Z)`` is left to the caller.
+    ``torch.sparse.sum``. The constant ``sum(c/Z)`` is left to the caller. The softmax
+    shifts each row by its own largest entry (0 if the row has absent entries), as the
+    numba kernel does.
     """
     vals = vals.to(torch.float64)
     counts = torch.diff(rowptr)
-    f = norm.f(vals, shift)
+    absent = (n_cols - counts).to(torch.float64)
+    rows = torch.repeat_interleave(torch.arange(len(counts), device=vals.device), counts,
+                                   output_size=vals.numel())
+    if isinstance(norm, SoftNorm):
+        row_max = torch.segment_reduce(vals, "max", offsets=rowptr, unsafe=True)
+        row_max = torch.where(counts > 0, row_max, float("-inf"))
+        s = torch.where(absent > 0, row_max.clamp(min=0.0), row_max)
+        c = torch.where(absent > 0, torch.exp(-s), 0.0)
+        clogc = torch.where(absent > 0, c * (-s) / math.log(2.0), 0.0)
+        z_vals = vals - s[rows]
+        f = torch.exp(z_vals)
+        flf = f * z_vals / math.log(2.0)
+    else:
+        c = torch.full_like(absent, norm.zero(shift))
+        clogc = torch.full_like(absent, norm.zero_log2(shift))
+        f = norm.f(vals, shift)
+        flf = norm.f_log2f(vals, shift)
     z = torch.segment_reduce(f, "sum", offsets=rowptr)
-    t = torch.segment_reduce(norm.f_log2f(vals, shift), "sum", offsets=rowptr)
-    c = norm.zero(shift)
+    t = torch.segment_reduce(flf, "sum", offsets=rowptr)
     if norm.normalizes:
-        absent = (n_cols - counts).to(torch.float64)
         z = z + c * absent
-        t = t + norm.zero_log2(shift) * absent
+        t = t + clogc * absent
     else:
         z = torch.ones_like(z)
     inv = torch.where(z > 0, 1.0 / torch.where(z > 0, z, 1.0), 0.0)
-    rows = torch.repeat_interleave(torch.arange(len(counts), device=vals.device), counts,
-                                   output_size=vals.numel())
-    col.index_add_(0, cols, (f - c) * inv[rows])
-    return row_entropy(z, t).sum(), inv.sum()
+    col.index_add_(0, cols, (f - c[rows]) * inv[rows])
+    return row_entropy(z, t).sum(), (c * inv).sum()
 
 
 def _rowwise(job: LayerJob, counts: np.ndarray) -> LayerStats:
