@@ -121,8 +121,8 @@ def working_bytes(conn) -> int:
 
 
 def _constant_kernel(conn: Stencil) -> bool:
-    k = conn.kernel_np
-    return k.size > 0 and bool((k == k.flat[0]).all())
+    lo, hi = conn.weight_range()  # cached with the finiteness scan
+    return conn.kernel.numel() > 0 and lo == hi
 
 
 def _absent_terms(norm: ElementwiseNorm, shift: float, stored: torch.Tensor, n_cols: int,
@@ -255,7 +255,7 @@ def _column_conv(conn: Stencil, inv: torch.Tensor, g_kernel: torch.Tensor,
 
 def _pool(conn: Stencil, norm: ElementwiseNorm, device) -> LayerStats:
     """Constant kernel ``kappa`` times a per-output scale: f depends on the column only."""
-    kappa = float(conn.kernel_np.flat[0])
+    kappa = conn.weight_range()[1]
     _, oh, ow = conn.out_chw
     v = kappa * torch.as_tensor(np.outer(conn.scale_h, conn.scale_w), device=device)
     shift = norm.shift(float(v.max()))
