@@ -1,9 +1,10 @@
 """Shared fixtures of the benchmark suite (pytest-benchmark).
 
-Run the full suite with ``python -m pytest benchmarks --benchmark-json=bench.json`` and
-regenerate ``docs/benchmarks.md`` with ``python benchmarks/make_table.py bench.json``.
-``--benchmark-disable`` turns it into a quick smoke run (each function once, ImageNet
-networks at 64x64), which CI uses.
+Run the full suite with
+``python -m pytest benchmarks --benchmark-enable --benchmark-json=bench.json`` and regenerate
+``docs/benchmarks.md`` with ``python benchmarks/make_table.py bench.json``. Without
+``--benchmark-enable`` (pyproject.toml passes ``--benchmark-disable``) it is a quick smoke
+run, part of the test suite: each function once, ImageNet networks at 32x32.
 """
 
 from __future__ import annotations
@@ -14,10 +15,6 @@ import time
 
 import pytest
 import torch
-
-
-def pytest_configure(config):
-    config.addinivalue_line("markers", "cuda: needs a CUDA device")
 
 
 @pytest.fixture

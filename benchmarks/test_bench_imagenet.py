@@ -16,7 +16,7 @@ NETS = ["vgg16", "resnet50", "alexnet"]
 
 
 def _run(benchmark, smoke, peak_rss, name, engine, device, rounds):
-    size = 64 if smoke else 224
+    size = 32 if smoke else 224
     model = imagenet(name).to(device)
     x = torch.zeros(1, 3, size, size, device=device)
 

@@ -25,7 +25,7 @@ from .exceptions import (
                          UnsupportedLayerError,
 )
 from .norms import lin_norm, sig_norm, soft_norm
-from .report import LayerReport, Report
+from .results import LayerReport, Report
 
 __version__ = "0.1.0"
 

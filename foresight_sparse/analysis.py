@@ -15,7 +15,7 @@ from .engines import ENGINE_NAMES, ENGINES, LayerJob, pick_engine
 from .entropy import column_terms, entropy_from_terms
 from .exceptions import UnknownNameError
 from .norms import get_norm, lin_norm
-from .report import LayerReport, Report
+from .results import LayerReport, Report
 from .tracing import resolve_layers, warn_skipped
 
 __all__ = ["report", "resolve_device"]

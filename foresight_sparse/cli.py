@@ -49,7 +49,7 @@ from .connectivity import connectivity
 from .engines import ENGINE_NAMES
 from .exceptions import ForesightError, ForwardError, UnknownNameError
 from .norms import NORMS
-from .report import LayerReport, Report
+from .results import LayerReport, Report
 from .tracing import trace, warn_skipped
 
 __all__ = ["main", "build_parser", "load_model", "parse_shape", "UsageError", "ModelError"]

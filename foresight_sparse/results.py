@@ -1,4 +1,4 @@
-"""What an analysis returns: network totals and one row per layer."""
+"""What an analysis returns (:class:`Report`): network totals and one row per layer."""
 
 from __future__ import annotations
 
