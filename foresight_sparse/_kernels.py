@@ -11,6 +11,23 @@ import numpy as np
 
 __all__: list[str] = []
 
+#: Below this much work (elements touched) a kernel runs serially: waking the thread pool
+#: costs more than the work, and much more on a busy machine.
+PARALLEL_MIN_WORK = 1 << 16
+
+_SERIAL: dict = {}
+
+
+def _launch(kernel, work: int, *args):
+    """Run ``kernel`` in parallel for large ``work``, else its serial twin (same code,
+    ``prange`` read as ``range``, compiled and cached on first use)."""
+    if work >= PARALLEL_MIN_WORK:
+        return kernel(*args)
+    serial = _SERIAL.get(kernel)
+    if serial is None:
+        serial = _SERIAL[kernel] = numba.njit(cache=True, nogil=True)(kernel.py_func)
+    return serial(*args)
+
 
 @numba.njit(parallel=True, cache=True, nogil=True)
 def _fill_stencil_rows(r0, n_rows, height, width, cin_g, cout_g, out_h, out_w,
@@ -84,7 +101,8 @@ def fill_stencil_rows(r0: int, n_rows: int, spec, rowptr: np.ndarray, cols: np.n
     hp, wp = spec.pairs_h, spec.pairs_w
     _, height, width = spec.in_chw
     _, out_h, out_w = spec.out_chw
-    _fill_stencil_rows(r0, n_rows, height, width, spec.cin_g, spec.cout_g, out_h, out_w,
+    _launch(_fill_stencil_rows, len(cols), r0, n_rows, height, width, spec.cin_g, spec.cout_g,
+            out_h, out_w,
                        hp.ptr, hp.out, hp.tap_ptr, hp.tap, wp.ptr, wp.out, wp.tap_ptr, wp.tap,
                        spec.kernel_np, spec.scale_h, spec.scale_w, spec.scaled, rowptr, cols,
                        vals, rows)
@@ -93,7 +111,7 @@ def fill_stencil_rows(r0: int, n_rows: int, spec, rowptr: np.ndarray, cols: np.n
 def fill_dense_rows(r0: int, n_rows: int, n_cols: int, cols: np.ndarray,
                     rows: np.ndarray) -> None:
     """Fill the indices of a fully connected row block."""
-    _fill_dense_rows(r0, n_rows, n_cols, cols, rows)
+    _launch(_fill_dense_rows, len(cols), r0, n_rows, n_cols, cols, rows)
 
 
 # Elementwise maps the reduction kernel knows, by code (see foresight_sparse.norms).
@@ -199,7 +217,8 @@ def reduce_rows(rowptr: np.ndarray, cols: np.ndarray, vals: np.ndarray, kind: in
     max_row = int(np.max(np.diff(rowptr), initial=0))
     bits = vals.view(np.int32) if vals.dtype == np.float32 and kind == KIND_LIN else \
         np.empty(0, dtype=np.int32)
-    _reduce_rows(rowptr, cols, vals, bits, kind, shift, c, clogc, n_cols, normalizes,
+    _launch(_reduce_rows, len(vals), rowptr, cols, vals, bits, kind, shift, c, clogc, n_cols,
+            normalizes,
                  max_row, col_acc, h_out, off_out, _LOG2_HI, _INV_HI)
     return float(h_out.sum()), float(off_out.sum())
 
@@ -280,7 +299,8 @@ def stencil_row_entropy(sf, st, mh, mw, counts_h, counts_w, cout_g, n_cols, c, c
     n = sf.shape[0] * mh.shape[0]
     h_part = np.empty(n)
     inv_part = np.empty(n)
-    _stencil_row_entropy(sf, st, mh, mw, counts_h, counts_w, cout_g, n_cols, c, clogc,
+    _launch(_stencil_row_entropy, inv_out.size, sf, st, mh, mw, counts_h, counts_w, cout_g,
+            n_cols, c, clogc,
                          normalizes, inv_out, h_part, inv_part)
     return float(h_part.sum()), float(inv_part.sum())
 
@@ -316,10 +336,11 @@ def dense_row_sums(w: np.ndarray, kind: int, shift: float) -> tuple[np.ndarray, 
     t = np.zeros(w.shape[1])
     n_chunks = max(1, min(numba.get_num_threads() * 4, w.shape[1]))
     if w.dtype == np.float32 and kind in (KIND_LIN, KIND_NONE):
-        _dense_row_sums_relu32(w, w.view(np.int32), kind == KIND_NONE, z, t, n_chunks,
+        _launch(_dense_row_sums_relu32, w.size, w, w.view(np.int32), kind == KIND_NONE, z, t,
+                n_chunks,
                                _LOG2_HI, _INV_HI)
     else:
-        _dense_row_sums(w, kind, shift, z, t, n_chunks)
+        _launch(_dense_row_sums, w.size, w, kind, shift, z, t, n_chunks)
     return z, t
 
 
@@ -327,7 +348,7 @@ def dense_cols(w: np.ndarray, kind: int, shift: float, c: float,
                inv: np.ndarray) -> np.ndarray:
     """Row-wise ``sum (f - c) * inv`` of a weight matrix (float64)."""
     col = np.empty(w.shape[0])
-    _dense_cols(w, kind, shift, c, inv, col)
+    _launch(_dense_cols, w.size, w, kind, shift, c, inv, col)
     return col
 
 
@@ -360,7 +381,7 @@ def column_terms(v: np.ndarray, add: float = 0.0) -> np.ndarray:
     negative ``x``: what the entropy of the normalised vector needs (float64, shape (4,))."""
     n_chunks = max(1, min(numba.get_num_threads() * 4, v.shape[0]))
     out = np.zeros((n_chunks, 4))
-    _column_terms(v, add, n_chunks, out)
+    _launch(_column_terms, v.shape[0], v, add, n_chunks, out)
     return out.sum(axis=0)
 
 
@@ -392,7 +413,7 @@ def scan_weights(arr: np.ndarray) -> tuple[float, float, int]:
     out_max = np.empty(n_chunks)
     out_min = np.empty(n_chunks)
     out_bad = np.empty(n_chunks, dtype=np.int64)
-    _scan_weights(flat, n_chunks, out_max, out_min, out_bad)
+    _launch(_scan_weights, flat.shape[0], flat, n_chunks, out_max, out_min, out_bad)
     return float(out_max.max()), float(out_min.min()), int(out_bad.sum())
 
 
@@ -444,7 +465,8 @@ def kernel_sums(k: np.ndarray, kind: int, shift: float, c: float, groups: int,
     # the bit-level log2 applies to float32 weights under relu (positive normal floats)
     bits = k.view(np.int32) if k.dtype == np.float32 and kind == KIND_LIN else \
         np.empty((0, 0, 0, 0), dtype=np.int32)
-    _kernel_sums(k, bits, kind, shift, c, groups, sf, st, gk, _LOG2_HI, _INV_HI)
+    _launch(_kernel_sums, k.size, k, bits, kind, shift, c, groups, sf, st, gk, _LOG2_HI,
+            _INV_HI)
     return sf.sum(axis=0), st.sum(axis=0), gk
 
 
@@ -487,3 +509,46 @@ def _dense_row_sums_relu32(w, bits, keep_negative, z, t, n_chunks, log_hi, inv_h
                         t[i] += a * np.log2(a)
                 elif keep_negative:
                     z[i] += a
+
+
+@numba.njit(parallel=True, cache=True, nogil=True)
+def _column_pass(inv, g, taps_h, taps_w, cin_g, cout_g, out):
+    """``out[co, oh, ow] = sum inv[ci, ih, iw] * g[co, ci_l, kh, kw]`` over the taps.
+
+    ``taps_h[oh, kh]`` is the input row that output row ``oh`` reads through kernel row
+    ``kh`` (``-1``: padding), as :meth:`foresight_sparse.geometry.Axis.taps` gives it, so
+    every padding mode is the same gather.
+    """
+    c_out, out_h, out_w = out.shape
+    n_kh = taps_h.shape[1]
+    n_kw = taps_w.shape[1]
+    for job in numba.prange(c_out * out_h):
+        co = job // out_h
+        oh = job - co * out_h
+        base = (co // cout_g) * cin_g
+        for ow in range(out_w):
+            acc = 0.0
+            for ci_l in range(cin_g):
+                for kh in range(n_kh):
+                    ih = taps_h[oh, kh]
+                    if ih < 0:
+                        continue
+                    for kw in range(n_kw):
+                        iw = taps_w[ow, kw]
+                        if iw >= 0:
+                            acc += inv[base + ci_l, ih, iw] * g[co, ci_l, kh, kw]
+            out[co, oh, ow] = acc
+
+
+def column_pass(inv: np.ndarray, g: np.ndarray, taps_h: np.ndarray, taps_w: np.ndarray,
+                groups: int, out_shape: tuple[int, int, int]) -> np.ndarray:
+    """The implicit engine's float64 column pass on the CPU: a direct convolution.
+
+    PyTorch's float64 CPU convolution is its slow reference loop; this one reads the
+    layer's tap tables, so it needs no padded copy of ``inv`` in any padding mode.
+    """
+    out = np.empty(out_shape)
+    cin_g = g.shape[1]
+    cout_g = out_shape[0] // groups
+    _launch(_column_pass, out.size * g[0].size, inv, g, taps_h, taps_w, cin_g, cout_g, out)
+    return out

@@ -77,7 +77,7 @@ def test_kernel_sums_match_torch(case, norm_name):
 
 
 @pytest.mark.parametrize("case", range(len(CONVS)))
-def test_float64_unfold_column_pass_equals_conv(case):
+def test_float64_numba_column_pass_equals_conv(case):
     _, conn = _conv_case(case)
     inv = torch.rand(conn.in_chw, dtype=torch.float64)
     g = torch.randn(conn.kernel.shape, dtype=torch.float64)

@@ -108,16 +108,14 @@ def layer_stats(job: LayerJob) -> LayerStats:
 def working_bytes(conn) -> int:
     """Bytes the implicit engine allocates for one layer (an upper estimate).
 
-    Sliding windows: ``1/Z`` and the column map in float64, the kernel's float64 copies and,
-    for the float64 CPU column pass, the unfolded input. Linear: per-input float64 sums and
-    one block of the float64 weight.
+    Sliding windows: ``1/Z``, a padded copy of it and the column map in float64, and the
+    kernel's float64 copies. Linear: per-input float64 sums and one block of the float64
+    weight.
     """
     if isinstance(conn, FullyConnected):
         return 8 * (4 * conn.n_rows + 2 * conn.n_cols) + 16 * _LINEAR_BLOCK
     kernel = conn.kernel.numel() * 8 * 4
-    unfold = 8 * conn.n_cols // max(conn.cout_g, 1) * conn.kernel.shape[-1] * \
-        conn.kernel.shape[-2] * conn.cin_g
-    return 8 * (2 * conn.n_rows + 2 * conn.n_cols) + kernel + unfold
+    return 8 * (3 * conn.n_rows + 2 * conn.n_cols) + kernel
 
 
 def _constant_kernel(conn: Stencil) -> bool:
@@ -225,9 +223,13 @@ def _column_conv(conn: Stencil, inv: torch.Tensor, g_kernel: torch.Tensor,
     """``conv2d(1/Z, f(K) - c)`` with the layer's geometry, in ``dtype`` (never TF32).
 
     A float64 convolution on the CPU is PyTorch's slow reference loop (no oneDNN), so it
-    is done as unfold + batched matrix product there, which runs on BLAS.
+    is a numba direct convolution over the layer's tap tables there.
     """
     ah, aw = conn.axis_h, conn.axis_w
+    if dtype == torch.float64 and inv.device.type == "cpu":
+        out = _kernels.column_pass(inv.to(dtype).numpy(), g_kernel.to(dtype).contiguous().numpy(),
+                                   ah.taps(), aw.taps(), conn.groups, conn.out_chw)
+        return torch.from_numpy(out)
     x = inv.to(dtype)[None]
     pads = (aw.pad_before, aw.pad_after, ah.pad_before, ah.pad_after)
     if ah.mode != "zeros":  # the layer's own padding mode: 1/Z wraps or reflects as x would
@@ -239,14 +241,7 @@ def _column_conv(conn: Stencil, inv: torch.Tensor, g_kernel: torch.Tensor,
         x = F.pad(x, pads)
         padding = (0, 0)
     stride, dilation = (ah.stride, aw.stride), (ah.dilation, aw.dilation)
-    _, oh, ow = conn.out_chw
     kernel = g_kernel.to(dtype)
-    if dtype == torch.float64 and x.device.type == "cpu":
-        cols = F.unfold(x, kernel.shape[-2:], dilation, padding, stride)[0]
-        groups = conn.groups
-        cols = cols.reshape(groups, -1, oh * ow)  # (groups, cin_g*KH*KW, L)
-        out = torch.bmm(kernel.reshape(groups, conn.cout_g, -1), cols)
-        return out.reshape(-1, oh, ow)
     with torch.backends.cudnn.flags(enabled=torch.backends.cudnn.enabled, allow_tf32=False):
         out = F.conv2d(x, kernel, None, stride, padding, dilation, conn.groups)
     # left in the convolution's dtype: column_terms reads it and accumulates in float64
