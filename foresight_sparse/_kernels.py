@@ -152,6 +152,7 @@ def _reduce_rows(rowptr, cols, vals, bits, kind, shift, c, clogc, n_cols, normal
     into ``col_acc[t]`` (no races), its sum of ``H`` into ``h_out[t]`` and of ``c / Z``
     into ``off_out[t]``. The softmax (``kind`` 1) shifts each row by its own largest entry
     (and 0 when it has absent entries), so no row underflows whatever the layer's range.
+    A row with no absent entry uses ``c = 0``, which is exact and avoids cancellation.
     """
     n_rows = rowptr.shape[0] - 1
     n_chunks = col_acc.shape[0]
@@ -172,9 +173,13 @@ def _reduce_rows(rowptr, cols, vals, bits, kind, shift, c, clogc, n_cols, normal
                 s_r = 0.0 if m > 0 else -np.inf
                 for e in range(start, stop):
                     s_r = max(s_r, np.float64(vals[e]))
-                # with no absent entry c cancels out; 0 keeps exp(-s) from overflowing
-                c_r = np.exp(-s_r) if m > 0 else 0.0
-                clogc_r = c_r * (-s_r) * _INV_LN2 if m > 0 else 0.0
+                c_r = np.exp(-s_r)
+                clogc_r = c_r * (-s_r) * _INV_LN2
+            if m == 0:
+                # a full row: c cancels out of its column terms, and keeping it would make
+                # c/Z - c/Z + f/Z lose every digit when Z << c (very negative weights)
+                c_r = 0.0
+                clogc_r = 0.0
             z = 0.0
             tt = 0.0
             for e in range(start, stop):
@@ -418,8 +423,8 @@ def scan_weights(arr: np.ndarray) -> tuple[float, float, int]:
 
 
 @numba.njit(parallel=True, cache=True, nogil=True)
-def _kernel_sums(k, bits, kind, shift, c, groups, sf_part, st_part, gk, log_hi, inv_hi):
-    """Channel-summed ``f(K)`` and ``f log2 f(K)`` per input channel, and ``f(K) - c``.
+def _kernel_sums(k, bits, kind, shift, groups, sf_part, st_part, fk, log_hi, inv_hi):
+    """Channel-summed ``f(K)`` and ``f log2 f(K)`` per input channel, and ``f(K)``.
 
     Reads the kernel in memory order (threads own output-channel ranges, each with its own
     partial sums) and, for float32 ``relu`` kernels, takes log2 from the bits.
@@ -451,23 +456,23 @@ def _kernel_sums(k, bits, kind, shift, c, groups, sf_part, st_part, gk, log_hi, 
                             f, flf = _f_and_flogf(a, kind, shift)
                         sf[ci, kh, kw] += f
                         st[ci, kh, kw] += flf
-                        gk[co, ci_l, kh, kw] = f - c
+                        fk[co, ci_l, kh, kw] = f
 
 
-def kernel_sums(k: np.ndarray, kind: int, shift: float, c: float, groups: int,
-                gk_dtype) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """``(sf, st, f(K) - c)`` for the implicit engine, in one pass over the kernel."""
+def kernel_sums(k: np.ndarray, kind: int, shift: float,
+                groups: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(sf, st, f(K))`` for the implicit engine, in one pass over the kernel (float64)."""
     c_out, cin_g, n_kh, n_kw = k.shape
     n_chunks = max(1, min(numba.get_num_threads(), c_out))
     sf = np.zeros((n_chunks, groups * cin_g, n_kh, n_kw))
     st = np.zeros((n_chunks, groups * cin_g, n_kh, n_kw))
-    gk = np.empty(k.shape, dtype=gk_dtype)
+    fk = np.empty(k.shape)
     # the bit-level log2 applies to float32 weights under relu (positive normal floats)
     bits = k.view(np.int32) if k.dtype == np.float32 and kind == KIND_LIN else \
         np.empty((0, 0, 0, 0), dtype=np.int32)
-    _launch(_kernel_sums, k.size, k, bits, kind, shift, c, groups, sf, st, gk, _LOG2_HI,
+    _launch(_kernel_sums, k.size, k, bits, kind, shift, groups, sf, st, fk, _LOG2_HI,
             _INV_HI)
-    return sf.sum(axis=0), st.sum(axis=0), gk
+    return sf.sum(axis=0), st.sum(axis=0), fk
 
 
 # log2 of float32 values from their bits: exponent + table of log2 of the top 12 mantissa

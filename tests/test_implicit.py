@@ -63,8 +63,7 @@ def test_kernel_sums_match_torch(case, norm_name):
     shift = norm.shift(conn.weight_bound())
     k = conn.kernel.detach()
     kind = implicit._KINDS[type(norm)]
-    sf, st, gk = _kernels.kernel_sums(k.numpy(), kind, shift, norm.zero(shift), conn.groups,
-                                      np.float64)
+    sf, st, fk = _kernels.kernel_sums(k.numpy(), kind, shift, conn.groups)
     kd = k.double()
     grouped = (conn.groups, conn.cout_g, conn.cin_g, *kd.shape[-2:])
     torch.testing.assert_close(torch.from_numpy(sf),
@@ -73,7 +72,7 @@ def test_kernel_sums_match_torch(case, norm_name):
     torch.testing.assert_close(torch.from_numpy(st),
                                norm.f_log2f(kd, shift).reshape(grouped).sum(1).reshape(st.shape),
                                rtol=1e-13, atol=1e-15)
-    torch.testing.assert_close(torch.from_numpy(gk), norm.f(kd, shift) - norm.zero(shift))
+    torch.testing.assert_close(torch.from_numpy(fk), norm.f(kd, shift))
 
 
 @pytest.mark.parametrize("case", range(len(CONVS)))
@@ -218,3 +217,22 @@ def test_large_conv_uses_float32_and_stays_within_1e8_of_sparse():
         b = report(net, x, norm=norm, engine="sparse")
         assert a.determinism == pytest.approx(b.determinism, rel=1e-12)
         assert a.degeneracy == pytest.approx(b.degeneracy, rel=1e-8)
+
+
+@pytest.mark.parametrize("weight", [-30.0, -50.0])
+@pytest.mark.parametrize("norm_name", ["sig", "soft"])
+def test_conv_rows_without_absent_entries_take_c_zero(weight, norm_name):
+    """A 1x1 input under a padded 3x3 kernel: every row is full, and Z << c."""
+    from foresight_sparse import reference
+
+    net = nn.Sequential(nn.Conv2d(2, 3, 3, padding=1), nn.Conv2d(3, 2, 1)).double()
+    with torch.no_grad():
+        net[0].weight.fill_(weight)
+        net[0].weight[0, 0, 1, 1] = 1.0
+    x = torch.zeros(1, 2, 1, 1, dtype=torch.float64)
+    ref_norm = getattr(reference, f"{norm_name}_norm")
+    r = report(net, x, norm=NORMS[norm_name], engine="implicit")
+    assert [layer.engine for layer in r.layers] == ["implicit", "implicit"]
+    assert r.degeneracy == pytest.approx(reference.degeneracy(net, x, norm=ref_norm), rel=1e-12)
+    assert r.determinism == pytest.approx(reference.determinism(net, x, norm=ref_norm),
+                                          rel=1e-12)

@@ -159,9 +159,8 @@ def _conv(conn: Stencil, norm: ElementwiseNorm, device) -> LayerStats:
         k = conn.kernel.detach()
         if k.dtype not in (torch.float32, torch.float64):
             k = k.to(torch.float32 if k.element_size() < 4 else torch.float64)
-        sf, st, gk = (torch.from_numpy(a) for a in _kernels.kernel_sums(
-            k.cpu().contiguous().numpy(), kind, shift, c, conn.groups,
-            torch.empty((), dtype=dtype).numpy().dtype))
+        sf, st, fk = (torch.from_numpy(a) for a in _kernels.kernel_sums(
+            k.cpu().contiguous().numpy(), kind, shift, conn.groups))
         h_sum, inv_sum, inv = _conv_rows_numba(conn, norm, shift, sf, st, dtype)
     else:
         k = conn.kernel.detach().to(device, torch.float64)
@@ -172,10 +171,20 @@ def _conv(conn: Stencil, norm: ElementwiseNorm, device) -> LayerStats:
         sf = fk.reshape(g, cout_g, cin_g, kh, kw).sum(1).reshape(c_in, kh, kw)
         st = norm.f_log2f(k, shift).reshape(g, cout_g, cin_g, kh, kw).sum(1).reshape(
             c_in, kh, kw)
-        gk = fk - c
         h_sum, inv_sum, inv = conv_rows_torch(conn, norm, shift, sf, st)
-    col = _column_conv(conn, inv, gk, dtype).reshape(-1)
-    return LayerStats(h_sum, conn.n_rows, col, "implicit", c * inv_sum)
+    full = _stored_counts(conn, "cpu") == conn.n_cols  # rows with no absent entry
+    if not bool(full.any()):
+        col = _column_conv(conn, inv, fk - c, dtype).reshape(-1)
+        return LayerStats(h_sum, conn.n_rows, col, "implicit", c * inv_sum)
+    # Full rows take c = 0 (exact, and no c/Z - c/Z cancellation when Z << c): their 1/Z
+    # goes through f(K), the others' through f(K) - c.
+    full = full.to(inv.device)
+    inv_full = torch.where(full, inv, 0.0)
+    inv_part = torch.where(full, 0.0, inv)
+    col = _column_conv(conn, inv_full, fk, dtype).reshape(-1)
+    if not bool(full.all()):
+        col = col + _column_conv(conn, inv_part, fk - c, dtype).reshape(-1)
+    return LayerStats(h_sum, conn.n_rows, col, "implicit", c * float(inv_part.sum()))
 
 
 def _conv_rows_numba(conn, norm, shift, sf, st, dtype):
@@ -286,7 +295,7 @@ def _linear(conn: FullyConnected, norm: ElementwiseNorm, device) -> LayerStats:
         w = w.to(device)
     n_out, n_in = w.shape
     shift = norm.shift(conn.weight_bound())
-    c = norm.zero(shift)
+    c = 0.0  # every entry is stored: no absent-entry term, and no c/Z - c/Z cancellation
     kind = _KINDS.get(type(norm))
     if device.type == "cpu" and kind is not None and w.dtype in (torch.float32, torch.float64):
         w_np = w.contiguous().numpy()
@@ -305,7 +314,7 @@ def linear_torch(w: torch.Tensor, norm: ElementwiseNorm, shift: float):
     Returns ``Z``, ``T``, ``1/Z`` per input and the column sums without the constant.
     """
     n_out, n_in = w.shape
-    c = norm.zero(shift)
+    c = 0.0  # every entry is stored
     rows = max(1, _LINEAR_BLOCK // max(n_in, 1))
     z = torch.zeros(n_in, dtype=torch.float64, device=w.device)
     t = torch.zeros(n_in, dtype=torch.float64, device=w.device)

@@ -100,8 +100,9 @@ def reduce_block_torch(rowptr: torch.Tensor, cols: torch.Tensor, vals: torch.Ten
         f = torch.exp(z_vals)
         flf = f * z_vals / math.log(2.0)
     else:
-        c = torch.full_like(absent, norm.zero(shift))
-        clogc = torch.full_like(absent, norm.zero_log2(shift))
+        # rows with no absent entry take c = 0: exact, and free of cancellation
+        c = torch.where(absent > 0, norm.zero(shift), 0.0)
+        clogc = torch.where(absent > 0, norm.zero_log2(shift), 0.0)
         f = norm.f(vals, shift)
         flf = norm.f_log2f(vals, shift)
     z = torch.segment_reduce(f, "sum", offsets=rowptr)

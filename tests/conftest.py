@@ -1,0 +1,283 @@
+"""Shared hypothesis strategies and helpers of the test suite.
+
+The strategies draw layer configurations that PyTorch accepts (they are built constructively,
+so hypothesis rejects almost nothing): Conv2d with every padding kind and mode, AvgPool2d with
+every option, and small random feed-forward networks of both plus Linear layers. Import them
+with ``from conftest import ...`` (pytest puts this folder on ``sys.path``).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+import pytest
+import scipy.sparse
+import torch
+from hypothesis import HealthCheck, settings
+from hypothesis import strategies as st
+from torch import nn
+
+F64 = torch.float64
+
+#: The engines whose numbers must equal the reference. 'implicit' and 'auto' fall back to
+#: 'sparse' for the layers they cannot serve, which is legal, so they are tested today too.
+ENGINES_UNDER_TEST = ["sparse", "auto", "implicit"]
+
+#: Relative tolerance of each engine against the float64 dense reference (DESIGN.md 6).
+ENGINE_RTOL = {"sparse": 1e-9, "dense": 1e-9, "auto": 1e-8, "implicit": 1e-8}
+ABS_FLOOR = 1e-12
+
+PADDING_MODES = ("zeros", "reflect", "replicate", "circular")
+
+settings.register_profile(
+    "ci",
+    deadline=None,
+    max_examples=25,
+    derandomize=True,
+    print_blob=True,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.differing_executors],
+)
+settings.register_profile("dev", deadline=None, max_examples=300,
+                          suppress_health_check=[HealthCheck.too_slow])
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+
+
+def examples(n: int) -> int:
+    """``n`` examples under the CI profile, scaled with the loaded profile's count (so that
+    ``HYPOTHESIS_PROFILE=dev`` runs the slow tests longer too)."""
+    return max(1, n * settings.default.max_examples // 25)
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device; torch.cuda.is_available() is False")
+    for item in items:
+        if "cuda" in item.keywords:
+            item.add_marker(skip)
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def densify(matrix) -> torch.Tensor:
+    """A torch sparse (COO/CSR) tensor, a scipy sparse matrix or a dense tensor, as a dense
+    float64 CPU tensor."""
+    if scipy.sparse.issparse(matrix):
+        return torch.from_numpy(np.asarray(matrix.toarray(), dtype=np.float64))
+    if matrix.layout != torch.strided:
+        matrix = matrix.to_dense()
+    return matrix.detach().to("cpu", F64)
+
+
+def assert_close(actual: float, expected: float, rel: float, abs_: float = ABS_FLOOR,
+                 what: str = "") -> None:
+    """``|actual - expected| <= max(rel * |expected|, abs_)``, with a readable failure."""
+    err = abs(actual - expected)
+    bound = max(rel * abs(expected), abs_)
+    assert err <= bound, (f"{what}: {actual!r} vs reference {expected!r} "
+                          f"(error {err:.3e}, relative {err / max(abs(expected), 1e-300):.3e},"
+                          f" allowed {bound:.3e})")
+
+
+def out_shape_of(module: nn.Module, in_shape: tuple[int, ...]) -> tuple[int, ...]:
+    """The output shape the module produces for a zero input of ``in_shape``."""
+    param = next(module.parameters(), None)
+    dtype = param.dtype if param is not None else F64
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # 'same' with an even kernel
+        return tuple(module(torch.zeros(in_shape, dtype=dtype)).shape)
+
+
+def randomize_(module: nn.Module, seed: int, scale: float = 1.0, zero_frac: float = 0.0):
+    """Fill the module's weights with seeded normal values, some set exactly to zero."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            values = torch.randn(p.shape, generator=gen, dtype=F64) * scale
+            if zero_frac:
+                values[torch.rand(p.shape, generator=gen, dtype=F64) < zero_frac] = 0.0
+            p.copy_(values.to(p.dtype))
+    return module
+
+
+# --------------------------------------------------------------------------- strategies
+
+
+@dataclass
+class LayerCase:
+    """A drawn layer with its (batched) input and output shapes."""
+
+    module: nn.Module
+    in_shape: tuple[int, ...]
+    out_shape: tuple[int, ...]
+
+    def __repr__(self) -> str:
+        return f"LayerCase({self.module!r}, in={self.in_shape}, out={self.out_shape})"
+
+
+def _pad_limit(mode: str, size: int) -> int:
+    """Largest padding PyTorch accepts on one side of an axis of ``size`` in ``mode``."""
+    if mode == "reflect":
+        return size - 1
+    if mode == "circular":
+        return size
+    return 10**6
+
+
+@st.composite
+def conv2d_cases(draw, max_extra: int = 5) -> LayerCase:
+    """A float64 Conv2d with any groups, kernel, stride, padding kind and mode, dilation, and
+    an input size (odd sizes included) that PyTorch accepts for it."""
+    groups = draw(st.sampled_from([1, 1, 2, 3]))
+    c_in = groups * draw(st.integers(1, 2))
+    c_out = groups * draw(st.integers(1, 2))
+    kernel = (draw(st.integers(1, 4)), draw(st.integers(1, 4)))
+    dilation = (draw(st.integers(1, 2)), draw(st.integers(1, 2)))
+    mode = draw(st.sampled_from(PADDING_MODES))
+    kind = draw(st.sampled_from(["int", "tuple", "same", "valid"]))
+    if kind == "same":
+        stride = (1, 1)
+        padding = "same"
+        pads = []
+        for k, d in zip(kernel, dilation):
+            total = d * (k - 1)
+            pads.append((total // 2, total - total // 2))
+    else:
+        stride = (draw(st.integers(1, 3)), draw(st.integers(1, 3)))
+        if kind == "valid":
+            padding, pads = "valid", [(0, 0), (0, 0)]
+        elif kind == "int":
+            p = draw(st.integers(0, 3))
+            padding, pads = p, [(p, p), (p, p)]
+        else:
+            ph, pw = draw(st.integers(0, 3)), draw(st.integers(0, 3))
+            padding, pads = (ph, pw), [(ph, ph), (pw, pw)]
+    sizes = []
+    for k, d, (pb, pa) in zip(kernel, dilation, pads):
+        lo = max(1, d * (k - 1) + 1 - pb - pa)
+        if mode == "reflect":
+            lo = max(lo, max(pb, pa) + 1)
+        elif mode == "circular":
+            lo = max(lo, max(pb, pa))
+        sizes.append(draw(st.integers(lo, lo + max_extra)))
+    module = nn.Conv2d(c_in, c_out, kernel, stride=stride, padding=padding, dilation=dilation,
+                       groups=groups, padding_mode=mode, bias=draw(st.booleans())).double()
+    randomize_(module, draw(st.integers(0, 2**16)), zero_frac=draw(st.sampled_from([0, 0.3])))
+    in_shape = (1, c_in, *sizes)
+    return LayerCase(module, in_shape, out_shape_of(module, in_shape))
+
+
+@st.composite
+def avgpool2d_cases(draw, max_extra: int = 5) -> LayerCase:
+    """An AvgPool2d with any kernel, stride (None included), padding up to half the kernel,
+    ceil_mode, count_include_pad and divisor_override, on an input it accepts."""
+    kernel = (draw(st.integers(1, 4)), draw(st.integers(1, 4)))
+    stride = draw(st.one_of(st.none(), st.integers(1, 3),
+                            st.tuples(st.integers(1, 3), st.integers(1, 3))))
+    padding = (draw(st.integers(0, kernel[0] // 2)), draw(st.integers(0, kernel[1] // 2)))
+    if draw(st.booleans()) and padding[0] == padding[1]:
+        padding = padding[0]
+    pads = padding if isinstance(padding, tuple) else (padding, padding)
+    sizes = [draw(st.integers(max(1, k - 2 * p), max(1, k - 2 * p) + max_extra))
+             for k, p in zip(kernel, pads)]
+    channels = draw(st.integers(1, 3))
+    module = nn.AvgPool2d(kernel, stride=stride, padding=padding,
+                          ceil_mode=draw(st.booleans()),
+                          count_include_pad=draw(st.booleans()),
+                          divisor_override=draw(st.one_of(st.none(), st.integers(1, 5))))
+    in_shape = (1, channels, *sizes)
+    return LayerCase(module, in_shape, out_shape_of(module, in_shape))
+
+
+@st.composite
+def linear_cases(draw) -> LayerCase:
+    n_in, n_out = draw(st.integers(1, 7)), draw(st.integers(1, 7))
+    module = nn.Linear(n_in, n_out, bias=draw(st.booleans())).double()
+    randomize_(module, draw(st.integers(0, 2**16)), zero_frac=draw(st.sampled_from([0, 0.3])))
+    return LayerCase(module, (1, n_in), (1, n_out))
+
+
+@dataclass
+class NetCase:
+    """A drawn network, an input for it, and whether the old module's pooling applies."""
+
+    model: nn.Sequential
+    input: torch.Tensor
+    pools_unpadded: bool
+    weight_scale: float = 1.0
+
+    def __repr__(self) -> str:
+        return f"NetCase({self.model!r}, input={tuple(self.input.shape)})"
+
+
+def _conv_for(draw, c_in: int, h: int, w: int, modes=PADDING_MODES,
+              plain: bool = False) -> nn.Conv2d:
+    """A Conv2d that accepts a (c_in, h, w) input, drawn constructively; ``plain``: no groups,
+    no dilation (what the old module handled)."""
+    groups = 1 if plain else draw(st.sampled_from([g for g in (1, 2) if c_in % g == 0]))
+    c_out = groups * draw(st.integers(1, 3 // groups + 1))
+    mode = draw(st.sampled_from(modes))
+    kernel, dilation, padding, stride = [], [], [], []
+    for n in (h, w):
+        k = draw(st.integers(1, min(3, n)))
+        d = draw(st.integers(1, 2)) if 2 * (k - 1) + 1 <= n and not plain else 1
+        p = draw(st.integers(0, min(k // 2 * d, _pad_limit(mode, n))))
+        kernel.append(k)
+        dilation.append(d)
+        padding.append(p)
+        stride.append(draw(st.integers(1, 2)))
+    return nn.Conv2d(c_in, c_out, tuple(kernel), stride=tuple(stride), padding=tuple(padding),
+                     dilation=tuple(dilation), groups=groups, padding_mode=mode)
+
+
+def _pool_for(draw, h: int, w: int, padded: bool) -> nn.AvgPool2d:
+    kernel = (draw(st.integers(1, min(3, h))), draw(st.integers(1, min(3, w))))
+    padding = (draw(st.integers(0, kernel[0] // 2)), draw(st.integers(0, kernel[1] // 2))) \
+        if padded else 0
+    return nn.AvgPool2d(kernel, stride=draw(st.one_of(st.none(), st.integers(1, 2))),
+                        padding=padding, ceil_mode=draw(st.booleans()),
+                        count_include_pad=draw(st.booleans()),
+                        divisor_override=draw(st.one_of(st.none(), st.integers(1, 4))))
+
+
+@st.composite
+def random_nets(draw, max_spatial: int = 3, max_linear: int = 2, weight_scale=None,
+                seed_compatible: bool = False, dtype=F64, big_weights: bool = False) -> NetCase:
+    """A small ``nn.Sequential`` of Conv2d / AvgPool2d (ReLU between), then Flatten and
+    Linear layers, with a matching input. Weights are seeded normal values scaled by a drawn
+    factor, some exactly zero. ``seed_compatible``: only what the old module computed
+    correctly (zero padding, no groups or dilation, unpadded pools). ``big_weights``: also
+    draw weights scaled by 300 (exp and sigmoid far out in their tails)."""
+    c, h, w = draw(st.integers(1, 3)), draw(st.integers(2, 7)), draw(st.integers(2, 7))
+    layers: list[nn.Module] = []
+    pools_unpadded = True
+    shape = (1, c, h, w)
+    for _ in range(draw(st.integers(0 if max_linear else 1, max_spatial))):
+        if draw(st.booleans()):
+            modes = ("zeros",) if seed_compatible else PADDING_MODES
+            layer = _conv_for(draw, shape[1], shape[2], shape[3], modes, seed_compatible)
+        else:
+            padded = not seed_compatible and draw(st.booleans())
+            layer = _pool_for(draw, shape[2], shape[3], padded=padded)
+            pools_unpadded &= layer.padding in (0, (0, 0))
+        layers += [layer, nn.ReLU()]
+        shape = out_shape_of(layer.double(), shape)
+    n = math.prod(shape[1:])
+    n_linear = draw(st.integers(0 if layers else 1, max_linear))
+    if n_linear:
+        layers.append(nn.Flatten())
+    for _ in range(n_linear):
+        n_out = draw(st.integers(1, 8))
+        layers += [nn.Linear(n, n_out), nn.ReLU()]
+        n = n_out
+    model = nn.Sequential(*layers[:-1]).to(dtype)
+    scales = [0.3, 1.0, 4.0, 300.0] if big_weights else [0.3, 1.0, 4.0]
+    scale = draw(st.sampled_from(scales)) if weight_scale is None else weight_scale
+    randomize_(model, draw(st.integers(0, 2**16)), scale=scale,
+               zero_frac=draw(st.sampled_from([0, 0.2])))
+    return NetCase(model, torch.zeros((1, c, h, w), dtype=dtype), pools_unpadded, scale)
