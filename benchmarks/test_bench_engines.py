@@ -14,7 +14,9 @@ from .nets import SMALL
 
 @pytest.mark.parametrize("net", sorted(SMALL))
 @pytest.mark.parametrize("engine", ["reference", "dense", "sparse", "implicit", "auto"])
-def test_small_network(benchmark, peak_rss, net, engine):
+def test_small_network(benchmark, smoke, peak_rss, net, engine):
+    if smoke and engine in ("reference", "dense") and net != "lenet5":
+        pytest.skip("smoke run: the dense baselines run on LeNet-5 only (20 s each here)")
     build, shape = SMALL[net]
     torch.manual_seed(0)
     model = build().eval()
