@@ -20,7 +20,8 @@ import torch
 @pytest.fixture
 def smoke(request) -> bool:
     """True under ``--benchmark-disable``: run each case once, at small sizes."""
-    return bool(request.config.getoption("benchmark_disable"))
+    opt = request.config.getoption
+    return bool(opt("benchmark_disable")) and not bool(opt("benchmark_enable"))
 
 
 @pytest.fixture

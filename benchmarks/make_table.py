@@ -2,8 +2,10 @@
 
 Usage::
 
-    python -m pytest benchmarks --benchmark-json=bench.json
-    python benchmarks/make_table.py bench.json [--out docs/benchmarks.md]
+    python -m pytest benchmarks --benchmark-enable --benchmark-json=bench.json
+    python benchmarks/make_table.py bench.json [more.json ...] [--out docs/benchmarks.md]
+
+Several files are merged; where two hold the same benchmark, the later file wins.
 
 Every figure in the page comes from the JSON, with the machine it was measured on.
 """
@@ -33,8 +35,8 @@ def render(data: dict) -> str:
            f"Measured {data.get('datetime', '?')[:19]} on {cpu}, "
            f"{first.get('cores', '?')} cores, {first.get('threads', '?')} torch threads, "
            f"torch {first.get('torch', '?')}" + (f"; GPU: {gpu}" if gpu else "; no GPU") + ".",
-           "Regenerate with `python -m pytest benchmarks --benchmark-json=bench.json && "
-           "python benchmarks/make_table.py bench.json`.", ""]
+           "Regenerate with `python -m pytest benchmarks --benchmark-enable "
+           "--benchmark-json=bench.json && python benchmarks/make_table.py bench.json`.", ""]
 
     imagenet = [r for r in rows if "ratio" in r["extra_info"]]
     if imagenet:
@@ -82,10 +84,17 @@ def render(data: dict) -> str:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("json", type=Path)
+    parser.add_argument("json", type=Path, nargs="+")
     parser.add_argument("--out", type=Path, default=Path("docs/benchmarks.md"))
     args = parser.parse_args(argv)
-    args.out.write_text(render(json.loads(args.json.read_text())))
+    merged: dict = {}
+    by_name: dict = {}
+    for path in args.json:
+        data = json.loads(path.read_text())
+        merged.update({k: v for k, v in data.items() if k != "benchmarks"})
+        by_name.update({b["fullname"]: b for b in data["benchmarks"]})
+    merged["benchmarks"] = list(by_name.values())
+    args.out.write_text(render(merged))
     print(f"wrote {args.out}")
     return 0
 

@@ -532,6 +532,25 @@ def test_alexnet_at_imagenet_scale():
         assert_close(getattr(auto, name), getattr(rep, name), 1e-8, what=f"auto {name}")
 
 
+
+@pytest.mark.imagenet
+def test_resnet50_implicit_equals_sparse_at_imagenet_scale():
+    """ResNet-50 at 224 (3.9e9 entries, 53 Conv2d and a Linear): the default engine against
+    the sparse one, layer by layer and in total."""
+    torchvision = pytest.importorskip("torchvision")
+    torch.manual_seed(0)
+    model = torchvision.models.resnet50(weights=None).eval()
+    x = torch.zeros(1, 3, 224, 224)
+    sparse = quiet_report(model, x, engine="sparse")
+    auto = quiet_report(model, x, engine="auto")
+    assert len(auto.layers) == 54 and 3.8e9 < auto.nnz < 4.0e9
+    assert {layer.engine for layer in auto.layers} == {"implicit"}
+    for a, b in zip(auto.layers, sparse.layers):
+        assert_close(a.mean_row_entropy, b.mean_row_entropy, 1e-10, what=f"{a.name} H(row)")
+        assert_close(a.degeneracy, b.degeneracy, 1e-8, what=f"{a.name} degeneracy")
+    for name in ("determinism", "degeneracy", "ei"):
+        assert_close(getattr(auto, name), getattr(sparse, name), 1e-8, what=f"auto {name}")
+
 def test_numba_threads_do_not_change_the_result():
     # per-thread column accumulators must not make the result depend on the thread count
     import numba

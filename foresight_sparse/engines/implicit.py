@@ -49,6 +49,7 @@ from . import LayerJob, LayerStats
 from .sparse import KINDS as _KINDS
 
 __all__ = ["supports", "layer_stats", "working_bytes", "conv_rows_torch", "linear_torch",
+           "SOFTMAX_SPAN",
            "conv_dtype", "CONV_DTYPE", "FLOAT64_CONV_MACS"]
 
 #: dtype of the column-pass convolution of large layers (see :func:`conv_dtype`).
@@ -56,7 +57,7 @@ CONV_DTYPE = torch.float32
 
 #: Multiply-adds below which the column pass runs in float64 (cheap there; a layer with
 #: few columns does not average float32 rounding away).
-FLOAT64_CONV_MACS = 20_000_000
+FLOAT64_CONV_MACS = 2_000_000
 
 #: Elements of a Linear weight processed per block (float64 temporaries stay cache-sized
 #: pieces of the budget and are reused by the allocator instead of freshly mapped).
