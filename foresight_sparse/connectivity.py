@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from . import _kernels
-from .budget import check_budget, format_bytes, resolve_budget
+from .budget import check_budget, resolve_budget
 from .exceptions import ShapeMismatchError, UnknownNameError, UnsupportedLayerError
 from .geometry import PADDING_MODES, Axis, AxisPairs, conv_output_size
 
@@ -800,8 +800,3 @@ def _pool_out(n: int, k: int, s: int, p: int, ceil_mode: bool) -> int:
         out -= 1
     return out
 
-
-def describe(conn: Connectivity) -> str:
-    """One line about a connectivity for logs: shape and stored entries."""
-    return (f"{conn.label}: {conn.n_rows} x {conn.n_cols}, {conn.nnz} entries "
-            f"({format_bytes(conn.sparse_bytes('coo'))} as COO)")

@@ -141,14 +141,6 @@ class AxisPairs:
         """True when every pair has exactly one tap (no duplicate taps to sum)."""
         return len(self.tap) == len(self.out)
 
-    def matrix(self) -> np.ndarray:
-        """The 0/1 matrix ``M[i, k]``: input ``i`` is reached through tap ``k`` by some output.
-
-        Only meaningful for zero padding, where each ``(i, k)`` reaches at most one output.
-        """
-        kernel = int(self.tap.max()) + 1 if len(self.tap) else 0
-        return self.tap_matrix(kernel)
-
     def tap_matrix(self, kernel: int) -> np.ndarray:
         """Count of ``(output, tap k)`` pairs landing on each input: ``(size_in, kernel)``."""
         m = np.zeros((len(self.ptr) - 1, kernel), dtype=np.float64)
