@@ -32,7 +32,8 @@ def render(data: dict) -> str:
     gpu = next((r["extra_info"].get("gpu") for r in rows if r["extra_info"].get("gpu")), None)
     cpu = first.get("cpu", machine.get("cpu", {}).get("brand_raw", "?"))
     out = ["# Benchmarks", "",
-           f"Measured {data.get('datetime', '?')[:19]} on {cpu}, "
+           f"Measured in {len(data.get('runs', [1]))} run(s) "
+           f"({', '.join(data.get('runs', [data.get('datetime', '?')[:16]]))}) on {cpu}, "
            f"{first.get('cores', '?')} cores, {first.get('threads', '?')} torch threads, "
            f"torch {first.get('torch', '?')}" + (f"; GPU: {gpu}" if gpu else "; no GPU") + ".",
            "Regenerate with `python -m pytest benchmarks --benchmark-enable "
@@ -92,6 +93,7 @@ def main(argv=None) -> int:
     for path in args.json:
         data = json.loads(path.read_text())
         merged.update({k: v for k, v in data.items() if k != "benchmarks"})
+        merged.setdefault("runs", []).append(data.get("datetime", "?")[:16])
         by_name.update({b["fullname"]: b for b in data["benchmarks"]})
     merged["benchmarks"] = list(by_name.values())
     args.out.write_text(render(merged))
