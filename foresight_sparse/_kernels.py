@@ -18,6 +18,16 @@ PARALLEL_MIN_WORK = 1 << 16
 _SERIAL: dict = {}
 
 
+def threads() -> int:
+    """Threads the parallel kernels use."""
+    return numba.get_num_threads()
+
+
+def _chunks(n: int, per_thread: int = 4) -> int:
+    """How many slices to cut ``n`` items into for a parallel kernel (at least 1)."""
+    return max(1, min(threads() * per_thread, n))
+
+
 def _launch(kernel, work: int, *args):
     """Run ``kernel`` in parallel for large ``work``, else its serial twin (same code,
     ``prange`` read as ``range``, compiled and cached on first use)."""
@@ -230,7 +240,7 @@ def reduce_rows(rowptr: np.ndarray, cols: np.ndarray, vals: np.ndarray, kind: in
 
 def column_accumulator(n_cols: int) -> np.ndarray:
     """Per-thread column sums for :func:`reduce_rows`: zeros of shape ``(threads, n_cols)``."""
-    return np.zeros((numba.get_num_threads(), n_cols), dtype=np.float64)
+    return np.zeros((threads(), n_cols), dtype=np.float64)
 
 
 @numba.njit(inline="always")
@@ -339,7 +349,7 @@ def dense_row_sums(w: np.ndarray, kind: int, shift: float) -> tuple[np.ndarray, 
     """Column-wise ``sum f`` and ``sum f log2 f`` of a weight matrix (float64)."""
     z = np.zeros(w.shape[1])
     t = np.zeros(w.shape[1])
-    n_chunks = max(1, min(numba.get_num_threads() * 4, w.shape[1]))
+    n_chunks = _chunks(w.shape[1])
     if w.dtype == np.float32 and kind in (KIND_LIN, KIND_NONE):
         _launch(_dense_row_sums_relu32, w.size, w, w.view(np.int32), kind == KIND_NONE, z, t,
                 n_chunks,
@@ -384,7 +394,7 @@ def _column_terms(v, add, n_chunks, out):
 def column_terms(v: np.ndarray, add: float = 0.0) -> np.ndarray:
     """``[sum x, sum x log2 x]`` over positive ``x = v + add`` and the same for ``-x`` over
     negative ``x``: what the entropy of the normalised vector needs (float64, shape (4,))."""
-    n_chunks = max(1, min(numba.get_num_threads() * 4, v.shape[0]))
+    n_chunks = _chunks(v.shape[0])
     out = np.zeros((n_chunks, 4))
     _launch(_column_terms, v.shape[0], v, add, n_chunks, out)
     return out.sum(axis=0)
@@ -414,7 +424,7 @@ def _scan_weights(flat, n_chunks, out_max, out_min, out_bad):
 def scan_weights(arr: np.ndarray) -> tuple[float, float, int]:
     """Largest and smallest finite entry and the number of NaN/Inf entries, in one pass."""
     flat = arr.reshape(-1)
-    n_chunks = max(1, min(numba.get_num_threads() * 4, flat.shape[0]))
+    n_chunks = _chunks(flat.shape[0])
     out_max = np.empty(n_chunks)
     out_min = np.empty(n_chunks)
     out_bad = np.empty(n_chunks, dtype=np.int64)
@@ -463,7 +473,7 @@ def kernel_sums(k: np.ndarray, kind: int, shift: float,
                 groups: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """``(sf, st, f(K))`` for the implicit engine, in one pass over the kernel (float64)."""
     c_out, cin_g, n_kh, n_kw = k.shape
-    n_chunks = max(1, min(numba.get_num_threads(), c_out))
+    n_chunks = _chunks(c_out, per_thread=1)
     sf = np.zeros((n_chunks, groups * cin_g, n_kh, n_kw))
     st = np.zeros((n_chunks, groups * cin_g, n_kh, n_kw))
     fk = np.empty(k.shape)

@@ -72,7 +72,7 @@ def layer_stats(job: LayerJob) -> LayerStats:
 
 
 def _threads(device: torch.device) -> int:
-    return _kernels.column_accumulator(0).shape[0] if device.type == "cpu" else 1
+    return _kernels.threads() if device.type == "cpu" else 1
 
 
 def reduce_block_torch(rowptr: torch.Tensor, cols: torch.Tensor, vals: torch.Tensor,
