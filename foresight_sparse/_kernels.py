@@ -258,69 +258,6 @@ def _f_only(a, kind, shift):
 
 
 @numba.njit(parallel=True, cache=True, nogil=True)
-def _stencil_row_entropy(sf, st, mh, mw, counts_h, counts_w, cout_g, n_cols, c, clogc,
-                         normalizes, inv_out, h_part, inv_part):
-    """Row entropies of a single-tap stencil from its channel-summed kernels.
-
-    ``mh[ih, kh]`` counts the outputs that reach input row ``ih`` through kernel row ``kh``
-    (0 or 1 with zero padding; up to 2 where reflection folds the border back).
-    ``Z[ci, ih, iw] = sum_{kh, kw} mh[ih, kh] * sf[ci, kh, kw] * mw[iw, kw]`` plus the
-    absent entries (and ``T`` likewise from ``st``), fused with ``H`` and ``1/Z`` so that
-    no input-sized temporary is written besides ``inv_out``.
-    """
-    n_c, n_kh, n_kw = sf.shape
-    height = mh.shape[0]
-    width = mw.shape[0]
-    for job in numba.prange(n_c * height):
-        ci = job // height
-        ih = job - ci * height
-        a = np.zeros(n_kw)
-        b = np.zeros(n_kw)
-        for kh in range(n_kh):
-            m_h = mh[ih, kh]  # how many outputs reach this input through tap kh
-            if m_h != 0.0:
-                for kw in range(n_kw):
-                    a[kw] += m_h * sf[ci, kh, kw]
-                    b[kw] += m_h * st[ci, kh, kw]
-        h_sum = 0.0
-        inv_sum = 0.0
-        for iw in range(width):
-            z = 0.0
-            t = 0.0
-            for kw in range(n_kw):
-                m_w = mw[iw, kw]
-                if m_w != 0.0:
-                    z += m_w * a[kw]
-                    t += m_w * b[kw]
-            if normalizes:
-                m = n_cols - cout_g * counts_h[ih] * counts_w[iw]
-                z += c * m
-                t += clogc * m
-            else:
-                z = 1.0
-            inv = 0.0
-            if z > 0.0:
-                inv = 1.0 / z
-                h_sum += np.log2(z) - t * inv
-                inv_sum += inv
-            inv_out[ci, ih, iw] = inv
-        h_part[job] = h_sum
-        inv_part[job] = inv_sum
-
-
-def stencil_row_entropy(sf, st, mh, mw, counts_h, counts_w, cout_g, n_cols, c, clogc,
-                        normalizes, inv_out) -> tuple[float, float]:
-    """Sum of row entropies and of ``1/Z`` of a single-tap stencil; fills ``inv_out``."""
-    n = sf.shape[0] * mh.shape[0]
-    h_part = np.empty(n)
-    inv_part = np.empty(n)
-    _launch(_stencil_row_entropy, inv_out.size, sf, st, mh, mw, counts_h, counts_w, cout_g,
-            n_cols, c, clogc,
-                         normalizes, inv_out, h_part, inv_part)
-    return float(h_part.sum()), float(inv_part.sum())
-
-
-@numba.njit(parallel=True, cache=True, nogil=True)
 def _dense_row_sums(w, kind, shift, z, t, n_chunks):
     """``z[i] = sum_o f(w[o, i])`` and ``t[i] = sum_o f log2 f``: threads own column slices."""
     n_out, n_in = w.shape
@@ -368,8 +305,9 @@ def dense_cols(w: np.ndarray, kind: int, shift: float, c: float,
 
 
 @numba.njit(parallel=True, cache=True, nogil=True)
-def _column_terms(v, add, n_chunks, out):
+def _column_terms(v, add, weights, n_chunks, out):
     n = v.shape[0]
+    weighted = weights.shape[0] == n
     for ch in numba.prange(n_chunks):
         lo = n * ch // n_chunks
         hi = n * (ch + 1) // n_chunks
@@ -379,24 +317,28 @@ def _column_terms(v, add, n_chunks, out):
         bn = 0.0
         for i in range(lo, hi):
             x = np.float64(v[i]) + add
+            w = weights[i] if weighted else 1.0
             if x > 0.0:
-                ap += x
-                bp += x * np.log2(x)
+                ap += w * x
+                bp += w * (x * np.log2(x))
             elif x < 0.0:
-                an += x
-                bn += -x * np.log2(-x)
+                an += w * x
+                bn += w * (-x * np.log2(-x))
         out[ch, 0] = ap
         out[ch, 1] = bp
         out[ch, 2] = an
         out[ch, 3] = bn
 
 
-def column_terms(v: np.ndarray, add: float = 0.0) -> np.ndarray:
+def column_terms(v: np.ndarray, add: float = 0.0,
+                 weights: np.ndarray | None = None) -> np.ndarray:
     """``[sum x, sum x log2 x]`` over positive ``x = v + add`` and the same for ``-x`` over
-    negative ``x``: what the entropy of the normalised vector needs (float64, shape (4,))."""
+    negative ``x``, entry ``i`` counted ``weights[i]`` times if given: what the entropy of
+    the normalised vector needs (float64, shape (4,))."""
     n_chunks = _chunks(v.shape[0])
     out = np.zeros((n_chunks, 4))
-    _launch(_column_terms, v.shape[0], v, add, n_chunks, out)
+    w = np.empty(0) if weights is None else weights
+    _launch(_column_terms, v.shape[0], v, add, w, n_chunks, out)
     return out.sum(axis=0)
 
 
@@ -529,46 +471,3 @@ def _dense_row_sums_relu32(w, bits, keep_negative, z_out, t_out, n_chunks, log_h
                 t[j] += a * lg if b > 0 else 0.0
         z_out[lo:hi] = z
         t_out[lo:hi] = t
-
-
-@numba.njit(parallel=True, cache=True, nogil=True)
-def _column_pass(inv, g, taps_h, taps_w, cin_g, cout_g, out):
-    """``out[co, oh, ow] = sum inv[ci, ih, iw] * g[co, ci_l, kh, kw]`` over the taps.
-
-    ``taps_h[oh, kh]`` is the input row that output row ``oh`` reads through kernel row
-    ``kh`` (``-1``: padding), as :meth:`foresight_sparse.geometry.Axis.taps` gives it, so
-    every padding mode is the same gather.
-    """
-    c_out, out_h, out_w = out.shape
-    n_kh = taps_h.shape[1]
-    n_kw = taps_w.shape[1]
-    for job in numba.prange(c_out * out_h):
-        co = job // out_h
-        oh = job - co * out_h
-        base = (co // cout_g) * cin_g
-        for ow in range(out_w):
-            acc = 0.0
-            for ci_l in range(cin_g):
-                for kh in range(n_kh):
-                    ih = taps_h[oh, kh]
-                    if ih < 0:
-                        continue
-                    for kw in range(n_kw):
-                        iw = taps_w[ow, kw]
-                        if iw >= 0:
-                            acc += inv[base + ci_l, ih, iw] * g[co, ci_l, kh, kw]
-            out[co, oh, ow] = acc
-
-
-def column_pass(inv: np.ndarray, g: np.ndarray, taps_h: np.ndarray, taps_w: np.ndarray,
-                groups: int, out_shape: tuple[int, int, int]) -> np.ndarray:
-    """The implicit engine's float64 column pass on the CPU: a direct convolution.
-
-    PyTorch's float64 CPU convolution is its slow reference loop; this one reads the
-    layer's tap tables, so it needs no padded copy of ``inv`` in any padding mode.
-    """
-    out = np.empty(out_shape)
-    cin_g = g.shape[1]
-    cout_g = out_shape[0] // groups
-    _launch(_column_pass, out.size * g[0].size, inv, g, taps_h, taps_w, cin_g, cout_g, out)
-    return out

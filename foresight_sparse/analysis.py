@@ -113,7 +113,7 @@ def report(model: nn.Module, input=None, shapes=None, norm=lin_norm, device="cpu
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)  # torch's "beta" notices on sparse ops
             stats = ENGINES[name](job)
-        layer_terms = column_terms(stats.col_sums, stats.col_offset)
+        layer_terms = column_terms(stats.col_sums, stats.col_offset, stats.col_weights)
         h_total += stats.h_sum
         n_total += stats.n_rows
         terms += layer_terms

@@ -42,22 +42,28 @@ def row_entropy(total: torch.Tensor, plogp: torch.Tensor) -> torch.Tensor:
     return torch.where(total > 0, torch.log2(safe) - plogp / safe, torch.zeros_like(total))
 
 
-def column_terms(v: torch.Tensor, add: float = 0.0) -> torch.Tensor:
+def column_terms(v: torch.Tensor, add: float = 0.0,
+                 weights: torch.Tensor | None = None) -> torch.Tensor:
     """Sufficient statistics of ``H(x / sum x)`` for ``x = v + add``, as float64 ``(4,)``.
 
     ``[sum x, sum x log2 x]`` over the positive entries and ``[sum x, sum |x| log2 |x|]``
-    over the negative ones. They add up across layers, so the network's degeneracy needs no
-    concatenated column vector (see :func:`entropy_from_terms`).
+    over the negative ones, each entry counted ``weights[j]`` times when ``weights`` is
+    given. They add up across layers, so the network's degeneracy needs no concatenated
+    column vector (see :func:`entropy_from_terms`).
     """
     if v.device.type == "cpu":
         from . import _kernels
 
         arr = v.detach().contiguous().numpy()
-        return torch.from_numpy(_kernels.column_terms(arr, float(add)))
+        w = None if weights is None else weights.detach().to(torch.float64).contiguous().numpy()
+        return torch.from_numpy(_kernels.column_terms(arr, float(add), w))
     x = v.to(torch.float64) + add
     pos, neg = x > 0, x < 0
     ax = torch.where(pos | neg, x.abs(), torch.ones_like(x))
     xlx = ax * torch.log2(ax)
+    if weights is not None:
+        w = weights.to(x.device, torch.float64)
+        x, xlx = x * w, xlx * w
     zero = torch.zeros((), dtype=torch.float64, device=x.device)
     return torch.stack([torch.where(pos, x, zero).sum(), torch.where(pos, xlx, zero).sum(),
                         torch.where(neg, x, zero).sum(), torch.where(neg, xlx, zero).sum()]).cpu()

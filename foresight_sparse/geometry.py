@@ -8,11 +8,12 @@ described once, by an :class:`Axis`, and the 2-d connectivity is the product of 
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["PADDING_MODES", "Axis", "AxisPairs", "conv_output_size"]
+__all__ = ["PADDING_MODES", "Axis", "AxisPairs", "AxisClasses", "conv_output_size"]
 
 PADDING_MODES = ("zeros", "reflect", "replicate", "circular")
 
@@ -85,8 +86,13 @@ class Axis:
         return np.where(valid, mapped, -1).astype(np.int64)
 
     def pairs(self) -> AxisPairs:
-        """The axis connectivity grouped by input, as :class:`AxisPairs`."""
-        return AxisPairs.from_taps(self.taps(), self.size_in)
+        """The axis connectivity grouped by input, as :class:`AxisPairs` (cached per axis:
+        its arrays are read-only and shared)."""
+        return _cached_pairs(self)
+
+    def classes(self) -> AxisClasses:
+        """The axis compressed to :class:`AxisClasses` (cached per axis, read-only)."""
+        return _cached_classes(self)
 
     def window_lengths(self) -> tuple[np.ndarray, np.ndarray]:
         """Per output: the window length clipped to the padded input, and to the real input.
@@ -148,3 +154,86 @@ class AxisPairs:
         input_of_pair = np.repeat(np.arange(len(self.ptr) - 1), self.counts)
         np.add.at(m, (input_of_pair[pair_of_tap], self.tap), 1.0)
         return m
+
+
+@dataclass(frozen=True)
+class AxisClasses:
+    """An axis compressed to classes of positions that behave alike.
+
+    Two inputs fall in one class when the same number of outputs reaches them through each
+    kernel tap (equal rows of :meth:`AxisPairs.tap_matrix`) and they feed as many distinct
+    outputs; away from the borders that is every input with the same offset modulo the
+    stride. Two outputs fall in one class when they read inputs of the same classes through
+    every tap. A quantity that depends on an input only through its row of the tap matrix
+    (the implicit engine's ``Z`` and ``T``) is then constant over a class, and so is any
+    convolution of it over an output class: a layer's interior collapses to one class per
+    stride offset, and only the border positions stay apart.
+
+    Attributes
+    ----------
+    in_profile : numpy.ndarray
+        ``(n_in_classes, kernel)`` float64: the tap-matrix row of each input class.
+    in_counts : numpy.ndarray
+        Distinct outputs an input of each class feeds.
+    in_mult : numpy.ndarray
+        Number of inputs in each class.
+    out_taps : numpy.ndarray
+        ``(n_out_classes, kernel)`` int64: the input class each tap of an output of the class
+        reads, ``-1`` where the tap connects to nothing.
+    out_mult : numpy.ndarray
+        Number of outputs in each class.
+    out_index : numpy.ndarray
+        The class of every output (length ``size_out``).
+    """
+
+    in_profile: np.ndarray
+    in_counts: np.ndarray
+    in_mult: np.ndarray
+    out_taps: np.ndarray
+    out_mult: np.ndarray
+    out_index: np.ndarray
+
+    @classmethod
+    def from_axis(cls, axis: Axis) -> AxisClasses:
+        taps = axis.taps()
+        pairs = axis.pairs()
+        profile = pairs.tap_matrix(axis.kernel)
+        key = np.concatenate([profile, pairs.counts[:, None].astype(np.float64)], axis=1)
+        first, in_index, in_mult = _unique_rows(key)
+        out_key = np.where(taps >= 0, in_index[np.maximum(taps, 0)], -1)
+        out_first, out_index, out_mult = _unique_rows(out_key)
+        return cls(np.ascontiguousarray(profile[first]), pairs.counts[first].astype(np.int64),
+                   in_mult, out_key[out_first], out_mult, out_index)
+
+
+def _unique_rows(a: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Distinct rows of ``a`` in order of first appearance: (index of each one's first row,
+    class of every row, rows per class). A dict over the rows' bytes: axes are short, and
+    this is several times faster than ``np.unique(axis=0)`` at their sizes."""
+    seen: dict[bytes, int] = {}
+    index = np.empty(len(a), dtype=np.int64)
+    first = []
+    for i, row in enumerate(np.ascontiguousarray(a)):
+        k = seen.setdefault(row.tobytes(), len(seen))
+        if k == len(first):
+            first.append(i)
+        index[i] = k
+    return np.asarray(first, dtype=np.int64), index, np.bincount(index, minlength=len(first))
+
+
+def _read_only(obj):
+    for value in vars(obj).values():
+        if isinstance(value, np.ndarray):
+            value.setflags(write=False)
+    return obj
+
+
+# Networks repeat the same axes layer after layer; both are pure functions of the axis.
+@functools.lru_cache(maxsize=512)
+def _cached_pairs(axis: Axis) -> AxisPairs:
+    return _read_only(AxisPairs.from_taps(axis.taps(), axis.size_in))
+
+
+@functools.lru_cache(maxsize=512)
+def _cached_classes(axis: Axis) -> AxisClasses:
+    return _read_only(AxisClasses.from_axis(axis))

@@ -45,6 +45,9 @@ class LayerStats:
 
     The column sums are ``col_sums + col_offset``: the constant every column receives from
     the absent entries is kept apart rather than added in another pass over the columns.
+    When ``col_weights`` is given, entry ``j`` of ``col_sums`` stands for
+    ``col_weights[j]`` columns with that same sum (the implicit engine's position classes);
+    otherwise for one column each.
     """
 
     h_sum: float
@@ -52,6 +55,7 @@ class LayerStats:
     col_sums: torch.Tensor
     engine: str
     col_offset: float = 0.0
+    col_weights: torch.Tensor | None = None
 
 
 Engine = Callable[[LayerJob], LayerStats]

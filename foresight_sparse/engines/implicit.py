@@ -44,20 +44,14 @@ from .. import _kernels
 from ..budget import check_budget
 from ..connectivity import FullyConnected, Stencil
 from ..entropy import row_entropy
+from ..geometry import AxisClasses
 from ..norms import ElementwiseNorm, SoftNorm
 from . import LayerJob, LayerStats
 from .sparse import KINDS as _KINDS
 
-__all__ = ["supports", "layer_stats", "working_bytes", "conv_rows_torch", "linear_torch",
-           "SOFTMAX_SPAN",
-           "conv_dtype", "CONV_DTYPE", "FLOAT64_CONV_MACS"]
-
-#: dtype of the column-pass convolution of large layers (see :func:`conv_dtype`).
-CONV_DTYPE = torch.float32
-
-#: Multiply-adds below which the column pass runs in float64 (cheap there; a layer with
-#: few columns does not average float32 rounding away).
-FLOAT64_CONV_MACS = 2_000_000
+__all__ = ["supports", "layer_stats", "working_bytes", "kernel_terms", "kernel_terms_torch",
+           "column_classes",
+           "linear_torch", "SOFTMAX_SPAN"]
 
 #: Elements of a Linear weight processed per block (float64 temporaries stay cache-sized
 #: pieces of the budget and are reused by the allocator instead of freshly mapped).
@@ -137,13 +131,6 @@ def _absent_terms(norm: ElementwiseNorm, shift: float, stored: torch.Tensor, n_c
     return z, t, inv
 
 
-def _axis_matrices(conn: Stencil, device) -> tuple[torch.Tensor, torch.Tensor]:
-    kh, kw = conn.kernel.shape[-2:]
-    mh = torch.as_tensor(conn.pairs_h.tap_matrix(kh), device=device)
-    mw = torch.as_tensor(conn.pairs_w.tap_matrix(kw), device=device)
-    return mh, mw
-
-
 def _stored_counts(conn: Stencil, device) -> torch.Tensor:
     nh = torch.as_tensor(conn.pairs_h.counts, device=device, dtype=torch.float64)
     nw = torch.as_tensor(conn.pairs_w.counts, device=device, dtype=torch.float64)
@@ -151,111 +138,102 @@ def _stored_counts(conn: Stencil, device) -> torch.Tensor:
 
 
 def _conv(conn: Stencil, norm: ElementwiseNorm, device) -> LayerStats:
-    c_in, _, _ = conn.in_chw
+    """Row and column pass on the layer's position classes (see :class:`AxisClasses`)."""
     shift = norm.shift(conn.weight_bound())
     c = norm.zero(shift)
-    dtype = conv_dtype(conn, norm)
+    sf, st, fk = kernel_terms(conn, norm, shift, device)
+    ch, cw = _classes(conn)
+    f64 = dict(dtype=torch.float64, device=device)
+    mh, mw = torch.as_tensor(ch.in_profile, **f64), torch.as_tensor(cw.in_profile, **f64)
+    z = mh @ sf @ mw.T  # (C_in, input classes along H, along W)
+    t = mh @ st @ mw.T
+    stored = conn.cout_g * torch.outer(torch.as_tensor(ch.in_counts, **f64),
+                                       torch.as_tensor(cw.in_counts, **f64))
+    z, t, inv = _absent_terms(norm, shift, stored, conn.n_cols, z, t)
+    mult_in = torch.outer(torch.as_tensor(ch.in_mult, **f64), torch.as_tensor(cw.in_mult, **f64))
+    h_sum = float((row_entropy(z, t) * mult_in).sum())
+    # Full rows (no absent entry) take c = 0: exact, and no c/Z - c/Z cancellation when
+    # Z << c; their 1/Z goes through f(K), the other rows' through f(K) - c.
+    full = stored == conn.n_cols
+    g_part = fk - c if c != 0.0 else fk
+    if bool(full.any()):
+        inv_full, inv = torch.where(full, inv, 0.0), torch.where(full, 0.0, inv)
+        col = column_classes(conn, ch, cw, inv_full, fk)
+        if not bool(full.all()):
+            col = col + column_classes(conn, ch, cw, inv, g_part)
+    else:
+        col = column_classes(conn, ch, cw, inv, g_part)
+    mult_out = torch.outer(torch.as_tensor(ch.out_mult, **f64),
+                           torch.as_tensor(cw.out_mult, **f64))
+    return LayerStats(h_sum, conn.n_rows, col.reshape(-1), "implicit",
+                      c * float((inv * mult_in).sum()),
+                      mult_out.expand(conn.out_chw[0], -1, -1).reshape(-1))
+
+
+def _classes(conn: Stencil) -> tuple[AxisClasses, AxisClasses]:
+    return conn.axis_h.classes(), conn.axis_w.classes()
+
+
+def kernel_terms(conn: Stencil, norm: ElementwiseNorm, shift: float, device):
+    """``(Sf, St, f(K))``: the channel-summed ``f(K)`` and ``f(K) log2 f(K)`` per input
+    channel, ``(C_in, KH, KW)``, and ``f(K)`` itself, all float64 on ``device``.
+
+    One numba pass over the kernel on the CPU for the built-in norms; torch elsewhere.
+    """
     kind = _KINDS.get(type(norm))
+    k = conn.kernel.detach()
     if device.type == "cpu" and kind is not None:
-        k = conn.kernel.detach()
         if k.dtype not in (torch.float32, torch.float64):
             k = k.to(torch.float32 if k.element_size() < 4 else torch.float64)
-        sf, st, fk = (torch.from_numpy(a) for a in _kernels.kernel_sums(
+        return tuple(torch.from_numpy(a) for a in _kernels.kernel_sums(
             k.cpu().contiguous().numpy(), kind, shift, conn.groups))
-        h_sum, inv_sum, inv = _conv_rows_numba(conn, norm, shift, sf, st, dtype)
-    else:
-        k = conn.kernel.detach().to(device, torch.float64)
-        fk = norm.f(k, shift)
-        # sum the kernel over each group's output channels: (C_in, KH, KW)
-        g, cout_g, cin_g = conn.groups, conn.cout_g, conn.cin_g
-        kh, kw = k.shape[-2:]
-        sf = fk.reshape(g, cout_g, cin_g, kh, kw).sum(1).reshape(c_in, kh, kw)
-        st = norm.f_log2f(k, shift).reshape(g, cout_g, cin_g, kh, kw).sum(1).reshape(
-            c_in, kh, kw)
-        h_sum, inv_sum, inv = conv_rows_torch(conn, norm, shift, sf, st)
-    full = _stored_counts(conn, "cpu") == conn.n_cols  # rows with no absent entry
-    if not bool(full.any()):
-        col = _column_conv(conn, inv, fk - c, dtype).reshape(-1)
-        return LayerStats(h_sum, conn.n_rows, col, "implicit", c * inv_sum)
-    # Full rows take c = 0 (exact, and no c/Z - c/Z cancellation when Z << c): their 1/Z
-    # goes through f(K), the others' through f(K) - c.
-    full = full.to(inv.device)
-    inv_full = torch.where(full, inv, 0.0)
-    inv_part = torch.where(full, 0.0, inv)
-    col = _column_conv(conn, inv_full, fk, dtype).reshape(-1)
-    if not bool(full.all()):
-        col = col + _column_conv(conn, inv_part, fk - c, dtype).reshape(-1)
-    return LayerStats(h_sum, conn.n_rows, col, "implicit", c * float(inv_part.sum()))
+    return kernel_terms_torch(conn, norm, shift, device)
 
 
-def _conv_rows_numba(conn, norm, shift, sf, st, dtype):
-    """CPU: one fused numba pass writes ``1/Z`` straight in the convolution's dtype."""
-    kh, kw = sf.shape[-2:]
-    inv = torch.empty(conn.in_chw, dtype=dtype)
-    h_sum, inv_sum = _kernels.stencil_row_entropy(
-        sf.numpy(), st.numpy(), conn.pairs_h.tap_matrix(kh), conn.pairs_w.tap_matrix(kw),
-        conn.pairs_h.counts, conn.pairs_w.counts, conn.cout_g, conn.n_cols,
-        norm.zero(shift), norm.zero_log2(shift), norm.normalizes, inv.numpy())
-    return h_sum, inv_sum, inv
+def kernel_terms_torch(conn: Stencil, norm: ElementwiseNorm, shift: float, device):
+    """Torch form of :func:`kernel_terms` (CUDA, custom elementwise norms; CPU tensors too)."""
+    k = conn.kernel.detach().to(device, torch.float64)
+    g, cout_g, cin_g = conn.groups, conn.cout_g, conn.cin_g
+    kh, kw = k.shape[-2:]
+    fk = norm.f(k, shift)
+    sf = fk.reshape(g, cout_g, cin_g, kh, kw).sum(1).reshape(-1, kh, kw)
+    st = norm.f_log2f(k, shift).reshape(g, cout_g, cin_g, kh, kw).sum(1).reshape(-1, kh, kw)
+    return sf, st, fk
 
 
-def conv_rows_torch(conn: Stencil, norm: ElementwiseNorm, shift: float, sf: torch.Tensor,
-                    st: torch.Tensor) -> tuple[float, float, torch.Tensor]:
-    """Torch form of the row pass (the CUDA path; runs on CPU tensors too).
+#: Bytes of the gathered ``1/Z`` taps one step of :func:`column_classes` may hold.
+_GATHER_BYTES = 64 << 20
 
-    Returns the sum of row entropies, the sum of ``1/Z`` and the ``1/Z`` map (float64).
+
+def column_classes(conn: Stencil, ch: AxisClasses, cw: AxisClasses, inv: torch.Tensor,
+                   g_kernel: torch.Tensor) -> torch.Tensor:
+    """Column sums of every output class: ``conv2d(1/Z, G)`` evaluated once per class.
+
+    ``inv`` is ``1/Z`` per (input channel, input class along H, along W); output class
+    ``(p, q)`` reads input class ``out_taps[p, kh]`` through tap ``kh`` (and likewise
+    along W), so its column of output channel ``co`` is
+    ``sum over ci, kh, kw of inv[ci, taps_h[p, kh], taps_w[q, kw]] * G[co, ci, kh, kw]``:
+    a float64 matrix product with the taps gathered, in slices of output classes that
+    keep the gathered copy under 64 MiB. Returns ``(C_out, P, Q)`` float64.
     """
-    device = sf.device
-    mh, mw = _axis_matrices(conn, device)
-    z = mh @ sf @ mw.T  # (C_in, H, W)
-    t = mh @ st @ mw.T
-    z, t, inv = _absent_terms(norm, shift, _stored_counts(conn, device), conn.n_cols, z, t)
-    return float(row_entropy(z, t).sum()), float(inv.sum()), inv
-
-
-def conv_dtype(conn: Stencil, norm: ElementwiseNorm) -> torch.dtype:
-    """The dtype of a layer's column-pass convolution.
-
-    float32 (:data:`CONV_DTYPE`) for large layers, whose many columns average its rounding
-    to well under 1e-8 relative in the degeneracy; float64 for layers under
-    :data:`FLOAT64_CONV_MACS` multiply-adds, and always for ``norm=None``, whose raw column
-    sums may cancel.
-    """
-    _, oh, ow = conn.out_chw
-    macs = conn.out_chw[0] * oh * ow * conn.cin_g * conn.kernel.shape[-1] * conn.kernel.shape[-2]
-    if not norm.normalizes or macs < FLOAT64_CONV_MACS:
-        return torch.float64
-    return CONV_DTYPE
-
-
-def _column_conv(conn: Stencil, inv: torch.Tensor, g_kernel: torch.Tensor,
-                 dtype: torch.dtype) -> torch.Tensor:
-    """``conv2d(1/Z, f(K) - c)`` with the layer's geometry, in ``dtype`` (never TF32).
-
-    A float64 convolution on the CPU is PyTorch's slow reference loop (no oneDNN), so it
-    is a numba direct convolution over the layer's tap tables there.
-    """
-    ah, aw = conn.axis_h, conn.axis_w
-    if dtype == torch.float64 and inv.device.type == "cpu":
-        out = _kernels.column_pass(inv.to(dtype).numpy(), g_kernel.to(dtype).contiguous().numpy(),
-                                   ah.taps(), aw.taps(), conn.groups, conn.out_chw)
-        return torch.from_numpy(out)
-    x = inv.to(dtype)[None]
-    pads = (aw.pad_before, aw.pad_after, ah.pad_before, ah.pad_after)
-    if ah.mode != "zeros":  # the layer's own padding mode: 1/Z wraps or reflects as x would
-        x = F.pad(x, pads, mode=ah.mode)
-        padding = (0, 0)
-    elif ah.pad_before == ah.pad_after and aw.pad_before == aw.pad_after:
-        padding = (ah.pad_before, aw.pad_before)
-    else:
-        x = F.pad(x, pads)
-        padding = (0, 0)
-    stride, dilation = (ah.stride, aw.stride), (ah.dilation, aw.dilation)
-    kernel = g_kernel.to(dtype)
-    with torch.backends.cudnn.flags(enabled=torch.backends.cudnn.enabled, allow_tf32=False):
-        out = F.conv2d(x, kernel, None, stride, padding, dilation, conn.groups)
-    # left in the convolution's dtype: column_terms reads it and accumulates in float64
-    return out[0]
+    g, cin_g, cout_g = conn.groups, conn.cin_g, conn.cout_g
+    n_kh, n_kw = g_kernel.shape[-2:]
+    dev = inv.device
+    inv0 = F.pad(inv, (0, 1, 0, 1))  # class -1 (no input) reads the appended zero
+    taps_h = torch.as_tensor(np.where(ch.out_taps < 0, inv.shape[1], ch.out_taps), device=dev)
+    taps_w = torch.as_tensor(np.where(cw.out_taps < 0, inv.shape[2], cw.out_taps), device=dev)
+    n_p, n_q = taps_h.shape[0], taps_w.shape[0]
+    kmat = g_kernel.to(torch.float64).reshape(g, cout_g, cin_g * n_kh * n_kw)
+    per_row = inv.shape[0] * n_kh * n_q * n_kw * 8
+    step = max(1, _GATHER_BYTES // max(per_row, 1))
+    out = torch.empty(g, cout_g, n_p, n_q, dtype=torch.float64, device=dev)
+    for p0 in range(0, n_p, step):
+        th = taps_h[p0:p0 + step]
+        x = inv0[:, th[:, :, None, None], taps_w[None, None, :, :]]  # (C_in, p, KH, Q, KW)
+        x = x.reshape(g, cin_g, len(th), n_kh, n_q, n_kw).permute(0, 1, 3, 5, 2, 4)
+        x = x.reshape(g, cin_g * n_kh * n_kw, len(th) * n_q)
+        out[:, :, p0:p0 + len(th)] = torch.bmm(kmat, x).reshape(g, cout_g, len(th), n_q)
+    return out.reshape(g * cout_g, n_p, n_q)
 
 
 def _pool(conn: Stencil, norm: ElementwiseNorm, device) -> LayerStats:
