@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
 
 from .connectivity import REGISTRY
 from .exceptions import ForwardError, MissingInputError, NoSupportedLayersError, ShapeMismatchError
@@ -145,7 +146,27 @@ def _meta_twin(model: nn.Module) -> tuple[nn.Module, dict[nn.Module, nn.Module]]
     twins = list(twin.modules())
     if len(originals) != len(twins):  # pragma: no cover - deepcopy keeps the tree
         return None
+    for module in twins:
+        if type(module).forward is _BatchNorm.forward:
+            module.forward = _shape_only_batchnorm(module)
     return twin, dict(zip(twins, originals))
+
+
+def _shape_only_batchnorm(module: _BatchNorm):
+    """A stock batch norm's forward on the meta twin: checks the input as the real one
+    does and returns it (the output has the input's shape). PyTorch evaluates batch norm
+    on meta tensors through Python reference code, about 1.5 ms a call: most of a
+    ResNet-50 trace."""
+
+    def forward(x):
+        module._check_input_dim(x)
+        if x.dim() < 2 or x.shape[1] != module.num_features:
+            raise RuntimeError(f"{type(module).__name__}({module.num_features}) got an input "
+                               f"of shape {tuple(x.shape)}: expected {module.num_features} "
+                               "channels in dimension 1")
+        return x
+
+    return forward
 
 
 class _Recorder:

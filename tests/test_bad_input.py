@@ -159,6 +159,21 @@ def test_input_of_wrong_shape_names_the_layer():
         ei.ei(small_net(), torch.zeros(1, 1, 5, 5))
 
 
+def test_batchnorm_with_wrong_channels_names_the_layer():
+    """The meta trace takes a shortcut through stock batch norms; it must still refuse
+    what the real layer refuses."""
+    model = nn.Sequential(nn.Conv2d(1, 3, 3), nn.BatchNorm2d(4), nn.Flatten(), nn.Linear(12, 2))
+    with pytest.raises(ForwardError, match=r"module '1' \(BatchNorm2d\)"):
+        ei.ei(model, torch.zeros(1, 1, 4, 4))
+    with pytest.raises(ForwardError, match=r"module '1' \(BatchNorm2d\)"):
+        ei.ei(nn.Sequential(nn.Linear(4, 3), nn.BatchNorm2d(3)), torch.zeros(2, 4))
+    # stock batch norms in a valid model: shapes come through unchanged, modes restored
+    model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.Flatten(), nn.Linear(16, 2))
+    model.train()
+    shapes = ei.get_shapes(model, torch.zeros(1, 1, 4, 4))
+    assert shapes[model[3]] == ((1, 16), (1, 2)) and model[1].training
+
+
 def test_input_of_wrong_type_names_the_layer():
     with pytest.raises(ForwardError, match=r"module '0' \(Conv2d\)"):
         ei.ei(small_net(), np.zeros((1, 1, 4, 4), dtype=np.float32))
