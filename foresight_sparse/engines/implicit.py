@@ -13,11 +13,13 @@ of outputs that reach input row ``ih`` through kernel row ``kh`` (and ``Mw`` lik
     column j                       = c * sum_r 1/Z_r + conv2d(1/Z, f(K) - c)[j]
 
 The first three are the channel-summed ("depthwise") transposed convolutions of a map of
-ones, written as two small matrix products per channel. Only the column pass is a full
-convolution, i.e. one forward pass of the layer. Its dtype is chosen by
-:func:`conv_dtype`: float32 for large layers, float64 for small ones and for
-``norm=None``; every reduction is float64. The result stays within 1e-8 relative of the
-float64 reference.
+ones, written as two small matrix products per channel. None of them is evaluated per
+position: ``Z`` depends on an input only through its row of ``Mh`` (and of ``Mw``), and a
+column only through the input classes its taps read, so both passes run on the layer's
+position classes (:class:`~foresight_sparse.geometry.AxisClasses`; one interior class per
+stride offset plus the border positions), each class weighted by its size. The column
+pass is then a float64 matrix product of the kernel with ``1/Z`` gathered per class
+(:func:`column_classes`); everything is float64.
 
 Average pools have a constant kernel and a per-output divisor, so ``f`` of an entry depends
 only on its column: ``F[j] = f(d_j)``; the row sums are ``Mh_o @ F @ Mw_o.T`` with the 0/1
@@ -30,8 +32,9 @@ Layers with summed duplicate taps (most reflect/replicate padding), custom norms
 user-registered builders are not expressible this way: :func:`supports` says so and
 ``engine='auto'`` hands them to the sparse engine.
 
-Working memory is a few input- and output-sized maps per layer (never the matrix); it is
-checked against ``max_memory`` before a layer starts.
+Working memory is float64 copies of the kernel and class-sized maps per layer (never the
+matrix, nor an image-sized map); it is checked against ``max_memory`` before a layer
+starts.
 """
 
 from __future__ import annotations
@@ -103,14 +106,18 @@ def layer_stats(job: LayerJob) -> LayerStats:
 def working_bytes(conn) -> int:
     """Bytes the implicit engine allocates for one layer (an upper estimate).
 
-    Sliding windows: ``1/Z``, a padded copy of it and the column map in float64, and the
-    kernel's float64 copies. Linear: per-input float64 sums and one block of the float64
-    weight.
+    Convolutions: three float64 copies of the kernel and the gathered ``1/Z`` of
+    :func:`column_classes` (at most 64 MiB). Pools: float64 maps of the input and output
+    size. Linear: per-input float64 sums and one block of the float64 weight.
     """
     if isinstance(conn, FullyConnected):
         return 8 * (4 * conn.n_rows + 2 * conn.n_cols) + 16 * _LINEAR_BLOCK
-    kernel = conn.kernel.numel() * 8 * 4
-    return 8 * (3 * conn.n_rows + 2 * conn.n_cols) + kernel
+    if _constant_kernel(conn):
+        return 8 * (3 * conn.n_rows + 2 * conn.n_cols)
+    ch, cw = _classes(conn)
+    per_class_row = conn.in_chw[0] * conn.kernel[0, 0].numel() * len(cw.out_mult) * 8
+    gather = min(max(_GATHER_BYTES, per_class_row), per_class_row * len(ch.out_mult))
+    return conn.kernel.numel() * 8 * 3 + gather
 
 
 def _constant_kernel(conn: Stencil) -> bool:
