@@ -229,6 +229,12 @@ def weight_scan(t: torch.Tensor) -> tuple[float, float, int]:
     t = t.detach()
     if t.numel() == 0:
         return 0.0, 0.0, 0
+    if t.dtype.is_floating_point:
+        # torch's min and max propagate NaN: finite extremes mean finite weights, and
+        # aminmax is one vectorised pass, several times faster than the counting scan
+        lo, hi = (float(v) for v in torch.aminmax(t))
+        if math.isfinite(lo) and math.isfinite(hi):
+            return hi, lo, 0
     if t.device.type == "cpu" and t.dtype in (torch.float32, torch.float64):
         return _kernels.scan_weights(t.contiguous().numpy())
     finite = torch.isfinite(t)

@@ -185,16 +185,28 @@ def kernel_terms(conn: Stencil, norm: ElementwiseNorm, shift: float, device):
     """``(Sf, St, f(K))``: the channel-summed ``f(K)`` and ``f(K) log2 f(K)`` per input
     channel, ``(C_in, KH, KW)``, and ``f(K)`` itself, all float64 on ``device``.
 
-    One numba pass over the kernel on the CPU for the built-in norms; torch elsewhere.
+    On the CPU, for the built-in norms, the sums are one numba pass over the kernel (for
+    each group, the column sums of its ``(C_out/g, C_in/g * KH * KW)`` matrix); torch
+    elsewhere.
     """
     kind = _KINDS.get(type(norm))
-    k = conn.kernel.detach()
-    if device.type == "cpu" and kind is not None:
-        if k.dtype not in (torch.float32, torch.float64):
-            k = k.to(torch.float32 if k.element_size() < 4 else torch.float64)
-        return tuple(torch.from_numpy(a) for a in _kernels.kernel_sums(
-            k.cpu().contiguous().numpy(), kind, shift, conn.groups))
-    return kernel_terms_torch(conn, norm, shift, device)
+    if device.type != "cpu" or kind is None:
+        return kernel_terms_torch(conn, norm, shift, device)
+    k = conn.kernel.detach().cpu()
+    if k.dtype not in (torch.float32, torch.float64):
+        k = k.to(torch.float32 if k.element_size() < 4 else torch.float64)
+    k = k.contiguous()
+    z, t = _kernels.dense_row_sums(k.numpy().reshape(conn.groups, conn.cout_g, -1), kind,
+                                   shift)
+    c_in, kh, kw = conn.in_chw[0], *k.shape[-2:]
+    sf = torch.from_numpy(z).reshape(c_in, kh, kw)
+    st = torch.from_numpy(t).reshape(c_in, kh, kw)
+    fk = torch.empty(k.shape, dtype=torch.float64).copy_(k)  # faster than .to() here
+    if kind == _kernels.KIND_LIN:
+        fk.clamp_min_(0.0)
+    elif kind != _kernels.KIND_NONE:
+        fk = norm.f(fk, shift)
+    return sf, st, fk
 
 
 def kernel_terms_torch(conn: Stencil, norm: ElementwiseNorm, shift: float, device):
