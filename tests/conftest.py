@@ -28,7 +28,7 @@ F64 = torch.float64
 ENGINES_UNDER_TEST = ["sparse", "auto", "implicit"]
 
 #: Relative tolerance of each engine against the float64 dense reference (DESIGN.md 6).
-ENGINE_RTOL = {"sparse": 1e-9, "dense": 1e-9, "auto": 1e-8, "implicit": 1e-8}
+ENGINE_RTOL = {"sparse": 1e-9, "dense": 1e-9, "auto": 1e-9, "implicit": 1e-9}
 ABS_FLOOR = 1e-12
 
 PADDING_MODES = ("zeros", "reflect", "replicate", "circular")

@@ -9,7 +9,7 @@ exactly zero. For each norm:
   ``n_out`` columns), so ``determinism <= log2(max n_out)``;
 - a layer's degeneracy is at most ``log2(n_out)``, the network's at most
   ``log2(total columns)``;
-- the result does not depend on the engine (1e-8 relative) nor, for the sparse engine, on
+- the result does not depend on the engine (1e-9 relative) nor, for the sparse engine, on
   the size of the row blocks it streams (1e-12 relative).
 
 The lower bound allows ``-1e-12``: a row with one stored entry has ``H = log2 Z - T / Z``,
@@ -72,7 +72,7 @@ def test_result_does_not_depend_on_the_engine(norm, net):
     base = reps["dense"]
     for engine, rep in reps.items():
         for what in ("determinism", "degeneracy", "ei"):
-            assert close(getattr(rep, what), getattr(base, what), 1e-8), (
+            assert close(getattr(rep, what), getattr(base, what), 1e-9), (
                 engine, what, getattr(rep, what), getattr(base, what))
 
 
