@@ -8,6 +8,9 @@ import numba
 import numpy as np
 import pytest
 import torch
+from conftest import conv2d_cases, examples
+from hypothesis import assume, given, settings
+from hypothesis import strategies as st
 from torch import nn
 
 import foresight_sparse.ei as ei
@@ -54,6 +57,30 @@ def test_conv_columns_and_rows_equal_the_dense_matrix(case, norm_name):
     assert stats.h_sum == pytest.approx(float(H(p, dim=1).sum()), rel=1e-12)
     weights = stats.col_weights.reshape(c_out, len(ch.out_mult), len(cw.out_mult))
     assert float(weights.sum()) == conn.n_cols
+
+
+@settings(max_examples=examples(40))
+@given(case=conv2d_cases(max_extra=14), norm_name=st.sampled_from(NORM_NAMES))
+def test_drawn_conv_columns_equal_the_dense_matrix(case, norm_name):
+    """Any drawn Conv2d the implicit engine accepts (every padding kind and mode, stride,
+    dilation, groups), on maps large enough to have an interior: the class columns,
+    expanded, are the dense matrix's column sums, and the class row entropies sum to its."""
+    from foresight_sparse import reference
+
+    conn = conv2d(case.module, case.in_shape, case.out_shape)
+    norm = NORMS[norm_name]
+    job = LayerJob(None, conn, norm, torch.device("cpu"), 1 << 30)
+    assume(implicit.supports(job))
+    stats = implicit.layer_stats(job)
+    ch, cw = implicit._classes(conn)
+    c_out = conn.out_chw[0]
+    col = stats.col_sums.reshape(c_out, len(ch.out_mult), len(cw.out_mult))
+    col = col[:, ch.out_index[:, None], cw.out_index[None, :]].reshape(-1) + stats.col_offset
+    dense = conn.to_dense(torch.float64)
+    p = dense if norm_name == "none" else getattr(reference, f"{norm_name}_norm")(dense)
+    scale = float(p.abs().sum(0).max()) or 1.0
+    torch.testing.assert_close(col, p.sum(0), rtol=1e-11, atol=1e-12 * scale)
+    assert stats.h_sum == pytest.approx(float(H(p, dim=1).sum()), rel=1e-11, abs=1e-11)
 
 
 def test_classes_collapse_the_interior():
