@@ -6,7 +6,7 @@ import math
 
 import torch
 
-__all__ = ["H", "row_entropy", "column_terms", "entropy_from_terms"]
+__all__ = ["H", "row_entropy", "column_terms", "column_terms_torch", "entropy_from_terms"]
 
 
 def H(x: torch.Tensor, dim: int = 0) -> torch.Tensor:
@@ -57,6 +57,12 @@ def column_terms(v: torch.Tensor, add: float = 0.0,
         arr = v.detach().contiguous().numpy()
         w = None if weights is None else weights.detach().to(torch.float64).contiguous().numpy()
         return torch.from_numpy(_kernels.column_terms(arr, float(add), w))
+    return column_terms_torch(v, add, weights)
+
+
+def column_terms_torch(v: torch.Tensor, add: float = 0.0,
+                       weights: torch.Tensor | None = None) -> torch.Tensor:
+    """Torch form of :func:`column_terms` (CUDA; runs on CPU tensors too)."""
     x = v.to(torch.float64) + add
     pos, neg = x > 0, x < 0
     ax = torch.where(pos | neg, x.abs(), torch.ones_like(x))

@@ -422,6 +422,23 @@ def test_torch_block_path_in_full_pipeline(net, norm):
     check_against_reference(rep, det, deg, 1e-9, f"torch blocks/{norm}")
 
 
+@settings(max_examples=examples(8))
+@given(net=random_nets(max_linear=2), norm=st.sampled_from(list(NORMS)))
+def test_torch_implicit_path_in_full_pipeline(net, norm):
+    """The implicit engine as CUDA runs it (torch kernel terms, torch Linear passes, torch
+    column terms), here on CPU tensors, against the reference."""
+    from foresight_sparse import entropy
+    from foresight_sparse.engines import implicit
+
+    ours, ref = NORMS[norm]
+    det, deg = reference(net.model, net.input, ref)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(implicit, "_KINDS", {})  # no numba kernel for any norm: the torch forms
+        mp.setattr("foresight_sparse.analysis.column_terms", entropy.column_terms_torch)
+        rep = quiet_report(net.model, net.input, norm=ours, engine="implicit")
+    check_against_reference(rep, det, deg, 1e-9, f"torch implicit/{norm}")
+
+
 # --------------------------------------------------------------------------- dtypes
 
 

@@ -17,7 +17,7 @@ import foresight_sparse.ei as ei
 from foresight_sparse import _kernels, report
 from foresight_sparse.connectivity import conv2d, linear
 from foresight_sparse.engines import LayerJob, implicit
-from foresight_sparse.entropy import H, column_terms, entropy_from_terms
+from foresight_sparse.entropy import H, column_terms, column_terms_torch, entropy_from_terms
 from foresight_sparse.norms import NORMS, get_norm
 
 NORM_NAMES = ["lin", "soft", "sig", "none"]
@@ -202,6 +202,16 @@ def test_column_terms_torch_path_equals_numba():
     want = torch.stack([x[pos].sum(), (x[pos] * torch.log2(x[pos])).sum(), x[neg].sum(),
                         (-x[neg] * torch.log2(-x[neg])).sum()])
     torch.testing.assert_close(numba_terms, want, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(column_terms_torch(v, 0.25), want, rtol=1e-12, atol=1e-12)
+
+
+def test_weighted_column_terms_count_each_entry_weight_times():
+    v = torch.randn(300, dtype=torch.float64)
+    w = torch.randint(1, 5, (300,)).to(torch.float64)
+    repeated = torch.repeat_interleave(v, w.long())
+    want = column_terms(repeated, -0.1)
+    torch.testing.assert_close(column_terms(v, -0.1, w), want, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(column_terms_torch(v, -0.1, w), want, rtol=1e-12, atol=1e-12)
 
 
 def test_column_terms_adds_layers():
