@@ -150,11 +150,12 @@ def test_linear_numba_equals_torch(norm_name, dtype):
     job = LayerJob(None, conn, norm, torch.device("cpu"), 1 << 30)
     numba_stats = implicit.layer_stats(job)
     shift = norm.shift(conn.weight_bound())
-    z, t, inv, col = implicit.linear_torch(module.weight.detach(), norm, shift)
     from foresight_sparse.entropy import row_entropy
 
-    assert numba_stats.h_sum == pytest.approx(float(row_entropy(z, t).sum()), rel=1e-12)
-    torch.testing.assert_close(numba_stats.col_sums, col, rtol=1e-12, atol=1e-15)
+    for block in (1 << 21, 80):  # one block; blocks of two rows
+        z, t, inv, col = implicit.linear_torch(module.weight.detach(), norm, shift, block)
+        assert numba_stats.h_sum == pytest.approx(float(row_entropy(z, t).sum()), rel=1e-12)
+        torch.testing.assert_close(numba_stats.col_sums, col, rtol=1e-12, atol=1e-15)
 
 
 def test_fast_log2_of_float32_bits_is_exact_to_float64_rounding():

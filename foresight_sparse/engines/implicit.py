@@ -56,9 +56,12 @@ __all__ = ["supports", "layer_stats", "working_bytes", "kernel_terms", "kernel_t
            "column_classes",
            "linear_torch", "SOFTMAX_SPAN"]
 
-#: Elements of a Linear weight processed per block (float64 temporaries stay cache-sized
-#: pieces of the budget and are reused by the allocator instead of freshly mapped).
+#: Fewest elements of a Linear weight the torch passes take per block. Blocks grow with the
+#: budget (a few blocks per layer on a GPU: each costs a dozen kernel launches).
 _LINEAR_BLOCK = 1 << 21
+
+#: Bytes of float64 temporaries per weight element in a block of the torch Linear passes.
+_LINEAR_BYTES_PER_ELEMENT = 64
 
 
 #: Softmax layers whose weights span more than this many nats go to the sparse engine,
@@ -97,7 +100,7 @@ def layer_stats(job: LayerJob) -> LayerStats:
                  f"{conn.label}: the implicit engine's maps ({conn.n_rows} inputs, "
                  f"{conn.n_cols} outputs)", "raise max_memory")
     if isinstance(conn, FullyConnected):
-        return _linear(conn, job.norm, job.device)
+        return _linear(conn, job.norm, job.device, job.budget)
     if _constant_kernel(conn):
         return _pool(conn, job.norm, job.device)
     return _conv(conn, job.norm, job.device)
@@ -111,7 +114,8 @@ def working_bytes(conn) -> int:
     size. Linear: per-input float64 sums and one block of the float64 weight.
     """
     if isinstance(conn, FullyConnected):
-        return 8 * (4 * conn.n_rows + 2 * conn.n_cols) + 16 * _LINEAR_BLOCK
+        return 8 * (4 * conn.n_rows + 2 * conn.n_cols) + _LINEAR_BYTES_PER_ELEMENT * min(
+            _LINEAR_BLOCK, conn.weight.numel())
     if _constant_kernel(conn):
         return 8 * (3 * conn.n_rows + 2 * conn.n_cols)
     ch, cw = _classes(conn)
@@ -286,7 +290,7 @@ def _in_out_matrix(pairs, size_out: int, device) -> torch.Tensor:
     return torch.as_tensor(m, device=device)
 
 
-def _linear(conn: FullyConnected, norm: ElementwiseNorm, device) -> LayerStats:
+def _linear(conn: FullyConnected, norm: ElementwiseNorm, device, budget: int) -> LayerStats:
     """Two reads of the weight: row sums ``Z, T`` per input, then the column products."""
     w = conn.weight.detach()
     if w.device != device:
@@ -301,19 +305,23 @@ def _linear(conn: FullyConnected, norm: ElementwiseNorm, device) -> LayerStats:
         z, t, inv = _absent_terms(norm, shift, torch.full_like(z, n_out), n_out, z, t)
         col = torch.from_numpy(_kernels.dense_cols(w_np, kind, shift, c, inv.numpy()))
     else:
-        z, t, inv, col = linear_torch(w, norm, shift)
+        spare = budget - (working_bytes(conn) - _LINEAR_BYTES_PER_ELEMENT * _LINEAR_BLOCK)
+        block = max(_LINEAR_BLOCK, spare // _LINEAR_BYTES_PER_ELEMENT)
+        z, t, inv, col = linear_torch(w, norm, shift, block)
     h_sum = row_entropy(z, t).sum()
     return LayerStats(float(h_sum), conn.n_rows, col, "implicit", c * float(inv.sum()))
 
 
-def linear_torch(w: torch.Tensor, norm: ElementwiseNorm, shift: float):
-    """Torch form of the Linear passes (CUDA, and half/bfloat16 weights on the CPU).
+def linear_torch(w: torch.Tensor, norm: ElementwiseNorm, shift: float,
+                 block: int = _LINEAR_BLOCK):
+    """Torch form of the Linear passes (CUDA, and half/bfloat16 weights on the CPU), over
+    blocks of whole rows of about ``block`` elements.
 
     Returns ``Z``, ``T``, ``1/Z`` per input and the column sums without the constant.
     """
     n_out, n_in = w.shape
     c = 0.0  # every entry is stored
-    rows = max(1, _LINEAR_BLOCK // max(n_in, 1))
+    rows = max(1, block // max(n_in, 1))
     z = torch.zeros(n_in, dtype=torch.float64, device=w.device)
     t = torch.zeros(n_in, dtype=torch.float64, device=w.device)
     for o0 in range(0, n_out, rows):
