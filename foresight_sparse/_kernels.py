@@ -130,6 +130,13 @@ def fill_dense_rows(r0: int, n_rows: int, n_cols: int, cols: np.ndarray,
     _launch(_fill_dense_rows, len(cols), r0, n_rows, n_cols, cols, rows)
 
 
+# Reductions may be reassociated (so LLVM vectorises dot products) and contracted to FMAs;
+# NaN and infinity semantics are kept (no nnan/ninf). error_model='numpy' drops the
+# division-by-zero check that would keep a division scalar.
+_FM_REDUCE = {"reassoc", "contract", "nsz"}
+_FM_ELEMENTWISE = {"contract"}
+
+
 # Elementwise maps the reduction kernel knows, by code (see foresight_sparse.norms).
 KIND_LIN, KIND_SOFT, KIND_SIG, KIND_NONE = 0, 1, 2, 3
 _INV_LN2 = 1.0 / np.log(2.0)
@@ -157,7 +164,7 @@ def _f_and_flogf(a, kind, shift):
     return s, s * log_s * _INV_LN2
 
 
-@numba.njit(parallel=True, cache=True, nogil=True)
+@numba.njit(parallel=True, cache=True, nogil=True, fastmath=_FM_REDUCE, error_model="numpy")
 def _reduce_rows(rowptr, cols, vals, bits, kind, shift, c, clogc, n_cols, normalizes, max_row,
                  col_acc, h_out, off_out):
     """Row entropies and column sums of one CSR block under an elementwise norm.
@@ -172,7 +179,7 @@ def _reduce_rows(rowptr, cols, vals, bits, kind, shift, c, clogc, n_cols, normal
     """
     n_rows = rowptr.shape[0] - 1
     n_chunks = col_acc.shape[0]
-    fast = bits.shape[0] == vals.shape[0]  # float32 values under relu: table log2
+    fast = bits.shape[0] == vals.shape[0]  # float32 values under relu: vectorised log2
     for t in numba.prange(n_chunks):
         lo = n_rows * t // n_chunks
         hi = n_rows * (t + 1) // n_chunks
@@ -198,16 +205,18 @@ def _reduce_rows(rowptr, cols, vals, bits, kind, shift, c, clogc, n_cols, normal
                 clogc_r = 0.0
             z = 0.0
             tt = 0.0
-            for e in range(start, stop):
-                a = np.float64(vals[e])
-                if fast and bits[e] >= 0x00800000:
-                    f = a
-                    flf = a * _log2_f32_bits(bits[e])
-                else:
-                    f, flf = _f_and_flogf(a, kind, s_r)
-                buf[e - start] = f
-                z += f
-                tt += flf
+            if fast:  # branch-free, so this loop vectorises
+                for e in range(start, stop):
+                    f, flf = _lin_terms(bits[e], False)
+                    buf[e - start] = f
+                    z += f
+                    tt += flf
+            else:
+                for e in range(start, stop):
+                    f, flf = _f_and_flogf(np.float64(vals[e]), kind, s_r)
+                    buf[e - start] = f
+                    z += f
+                    tt += flf
             if normalizes:
                 z += c_r * m
                 tt += clogc_r * m
@@ -260,13 +269,6 @@ def _f_only(a, kind, shift):
         return 1.0 / (1.0 + np.exp(-a))
     e = np.exp(a)
     return e / (1.0 + e)
-
-
-# Reductions may be reassociated (so LLVM vectorises dot products) and contracted to FMAs;
-# NaN and infinity semantics are kept (no nnan/ninf). error_model='numpy' drops the
-# division-by-zero check that would keep a division scalar.
-_FM_REDUCE = {"reassoc", "contract", "nsz"}
-_FM_ELEMENTWISE = {"contract"}
 
 
 @numba.njit(parallel=True, cache=True, nogil=True)

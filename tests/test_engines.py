@@ -454,6 +454,18 @@ def _half_exact_net(dtype) -> tuple[nn.Module, nn.Module]:
     return model, copy.deepcopy(model).to(dtype)
 
 
+@settings(max_examples=examples(10))
+@given(net=random_nets(dtype=torch.float32), norm=st.sampled_from(list(NORMS)))
+def test_float32_models_equal_their_float64_copy(net, norm):
+    """float32 weights take the engines' float32 fast paths (log2 from the bits, float32
+    block values); the result must equal the reference on the exact float64 copy."""
+    ours, ref = NORMS[norm]
+    det, deg = reference(copy.deepcopy(net.model).double(), net.input.double(), ref)
+    for engine in ("sparse", "implicit", "auto"):
+        rep = quiet_report(net.model, net.input, norm=ours, engine=engine)
+        check_against_reference(rep, det, deg, 1e-9, f"float32/{engine}/{norm}")
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("engine", ALL_ENGINES)
 def test_low_precision_models(dtype, engine):
