@@ -48,7 +48,9 @@ def layer_stats(job: LayerJob) -> LayerStats:
     if numba_path:
         acc = _kernels.column_accumulator(n_cols)
         h_sum = off_sum = 0.0
-        workspace: dict = {}  # one set of block buffers per layer: no fresh pages per block
+        # one set of block buffers per layer, sized for the largest block: no fresh pages
+        bounds = np.concatenate([[0], np.cumsum(counts)])
+        workspace: dict = {"entries": max(int(bounds[r1] - bounds[r0]) for r0, r1 in blocks)}
         for r0, r1 in blocks:
             # values in the narrowest exact dtype: float32 halves the traffic and lets
             # the kernel take log2 from the bits; the reduction is float64 either way
