@@ -53,8 +53,7 @@ from . import LayerJob, LayerStats
 from .sparse import KINDS as _KINDS
 
 __all__ = ["supports", "layer_stats", "working_bytes", "kernel_terms", "kernel_terms_torch",
-           "column_classes",
-           "linear_torch", "SOFTMAX_SPAN"]
+           "column_classes", "linear_torch", "SOFTMAX_SPAN"]
 
 #: Fewest elements of a Linear weight the torch passes take per block. Blocks grow with the
 #: budget (a few blocks per layer on a GPU: each costs a dozen kernel launches).
