@@ -49,7 +49,7 @@ def _launch(kernel, work: int, *args):
 def _fill_stencil_rows(r0, n_rows, height, width, cin_g, cout_g, out_h, out_w,
                        hp_ptr, hp_out, hp_tptr, hp_tap,
                        wp_ptr, wp_out, wp_tptr, wp_tap,
-                       kernel, scale_h, scale_w, scaled, rowptr, cols, vals, rows, n_chunks):
+                       kernel, scale_h, scale_w, scaled, rowptr, cols, vals, rows):
     """Entries of rows ``r0 .. r0+n_rows`` of a sliding-window layer, in (row, column) order.
 
     Row ``r = (ci, ih, iw)`` holds, for every output channel ``co`` of its group, every
@@ -57,77 +57,42 @@ def _fill_stencil_rows(r0, n_rows, height, width, cin_g, cout_g, out_h, out_w,
     the sum over the contributing taps of ``kernel[co, ci_local, kh, kw]``, times the column
     scale ``scale_h[oh] * scale_w[ow]`` when ``scaled``. Columns come out ascending, so the
     result is coalesced. ``rows`` is filled only when it has room for every entry (COO).
-
-    With single taps, each row's pattern (column offset, kernel tap and scale of every
-    ``(oh, ow)`` pair) is worked out once into per-task scratch arrays, and every output
-    channel then copies it with its own base and kernel slice: a short loop with no
-    branches, twice as fast as walking the pairs per channel.
     """
     plane = height * width
     single = hp_tap.shape[0] == hp_out.shape[0] and wp_tap.shape[0] == wp_out.shape[0]
     write_rows = rows.shape[0] == cols.shape[0]
-    n_kh, n_kw = kernel.shape[2], kernel.shape[3]
-    out_plane = out_h * out_w
-    max_h = 0
-    for i in range(hp_ptr.shape[0] - 1):
-        max_h = max(max_h, hp_ptr[i + 1] - hp_ptr[i])
-    max_w = 0
-    for i in range(wp_ptr.shape[0] - 1):
-        max_w = max(max_w, wp_ptr[i + 1] - wp_ptr[i])
-    for task in numba.prange(n_chunks):
-        off = np.empty(max_h * max_w, dtype=np.int64)
-        tap = np.empty(max_h * max_w, dtype=np.int64)
-        fac = np.empty(max_h * max_w, dtype=np.float64)
-        for t in range(n_rows * task // n_chunks, n_rows * (task + 1) // n_chunks):
-            r = r0 + t
-            ci = r // plane
-            rem = r - ci * plane
-            ih = rem // width
-            iw = rem - ih * width
-            g = ci // cin_g
-            ci_l = ci - g * cin_g
-            pos = rowptr[t]
-            p0, p1 = hp_ptr[ih], hp_ptr[ih + 1]
-            q0, q1 = wp_ptr[iw], wp_ptr[iw + 1]
-            if single:
-                n_pat = 0
-                for p in range(p0, p1):
-                    for q in range(q0, q1):
-                        off[n_pat] = hp_out[p] * out_w + wp_out[q]
-                        tap[n_pat] = hp_tap[p] * n_kw + wp_tap[q]
-                        fac[n_pat] = scale_h[hp_out[p]] * scale_w[wp_out[q]] if scaled else 1.0
-                        n_pat += 1
-                for co in range(g * cout_g, (g + 1) * cout_g):
-                    k2 = kernel[co, ci_l].reshape(n_kh * n_kw)
-                    base = co * out_plane
-                    if scaled:
-                        for j in range(n_pat):
-                            cols[pos + j] = base + off[j]
-                            vals[pos + j] = k2[tap[j]] * fac[j]
+    for t in numba.prange(n_rows):
+        r = r0 + t
+        ci = r // plane
+        rem = r - ci * plane
+        ih = rem // width
+        iw = rem - ih * width
+        g = ci // cin_g
+        ci_l = ci - g * cin_g
+        pos = rowptr[t]
+        p0, p1 = hp_ptr[ih], hp_ptr[ih + 1]
+        q0, q1 = wp_ptr[iw], wp_ptr[iw + 1]
+        for co in range(g * cout_g, (g + 1) * cout_g):
+            k2 = kernel[co, ci_l]
+            base = co * out_h * out_w
+            for p in range(p0, p1):
+                row_base = base + hp_out[p] * out_w
+                for q in range(q0, q1):
+                    if single:
+                        acc = k2[hp_tap[p], wp_tap[q]]
                     else:
-                        for j in range(n_pat):
-                            cols[pos + j] = base + off[j]
-                            vals[pos + j] = k2[tap[j]]
-                    pos += n_pat
-            else:
-                for co in range(g * cout_g, (g + 1) * cout_g):
-                    k2 = kernel[co, ci_l]
-                    base = co * out_plane
-                    for p in range(p0, p1):
-                        row_base = base + hp_out[p] * out_w
-                        for q in range(q0, q1):
-                            acc = 0.0
-                            for a in range(hp_tptr[p], hp_tptr[p + 1]):
-                                for b in range(wp_tptr[q], wp_tptr[q + 1]):
-                                    acc += k2[hp_tap[a], wp_tap[b]]
-                            if scaled:
-                                acc *= scale_h[hp_out[p]] * scale_w[wp_out[q]]
-                            cols[pos] = row_base + wp_out[q]
-                            vals[pos] = acc
-                            pos += 1
-            if write_rows:
-                for e in range(rowptr[t], rowptr[t + 1]):
-                    rows[e] = r
+                        acc = 0.0
+                        for a in range(hp_tptr[p], hp_tptr[p + 1]):
+                            for b in range(wp_tptr[q], wp_tptr[q + 1]):
+                                acc += k2[hp_tap[a], wp_tap[b]]
+                    if scaled:
+                        acc *= scale_h[hp_out[p]] * scale_w[wp_out[q]]
+                    cols[pos] = row_base + wp_out[q]
+                    vals[pos] = acc
+                    pos += 1
+        if write_rows:
+            for e in range(rowptr[t], pos):
+                rows[e] = r
 
 
 @numba.njit(parallel=True, cache=True, nogil=True)
@@ -156,7 +121,7 @@ def fill_stencil_rows(r0: int, n_rows: int, spec, rowptr: np.ndarray, cols: np.n
             out_h, out_w,
                        hp.ptr, hp.out, hp.tap_ptr, hp.tap, wp.ptr, wp.out, wp.tap_ptr, wp.tap,
                        spec.kernel_np, spec.scale_h, spec.scale_w, spec.scaled, rowptr, cols,
-                       vals, rows, _chunks(n_rows, per_thread=8))
+                       vals, rows)
 
 
 def fill_dense_rows(r0: int, n_rows: int, n_cols: int, cols: np.ndarray,
