@@ -456,38 +456,6 @@ def column_terms(v: np.ndarray, add: float = 0.0,
     return out.sum(axis=0)
 
 
-@numba.njit(parallel=True, cache=True, nogil=True)
-def _scan_weights(flat, n_chunks, out_max, out_min, out_bad):
-    n = flat.shape[0]
-    for ch in numba.prange(n_chunks):
-        lo = n * ch // n_chunks
-        hi = n * (ch + 1) // n_chunks
-        mx = -np.inf
-        mn = np.inf
-        bad = 0
-        for i in range(lo, hi):
-            x = np.float64(flat[i])
-            if np.isfinite(x):
-                mx = max(mx, x)
-                mn = min(mn, x)
-            else:
-                bad += 1
-        out_max[ch] = mx
-        out_min[ch] = mn
-        out_bad[ch] = bad
-
-
-def scan_weights(arr: np.ndarray) -> tuple[float, float, int]:
-    """Largest and smallest finite entry and the number of NaN/Inf entries, in one pass."""
-    flat = arr.reshape(-1)
-    n_chunks = _chunks(flat.shape[0])
-    out_max = np.empty(n_chunks)
-    out_min = np.empty(n_chunks)
-    out_bad = np.empty(n_chunks, dtype=np.int64)
-    _launch(_scan_weights, flat.shape[0], flat, n_chunks, out_max, out_min, out_bad)
-    return float(out_max.max()), float(out_min.min()), int(out_bad.sum())
-
-
 # log2 of a float32 from its bits, branch-free and gather-free, so that it vectorises:
 # the bits give a = m * 2**k exactly with m in [sqrt(1/2), sqrt(2)), and
 # log2 m = u * P(u**2) with u = (m - 1) / (m + 1), |u| <= 0.1716, P a degree-6 polynomial

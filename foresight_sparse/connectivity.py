@@ -233,12 +233,11 @@ def weight_scan(t: torch.Tensor) -> tuple[float, float, int]:
         return 0.0, 0.0, 0
     if t.dtype.is_floating_point:
         # torch's min and max propagate NaN: finite extremes mean finite weights, and
-        # aminmax is one vectorised pass, several times faster than the counting scan
+        # aminmax is one vectorised pass. Only weights that hold NaN or Inf (an error the
+        # caller reports) go on to be counted.
         lo, hi = (float(v) for v in torch.aminmax(t))
         if math.isfinite(lo) and math.isfinite(hi):
             return hi, lo, 0
-    if t.device.type == "cpu" and t.dtype in (torch.float32, torch.float64):
-        return _kernels.scan_weights(t.contiguous().numpy())
     finite = torch.isfinite(t)
     n_bad = int((~finite).sum())
     kept = t[finite] if n_bad else t
