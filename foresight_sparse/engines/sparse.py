@@ -51,11 +51,13 @@ def layer_stats(job: LayerJob) -> LayerStats:
         # one set of block buffers per layer, sized for the largest block: no fresh pages
         bounds = np.concatenate([[0], np.cumsum(counts)])
         workspace: dict = {"entries": max(int(bounds[r1] - bounds[r0]) for r0, r1 in blocks)}
+        # int32 columns halve the index traffic, where every column index fits
+        index_dtype = torch.int32 if n_cols <= torch.iinfo(torch.int32).max else torch.int64
         for r0, r1 in blocks:
             # values in the narrowest exact dtype: float32 halves the traffic and lets
             # the kernel take log2 from the bits; the reduction is float64 either way
             b = conn.block(r0, r1, device="cpu", dtype=conn.exact_dtype, workspace=workspace,
-                           index_dtype=torch.int32)
+                           index_dtype=index_dtype)
             h, off = _kernels.reduce_rows(b.rowptr.numpy(), b.cols.numpy(), b.vals.numpy(),
                                           kind, shift, c, clogc, n_cols, norm.normalizes, acc)
             h_sum += h
