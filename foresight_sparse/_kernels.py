@@ -6,6 +6,8 @@ caller, so the parallel loops write disjoint slots and need no synchronisation.
 
 from __future__ import annotations
 
+from types import FunctionType
+
 import llvmlite.ir as ir
 import numba
 import numpy as np
@@ -38,11 +40,27 @@ def _launch(kernel, work: int, *args):
         return kernel(*args)
     serial = _SERIAL.get(kernel)
     if serial is None:
-        opts = kernel.targetoptions
-        serial = _SERIAL[kernel] = numba.njit(
-            cache=True, nogil=True, fastmath=opts.get("fastmath", False),
-            error_model=opts.get("error_model", "python"))(kernel.py_func)
+        serial = _SERIAL[kernel] = serial_twin(kernel)
     return serial(*args)
+
+
+def serial_twin(kernel):
+    """A serial ``njit`` copy of the parallel ``kernel``, under its own cache name.
+
+    numba keys its on-disk cache by qualified name, line and bytecode, not by compile
+    flags: a twin compiled from the same function object would share the kernel's cache
+    entry, and whichever was compiled first would be loaded for both (a parallel kernel
+    run on one thread, in every later process). The twin is a copy of the function with
+    ``_serial`` appended to its name.
+    """
+    py = kernel.py_func
+    twin = FunctionType(py.__code__, py.__globals__, py.__name__ + "_serial",
+                        py.__defaults__, py.__closure__)
+    twin.__qualname__ = py.__qualname__ + "_serial"
+    twin.__doc__ = py.__doc__
+    opts = kernel.targetoptions
+    return numba.njit(cache=True, nogil=True, fastmath=opts.get("fastmath", False),
+                      error_model=opts.get("error_model", "python"))(twin)
 
 
 @numba.njit(parallel=True, cache=True, nogil=True)

@@ -11,6 +11,7 @@ import copy
 import hashlib
 import json
 import math
+import os
 import warnings
 
 import numpy as np
@@ -596,3 +597,25 @@ def test_numba_threads_do_not_change_the_result():
     finally:
         numba.set_num_threads(before)
     assert np.allclose([r.ei for r in results], results[0].ei, rtol=1e-13, atol=0)
+
+
+def test_serial_twins_do_not_share_the_parallel_kernels_cache(tmp_path):
+    # numba's cache ignores compile flags: a serial twin cached under the kernel's own name
+    # was loaded in place of the parallel kernel by every later process (one thread)
+    import subprocess
+    import sys
+
+    script = (
+        "import numpy as np\n"
+        "from foresight_sparse import _kernels as K\n"
+        "small, large = np.arange(10.0) - 4.5, np.arange(float(1 << 17)) - 9.5\n"
+        "for v in (small, large):\n"
+        "    got = K.column_terms(v)\n"
+        "    p, n = v[v > 0], -v[v < 0]\n"
+        "    want = [p.sum(), (p * np.log2(p)).sum(), -n.sum(), (n * np.log2(n)).sum()]\n"
+        "    assert np.allclose(got, want, rtol=1e-12), (got, want)\n")
+    env = {**os.environ, "NUMBA_CACHE_DIR": str(tmp_path)}
+    for _ in range(2):  # the second run loads both from the cache
+        subprocess.run([sys.executable, "-c", script], env=env, check=True, timeout=300)
+    names = {p.name.split("-")[0] for p in tmp_path.rglob("*.nbi")}
+    assert {"_kernels._column_terms", "_kernels._column_terms_serial"} <= names, names
