@@ -183,13 +183,26 @@ class Connectivity:
         idx_dtype = torch.int64
         if layout in ("csr", "scipy") and _fits_int32(self.nnz, self.n_cols):
             idx_dtype = torch.int32
-        blk = self.block(0, self.n_rows, dtype=self.dtype, with_rows=(layout == "coo"),
-                         index_dtype=idx_dtype)
         size = (self.n_rows, self.n_cols)
         if layout == "coo":
-            indices = torch.stack((blk.rows, blk.cols)) if blk.rows is not None else None
-            return torch.sparse_coo_tensor(indices, blk.vals, size, is_coalesced=True,
+            # a block that fills the workspace writes the rows and columns straight into
+            # the (2, nnz) index tensor; stacking copies of them took three quarters of
+            # the time (1.9 of 2.6 s for a 113M-entry conv)
+            workspace = None
+            if self.device.type == "cpu":  # numpy's allocation: huge pages, faster first touch
+                idx_np = np.empty((2, self.nnz), dtype=np.int64)
+                workspace = {"rows": idx_np[0], "cols": idx_np[1]}
+                idx = torch.from_numpy(idx_np)
+            else:
+                idx = torch.empty((2, self.nnz), dtype=torch.int64, device=self.device)
+            blk = self.block(0, self.n_rows, dtype=self.dtype, with_rows=True,
+                             workspace=workspace)
+            if not (_same_memory(blk.rows, idx[0]) and _same_memory(blk.cols, idx[1])):
+                idx[0].copy_(blk.rows)
+                idx[1].copy_(blk.cols)
+            return torch.sparse_coo_tensor(idx, blk.vals, size, is_coalesced=True,
                                            check_invariants=False)
+        blk = self.block(0, self.n_rows, dtype=self.dtype, index_dtype=idx_dtype)
         crow = blk.rowptr.to(idx_dtype)
         if layout == "csr":
             with warnings.catch_warnings():  # "sparse CSR support is in beta": not news to users
@@ -209,6 +222,10 @@ class Connectivity:
         dense = torch.zeros(self.n_rows, self.n_cols, dtype=dtype, device=blk.vals.device)
         dense[blk.rows, blk.cols] = blk.vals
         return dense
+
+
+def _same_memory(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.data_ptr() == b.data_ptr() and a.shape == b.shape and a.device == b.device
 
 
 def _fits_int32(nnz: int, n_cols: int) -> bool:
