@@ -113,7 +113,7 @@ def working_bytes(conn) -> int:
     size. Linear: per-input float64 sums and one block of the float64 weight.
     """
     if isinstance(conn, FullyConnected):
-        return 8 * (4 * conn.n_rows + 2 * conn.n_cols) + _LINEAR_BYTES_PER_ELEMENT * min(
+        return _linear_sums_bytes(conn) + _LINEAR_BYTES_PER_ELEMENT * min(
             _LINEAR_BLOCK, conn.weight.numel())
     if _constant_kernel(conn):
         return 8 * (3 * conn.n_rows + 2 * conn.n_cols)
@@ -121,6 +121,11 @@ def working_bytes(conn) -> int:
     per_class_row = conn.in_chw[0] * conn.kernel[0, 0].numel() * len(cw.out_mult) * 8
     gather = min(max(_GATHER_BYTES, per_class_row), per_class_row * len(ch.out_mult))
     return conn.kernel.numel() * 8 * 3 + gather
+
+
+def _linear_sums_bytes(conn: FullyConnected) -> int:
+    """The Linear passes' per-input and per-output float64 vectors."""
+    return 8 * (4 * conn.n_rows + 2 * conn.n_cols)
 
 
 def _constant_kernel(conn: Stencil) -> bool:
@@ -304,7 +309,7 @@ def _linear(conn: FullyConnected, norm: ElementwiseNorm, device, budget: int) ->
         z, t, inv = _absent_terms(norm, shift, torch.full_like(z, n_out), n_out, z, t)
         col = torch.from_numpy(_kernels.dense_cols(w_np, kind, shift, c, inv.numpy()))
     else:
-        spare = budget - (working_bytes(conn) - _LINEAR_BYTES_PER_ELEMENT * _LINEAR_BLOCK)
+        spare = budget - _linear_sums_bytes(conn)
         block = max(_LINEAR_BLOCK, spare // _LINEAR_BYTES_PER_ELEMENT)
         z, t, inv, col = linear_torch(w, norm, shift, block)
     h_sum = row_entropy(z, t).sum()
