@@ -14,6 +14,7 @@ from .analysis import report
 from .budget import DEFAULT_MAX_MEMORY
 from .connectivity import Connectivity, ExplicitMatrix, register, unregister
 from .exceptions import (
+                         CheckpointError,
                          ForesightError,
                          ForwardError,
                          MemoryBudgetError,
@@ -42,6 +43,7 @@ __all__ = [
     "soft_norm",
     "sig_norm",
     "DEFAULT_MAX_MEMORY",
+    "CheckpointError",
     "ForesightError",
     "ForwardError",
     "MemoryBudgetError",

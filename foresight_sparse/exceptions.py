@@ -16,6 +16,7 @@ __all__ = [
     "ForwardError",
     "MemoryBudgetError",
     "UnknownNameError",
+    "CheckpointError",
 ]
 
 
@@ -66,3 +67,10 @@ class MemoryBudgetError(ForesightError, MemoryError):
 
 class UnknownNameError(ForesightError, ValueError):
     """A name (norm, engine, layout) is not one of the valid choices."""
+
+
+class CheckpointError(ForesightError, ValueError):
+    """A weights file cannot be read, or its weights do not fit the model.
+
+    The message names the file and, for a mismatch, the keys and shapes involved.
+    """
