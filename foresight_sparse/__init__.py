@@ -11,6 +11,7 @@ import logging
 
 from . import ei
 from .analysis import report
+from .plans import Plan, PlannedLayer, plan
 from .budget import DEFAULT_MAX_MEMORY
 from .connectivity import Connectivity, ExplicitMatrix, register, unregister
 from .exceptions import (
@@ -24,6 +25,7 @@ from .exceptions import (
                          ShapeMismatchError,
                          UnknownNameError,
                          UnsupportedLayerError,
+                         WeightsError,
 )
 from .norms import lin_norm, sig_norm, soft_norm
 from .results import LayerReport, Report
@@ -33,6 +35,9 @@ __version__ = "0.1.0"
 __all__ = [
     "ei",
     "report",
+    "plan",
+    "Plan",
+    "PlannedLayer",
     "Report",
     "LayerReport",
     "register",
@@ -53,6 +58,7 @@ __all__ = [
     "ShapeMismatchError",
     "UnknownNameError",
     "UnsupportedLayerError",
+    "WeightsError",
     "__version__",
 ]
 

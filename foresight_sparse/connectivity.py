@@ -16,10 +16,11 @@ Three kinds cover the built-in layers and user extensions:
 
 from __future__ import annotations
 
+import copy
 import math
 import operator
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -94,6 +95,23 @@ class Connectivity:
     n_cols: int
     device: torch.device
     dtype: torch.dtype
+
+    #: Names of the module's tensors the matrix is made of (``("weight",)`` for Linear and
+    #: Conv2d, ``()`` for pools); ``None`` when unknown (user builders), in which case a
+    #: plan rebuilds the matrix through its adapter for every set of weights.
+    weight_names: tuple[str, ...] | None = None
+
+    def bind(self, tensors: Mapping[str, torch.Tensor]) -> Connectivity:
+        """The same connectivity made of other weights: ``tensors`` maps each name of
+        :attr:`weight_names` to a tensor of the same shape. The geometry is shared, nothing
+        is copied, and ``self`` is left as it is."""
+        raise NotImplementedError(f"{type(self).__name__} cannot be rebound to new weights")
+
+    def _rebound(self, **changes) -> Connectivity:
+        new = copy.copy(self)
+        new.__dict__.update(changes)
+        new.__dict__.pop("_scan_cache", None)  # the scan belongs to the old weights
+        return new
 
     @property
     def nnz(self) -> int:
@@ -322,6 +340,9 @@ class Stencil(Connectivity):
     values_dtype : torch.dtype, optional
         dtype of :meth:`to_sparse` values; the kernel's dtype if omitted. (Pools keep an
         exact float64 kernel but return the default dtype, as a layer would.)
+    weight_name : str, optional
+        The module attribute the kernel is (``"weight"`` for a convolution); ``None`` for a
+        kernel made from the layer's options alone (pools), which no weights change.
     """
 
     label: str
@@ -334,6 +355,7 @@ class Stencil(Connectivity):
     scale_h: np.ndarray | None = None
     scale_w: np.ndarray | None = None
     values_dtype: torch.dtype | None = None
+    weight_name: str | None = None
     pairs_h: AxisPairs = field(init=False, repr=False)
     pairs_w: AxisPairs = field(init=False, repr=False)
 
@@ -356,6 +378,14 @@ class Stencil(Connectivity):
         self.scale_w = np.ascontiguousarray(self.scale_w, dtype=np.float64)
         self.scaled = bool((self.scale_h != 1).any() or (self.scale_w != 1).any())
         self._kernel_np = None
+        self.weight_names = () if self.weight_name is None else (self.weight_name,)
+
+    def bind(self, tensors: Mapping[str, torch.Tensor]) -> Stencil:
+        if self.weight_name is None:
+            return self
+        kernel = tensors[self.weight_name]
+        return self._rebound(kernel=kernel, device=kernel.device, _kernel_np=None,
+                             dtype=self.values_dtype or kernel.dtype)
 
     @property
     def exact_dtype(self) -> torch.dtype:
@@ -513,11 +543,16 @@ class FullyConnected(Connectivity):
 
     label: str
     weight: torch.Tensor
+    weight_names = ("weight",)
 
     def __post_init__(self):
         self.n_cols, self.n_rows = self.weight.shape
         self.device = self.weight.device
         self.dtype = self.weight.dtype
+
+    def bind(self, tensors: Mapping[str, torch.Tensor]) -> FullyConnected:
+        weight = tensors["weight"]
+        return self._rebound(weight=weight, device=weight.device, dtype=weight.dtype)
 
     @property
     def nnz(self) -> int:
@@ -770,7 +805,8 @@ def conv2d(module: nn.Conv2d, in_shape, out_shape, *, legacy: bool = False,
             f"output {tuple(out_shape)}. Pass shapes traced from this model (get_shapes)")
     axes = [Axis(n, o, k, s, d, pb, pa, mode)
             for n, o, k, s, d, (pb, pa) in zip((h, w), (oh, ow), kernel, stride, dilation, pads)]
-    return Stencil(label, module.weight, (c_in, h, w), (c_out, oh, ow), module.groups, *axes)
+    return Stencil(label, module.weight, (c_in, h, w), (c_out, oh, ow), module.groups, *axes,
+                   weight_name="weight")
 
 
 @register(nn.AvgPool2d)

@@ -6,6 +6,10 @@ keeps working, and every message names the layer, the shapes involved and what t
 
 from __future__ import annotations
 
+import os
+import sys
+import warnings
+
 __all__ = [
     "ForesightError",
     "UnsupportedLayerError",
@@ -16,7 +20,11 @@ __all__ = [
     "ForwardError",
     "MemoryBudgetError",
     "UnknownNameError",
+    "WeightsError",
+    "warn_caller",
     "CheckpointError",
+    "ReportFileError",
+    "MissingDependencyError",
 ]
 
 
@@ -69,8 +77,38 @@ class UnknownNameError(ForesightError, ValueError):
     """A name (norm, engine, layout) is not one of the valid choices."""
 
 
+class WeightsError(ForesightError, ValueError):
+    """Weights given for a planned architecture do not fit it (a missing key, a tensor of
+    another shape or type)."""
+
+
+_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
+
+
+def warn_caller(message: str, category: type[Warning] = UserWarning) -> None:
+    """Warn with the location of the first frame outside this package: the user's line,
+    whichever public entry point (drop-in function, report, plan, tracker, sweep) led here."""
+    level = 2  # stacklevel 2 is the caller of this function
+    frame = sys._getframe(1)
+    while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(
+            _PACKAGE_DIR + os.sep):
+        frame = frame.f_back
+        level += 1
+    warnings.warn(message, category, stacklevel=level)
+
+
 class CheckpointError(ForesightError, ValueError):
     """A weights file cannot be read, or its weights do not fit the model.
 
     The message names the file and, for a mismatch, the keys and shapes involved.
     """
+
+
+class ReportFileError(ForesightError, ValueError):
+    """A saved report (JSON) cannot be read back; the message names the file and what is
+    missing."""
+
+
+class MissingDependencyError(ForesightError, ImportError):
+    """An optional feature needs a package that is not installed; the message says which
+    ``pip install`` adds it."""

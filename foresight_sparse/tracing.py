@@ -5,7 +5,6 @@ from __future__ import annotations
 import copy
 import logging
 import operator
-import warnings
 from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -15,7 +14,13 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from .connectivity import REGISTRY
-from .exceptions import ForwardError, MissingInputError, NoSupportedLayersError, ShapeMismatchError
+from .exceptions import (
+    ForwardError,
+    MissingInputError,
+    NoSupportedLayersError,
+    ShapeMismatchError,
+    warn_caller,
+)
 
 __all__ = ["TracedLayer", "Trace", "trace", "get_shapes", "layers_from_shapes"]
 
@@ -195,7 +200,10 @@ class _Recorder:
         if not self.running:
             return "(before the first module)"
         module = self.running[-1]
-        return f"{self.names.get(module, '')!r} ({type(module).__name__})"
+        name = self.names.get(module, "")
+        if not name:  # the model's own forward, outside any submodule
+            return f"{type(module).__name__} (the top-level module)"
+        return f"{name!r} ({type(module).__name__})"
 
     def hook(self, module, args, output):
         module = self.twins.get(module, module)
@@ -280,9 +288,9 @@ def trace(model: nn.Module, input, registry: dict | None = None) -> Trace:
     layers = [TracedLayer(names.get(m, ""), m, *s) for m, s in shapes.items()]
     for layer in layers:
         if len(seen_shapes[layer.module]) > 1:
-            warnings.warn(f"{layer.label} was called with several shapes "
-                          f"{sorted(seen_shapes[layer.module])}; it counts once, with the "
-                          "shapes of its last call", stacklevel=3)
+            warn_caller(f"{layer.label} was called with several shapes "
+                        f"{sorted(seen_shapes[layer.module])}; it counts once, with the "
+                        "shapes of its last call")
     if not layers:
         found = Counter(type(m).__name__ for m in skipped)
         raise NoSupportedLayersError(
@@ -294,14 +302,18 @@ def trace(model: nn.Module, input, registry: dict | None = None) -> Trace:
     return Trace(layers, skipped_list)
 
 
+#: How the "skipped layers" warning tells an API user where to find the names.
+SKIPPED_HINT = "foresight_sparse.plan(model, input).skipped lists them by name"
+
+
 def warn_skipped(tr: Trace) -> None:
-    """One warning naming the skipped layers that carry connectivity (pools, norms, ...)."""
+    """One warning naming the skipped layers that carry connectivity (pools, norms, ...),
+    pointing at the user's line whichever entry point led here."""
     counts = Counter(t for _, t in tr.skipped if t not in {c.__name__ for c in _PASSIVE})
     if counts:
         what = ", ".join(f"{n} {t}" for t, n in sorted(counts.items()))
-        warnings.warn(f"skipped layers with no connectivity builder: {what}. They do not "
-                      "count towards EI, as in the old module; see report().skipped",
-                      stacklevel=3)
+        warn_caller(f"skipped layers with no connectivity builder: {what}. They do not "
+                    f"count towards EI, as in the old module; {SKIPPED_HINT}")
 
 
 def get_shapes(model: nn.Module, input) -> dict[nn.Module, tuple[tuple, tuple]]:

@@ -370,7 +370,7 @@ def _layer_jobs(net, norm):
     for layer in tr.layers:
         conn = C.connectivity(layer.module, layer.in_shape, layer.out_shape,
                               label=layer.label)
-        yield LayerJob(layer, conn, norm, torch.device("cpu"), fs.DEFAULT_MAX_MEMORY)
+        yield LayerJob(conn, norm, torch.device("cpu"), fs.DEFAULT_MAX_MEMORY)
 
 
 def _col_sums(stats) -> torch.Tensor:
@@ -435,7 +435,7 @@ def test_torch_implicit_path_in_full_pipeline(net, norm):
     det, deg = reference(net.model, net.input, ref)
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(implicit, "_KINDS", {})  # no numba kernel for any norm: the torch forms
-        mp.setattr("foresight_sparse.analysis.column_terms", entropy.column_terms_torch)
+        mp.setattr("foresight_sparse.plans.column_terms", entropy.column_terms_torch)
         rep = quiet_report(net.model, net.input, norm=ours, engine="implicit")
     check_against_reference(rep, det, deg, 1e-9, f"torch implicit/{norm}")
 

@@ -46,7 +46,7 @@ def test_conv_columns_and_rows_equal_the_dense_matrix(case, norm_name):
 
     module, conn = _conv_case(case)
     norm = NORMS[norm_name]
-    stats = implicit.layer_stats(LayerJob(None, conn, norm, torch.device("cpu"), 1 << 30))
+    stats = implicit.layer_stats(LayerJob(conn, norm, torch.device("cpu"), 1 << 30))
     ch, cw = implicit._classes(conn)
     c_out, oh, ow = conn.out_chw
     col = stats.col_sums.reshape(c_out, len(ch.out_mult), len(cw.out_mult))
@@ -69,7 +69,7 @@ def test_drawn_conv_columns_equal_the_dense_matrix(case, norm_name):
 
     conn = conv2d(case.module, case.in_shape, case.out_shape)
     norm = NORMS[norm_name]
-    job = LayerJob(None, conn, norm, torch.device("cpu"), 1 << 30)
+    job = LayerJob(conn, norm, torch.device("cpu"), 1 << 30)
     assume(implicit.supports(job))
     stats = implicit.layer_stats(job)
     ch, cw = implicit._classes(conn)
@@ -147,7 +147,7 @@ def test_linear_numba_equals_torch(norm_name, dtype):
         module.weight[1, :3] = 1e-41 if dtype == torch.float32 else 1e-310  # subnormals
     conn = linear(module, (1, 37), (1, 23))
     norm = NORMS[norm_name]
-    job = LayerJob(None, conn, norm, torch.device("cpu"), 1 << 30)
+    job = LayerJob(conn, norm, torch.device("cpu"), 1 << 30)
     numba_stats = implicit.layer_stats(job)
     shift = norm.shift(conn.weight_bound())
     from foresight_sparse.entropy import row_entropy
@@ -225,7 +225,7 @@ def test_supports_only_exact_layers():
     def job(module, in_shape, norm=ei.lin_norm):
         out_shape = tuple(module(torch.zeros(in_shape)).shape)
         conn = conv2d(module, in_shape, out_shape)
-        return LayerJob(None, conn, get_norm(norm), torch.device("cpu"), 1 << 30)
+        return LayerJob(conn, get_norm(norm), torch.device("cpu"), 1 << 30)
 
     assert implicit.supports(job(nn.Conv2d(2, 2, 3, padding=1), (1, 2, 5, 5)))
     assert not implicit.supports(job(nn.Conv2d(2, 2, 3, padding=1, padding_mode="reflect"),

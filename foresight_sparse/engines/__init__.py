@@ -22,21 +22,19 @@ import torch
 from ..connectivity import Connectivity
 from ..exceptions import UnknownNameError
 from ..norms import Norm
-from ..tracing import TracedLayer
 
 __all__ = ["LayerJob", "LayerStats", "ENGINES", "ENGINE_NAMES", "pick_engine"]
 
 
 @dataclass
 class LayerJob:
-    """What an engine needs for one layer."""
+    """What an engine needs for one layer: its connectivity (made of the weights to
+    evaluate), the norm, where to reduce, and the working-memory budget in bytes."""
 
-    layer: TracedLayer
     conn: Connectivity
     norm: Norm
     device: torch.device
     budget: int
-    legacy: bool = False
 
 
 @dataclass

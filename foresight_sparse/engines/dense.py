@@ -1,16 +1,15 @@
-"""The dense engine: the reference implementation, one layer at a time.
+"""The dense engine: each layer's whole matrix, normalised and reduced densely.
 
-Builds each layer's dense matrix with :mod:`foresight_sparse.reference` (float64), applies the
-norm densely and reduces it. Exponentially wasteful by design: it is the oracle the other
-engines are checked against and the baseline the benchmarks compare with. Layers whose type
-the reference does not know (user builders) are densified from their connectivity.
+Densifies the layer's :class:`~foresight_sparse.connectivity.Connectivity` in float64, applies
+the norm as the old module does and reduces it. Wasteful by design: it is the benchmark
+baseline, and checked itself against the independent dense reference
+(:mod:`foresight_sparse.reference`), which shares no code with it.
 """
 
 from __future__ import annotations
 
 import torch
 
-from .. import reference
 from ..budget import check_budget
 from ..entropy import H
 from . import LayerJob, LayerStats
@@ -20,17 +19,9 @@ __all__ = ["layer_stats"]
 
 def layer_stats(job: LayerJob) -> LayerStats:
     """Reduce one layer densely (see module docstring)."""
-    conn, layer = job.conn, job.layer
+    conn = job.conn
     check_budget(conn.n_rows * conn.n_cols * 8 * 3, job.budget,
                  f"{conn.label}: the dense {conn.n_rows} x {conn.n_cols} matrix",
                  "use engine='sparse' or 'implicit', or raise max_memory")
-    module = layer.module
-    builder = reference.VALID_MODULES.get(type(module))
-    if builder is None:
-        dense = conn.to_dense(torch.float64)
-    elif builder is reference.avgpool2d_create_matrix:
-        dense = builder(module, layer.in_shape, layer.out_shape, legacy=job.legacy)
-    else:
-        dense = builder(module, layer.in_shape, layer.out_shape)
-    p = job.norm(dense.to(job.device, torch.float64))
+    p = job.norm(conn.to_dense(torch.float64).to(job.device))
     return LayerStats(float(H(p, dim=1).sum()), conn.n_rows, p.sum(0), "dense")

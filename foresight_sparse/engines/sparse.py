@@ -19,7 +19,7 @@ from ..entropy import H, row_entropy
 from ..norms import ElementwiseNorm, LinNorm, SigNorm, SoftNorm, Unnormalised
 from . import LayerJob, LayerStats
 
-__all__ = ["layer_stats", "reduce_block_torch", "BYTES_PER_ENTRY"]
+__all__ = ["layer_stats", "reduce_block_torch", "working_bytes", "BYTES_PER_ENTRY"]
 
 #: Working bytes per stored entry while the torch path reduces a block (indices, values
 #: and temporaries); the numba path needs only its index and value arrays.
@@ -73,6 +73,14 @@ def layer_stats(job: LayerJob) -> LayerStats:
         h_sum += h
         off_sum += off
     return LayerStats(float(h_sum), conn.n_rows, col, "sparse", float(off_sum))
+
+
+def working_bytes(conn, budget: int, device: torch.device) -> int:
+    """Bytes the sparse engine holds for one layer: its column accumulators and the largest
+    row block the budget lets it stream (an estimate, for plans)."""
+    fixed = conn.n_cols * 8 * (1 + _threads(device))
+    per_entry = _BYTES_PER_ENTRY_NUMBA if device.type == "cpu" else BYTES_PER_ENTRY
+    return min(budget, fixed + conn.nnz * per_entry + conn.n_rows * 64)
 
 
 def _threads(device: torch.device) -> int:

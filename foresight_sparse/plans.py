@@ -1,0 +1,374 @@
+"""Plans: what depends on the architecture alone, worked out once; then EI of any weights.
+
+:func:`plan` traces the model, builds every layer's connectivity (geometry, position
+classes, tap tables), picks each layer's engine and estimates its working memory.
+:meth:`Plan.report` then only reads weights: the model's current ones, or a state dict of
+the same architecture, so EI across training or across checkpoints costs the weight passes
+alone. :func:`foresight_sparse.report` and the drop-in functions are ``plan(...).report()``.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import time
+import warnings
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from .budget import format_bytes, resolve_budget
+from .connectivity import Connectivity, connectivity
+from .engines import ENGINE_NAMES, ENGINES, LayerJob, pick_engine
+from .entropy import column_terms, entropy_from_terms
+from .exceptions import NonFiniteWeightsError, UnknownNameError, WeightsError
+from .norms import Norm, get_norm, lin_norm
+from .results import LayerReport, Report
+from .tracing import TracedLayer, resolve_layers, warn_skipped
+
+__all__ = ["Plan", "PlannedLayer", "plan", "resolve_device"]
+
+log = logging.getLogger("foresight_sparse")
+
+
+def resolve_device(device) -> torch.device:
+    """Check and normalise a ``device`` argument.
+
+    Raises
+    ------
+    ValueError
+        For a CUDA device when CUDA is not available, or an unknown device string.
+    """
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise UnknownNameError(f"device={device!r} is not a device; use 'cpu' or 'cuda'") \
+            from exc
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise UnknownNameError(f"device={device!r} asks for CUDA, but this torch has no CUDA "
+                               "device available; use device='cpu'")
+    if dev.type not in ("cpu", "cuda"):
+        raise UnknownNameError(f"device={device!r} is not supported; use 'cpu' or 'cuda'")
+    return dev
+
+
+@dataclass
+class PlannedLayer:
+    """One counted layer of a :class:`Plan`.
+
+    Attributes
+    ----------
+    name : str
+        Qualified name in the model (``"features.0"``).
+    type : str
+        Module class name.
+    in_shape, out_shape : tuple of int
+        Traced input and output shapes.
+    n_rows, n_cols : int
+        Input and output neurons (rows and columns of the connectivity matrix).
+    nnz : int
+        Stored (structural) entries of the connectivity matrix.
+    engine : str
+        The engine planned for the layer. A softmax layer whose weights span more than
+        :data:`~foresight_sparse.engines.implicit.SOFTMAX_SPAN` nats is served by the
+        sparse engine instead; each :class:`LayerReport` says which engine served it.
+    working_bytes : int
+        Estimated working memory of that engine for the layer.
+    keys : tuple of str
+        The state-dict keys the layer's connectivity is made of (``("features.0.weight",)``;
+        empty for pools).
+    """
+
+    name: str
+    type: str
+    in_shape: tuple[int, ...]
+    out_shape: tuple[int, ...]
+    n_rows: int
+    n_cols: int
+    nnz: int
+    engine: str
+    working_bytes: int
+    keys: tuple[str, ...]
+    module: nn.Module = field(repr=False, compare=False)
+    conn: Connectivity = field(repr=False, compare=False)
+
+    @property
+    def label(self) -> str:
+        """How messages name the layer: ``"features.0 (Conv2d)"``."""
+        return f"{self.name} ({self.type})" if self.name else self.type
+
+
+class Plan:
+    """A network's EI computation, planned once for its architecture and input shape.
+
+    Build it with :func:`plan`. :meth:`report` computes determinism, degeneracy and EI of the
+    model's current weights, or of a state dict for the same architecture, touching only
+    the weights. A plan pickles (model included), so it can be sent once to worker
+    processes.
+
+    Attributes
+    ----------
+    model : torch.nn.Module
+        The planned model (never modified).
+    layers : list of PlannedLayer
+        The counted layers in forward order.
+    skipped : list of (str, str)
+        ``(name, type)`` of leaf modules that ran but do not count.
+    norm : Norm
+        The row normalisation.
+    device : torch.device
+        Where the reductions run.
+    engine : str
+        The engine requested.
+    legacy : bool
+        Whether the old module's cross-channel AvgPool2d connectivity is used.
+    max_memory : int
+        The working-memory budget in bytes.
+    """
+
+    def __init__(self, model: nn.Module, layers: list[PlannedLayer],
+                 skipped: list[tuple[str, str]], norm: Norm, device: torch.device,
+                 engine: str, legacy: bool, max_memory: int):
+        self.model = model
+        self.layers = layers
+        self.skipped = skipped
+        self.norm = norm
+        self.device = device
+        self.engine = engine
+        self.legacy = legacy
+        self.max_memory = max_memory
+
+    # ------------------------------------------------------------------ evaluation
+
+    def report(self, weights: Mapping[str, torch.Tensor] | None = None, *,
+               progress: bool = False) -> Report:
+        """Determinism, degeneracy and EI, with a per-layer breakdown.
+
+        Parameters
+        ----------
+        weights : dict of str to torch.Tensor, optional
+            A state dict of the planned architecture (CPU or CUDA tensors), as
+            ``model.state_dict()`` returns; keys of layers that do not count are ignored.
+            By default, the model's current weights. The model is never modified.
+        progress : bool, default False
+            Show a tqdm progress bar over the layers (on stderr).
+
+        Raises
+        ------
+        WeightsError
+            When ``weights`` lacks a key a counted layer needs, or holds a tensor of
+            another shape or a non-tensor there.
+        NonFiniteWeightsError
+            When a counted layer's weights hold NaN or Inf.
+        """
+        start = time.perf_counter()
+        if weights is not None and not isinstance(weights, Mapping):
+            raise WeightsError(f"weights must be a state dict {{key: tensor}} as "
+                               f"model.state_dict() returns, not {type(weights).__name__}")
+        layers = self.layers
+        if progress:
+            from tqdm.auto import tqdm
+
+            layers = tqdm(layers, desc="EI", unit="layer")
+        h_total = 0.0
+        n_total = 0
+        terms = torch.zeros(4, dtype=torch.float64)
+        rows: list[LayerReport] = []
+        for layer in layers:
+            t0 = time.perf_counter()
+            conn = self._bind(layer, weights)
+            job = LayerJob(conn, self.norm, self.device, self.max_memory)
+            name = pick_engine(self.engine, job)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", UserWarning)  # torch's "beta" sparse notices
+                stats = ENGINES[name](job)
+            layer_terms = column_terms(stats.col_sums, stats.col_offset, stats.col_weights)
+            h_total += stats.h_sum
+            n_total += stats.n_rows
+            terms += layer_terms
+            mean_h = stats.h_sum / stats.n_rows if stats.n_rows else 0.0
+            deg = entropy_from_terms(layer_terms)
+            seconds = time.perf_counter() - t0
+            rows.append(LayerReport(layer.name, layer.type, layer.in_shape, layer.out_shape,
+                                    layer.n_rows, layer.n_cols, layer.nnz, mean_h, deg,
+                                    deg - mean_h, stats.engine, seconds))
+            log.debug("%s: %s engine, %.3f s", layer.label, stats.engine, seconds)
+            del stats  # free the column sums before the next layer allocates its own
+        determinism = h_total / n_total if n_total else 0.0
+        degeneracy = entropy_from_terms(terms)
+        return Report(determinism, degeneracy, degeneracy - determinism, rows,
+                      list(self.skipped), norm=self.norm.name, engine=self.engine,
+                      device=str(self.device), legacy=self.legacy,
+                      seconds=time.perf_counter() - start)
+
+    def _bind(self, layer: PlannedLayer, weights) -> Connectivity:
+        """The layer's connectivity made of the given (or the model's current) weights."""
+        conn = layer.conn
+        if conn.weight_names is None:  # a user builder: rebuild it from the tensors
+            module = layer.module if weights is None else _module_with(
+                layer.module, self._tensors(layer, _own_tensor_names(layer.module), weights))
+            conn = connectivity(module, layer.in_shape, layer.out_shape, legacy=self.legacy,
+                                label=layer.label)
+        elif conn.weight_names:
+            conn = conn.bind(self._tensors(layer, conn.weight_names, weights))
+        try:
+            conn.check_finite()
+        except NonFiniteWeightsError as exc:
+            if weights is None:
+                raise
+            raise NonFiniteWeightsError(f"{exc} (state dict keys {', '.join(layer.keys)})") \
+                from None
+        return conn
+
+    @staticmethod
+    def _tensors(layer: PlannedLayer, names, weights) -> dict[str, torch.Tensor]:
+        if weights is None:
+            return {n: getattr(layer.module, n) for n in names}
+        out = {}
+        for n in names:
+            key = f"{layer.name}.{n}" if layer.name else n
+            own = getattr(layer.module, n)
+            if key not in weights:
+                raise WeightsError(
+                    f"{layer.label}: the weights have no key {key!r} (a tensor of shape "
+                    f"{tuple(own.shape)}). Pass a state dict of this architecture, as "
+                    "model.state_dict() returns")
+            t = weights[key]
+            if not isinstance(t, torch.Tensor):
+                raise WeightsError(f"{layer.label}: weights[{key!r}] is a "
+                                   f"{type(t).__name__}, not a tensor")
+            if t.shape != own.shape:
+                raise WeightsError(
+                    f"{layer.label}: weights[{key!r}] has shape {tuple(t.shape)}, but the "
+                    f"planned layer's is {tuple(own.shape)}. Were the weights saved from "
+                    "another architecture?")
+            out[n] = t.detach()
+        return out
+
+    # ------------------------------------------------------------------ description
+
+    @property
+    def nnz(self) -> int:
+        """Stored entries over all layers."""
+        return sum(layer.nnz for layer in self.layers)
+
+    def table(self) -> str:
+        """A fixed-width table of the planned layers: shapes, matrix sizes and engines."""
+        head = (f"{'layer':<24} {'type':<12} {'in':>16} {'out':>16} {'rows':>10} "
+                f"{'cols':>10} {'entries':>14} {'engine':>8} {'memory':>11}")
+        lines = [head, "-" * len(head)]
+        for lay in self.layers:
+            lines.append(f"{lay.name[:24]:<24} {lay.type[:12]:<12} {_dims(lay.in_shape):>16} "
+                         f"{_dims(lay.out_shape):>16} {lay.n_rows:>10} {lay.n_cols:>10} "
+                         f"{lay.nnz:>14} {lay.engine:>8} "
+                         f"{format_bytes(lay.working_bytes):>11}")
+        lines.append("-" * len(head))
+        lines.append(f"{len(self.layers)} layers, {self.nnz} entries; norm {self.norm.name}, "
+                     f"engine {self.engine}, device {self.device}"
+                     f"{', legacy' if self.legacy else ''}, max_memory "
+                     f"{format_bytes(self.max_memory)}")
+        return "\n".join(lines)
+
+    def __str__(self) -> str:
+        return self.table()
+
+    def __repr__(self) -> str:
+        return (f"<Plan of {type(self.model).__name__}: {len(self.layers)} layers, "
+                f"{self.nnz} entries, norm {self.norm.name}, engine {self.engine}>")
+
+
+def _dims(shape) -> str:
+    return "x".join(str(s) for s in shape)
+
+
+def _own_tensor_names(module: nn.Module) -> tuple[str, ...]:
+    return tuple(n for n, t in (*module._parameters.items(), *module._buffers.items())
+                 if t is not None)
+
+
+def _module_with(module: nn.Module, tensors: dict[str, torch.Tensor]) -> nn.Module:
+    """A shallow copy of ``module`` whose own parameters and buffers are ``tensors``."""
+    clone = copy.copy(module)
+    clone._parameters = dict(module._parameters)
+    clone._buffers = dict(module._buffers)
+    for n, t in tensors.items():
+        (clone._parameters if n in clone._parameters else clone._buffers)[n] = t
+    return clone
+
+
+def _working_bytes(engine: str, conn: Connectivity, budget: int, device: torch.device) -> int:
+    if engine == "implicit":
+        from .engines.implicit import working_bytes
+
+        return working_bytes(conn)
+    if engine == "dense":
+        return conn.n_rows * conn.n_cols * 8 * 3
+    from .engines.sparse import working_bytes
+
+    return working_bytes(conn, budget, device)
+
+
+def plan(model: nn.Module, input=None, shapes=None, norm=lin_norm, device="cpu", *,
+         engine: str = "auto", legacy: bool = False, max_memory=None) -> Plan:
+    """Plan the EI computation of ``model`` for one input shape.
+
+    Traces the model once (on a meta-device copy where that works), builds each counted
+    layer's connectivity geometry, picks its engine and estimates its working memory.
+    Nothing here depends on the weights' values except the check that they are finite.
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+        A feed-forward network. Its Linear, Conv2d and AvgPool2d layers (and any type
+        registered with :func:`foresight_sparse.register`) count; others are skipped.
+    input : torch.Tensor, tuple or dict, optional
+        An example input, used for one forward pass to find the layers' shapes. A tensor
+        is moved to the model's device and cast to its floating dtype first, integer and
+        boolean tensors included (unless the model has an ``nn.Embedding``); a tuple is
+        unpacked into positional and a dict into keyword arguments.
+    shapes : dict, optional
+        ``{module: (in_shape, out_shape)}`` from :func:`foresight_sparse.ei.get_shapes`;
+        when given, ``input`` is not used.
+    norm : Norm, str, callable or None, default lin_norm
+        Row normalisation: ``lin_norm``, ``soft_norm``, ``sig_norm`` (or ``'lin'``,
+        ``'soft'``, ``'sig'``), ``None`` for raw weights, or any row-wise callable.
+    device : str or torch.device, default 'cpu'
+        Where the reductions run. The weights may live elsewhere; they are read there.
+    engine : {'auto', 'implicit', 'sparse', 'dense'}, default 'auto'
+        ``'auto'`` uses the implicit engine wherever it is exact, the sparse one elsewhere.
+    legacy : bool, default False
+        Use the old module's cross-channel AvgPool2d connectivity.
+    max_memory : int or str, optional
+        Working-memory budget of the engines (default 2 GiB).
+
+    Returns
+    -------
+    Plan
+    """
+    norm_obj = get_norm(norm)
+    dev = resolve_device(device)
+    budget = resolve_budget(max_memory, dev)
+    if engine not in ENGINE_NAMES:
+        raise UnknownNameError(f"unknown engine {engine!r}; valid engines are "
+                               f"{', '.join(ENGINE_NAMES)}")
+    trace = resolve_layers(model, input, shapes)
+    warn_skipped(trace)
+    return Plan(model, [_plan_layer(t, norm_obj, dev, engine, legacy, budget)
+                              for t in trace.layers],
+                trace.skipped, norm_obj, dev, engine, legacy, budget)
+
+
+def _plan_layer(t: TracedLayer, norm: Norm, dev: torch.device, engine: str, legacy: bool,
+                budget: int) -> PlannedLayer:
+    conn = connectivity(t.module, t.in_shape, t.out_shape, legacy=legacy, label=t.label)
+    conn.check_finite()
+    name = pick_engine(engine, LayerJob(conn, norm, dev, budget))
+    names = conn.weight_names if conn.weight_names is not None else \
+        _own_tensor_names(t.module)
+    keys = tuple(f"{t.name}.{n}" if t.name else n for n in names)
+    return PlannedLayer(t.name, type(t.module).__name__, t.in_shape, t.out_shape, conn.n_rows,
+                        conn.n_cols, conn.nnz, name, _working_bytes(name, conn, budget, dev), keys,
+                        t.module, conn)
+
