@@ -25,6 +25,7 @@ __all__ = [
     "CheckpointError",
     "ReportFileError",
     "MissingDependencyError",
+    "HistoryFileError",
 ]
 
 
@@ -112,3 +113,8 @@ class ReportFileError(ForesightError, ValueError):
 class MissingDependencyError(ForesightError, ImportError):
     """An optional feature needs a package that is not installed; the message says which
     ``pip install`` adds it."""
+
+
+class HistoryFileError(ForesightError, ValueError):
+    """A saved history (CSV or JSON) cannot be read, or does not fit the sweep resuming it;
+    the message names the file."""
