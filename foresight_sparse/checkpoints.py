@@ -89,9 +89,8 @@ def _torch_load(path: str, trust_pickle: bool) -> Any:
             raise CheckpointError(f"cannot read {path!r}: {_first_line(exc)}") from None
         raise CheckpointError(
             f"{path!r} holds pickled code (it refers to {found.group(1)}), and loading it runs "
-            "code from the file; if you trust the file, pass trust_pickle=True (CLI: "
-            "--trust-pickle), or save a state dict instead: "
-            "torch.save(model.state_dict(), FILE)") from None
+            "code from the file; if you trust the file, pass trust_pickle=True, or save a state "
+            "dict instead: torch.save(model.state_dict(), FILE)") from None
     except AttributeError as exc:
         found = _MAIN_ATTRIBUTE.search(str(exc))
         if found is not None:
@@ -187,7 +186,7 @@ def load_state_dict(path: str | os.PathLike, *, key: str | None = None,
     raise CheckpointError(
         f"{path!r} is a dict with keys {keys} and none of the usual state dict keys "
         f"({', '.join(STATE_DICT_KEYS)}); the keys that hold state dicts are: {listed}; choose "
-        "one with key= (CLI: --weights-key KEY)")
+        "one with key=NAME")
 
 
 def _few(keys: list[str], n: int = 3) -> str:

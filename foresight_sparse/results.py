@@ -1,11 +1,52 @@
-"""What an analysis returns (:class:`Report`): network totals and one row per layer."""
+"""What an analysis returns (:class:`Report`): network totals and one row per layer.
+
+A report describes itself: besides the settings it was computed with, it records the library
+and torch versions, when it was made, and free-form metadata (``meta``: the command line puts
+the model, the input shape, the seed and the weights file there). :meth:`Report.save` writes
+it as JSON, :meth:`Report.load` and :meth:`Report.from_dict` read it back, and
+:meth:`Report.save_csv` writes one row per layer with the rest as leading ``# key: value``
+lines.
+"""
 
 from __future__ import annotations
 
+import csv
+import dataclasses
+import json
+import os
 from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
 from typing import Any
 
+from .exceptions import ReportFileError
+
 __all__ = ["LayerReport", "Report"]
+
+
+def _library_version() -> str:
+    from . import __version__  # at call time: the package is fully imported by then
+
+    return __version__
+
+
+def _torch_version() -> str:
+    import torch
+
+    return str(torch.__version__)
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def _unsigned(x: float, digits: int) -> float:
+    """``x`` rounded as it will print, without the sign of a zero: -0.0 and -1e-17 would
+    print as ``-0.0000``; rounding, then adding 0.0, turns both into 0.0."""
+    return round(x, digits) + 0.0
+
+
+def _dims(shape) -> str:
+    return "x".join(str(s) for s in shape)
 
 
 @dataclass
@@ -81,6 +122,18 @@ class Report:
         Whether the old module's cross-channel pooling was used.
     seconds : float
         Total wall time.
+    max_memory : int or None
+        The engines' working-memory budget in bytes, where the analysis records it.
+    meta : dict
+        Free-form, JSON-ready metadata about what was analysed (the command line records
+        ``model``, ``input_shape``, ``seed``, ``weights`` and ``weights_key``).
+    version : str or None
+        The foresight-sparse version that computed the report (None when read from a file
+        that does not say).
+    torch_version : str or None
+        The torch version it ran with.
+    created : str or None
+        When the report was made: an ISO-8601 time in UTC.
     """
 
     determinism: float
@@ -93,6 +146,11 @@ class Report:
     device: str = "cpu"
     legacy: bool = False
     seconds: float = 0.0
+    max_memory: int | None = None
+    meta: dict[str, Any] = field(default_factory=dict)
+    version: str | None = field(default_factory=_library_version)
+    torch_version: str | None = field(default_factory=_torch_version)
+    created: str | None = field(default_factory=_now)
 
     @property
     def nnz(self) -> int:
@@ -100,7 +158,10 @@ class Report:
         return sum(layer.nnz for layer in self.layers)
 
     def to_dict(self) -> dict[str, Any]:
-        """Plain, JSON-ready data: totals, settings, ``layers`` and ``skipped``."""
+        """Plain, JSON-ready data: totals, settings, metadata, ``layers`` and ``skipped``.
+
+        :meth:`from_dict` turns it back into an equal report.
+        """
         d = asdict(self)
         for layer in d["layers"]:
             layer["in_shape"] = list(layer["in_shape"])
@@ -109,20 +170,126 @@ class Report:
         d["nnz"] = self.nnz
         return d
 
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Report:
+        """The report that :meth:`to_dict` (or ``--json``) wrote.
+
+        Parameters
+        ----------
+        data : dict
+            As written by :meth:`to_dict`. Keys it does not know (such as the derived
+            ``nnz``) are ignored; ``version``, ``torch_version`` and ``created`` are None when
+            missing, since they cannot be known.
+
+        Raises
+        ------
+        ReportFileError
+            When a total, a setting of a layer or a layer field is missing or malformed.
+        """
+        names = {f.name for f in dataclasses.fields(cls)}
+        layer_names = [f.name for f in dataclasses.fields(LayerReport)]
+        try:
+            missing = [k for k in ("determinism", "degeneracy", "ei", "layers") if k not in data]
+            if missing:
+                raise ReportFileError(f"a report needs {', '.join(missing)}; the data has "
+                                      f"only {', '.join(map(str, data)) or 'no keys'}")
+            layers = []
+            for i, row in enumerate(data["layers"]):
+                absent = [k for k in layer_names if k not in row]
+                if absent:
+                    raise ReportFileError(f"layer {i} ({row.get('name', '?')!r}) lacks "
+                                          f"{', '.join(absent)}")
+                values = {k: row[k] for k in layer_names}
+                values["in_shape"] = tuple(values["in_shape"])
+                values["out_shape"] = tuple(values["out_shape"])
+                layers.append(LayerReport(**values))
+            kwargs = {k: v for k, v in data.items() if k in names}
+            kwargs["layers"] = layers
+            kwargs["skipped"] = [(s["name"], s["type"]) if isinstance(s, dict) else tuple(s)
+                                 for s in data.get("skipped", [])]
+            kwargs["meta"] = dict(data.get("meta") or {})
+            for k in ("version", "torch_version", "created"):
+                kwargs.setdefault(k, None)
+            return cls(**kwargs)
+        except (TypeError, KeyError, AttributeError) as exc:
+            raise ReportFileError(f"not a report as Report.to_dict writes it: "
+                                  f"{type(exc).__name__}: {exc}") from None
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Write :meth:`to_dict` as JSON (what the command line's ``--json`` writes)."""
+        with open(path, "w", encoding="utf-8") as fh:
+            json.dump(self.to_dict(), fh, indent=2)
+            fh.write("\n")
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> Report:
+        """Read a report written by :meth:`save` or ``--json``.
+
+        Raises
+        ------
+        ReportFileError
+            When the file is not JSON or not a report; the message names the file.
+        """
+        try:
+            with open(path, encoding="utf-8") as fh:
+                data = json.load(fh)
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise ReportFileError(f"{os.fspath(path)!r} is not JSON: {exc}") from None
+        if not isinstance(data, dict):
+            raise ReportFileError(f"{os.fspath(path)!r} holds a JSON {type(data).__name__}, "
+                                  "not a report")
+        try:
+            return cls.from_dict(data)
+        except ReportFileError as exc:
+            raise ReportFileError(f"{os.fspath(path)!r}: {exc}") from None
+
+    def csv_header(self) -> dict[str, Any]:
+        """What :meth:`save_csv` writes as leading ``# key: value`` lines, in order.
+
+        The network totals, the settings, the versions and time, then the ``meta`` items.
+        """
+        head = {k: getattr(self, k) for k in (
+            "determinism", "degeneracy", "ei", "norm", "engine", "device", "legacy",
+            "max_memory", "seconds", "version", "torch_version", "created")}
+        head["nnz"] = self.nnz
+        head.update(self.meta)
+        return head
+
+    def save_csv(self, path: str | os.PathLike) -> None:
+        """Write one row per layer, the fields of :class:`LayerReport` as columns.
+
+        Shapes are written as ``1x3x224x224``. The rest of the report (:meth:`csv_header`)
+        comes first, one ``# key: value`` line each: strings as they are, other values as
+        JSON. ``pandas.read_csv(path, comment="#")`` reads the rows.
+        """
+        names = [f.name for f in dataclasses.fields(LayerReport)]
+        with open(path, "w", encoding="utf-8", newline="") as fh:
+            for key, value in self.csv_header().items():
+                text = value if isinstance(value, str) else json.dumps(value)
+                fh.write(f"# {key}: {' '.join(str(text).split())}\n")
+            writer = csv.DictWriter(fh, fieldnames=names)
+            writer.writeheader()
+            for layer in self.layers:
+                row = asdict(layer)
+                row["in_shape"] = _dims(layer.in_shape)
+                row["out_shape"] = _dims(layer.out_shape)
+                writer.writerow(row)
+
     def table(self) -> str:
         """A fixed-width text table of the layers and the totals."""
         head = (f"{'layer':<24} {'type':<10} {'in':>10} {'out':>10} {'entries':>14} "
                 f"{'H(row)':>9} {'degen':>9} {'EI':>9} {'engine':>8} {'s':>7}")
         lines = [head, "-" * len(head)]
         for lay in self.layers:
+            h, deg, ei = (_unsigned(v, 4) for v in (lay.mean_row_entropy, lay.degeneracy,
+                                                   lay.ei))
             lines.append(f"{lay.name[:24]:<24} {lay.type[:10]:<10} {lay.n_in:>10} "
-                         f"{lay.n_out:>10} {lay.nnz:>14} {lay.mean_row_entropy:>9.4f} "
-                         f"{lay.degeneracy:>9.4f} {lay.ei:>9.4f} {lay.engine:>8} "
-                         f"{lay.seconds:>7.3f}")
+                         f"{lay.n_out:>10} {lay.nnz:>14} {h:>9.4f} {deg:>9.4f} {ei:>9.4f} "
+                         f"{lay.engine:>8} {lay.seconds:>7.3f}")
         lines.append("-" * len(head))
-        lines.append(f"network: determinism {self.determinism:.6f}  degeneracy "
-                     f"{self.degeneracy:.6f}  EI {self.ei:.6f} bits  ({self.nnz} entries, "
-                     f"{self.seconds:.2f} s)")
+        det, deg, ei = (_unsigned(v, 6) for v in (self.determinism, self.degeneracy, self.ei))
+        lines.append(f"network: determinism {det:.6f}  degeneracy {deg:.6f}  EI {ei:.6f} bits  "
+                     f"({self.nnz} entries, {self.seconds:.2f} s)")
         return "\n".join(lines)
 
     def __str__(self) -> str:

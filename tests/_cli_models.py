@@ -33,6 +33,17 @@ class TinyNet(nn.Module):
         return self.fc(torch.flatten(self.features(x), 1))
 
 
+class FlattensWrongly(nn.Module):
+    """A model whose own forward (not a submodule's) fails on a 1x3x8x8 input."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(10, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(x.reshape(-1, 10, 7))
+
+
 #: An nn.Module instance rather than a factory: the CLI accepts both.
 INSTANCE = tiny_cnn()
 

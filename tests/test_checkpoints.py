@@ -132,7 +132,7 @@ def test_pickled_module_needs_trust(tmp_path, trained):
         load_state_dict(path)
     msg = str(info.value)
     assert "pickled code" in msg and "runs code" in msg and "trust_pickle=True" in msg
-    assert "--trust-pickle" in msg and str(path) in msg
+    assert str(path) in msg
     assert_same_weights(load_state_dict(path, trust_pickle=True), trained)
 
 
@@ -158,7 +158,7 @@ def test_wrong_key_names_the_candidates(tmp_path, trained):
         load_state_dict(path, key="modle")
     assert "no key 'modle'" in str(info.value) and "'ema', 'student'" in str(info.value)
     # Without key and without a usual key the message says how to choose.
-    with pytest.raises(CheckpointError, match="'ema', 'student'.*--weights-key"):
+    with pytest.raises(CheckpointError, match="'ema', 'student'.*key=NAME"):
         load_state_dict(path)
     with pytest.raises(CheckpointError, match="key 'epoch' holds a int"):
         load_state_dict(path, key="epoch")

@@ -22,7 +22,8 @@ from _cli_models import SHAPE, TinyNet, tiny_cnn
 from torch import nn
 
 import foresight_sparse
-from foresight_sparse.cli import main
+from foresight_sparse import Report
+from foresight_sparse.cli import cli_message, main
 from foresight_sparse.connectivity import connectivity
 from foresight_sparse.tracing import trace
 
@@ -46,8 +47,10 @@ def expected(model: nn.Module, shape=SHAPE, **kwargs) -> dict:
 
 
 def _numbers(d: dict) -> dict:
+    """The report's numbers and settings: no timings, no creation time, no metadata."""
     d = dict(d)
-    d.pop("seconds")
+    for key in ("seconds", "created", "meta"):
+        d.pop(key)
     d["layers"] = [{k: v for k, v in layer.items() if k != "seconds"} for layer in d["layers"]]
     return d
 
@@ -155,14 +158,98 @@ def test_torchscript_with_its_own_forward_is_a_usage_error(capsys, tmp_path):
     assert_usage_error(rc, err, "TorchScript", "torch.save(model, FILE)")
 
 
-def test_torch_save_file(capsys, tmp_path):
+def test_torch_save_file_needs_trust_pickle(capsys, tmp_path):
     model = seeded(TinyNet, 4)
     path = tmp_path / "net.pt"
     torch.save(model, path)
+    rc, _, err = run(capsys, "ei", path, "--input-shape", SHAPE_ARG)
+    assert_usage_error(rc, err, "net.pt", "pickled", "TinyNet", "runs code from the file",
+                       "--trust-pickle", "--weights")
     out_json = tmp_path / "r.json"
-    rc, _, err = run(capsys, "ei", path, "--input-shape", SHAPE_ARG, "--json", out_json)
+    rc, _, err = run(capsys, "ei", path, "--input-shape", SHAPE_ARG, "--json", out_json,
+                     "--trust-pickle")
     assert rc == 0, err
     assert read_json(out_json) == expected(model)
+
+
+@pytest.mark.parametrize("trust", [[], ["--trust-pickle"]])
+def test_torch_save_of_a_main_class_explains(capsys, tmp_path, monkeypatch, trust):
+    # A class defined in the script that saved the model pickles as __main__.<name>.
+    main_module = sys.modules["__main__"]
+    cls = type("ScriptNet", (nn.Sequential,), {"__module__": "__main__"})
+    monkeypatch.setattr(main_module, "ScriptNet", cls, raising=False)
+    path = tmp_path / "script.pt"
+    torch.save(cls(nn.Linear(4, 2)), path)
+    monkeypatch.delattr(main_module, "ScriptNet")
+    rc, _, err = run(capsys, "ei", path, "--input-shape", "1,4", *trust)
+    assert_usage_error(rc, err, "ScriptNet", "__main__", "define the class in a module",
+                       "state dict", "package.module:callable", "--weights")
+
+
+def _save_weights(tmp_path, name: str, obj) -> str:
+    path = tmp_path / name
+    torch.save(obj, path)
+    return str(path)
+
+
+@pytest.mark.parametrize("layout", ["bare", "checkpoint", "ddp", "lightning", "safetensors"])
+def test_weights_file_layouts(capsys, tmp_path, layout):
+    trained = seeded(tiny_cnn, 7)
+    sd = trained.state_dict()
+    opt = torch.optim.SGD(trained.parameters(), lr=0.1)
+    if layout == "bare":
+        path = _save_weights(tmp_path, "w.pt", sd)
+    elif layout == "checkpoint":
+        path = _save_weights(tmp_path, "ckpt.pt", {"model": sd, "epoch": 3,
+                                                   "optimizer": opt.state_dict()})
+    elif layout == "ddp":
+        path = _save_weights(tmp_path, "ddp.pth", {f"module.{k}": v for k, v in sd.items()})
+    elif layout == "lightning":
+        path = _save_weights(tmp_path, "last.ckpt", {
+            "epoch": 3, "global_step": 120, "pytorch-lightning_version": "2.4.0",
+            "state_dict": {f"model.{k}": v for k, v in sd.items()},
+            "optimizer_states": [opt.state_dict()], "lr_schedulers": [], "callbacks": {},
+            "hyper_parameters": {"lr": 0.1}})
+    else:
+        safetensors_torch = pytest.importorskip("safetensors.torch")
+        path = str(tmp_path / "w.safetensors")
+        safetensors_torch.save_file(sd, path)
+    out_json = tmp_path / "r.json"
+    rc, _, err = run(capsys, "ei", "_cli_models:tiny_cnn", "--input-shape", SHAPE_ARG,
+                     "--json", out_json, "--weights", path)
+    assert rc == 0, err
+    assert read_json(out_json) == expected(trained)
+    assert Report.load(out_json).meta["weights"] == path
+
+
+def test_weights_key_chooses_and_a_wrong_key_names_candidates(capsys, tmp_path):
+    trained = seeded(tiny_cnn, 7)
+    path = _save_weights(tmp_path, "ckpt.pt", {"ema": trained.state_dict(), "epoch": 3})
+    rc, _, err = run(capsys, "ei", "_cli_models:tiny_cnn", "--input-shape", SHAPE_ARG,
+                     "--weights", path)
+    assert_usage_error(rc, err, "--weights", "'ema'", "--weights-key NAME")
+    rc, _, err = run(capsys, "ei", "_cli_models:tiny_cnn", "--input-shape", SHAPE_ARG,
+                     "--weights", path, "--weights-key", "emma")
+    assert_usage_error(rc, err, "no key 'emma'", "'ema'")
+    out_json = tmp_path / "r.json"
+    rc, _, err = run(capsys, "ei", "_cli_models:tiny_cnn", "--input-shape", SHAPE_ARG,
+                     "--weights", path, "--weights-key", "ema", "--json", out_json)
+    assert rc == 0, err
+    assert read_json(out_json) == expected(trained)
+    assert Report.load(out_json).meta["weights_key"] == "ema"
+
+
+def test_weights_holding_a_pickled_module_need_trust(capsys, tmp_path):
+    trained = seeded(tiny_cnn, 7)
+    path = _save_weights(tmp_path, "whole.pt", trained)
+    rc, _, err = run(capsys, "ei", "_cli_models:tiny_cnn", "--input-shape", SHAPE_ARG,
+                     "--weights", path)
+    assert_usage_error(rc, err, "--weights", "pickled code", "--trust-pickle")
+    out_json = tmp_path / "r.json"
+    rc, _, err = run(capsys, "ei", "_cli_models:tiny_cnn", "--input-shape", SHAPE_ARG,
+                     "--weights", path, "--trust-pickle", "--json", out_json)
+    assert rc == 0, err
+    assert read_json(out_json) == expected(trained)
 
 
 def test_weights_state_dict_round_trip(capsys, tmp_path):
@@ -183,14 +270,22 @@ def test_weights_that_do_not_fit(capsys, tmp_path):
     torch.save(TinyNet().state_dict(), weights)
     rc, _, err = run(capsys, "ei", "_cli_models:tiny_cnn", "--input-shape", SHAPE_ARG,
                      "--weights", weights)
-    assert_usage_error(rc, err, "does not fit the model", "missing", "unexpected")
+    assert_usage_error(rc, err, "does not fit the model", "missing", "unexpected",
+                       "closest match of '0.weight' is 'features.0.weight'")
 
 
 def test_state_dict_given_as_model(capsys, tmp_path):
     path = tmp_path / "w.pt"
     torch.save(tiny_cnn().state_dict(), path)
     rc, _, err = run(capsys, "ei", path, "--input-shape", SHAPE_ARG)
-    assert_usage_error(rc, err, "state_dict", "--weights")
+    assert_usage_error(rc, err, "holds an OrderedDict (a state dict): pass it with --weights "
+                                "to a model")
+
+
+def test_checkpoint_given_as_model(capsys, tmp_path):
+    path = _save_weights(tmp_path, "ckpt.pt", {"model": tiny_cnn().state_dict(), "epoch": 3})
+    rc, _, err = run(capsys, "ei", path, "--input-shape", SHAPE_ARG)
+    assert_usage_error(rc, err, "'model', 'epoch'", "training checkpoint", "--weights")
 
 
 # --------------------------------------------------------------------------- options and outputs
@@ -215,7 +310,7 @@ def test_csv_has_one_row_per_layer(capsys, tmp_path):
                      "--csv", out_csv)
     assert rc == 0, err
     with open(out_csv, newline="", encoding="utf-8") as fh:
-        rows = list(csv.DictReader(fh))
+        rows = list(csv.DictReader(line for line in fh if not line.startswith("#")))
     want = expected(seeded(tiny_cnn))["layers"]
     assert [r["name"] for r in rows] == [layer["name"] for layer in want]
     for row, layer in zip(rows, want):
@@ -225,21 +320,72 @@ def test_csv_has_one_row_per_layer(capsys, tmp_path):
         assert float(row["mean_row_entropy"]) == layer["mean_row_entropy"]
 
 
-def test_plot(capsys, tmp_path):
+@pytest.mark.parametrize("name, magic", [("r.png", b"\x89PNG\r\n\x1a\n"), ("r.pdf", b"%PDF"),
+                                         ("r.SVG", b"<?xml")])
+def test_plot_writes_exactly_the_file(capsys, tmp_path, name, magic):
     pytest.importorskip("matplotlib")
-    out_png = tmp_path / "r.png"
+    out = tmp_path / name
     rc, _, err = run(capsys, "ei", "_cli_models:tiny_cnn", "--input-shape", SHAPE_ARG,
-                     "--plot", out_png)
+                     "--plot", out)
     assert rc == 0, err
-    assert out_png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert out.read_bytes().startswith(magic)
+    assert [p.name for p in tmp_path.iterdir()] == [name]
+
+
+@pytest.mark.parametrize("name, fragments", [
+    ("out", ["has no extension", ".png", ".pdf", ".svg"]),
+    ("out.xyz", ["cannot write .xyz", ".png", ".svg"]),
+])
+def test_plot_refuses_unknown_formats(capsys, tmp_path, name, fragments):
+    pytest.importorskip("matplotlib")
+    rc, out, err = run(capsys, "ei", "_cli_models:tiny_cnn", "--input-shape", SHAPE_ARG,
+                       "--plot", tmp_path / name)
+    assert_usage_error(rc, err, "--plot", *fragments)
+    assert out == "" and list(tmp_path.iterdir()) == []
 
 
 def test_plot_without_matplotlib_is_a_usage_error(capsys, tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # makes `import matplotlib` fail
     rc, _, err = run(capsys, "ei", "_cli_models:tiny_cnn", "--input-shape", SHAPE_ARG,
                      "--plot", tmp_path / "r.png")
-    assert_usage_error(rc, err, "pip install foresight-sparse[plot]")
+    assert_usage_error(rc, err, "pip install 'foresight-sparse[plot]'")
     assert not (tmp_path / "r.png").exists()
+
+
+def test_json_describes_itself_and_loads_back(capsys, tmp_path):
+    out_json = tmp_path / "r.json"
+    rc, _, err = run(capsys, "ei", "_cli_models:tiny_cnn", "--input-shape", SHAPE_ARG,
+                     "--seed", "3", "--norm", "soft", "--json", out_json)
+    assert rc == 0, err
+    with open(out_json, encoding="utf-8") as fh:
+        data = json.load(fh)
+    assert data["meta"] == {"model": "_cli_models:tiny_cnn", "input_shape": list(SHAPE),
+                            "seed": 3, "weights": None, "weights_key": None}
+    assert data["version"] == foresight_sparse.__version__
+    assert data["torch_version"] == torch.__version__
+    assert (data["norm"], data["engine"], data["device"]) == ("soft", "auto", "cpu")
+    rep = Report.load(out_json)
+    assert rep == Report.from_dict(data)
+    assert rep.to_dict() == data
+
+
+def test_csv_leads_with_metadata(capsys, tmp_path):
+    out_csv = tmp_path / "r.csv"
+    out_json = tmp_path / "r.json"
+    rc, _, err = run(capsys, "ei", "_cli_models:tiny_cnn", "--input-shape", SHAPE_ARG,
+                     "--csv", out_csv, "--json", out_json)
+    assert rc == 0, err
+    lines = out_csv.read_text(encoding="utf-8").splitlines()
+    comments = dict(line[2:].split(": ", 1) for line in lines if line.startswith("# "))
+    data = json.loads(out_json.read_text(encoding="utf-8"))
+    assert comments["model"] == "_cli_models:tiny_cnn"
+    assert json.loads(comments["input_shape"]) == list(SHAPE)
+    assert comments["seed"] == "0" and comments["norm"] == "lin"
+    assert comments["version"] == foresight_sparse.__version__
+    assert comments["torch_version"] == torch.__version__
+    assert comments["created"] == data["created"]
+    assert float(comments["ei"]) == data["ei"]
+    assert json.loads(comments["max_memory"]) == data["max_memory"]
 
 
 def test_quiet_prints_only_the_totals(capsys):
@@ -314,6 +460,34 @@ def test_cuda_without_cuda_exits_2(capsys):
     assert_usage_error(rc, err, "--device cuda", "CUDA is not available", "--device cpu")
 
 
+def test_forward_failure_in_the_top_module_names_its_class(capsys):
+    rc, _, err = run(capsys, "ei", "_cli_models:FlattensWrongly", "--input-shape", SHAPE_ARG)
+    assert_usage_error(rc, err, "forward pass failed", "FlattensWrongly (the top-level module)",
+                       status=1)
+    assert "''" not in err
+
+
+@pytest.mark.parametrize("library, cli", [
+    ("use engine='sparse' or 'implicit', or raise max_memory",
+     "use --engine sparse or implicit, or raise --max-memory"),
+    ("max_memory='lots' is not a byte count", "--max-memory lots is not a byte count"),
+    ("no CUDA device available; use device='cpu'", "no CUDA device available; use --device cpu"),
+    ("norm=None keeps the raw weights", "--norm none keeps the raw weights"),
+    ("pass norm='soft'", "pass --norm soft"),
+    ("legacy=True reproduces the old module", "--legacy reproduces the old module"),
+    ("if you trust the file, pass trust_pickle=True", "if you trust the file, pass --trust-pickle"),
+    ("choose one with key=NAME", "choose one with --weights-key NAME"),
+    ("pass it with weights= to a model", "pass it with --weights to a model"),
+    ("input_shape= is required", "--input-shape is required"),
+    # Not arguments: left alone.
+    ("weights_only=True refused it", "weights_only=True refused it"),
+    ("the engine reduced the norm of the device", "the engine reduced the norm of the device"),
+    ("--engine sparse", "--engine sparse"),
+])
+def test_cli_message_names_flags(library, cli):
+    assert cli_message(library) == cli
+
+
 def test_forward_failure_exits_1(capsys):
     rc, out, err = run(capsys, "ei", "_cli_models:tiny_cnn", "--input-shape", "1,5,8,8")
     assert_usage_error(rc, err, "forward pass failed", "'0'", "1,5,8,8", "--input-shape",
@@ -335,7 +509,8 @@ def test_failing_factory_exits_1(capsys):
 def test_memory_budget_error_exits_1(capsys):
     rc, _, err = run(capsys, "ei", "_cli_models:tiny_cnn", "--input-shape", SHAPE_ARG,
                      "--engine", "sparse", "--max-memory", "16")
-    assert_usage_error(rc, err, "max_memory", status=1)
+    assert_usage_error(rc, err, "--max-memory", status=1)
+    assert "max_memory" not in err
 
 
 # --------------------------------------------------------------------------- entry points
