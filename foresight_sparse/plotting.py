@@ -2,6 +2,8 @@
 
 matplotlib is imported only when a chart is drawn, and never through pyplot: a
 :class:`matplotlib.figure.Figure` has no GUI backend and no global state.
+:func:`plot_history` draws a :class:`~foresight_sparse.history.History` over training steps
+or checkpoints.
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ import os
 from .exceptions import MissingDependencyError, UnknownNameError
 from .results import Report
 
-__all__ = ["PLOT_HINT", "plot_formats", "check_plot_path", "plot_report"]
+__all__ = ["PLOT_HINT", "plot_formats", "check_plot_path", "plot_report", "plot_history"]
 
 #: How to install what plotting needs.
 PLOT_HINT = "pip install 'foresight-sparse[plot]'"
@@ -127,5 +129,102 @@ def plot_report(report: Report, path: str | os.PathLike, title: str | None = Non
     ax.set_title(f"{title}\n{totals}" if title else totals, fontsize="medium")
     # Above the axes: a legend at the right would leave an empty band on a wide chart.
     fig.legend(loc="outside upper center", ncols=4, fontsize="small", frameon=False)
+    fig.savefig(path, format=fmt, dpi=120, bbox_inches="tight")
+    return fig
+
+
+def _history_x(network: list) -> tuple[str, list[float], list[str] | None]:
+    """The x axis of a history chart: steps where every evaluation has one, else epochs,
+    else the evaluations in order (labelled)."""
+    if network and all(r.step is not None for r in network):
+        return "step", [float(r.step) for r in network], None
+    if network and all(r.epoch is not None for r in network):
+        return "epoch", [float(r.epoch) for r in network], None
+    return "checkpoint", [float(i) for i in range(len(network))], [r.label for r in network]
+
+
+def plot_history(history, path: str | os.PathLike, kind: str = "layers",
+                 title: str | None = None):
+    """Draw a :class:`~foresight_sparse.history.History` and write the chart to ``path``.
+
+    Parameters
+    ----------
+    history : History
+        What a tracker or a sweep recorded; error records are left out.
+    path : str or os.PathLike
+        The file, written under exactly this name; its extension picks the format
+        (:func:`check_plot_path`).
+    kind : {'layers', 'plane'}, default 'layers'
+        ``'layers'``: EI of every layer (thin lines) and of the network (thick black) over
+        the steps, or the epochs, or the checkpoints in order when some have neither.
+        ``'plane'``: each layer's path in the plane of its determinism (mean row entropy,
+        x) and degeneracy (y), from a circle at the first evaluation to a square at the
+        last; lines of equal EI are parallel to the dotted diagonal, where EI is 0.
+    title : str, optional
+        A title line.
+
+    Returns
+    -------
+    matplotlib.figure.Figure
+        The chart, already written.
+
+    Raises
+    ------
+    UnknownNameError
+        For another ``kind``, or an extension matplotlib does not write.
+    ValueError
+        When the history holds no evaluation to draw.
+    MissingDependencyError
+        When matplotlib is not installed (``pip install 'foresight-sparse[plot]'``).
+    """
+    if kind not in ("layers", "plane"):
+        raise UnknownNameError(f"unknown history plot kind={kind!r}; use 'layers' or 'plane'")
+    fmt = check_plot_path(path)
+    from matplotlib.figure import Figure
+
+    from .history import NETWORK
+
+    network = [r for r in history.records if r.kind == "network"]
+    if not network:
+        raise ValueError("the history holds no evaluation to draw (only errors, or nothing)")
+    names = history.layers
+    fig = Figure(figsize=(9.0, 5.2), layout="constrained")
+    ax = fig.subplots()
+    colors = [f"C{i % 10}" for i in range(len(names))]
+    if kind == "layers":
+        axis, xs, ticks = _history_x(network)
+        pos = {r.label: x for r, x in zip(network, xs)}
+        for name, color in zip(names, colors):
+            recs = [r for r in history.records if r.kind == "layer" and r.layer == name]
+            ax.plot([pos[r.label] for r in recs], [r.ei for r in recs], color=color,
+                    linewidth=1, marker="." if len(recs) < 30 else None, label=name)
+        ax.plot(xs, [r.ei for r in network], color="black", linewidth=2.5,
+                marker="o" if len(network) < 30 else None, label="network")
+        if ticks is not None:
+            ax.set_xticks(xs, ticks, rotation=60, ha="right", fontsize="small")
+        ax.set_xlabel(axis)
+        ax.set_ylabel("EI (bits)")
+    else:
+        for name, color in zip([*names, NETWORK], [*colors, "black"]):
+            kind_of = "network" if name == NETWORK else "layer"
+            recs = [r for r in history.records if r.kind == kind_of and r.layer == name]
+            x = [r.determinism for r in recs]
+            y = [r.degeneracy for r in recs]
+            width = 2.5 if name == NETWORK else 1
+            ax.plot(x, y, color=color, linewidth=width, label="network" if name == NETWORK
+                    else name)
+            ax.plot(x[:1], y[:1], "o", color=color, markersize=4)
+            ax.plot(x[-1:], y[-1:], "s", color=color, markersize=5)
+        lo, hi = ax.get_xlim()
+        ax.axline((lo, lo), slope=1, color="grey", linestyle=":", linewidth=1,
+                  label="EI = 0")
+        ax.set_xlim(lo, hi)
+        ax.set_xlabel("determinism: mean row entropy (bits)")
+        ax.set_ylabel("degeneracy (bits)")
+    if title:
+        ax.set_title(title, fontsize="medium")
+    ax.grid(True, linewidth=0.3)
+    ncols = 1 if len(names) <= 24 else 2
+    fig.legend(loc="outside right upper", ncols=ncols, fontsize="x-small", frameon=False)
     fig.savefig(path, format=fmt, dpi=120, bbox_inches="tight")
     return fig
