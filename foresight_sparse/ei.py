@@ -171,9 +171,17 @@ class _ValidModules(MutableMapping):
 
 
 def _generic_create_matrix(adapter):
+    import warnings
+
     def create_matrix(module, in_shape, out_shape, *, layout=torch.sparse_coo,
                       max_memory=None):
-        return adapter(module, in_shape, out_shape).to_sparse(layout, max_memory=max_memory)
+        # A user's matrix goes through torch's sparse CSR conversion, whose "beta state"
+        # notice is torch's, not news to the caller: keep it inside the library.
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta",
+                                    category=UserWarning)
+            conn = adapter(module, in_shape, out_shape)
+            return conn.to_sparse(layout, max_memory=max_memory)
 
     return create_matrix
 
