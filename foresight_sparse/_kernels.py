@@ -14,6 +14,8 @@ import numpy as np
 from numba import types
 from numba.extending import intrinsic
 
+from .norms import KERNEL_CODES, LinNorm, SigNorm, SoftNorm, Unnormalised
+
 __all__: list[str] = []
 
 #: Below this much work (elements touched) a kernel runs serially: waking the thread pool
@@ -155,8 +157,9 @@ _FM_REDUCE = {"reassoc", "contract", "nsz"}
 _FM_ELEMENTWISE = {"contract"}
 
 
-# Elementwise maps the reduction kernel knows, by code (see foresight_sparse.norms).
-KIND_LIN, KIND_SOFT, KIND_SIG, KIND_NONE = 0, 1, 2, 3
+# Elementwise maps the reduction kernel knows, by code (the table is the norms module's).
+KIND_LIN, KIND_SOFT, KIND_SIG, KIND_NONE = (KERNEL_CODES[c] for c in (LinNorm, SoftNorm, SigNorm,
+                                                                      Unnormalised))
 _INV_LN2 = 1.0 / np.log(2.0)
 
 

@@ -25,11 +25,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-import scipy.sparse
 import torch
 from torch import nn
 
-from . import _kernels
 from .budget import check_budget, resolve_budget
 from .exceptions import ShapeMismatchError, UnknownNameError, UnsupportedLayerError
 from .geometry import PADDING_MODES, Axis, AxisPairs, conv_output_size
@@ -231,6 +229,8 @@ class Connectivity:
             raise UnknownNameError(f"{self.label}: layout='scipy' needs CPU tensors; the "
                                    f"layer lives on {blk.vals.device}. Move the model to the "
                                    "CPU or use torch.sparse_csr")
+        import scipy.sparse  # scipy loads only for this layout
+
         return scipy.sparse.csr_array((blk.vals.numpy(), blk.cols.numpy(), crow.numpy()),
                                       shape=size)
 
@@ -456,6 +456,8 @@ class Stencil(Connectivity):
         vals = torch.from_numpy(_buffer(workspace, "vals", nnz,
                                         torch.empty((), dtype=fill_dtype).numpy().dtype))
         rows = _buffer(workspace, "rows", nnz if with_rows else 0, np.int64)
+        from . import _kernels
+
         _kernels.fill_stencil_rows(r0, r1 - r0, self, rowptr, cols, vals.numpy(), rows)
         return Block(r0, torch.from_numpy(rowptr), torch.from_numpy(cols), vals.to(dtype),
                      torch.from_numpy(rows) if with_rows else None)
@@ -590,6 +592,8 @@ class FullyConnected(Connectivity):
             np_idx = np.int32 if index_dtype == torch.int32 else np.int64
             cols = np.empty(n * self.n_cols, dtype=np_idx)
             rows = np.empty(n * self.n_cols if with_rows else 0, dtype=np.int64)
+            from . import _kernels
+
             _kernels.fill_dense_rows(r0, n, self.n_cols, cols, rows)
             return Block(r0, rowptr, torch.from_numpy(cols), vals,
                          torch.from_numpy(rows) if with_rows else None)

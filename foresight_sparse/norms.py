@@ -211,6 +211,9 @@ soft_norm = SoftNorm()
 sig_norm = SigNorm()
 UNNORMALISED = Unnormalised()
 
+#: Norm class -> the code of its elementwise map in the numba kernels (foresight_sparse._kernels).
+KERNEL_CODES: dict[type, int] = {LinNorm: 0, SoftNorm: 1, SigNorm: 2, Unnormalised: 3}
+
 #: Name -> norm, for the CLI and for ``norm='soft'`` style arguments.
 NORMS: dict[str, Norm] = {"lin": lin_norm, "soft": soft_norm, "sig": sig_norm,
                           "none": UNNORMALISED}

@@ -302,7 +302,7 @@ def _working_bytes(engine: str, conn: Connectivity, budget: int, device: torch.d
     if engine == "implicit":
         from .engines.implicit import working_bytes
 
-        return working_bytes(conn)
+        return working_bytes(conn, budget)
     if engine == "dense":
         return conn.n_rows * conn.n_cols * 8 * 3
     from .engines.sparse import working_bytes

@@ -43,17 +43,16 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .. import _kernels
 from ..budget import check_budget
 from ..connectivity import FullyConnected, Stencil
 from ..entropy import row_entropy
 from ..geometry import AxisClasses
-from ..norms import ElementwiseNorm, SoftNorm
+from ..norms import KERNEL_CODES as _KINDS
+from ..norms import ElementwiseNorm, LinNorm, SoftNorm
 from . import LayerJob, LayerStats
-from .sparse import KINDS as _KINDS
 
 __all__ = ["supports", "layer_stats", "working_bytes", "kernel_terms", "kernel_terms_torch",
-           "column_classes", "linear_torch", "SOFTMAX_SPAN"]
+           "f_kernel", "column_classes", "linear_torch", "SOFTMAX_SPAN"]
 
 #: Fewest elements of a Linear weight the torch passes take per block. Blocks grow with the
 #: budget (a few blocks per layer on a GPU: each costs a dozen kernel launches).
@@ -95,32 +94,55 @@ def layer_stats(job: LayerJob) -> LayerStats:
                          "(padding that folds two taps onto one input, a custom norm or a "
                          "custom builder); use engine='auto' or 'sparse'")
     conn = job.conn
-    check_budget(working_bytes(conn), job.budget,
+    check_budget(working_bytes(conn, job.budget), job.budget,
                  f"{conn.label}: the implicit engine's maps ({conn.n_rows} inputs, "
                  f"{conn.n_cols} outputs)", "raise max_memory")
     if isinstance(conn, FullyConnected):
         return _linear(conn, job.norm, job.device, job.budget)
     if _constant_kernel(conn):
         return _pool(conn, job.norm, job.device)
-    return _conv(conn, job.norm, job.device)
+    return _conv(conn, job.norm, job.device, job.budget)
 
 
-def working_bytes(conn) -> int:
+def working_bytes(conn, budget: int | None = None) -> int:
     """Bytes the implicit engine allocates for one layer (an upper estimate).
 
-    Convolutions: three float64 copies of the kernel and the gathered ``1/Z`` of
-    :func:`column_classes` (at most 64 MiB). Pools: float64 maps of the input and output
-    size. Linear: per-input float64 sums and one block of the float64 weight.
+    Convolutions: the gathered ``1/Z`` of :func:`column_classes` (at most 64 MiB) and three
+    float64 copies of one block of output channels of the kernel; the blocks are as large
+    as ``budget`` allows (the whole kernel when ``budget`` is None), and at least one output
+    channel per group. Pools: float64 maps of the input and output size. Linear: per-input
+    float64 sums and one block of the float64 weight.
     """
     if isinstance(conn, FullyConnected):
         return _linear_sums_bytes(conn) + _LINEAR_BYTES_PER_ELEMENT * min(
             _LINEAR_BLOCK, conn.weight.numel())
     if _constant_kernel(conn):
         return 8 * (3 * conn.n_rows + 2 * conn.n_cols)
+    fixed = _conv_fixed_bytes(conn)
+    return fixed + _KERNEL_COPIES * 8 * conn.groups * _cout_step(conn, budget, fixed) * \
+        conn.kernel[0].numel()
+
+
+#: float64 copies of a block of the kernel that a convolution's column pass holds at once.
+_KERNEL_COPIES = 3
+
+
+def _conv_fixed_bytes(conn: Stencil) -> int:
+    """A convolution's bytes outside its kernel blocks: the gathered ``1/Z`` and the
+    per-class maps."""
     ch, cw = _classes(conn)
     per_class_row = conn.in_chw[0] * conn.kernel[0, 0].numel() * len(cw.out_mult) * 8
     gather = min(max(_GATHER_BYTES, per_class_row), per_class_row * len(ch.out_mult))
-    return conn.kernel.numel() * 8 * 3 + gather
+    maps = 8 * 6 * conn.in_chw[0] * len(ch.in_mult) * len(cw.in_mult)
+    return gather + maps + 8 * 2 * conn.out_chw[0] * len(ch.out_mult) * len(cw.out_mult)
+
+
+def _cout_step(conn: Stencil, budget: int | None, fixed: int) -> int:
+    """Output channels per group in one block of a convolution's column pass."""
+    if budget is None:
+        return conn.cout_g
+    per_channel = _KERNEL_COPIES * 8 * conn.groups * conn.kernel[0].numel()
+    return max(1, min(conn.cout_g, (budget - fixed) // max(per_channel, 1)))
 
 
 def _linear_sums_bytes(conn: FullyConnected) -> int:
@@ -152,11 +174,12 @@ def _stored_counts(conn: Stencil, device) -> torch.Tensor:
     return conn.cout_g * nh[:, None] * nw[None, :]
 
 
-def _conv(conn: Stencil, norm: ElementwiseNorm, device) -> LayerStats:
-    """Row and column pass on the layer's position classes (see :class:`AxisClasses`)."""
+def _conv(conn: Stencil, norm: ElementwiseNorm, device, budget: int) -> LayerStats:
+    """Row and column pass on the layer's position classes (see :class:`AxisClasses`);
+    the column pass streams blocks of output channels when the kernel is large."""
     shift = norm.shift(conn.weight_bound())
     c = norm.zero(shift)
-    sf, st, fk = kernel_terms(conn, norm, shift, device)
+    sf, st = kernel_terms(conn, norm, shift, device)
     ch, cw = _classes(conn)
     f64 = dict(dtype=torch.float64, device=device)
     mh, mw = torch.as_tensor(ch.in_profile, **f64), torch.as_tensor(cw.in_profile, **f64)
@@ -170,18 +193,27 @@ def _conv(conn: Stencil, norm: ElementwiseNorm, device) -> LayerStats:
     # Full rows (no absent entry) take c = 0: exact, and no c/Z - c/Z cancellation when
     # Z << c; their 1/Z goes through f(K), the other rows' through f(K) - c.
     full = stored == conn.n_cols
-    g_part = fk - c if c != 0.0 else fk
-    if bool(full.any()):
-        inv_full, inv = torch.where(full, inv, 0.0), torch.where(full, 0.0, inv)
-        col = column_classes(conn, ch, cw, inv_full, fk)
-        if not bool(full.all()):
-            col = col + column_classes(conn, ch, cw, inv, g_part)
-    else:
-        col = column_classes(conn, ch, cw, inv, g_part)
+    any_full, all_full = bool(full.any()), bool(full.all())
+    inv_full = torch.where(full, inv, 0.0) if any_full else None
+    inv_part = torch.where(full, 0.0, inv) if any_full else inv
+    g, cout_g = conn.groups, conn.cout_g
+    col = torch.empty(g, cout_g, len(ch.out_mult), len(cw.out_mult), **f64)
+    step = _cout_step(conn, budget, _conv_fixed_bytes(conn))
+    for o0 in range(0, cout_g, step):
+        fk = f_kernel(conn, norm, shift, device, o0, o0 + step)
+        if any_full:
+            col[:, o0:o0 + step] = column_classes(conn, ch, cw, inv_full, fk)
+        if not all_full:
+            part = column_classes(conn, ch, cw, inv_part, fk - c if c != 0.0 else fk)
+            if any_full:
+                col[:, o0:o0 + step] += part
+            else:
+                col[:, o0:o0 + step] = part
+        del fk
     mult_out = torch.outer(torch.as_tensor(ch.out_mult, **f64),
                            torch.as_tensor(cw.out_mult, **f64))
     return LayerStats(h_sum, conn.n_rows, col.reshape(-1), "implicit",
-                      c * float((inv * mult_in).sum()),
+                      c * float((inv_part * mult_in).sum()),
                       mult_out.expand(conn.out_chw[0], -1, -1).reshape(-1))
 
 
@@ -189,43 +221,62 @@ def _classes(conn: Stencil) -> tuple[AxisClasses, AxisClasses]:
     return conn.axis_h.classes(), conn.axis_w.classes()
 
 
-def kernel_terms(conn: Stencil, norm: ElementwiseNorm, shift: float, device):
-    """``(Sf, St, f(K))``: the channel-summed ``f(K)`` and ``f(K) log2 f(K)`` per input
-    channel, ``(C_in, KH, KW)``, and ``f(K)`` itself, all float64 on ``device``.
+def _kernel_as_float(conn: Stencil) -> torch.Tensor:
+    """The kernel on the CPU as a contiguous float32 or float64 tensor (no copy if it is)."""
+    k = conn.kernel.detach().cpu()
+    if k.dtype not in (torch.float32, torch.float64):
+        k = k.to(torch.float32 if k.element_size() < 4 else torch.float64)
+    return k.contiguous()
 
-    On the CPU, for the built-in norms, the sums are one numba pass over the kernel (for
-    each group, the column sums of its ``(C_out/g, C_in/g * KH * KW)`` matrix); torch
+
+def kernel_terms(conn: Stencil, norm: ElementwiseNorm, shift: float, device):
+    """``(Sf, St)``: the channel-summed ``f(K)`` and ``f(K) log2 f(K)`` per input channel,
+    ``(C_in, KH, KW)`` float64 on ``device``.
+
+    On the CPU, for the built-in norms, one numba pass over the kernel (for each group, the
+    column sums of its ``(C_out/g, C_in/g * KH * KW)`` matrix), with no copy of it; torch
     elsewhere.
     """
     kind = _KINDS.get(type(norm))
     if device.type != "cpu" or kind is None:
         return kernel_terms_torch(conn, norm, shift, device)
-    k = conn.kernel.detach().cpu()
-    if k.dtype not in (torch.float32, torch.float64):
-        k = k.to(torch.float32 if k.element_size() < 4 else torch.float64)
-    k = k.contiguous()
+    from .. import _kernels
+
+    k = _kernel_as_float(conn)
     z, t = _kernels.dense_row_sums(k.numpy().reshape(conn.groups, conn.cout_g, -1), kind,
                                    shift)
     c_in, kh, kw = conn.in_chw[0], *k.shape[-2:]
-    sf = torch.from_numpy(z).reshape(c_in, kh, kw)
-    st = torch.from_numpy(t).reshape(c_in, kh, kw)
-    if kind == _kernels.KIND_LIN:  # relu at the kernel's own width: fewer bytes moved
-        return sf, st, k.clamp_min(0.0).to(torch.float64)
-    fk = torch.empty(k.shape, dtype=torch.float64).copy_(k)  # faster than .to() here
-    if kind != _kernels.KIND_NONE:
-        fk = norm.f(fk, shift)
-    return sf, st, fk
+    return (torch.from_numpy(z).reshape(c_in, kh, kw),
+            torch.from_numpy(t).reshape(c_in, kh, kw))
 
 
-def kernel_terms_torch(conn: Stencil, norm: ElementwiseNorm, shift: float, device):
-    """Torch form of :func:`kernel_terms` (CUDA, custom elementwise norms; CPU tensors too)."""
-    k = conn.kernel.detach().to(device, torch.float64)
+def kernel_terms_torch(conn: Stencil, norm: ElementwiseNorm, shift: float, device,
+                       step: int | None = None):
+    """Torch form of :func:`kernel_terms` (CUDA, custom elementwise norms; CPU tensors too),
+    over blocks of ``step`` output channels per group (all at once by default)."""
     g, cout_g, cin_g = conn.groups, conn.cout_g, conn.cin_g
-    kh, kw = k.shape[-2:]
-    fk = norm.f(k, shift)
-    sf = fk.reshape(g, cout_g, cin_g, kh, kw).sum(1).reshape(-1, kh, kw)
-    st = norm.f_log2f(k, shift).reshape(g, cout_g, cin_g, kh, kw).sum(1).reshape(-1, kh, kw)
-    return sf, st, fk
+    kh, kw = conn.kernel.shape[-2:]
+    step = step or cout_g
+    sf = torch.zeros(g, cin_g * kh * kw, dtype=torch.float64, device=device)
+    st = torch.zeros_like(sf)
+    k = conn.kernel.detach().reshape(g, cout_g, -1)
+    for o0 in range(0, cout_g, step):
+        blk = k[:, o0:o0 + step].to(device, torch.float64)
+        sf += norm.f(blk, shift).sum(1)
+        st += norm.f_log2f(blk, shift).sum(1)
+    return sf.reshape(-1, kh, kw), st.reshape(-1, kh, kw)
+
+
+def f_kernel(conn: Stencil, norm: ElementwiseNorm, shift: float, device, o0: int = 0,
+             o1: int | None = None) -> torch.Tensor:
+    """``f(K)`` for output channels ``o0 .. o1`` of every group, float64 on ``device``:
+    shape ``(groups, o1 - o0, C_in/groups, KH, KW)``."""
+    k = conn.kernel.detach()
+    k = k.reshape(conn.groups, conn.cout_g, *k.shape[1:])[:, o0:o1]
+    if device.type == "cpu" and isinstance(norm, LinNorm):
+        # relu at the kernel's own width, then widen: fewer bytes moved
+        return k.cpu().clamp_min(0.0).to(torch.float64)
+    return norm.f(k.to(device, torch.float64), shift)
 
 
 #: Bytes of the gathered ``1/Z`` taps one step of :func:`column_classes` may hold.
@@ -236,31 +287,33 @@ def column_classes(conn: Stencil, ch: AxisClasses, cw: AxisClasses, inv: torch.T
                    g_kernel: torch.Tensor) -> torch.Tensor:
     """Column sums of every output class: ``conv2d(1/Z, G)`` evaluated once per class.
 
-    ``inv`` is ``1/Z`` per (input channel, input class along H, along W); output class
-    ``(p, q)`` reads input class ``out_taps[p, kh]`` through tap ``kh`` (and likewise
-    along W), so its column of output channel ``co`` is
+    ``inv`` is ``1/Z`` per (input channel, input class along H, along W); ``g_kernel`` is
+    ``(groups, n, C_in/groups, KH, KW)``: ``n`` output channels of each group. Output class
+    ``(p, q)`` reads input class ``out_taps[p, kh]`` through tap ``kh`` (and likewise along
+    W), so its column of output channel ``co`` is
     ``sum over ci, kh, kw of inv[ci, taps_h[p, kh], taps_w[q, kw]] * G[co, ci, kh, kw]``:
     a float64 matrix product with the taps gathered, in slices of output classes that
-    keep the gathered copy under 64 MiB. Returns ``(C_out, P, Q)`` float64.
+    keep the gathered copy under 64 MiB. Returns ``(groups, n, P, Q)`` float64.
     """
-    g, cin_g, cout_g = conn.groups, conn.cin_g, conn.cout_g
+    g, cin_g = conn.groups, conn.cin_g
+    n_co = g_kernel.shape[1]
     n_kh, n_kw = g_kernel.shape[-2:]
     dev = inv.device
     inv0 = F.pad(inv, (0, 1, 0, 1))  # class -1 (no input) reads the appended zero
     taps_h = torch.as_tensor(np.where(ch.out_taps < 0, inv.shape[1], ch.out_taps), device=dev)
     taps_w = torch.as_tensor(np.where(cw.out_taps < 0, inv.shape[2], cw.out_taps), device=dev)
     n_p, n_q = taps_h.shape[0], taps_w.shape[0]
-    kmat = g_kernel.to(torch.float64).reshape(g, cout_g, cin_g * n_kh * n_kw)
+    kmat = g_kernel.to(torch.float64).reshape(g, n_co, cin_g * n_kh * n_kw)
     per_row = inv.shape[0] * n_kh * n_q * n_kw * 8
     step = max(1, _GATHER_BYTES // max(per_row, 1))
-    out = torch.empty(g, cout_g, n_p, n_q, dtype=torch.float64, device=dev)
+    out = torch.empty(g, n_co, n_p, n_q, dtype=torch.float64, device=dev)
     for p0 in range(0, n_p, step):
         th = taps_h[p0:p0 + step]
         x = inv0[:, th[:, :, None, None], taps_w[None, None, :, :]]  # (C_in, p, KH, Q, KW)
         x = x.reshape(g, cin_g, len(th), n_kh, n_q, n_kw).permute(0, 1, 3, 5, 2, 4)
         x = x.reshape(g, cin_g * n_kh * n_kw, len(th) * n_q)
-        out[:, :, p0:p0 + len(th)] = torch.bmm(kmat, x).reshape(g, cout_g, len(th), n_q)
-    return out.reshape(g * cout_g, n_p, n_q)
+        out[:, :, p0:p0 + len(th)] = torch.bmm(kmat, x).reshape(g, n_co, len(th), n_q)
+    return out
 
 
 def _pool(conn: Stencil, norm: ElementwiseNorm, device) -> LayerStats:
@@ -304,6 +357,8 @@ def _linear(conn: FullyConnected, norm: ElementwiseNorm, device, budget: int) ->
     c = 0.0  # every entry is stored: no absent-entry term, and no c/Z - c/Z cancellation
     kind = _KINDS.get(type(norm))
     if device.type == "cpu" and kind is not None and w.dtype in (torch.float32, torch.float64):
+        from .. import _kernels
+
         w_np = w.contiguous().numpy()
         z, t = (torch.from_numpy(a) for a in _kernels.dense_row_sums(w_np, kind, shift))
         z, t, inv = _absent_terms(norm, shift, torch.full_like(z, n_out), n_out, z, t)

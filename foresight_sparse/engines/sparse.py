@@ -13,10 +13,9 @@ import math
 import numpy as np
 import torch
 
-from .. import _kernels
 from ..budget import row_blocks
 from ..entropy import H, row_entropy
-from ..norms import ElementwiseNorm, LinNorm, SigNorm, SoftNorm, Unnormalised
+from ..norms import KERNEL_CODES, ElementwiseNorm, SoftNorm
 from . import LayerJob, LayerStats
 
 __all__ = ["layer_stats", "reduce_block_torch", "working_bytes", "BYTES_PER_ENTRY"]
@@ -27,8 +26,7 @@ BYTES_PER_ENTRY = 96
 _BYTES_PER_ENTRY_NUMBA = 16
 
 #: Norm class -> the code of its elementwise map in the numba kernels.
-KINDS = {LinNorm: _kernels.KIND_LIN, SoftNorm: _kernels.KIND_SOFT,
-          SigNorm: _kernels.KIND_SIG, Unnormalised: _kernels.KIND_NONE}
+KINDS = KERNEL_CODES
 
 
 def layer_stats(job: LayerJob) -> LayerStats:
@@ -46,6 +44,8 @@ def layer_stats(job: LayerJob) -> LayerStats:
     blocks = row_blocks(counts, _BYTES_PER_ENTRY_NUMBA if numba_path else BYTES_PER_ENTRY, 64,
                         job.budget, conn.label, reserved=fixed)
     if numba_path:
+        from .. import _kernels  # numba loads on first use, not on import
+
         acc = _kernels.column_accumulator(n_cols)
         h_sum = off_sum = 0.0
         # one set of block buffers per layer, sized for the largest block: no fresh pages
@@ -84,7 +84,11 @@ def working_bytes(conn, budget: int, device: torch.device) -> int:
 
 
 def _threads(device: torch.device) -> int:
-    return _kernels.threads() if device.type == "cpu" else 1
+    if device.type != "cpu":
+        return 1
+    from .. import _kernels
+
+    return _kernels.threads()
 
 
 def reduce_block_torch(rowptr: torch.Tensor, cols: torch.Tensor, vals: torch.Tensor,
