@@ -27,8 +27,11 @@ from .exceptions import (
                          UnsupportedLayerError,
                          WeightsError,
 )
+from .history import History
 from .norms import lin_norm, sig_norm, soft_norm
 from .results import LayerReport, Report
+from .sweeps import SweepResult, sweep
+from .tracking import Tracker
 
 __version__ = "0.1.0"
 
@@ -40,6 +43,10 @@ __all__ = [
     "PlannedLayer",
     "Report",
     "LayerReport",
+    "Tracker",
+    "sweep",
+    "SweepResult",
+    "History",
     "register",
     "unregister",
     "Connectivity",

@@ -1,0 +1,499 @@
+"""EI of many checkpoints of one architecture: :func:`sweep`, serially, in worker processes,
+or on a Ray cluster.
+
+The architecture is planned once, in the calling process. Each worker (a process of the
+pool, or a Ray worker) receives the plan once and then only checkpoint paths; it reads each
+checkpoint file once, with :func:`foresight_sparse.checkpoints.load_state_dict` (so state
+dicts and Lightning ``.ckpt`` files load with ``weights_only=True``, and a whole pickled
+module only with ``trust_pickle=True``), fits it to the model with
+:func:`~foresight_sparse.checkpoints.fit_state_dict` and evaluates it with
+:meth:`Plan.report <foresight_sparse.plans.Plan.report>`. A checkpoint that cannot be read,
+does not fit, or holds non-finite weights becomes an error record; the others go on.
+
+Labels, steps and epochs come from the file names (:func:`checkpoint_entries`): the label
+is the file name without its extension, and the checkpoints are sorted naturally
+(``epoch=9`` before ``epoch=10``). These patterns are recognised, case-insensitively,
+anywhere in the name, with ``=``, ``_``, ``-`` or nothing between word and number:
+
+- an epoch: ``epoch=3``, ``epoch_3``, ``epoch-3``, ``epoch3``;
+- a step: ``step=1200``, ``global_step=1200``, ``iter_500``, ``iteration-500``,
+  ``ckpt-500``, ``checkpoint_500``;
+- a name that is only a number (``1200.pt``) is a step.
+
+Lightning's ``epoch=3-step=1200.ckpt`` gives epoch 3 and step 1200.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import pickle
+import re
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from .checkpoints import fit_state_dict, load_state_dict
+from .exceptions import (
+    CheckpointError,
+    ForesightError,
+    HistoryFileError,
+    MissingDependencyError,
+    UnknownNameError,
+)
+from .history import CSVAppender, History, Record, records_from_report
+from .norms import lin_norm
+from .plans import Plan, plan
+from .results import Report
+
+__all__ = ["BACKENDS", "Checkpoint", "SweepResult", "sweep", "checkpoint_entries",
+           "natural_key", "RAY_HINT"]
+
+log = logging.getLogger("foresight_sparse")
+
+#: The ways :func:`sweep` can run.
+BACKENDS = ("serial", "process", "ray")
+
+#: How to install what the Ray backend needs.
+RAY_HINT = "pip install 'foresight-sparse[ray]'"
+
+#: Extensions of checkpoint files, tried when ``checkpoints`` is a folder.
+CHECKPOINT_SUFFIXES = (".pt", ".pth", ".ckpt", ".bin", ".safetensors", ".pkl", ".tar")
+
+_EPOCH_RE = re.compile(r"(?<![a-z])epoch[=_-]?(\d+)", re.IGNORECASE)
+_STEP_RE = re.compile(
+    r"(?<![a-z])(?:global_step|step|iteration|iter|ckpt|checkpoint)[=_-]?(\d+)", re.IGNORECASE)
+_NUMBER_RE = re.compile(r"\d+")
+
+
+def natural_key(text: str) -> list:
+    """Sort key that orders the numbers in ``text`` by value: ``epoch=9`` before
+    ``epoch=10``."""
+    parts = re.split(r"(\d+)", text)
+    return [(0, int(p), "") if p.isdigit() else (1, 0, p.lower()) for p in parts]
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """A checkpoint file of a sweep, with what its name says.
+
+    Attributes
+    ----------
+    path : str
+        The file, as given.
+    label : str
+        Its name without the extension (with its folder, relative to the checkpoints'
+        common folder, when two files share a name).
+    step, epoch : int or None
+        Parsed from the name (see the module's description).
+    """
+
+    path: str
+    label: str
+    step: int | None = None
+    epoch: int | None = None
+
+
+def _step_epoch(name: str) -> tuple[int | None, int | None]:
+    epoch = _EPOCH_RE.search(name)
+    step = _STEP_RE.search(name)
+    if step is None and _NUMBER_RE.fullmatch(name):
+        return int(name), None
+    return (int(step.group(1)) if step else None), (int(epoch.group(1)) if epoch else None)
+
+
+def _strip_suffix(name: str) -> str:
+    stem, ext = os.path.splitext(name)
+    return stem if ext else name
+
+
+def checkpoint_entries(checkpoints: Iterable[str | os.PathLike] | str | os.PathLike
+                       ) -> list[Checkpoint]:
+    """The checkpoints of a sweep, labelled and sorted naturally.
+
+    Parameters
+    ----------
+    checkpoints : path, or iterable of paths
+        Checkpoint files; a folder stands for its files with a checkpoint extension
+        (``.pt``, ``.pth``, ``.ckpt``, ``.bin``, ``.safetensors``, ``.pkl``, ``.tar``).
+
+    Returns
+    -------
+    list of Checkpoint
+        Sorted by label, numbers by value.
+
+    Raises
+    ------
+    ValueError
+        When a file is listed twice.
+    """
+    if isinstance(checkpoints, (str, os.PathLike)):
+        checkpoints = [checkpoints]
+    paths: list[str] = []
+    for item in checkpoints:
+        p = os.fspath(item)
+        if os.path.isdir(p):
+            paths += [os.path.join(p, f) for f in sorted(os.listdir(p))
+                      if f.lower().endswith(CHECKPOINT_SUFFIXES)]
+        else:
+            paths.append(p)
+    seen: set[str] = set()
+    for p in paths:
+        real = os.path.realpath(p)
+        if real in seen:
+            raise ValueError(f"checkpoint {p!r} is listed twice")
+        seen.add(real)
+    labels = [_strip_suffix(os.path.basename(p)) for p in paths]
+    if len(set(labels)) < len(labels):  # same names in several folders: keep the folders
+        base = os.path.commonpath([os.path.abspath(p) for p in paths])
+        labels = [_strip_suffix(os.path.relpath(os.path.abspath(p), base)).replace(os.sep, "/")
+                  for p in paths]
+    entries = []
+    for p, lab in zip(paths, labels):
+        step, epoch = _step_epoch(_strip_suffix(os.path.basename(p)))
+        entries.append(Checkpoint(p, lab, step, epoch))
+    return sorted(entries, key=lambda e: natural_key(e.label))
+
+
+@dataclass
+class SweepResult:
+    """What :func:`sweep` returns.
+
+    Attributes
+    ----------
+    history : History
+        A network record and one record per layer for every checkpoint, an error record for
+        each that failed; grouped by checkpoint in sorted order (resumed ones included).
+    checkpoints : list of Checkpoint
+        Every checkpoint of the sweep, sorted.
+    resumed : list of str
+        Labels read back from the output instead of computed (``resume=True``).
+    seconds : float
+        Wall time of the sweep.
+    """
+
+    history: History
+    checkpoints: list[Checkpoint] = field(default_factory=list)
+    resumed: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+
+    @property
+    def errors(self) -> list[Record]:
+        """The error records: one per checkpoint that could not be evaluated."""
+        return self.history.errors
+
+    @property
+    def ok(self) -> bool:
+        """True when every checkpoint was evaluated."""
+        return not self.errors
+
+
+# --------------------------------------------------------------------------- one checkpoint
+
+def _evaluate(p: Plan, path: str, key: str | None, trust_pickle: bool) -> Report | str:
+    """The report of one checkpoint, or why there is none (one line)."""
+    try:
+        state = load_state_dict(path, key=key, trust_pickle=trust_pickle)
+        state = fit_state_dict(state, p.model, source=path)
+        with torch.no_grad():
+            return p.report(state)
+    except (ForesightError, RuntimeError, MemoryError, OSError) as exc:
+        text = " ".join(str(exc).split())
+        return text if isinstance(exc, CheckpointError) else f"{type(exc).__name__}: {text}"
+
+
+# Worker processes keep the plan they were started with; Ray workers keep one per object.
+_WORKER_PLAN: Plan | None = None
+_RAY_PLANS: dict[str, Plan] = {}
+
+
+def _init_worker(plan_bytes: bytes, threads: int) -> None:
+    """Process-pool initializer: share the cores between the workers, unpickle the plan."""
+    global _WORKER_PLAN
+    torch.set_num_threads(threads)
+    try:
+        torch.set_num_interop_threads(1)
+    except RuntimeError:  # only settable before the first parallel work
+        pass
+    import numba
+
+    numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
+    _WORKER_PLAN = pickle.loads(plan_bytes)
+
+
+def _process_task(path: str, key: str | None, trust_pickle: bool) -> Report | str:
+    assert _WORKER_PLAN is not None, "worker started without a plan"
+    return _evaluate(_WORKER_PLAN, path, key, trust_pickle)
+
+
+def _ray_task(plan_box: list, path: str, key: str | None, trust_pickle: bool) -> Report | str:
+    # The reference comes in a list so that Ray does not fetch the plan for every task:
+    # each worker fetches and unpickles it once, then keeps it.
+    import ray
+
+    ref = plan_box[0]
+    p = _RAY_PLANS.get(ref.hex())
+    if p is None:
+        _RAY_PLANS.clear()
+        p = _RAY_PLANS[ref.hex()] = ray.get(ref)
+    return _evaluate(p, path, key, trust_pickle)
+
+
+# --------------------------------------------------------------------------- backends
+
+Done = Callable[[Checkpoint, "Report | str"], None]
+
+
+def _cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - not Linux
+        return os.cpu_count() or 1
+
+
+def _run_serial(p: Plan, todo: Sequence[Checkpoint], key, trust_pickle, done: Done) -> None:
+    for entry in todo:
+        done(entry, _evaluate(p, entry.path, key, trust_pickle))
+
+
+def _run_processes(p: Plan, todo: Sequence[Checkpoint], key, trust_pickle, done: Done,
+                   workers: int) -> None:
+    import multiprocessing
+    from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+
+    workers = min(workers, len(todo))
+    threads = max(1, _cores() // workers)
+    # forkserver: the children do not inherit this process's threads (torch's and numba's
+    # pools), which makes fork unsafe; spawn where forkserver is missing. The server imports
+    # this module once (torch and numba with it), so each child starts by a fork, not by
+    # importing them again.
+    if "forkserver" in multiprocessing.get_all_start_methods():
+        ctx = multiprocessing.get_context("forkserver")
+        ctx.set_forkserver_preload([__name__])
+    else:  # pragma: no cover - Windows
+        ctx = multiprocessing.get_context("spawn")
+    plan_bytes = pickle.dumps(p, protocol=pickle.HIGHEST_PROTOCOL)  # pickled once
+    with ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_init_worker,
+                             initargs=(plan_bytes, threads)) as pool:
+        pending = {pool.submit(_process_task, e.path, key, trust_pickle): e for e in todo}
+        try:
+            while pending:
+                finished, _ = wait(pending, return_when=FIRST_COMPLETED)
+                for fut in finished:
+                    done(pending.pop(fut), fut.result())
+        except BaseException:
+            for fut in pending:
+                fut.cancel()
+            raise
+
+
+def _import_ray():
+    try:
+        import ray
+    except ImportError:
+        raise MissingDependencyError(f"backend='ray' needs Ray: {RAY_HINT}") from None
+    return ray
+
+
+def _run_ray(p: Plan, todo: Sequence[Checkpoint], key, trust_pickle, done: Done,
+             workers: int | None, address: str | None) -> None:
+    ray = _import_ray()
+    started = False
+    if not ray.is_initialized():
+        ray.init(address=address, include_dashboard=False, log_to_driver=False)
+        started = True
+    try:
+        plan_ref = ray.put(p)  # the object store holds the plan once
+        task = ray.remote(num_cpus=1, max_retries=0)(_ray_task)
+        queue = list(todo)
+        cap = workers or len(queue)
+        running: dict[Any, Checkpoint] = {}
+        while queue or running:
+            while queue and len(running) < cap:
+                entry = queue.pop(0)
+                running[task.remote([plan_ref], entry.path, key, trust_pickle)] = entry
+            ready, _ = ray.wait(list(running), num_returns=1)
+            for ref in ready:
+                done(running.pop(ref), ray.get(ref))
+    finally:
+        if started:
+            ray.shutdown()
+
+
+# --------------------------------------------------------------------------- resuming
+
+def _resume(output: str, meta: dict[str, Any], entries: Sequence[Checkpoint],
+            n_layers: int) -> History:
+    """The finished checkpoints recorded in ``output`` (error records are dropped: those
+    checkpoints are tried again)."""
+    old = History.from_csv(output)
+    for k in ("norm", "legacy", "input_shape", "model"):
+        if k in old.meta and k in meta and old.meta[k] != meta[k]:
+            raise HistoryFileError(
+                f"{output!r} was made with {k}={old.meta[k]!r}, but this sweep has "
+                f"{k}={meta[k]!r}; resume with the same settings, or write to a new file")
+    wanted = {e.label for e in entries}
+    by_label: dict[str, list[Record]] = {}
+    for rec in old.records:
+        if rec.label in wanted and rec.kind != "error":
+            by_label.setdefault(rec.label, []).append(rec)
+    kept = History(meta=old.meta)
+    for recs in by_label.values():
+        # Complete: the network totals and every layer, each once.
+        if sum(r.kind == "network" for r in recs) == 1 and \
+                sum(r.kind == "layer" for r in recs) == n_layers:
+            kept.extend(recs)
+    return kept
+
+
+# --------------------------------------------------------------------------- the sweep
+
+def sweep(model: nn.Module, checkpoints, input=None, *, workers: int | None = None,
+          backend: str | None = None, norm=lin_norm, device="cpu", engine: str = "auto",
+          legacy: bool = False, max_memory=None, shapes=None, key: str | None = None,
+          trust_pickle: bool = False, output: str | os.PathLike | None = None,
+          resume: bool = False, progress: bool = False, ray_address: str | None = None,
+          meta: dict[str, Any] | None = None) -> SweepResult:
+    """Determinism, degeneracy and EI of every checkpoint of one architecture.
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+        The architecture; its own weights are not evaluated (nor modified).
+    checkpoints : path or iterable of paths
+        Checkpoint files (a folder stands for its checkpoint files): state dicts saved with
+        ``torch.save``, training checkpoints, Lightning ``.ckpt``, ``.safetensors`` files,
+        or with ``trust_pickle`` whole saved modules. Labels, steps and epochs come from
+        the names (see the module's description).
+    input : torch.Tensor, tuple or dict, optional
+        An example input, as for :func:`foresight_sparse.plan` (or give ``shapes``).
+    workers : int, optional
+        How many checkpoints are evaluated at once: the number of worker processes
+        (default: one per core), or the most Ray tasks in flight (default: as many as the
+        cluster runs). The serial backend takes only 1.
+    backend : {'serial', 'process', 'ray'}, optional
+        ``'serial'``: in this process. ``'process'``: a pool of ``workers`` processes on
+        this machine (started with forkserver or spawn), the cores shared between them.
+        ``'ray'``: one task per checkpoint on a Ray cluster (``ray_address``, or a local
+        Ray; an already initialised Ray is used as it is); the checkpoint paths must be
+        readable where the tasks run. Default: ``'process'`` when ``workers`` is more
+        than 1, else ``'serial'``.
+    norm, device, engine, legacy, max_memory, shapes
+        As for :func:`foresight_sparse.plan`.
+    key : str, optional
+        The checkpoint key holding the state dict, when it is not a usual one.
+    trust_pickle : bool, default False
+        Allow checkpoints that hold pickled objects (a whole module). Unpickling runs code
+        from the file: only for files you trust.
+    output : str or os.PathLike, optional
+        A CSV file the records of each checkpoint are appended to as it finishes; at the
+        end it is rewritten with the checkpoints in sorted order. It is started anew unless
+        ``resume`` is True.
+    resume : bool, default False
+        Keep the checkpoints already complete in ``output`` (matched by label) and compute
+        only the others; error records in it are dropped and tried again. ``output`` must
+        have been written with the same norm, legacy setting, input shape and model.
+    progress : bool, default False
+        A tqdm progress bar over the checkpoints (on stderr).
+    ray_address : str, optional
+        The Ray cluster to connect to (``"auto"``, ``"ray://host:10001"``, ...); with
+        ``backend='ray'`` only.
+    meta : dict, optional
+        Extra JSON-ready metadata for the history and ``output`` (the command line records
+        the model's name here).
+
+    Returns
+    -------
+    SweepResult
+        ``history`` (the same :class:`~foresight_sparse.history.History` a tracker
+        keeps) and ``errors``.
+
+    Raises
+    ------
+    UnknownNameError
+        For an unknown backend, or ``workers`` other than 1 with the serial backend.
+    MissingDependencyError
+        For ``backend='ray'`` without Ray installed (``pip install 'foresight-sparse[ray]'``).
+    HistoryFileError
+        When ``resume`` finds an ``output`` it cannot read or made with other settings.
+    """
+    start = time.perf_counter()
+    if backend is None:
+        backend = "process" if workers is not None and workers > 1 else "serial"
+    if backend not in BACKENDS:
+        raise UnknownNameError(f"unknown backend {backend!r}; valid backends are "
+                               f"{', '.join(BACKENDS)}")
+    if workers is not None and (isinstance(workers, bool) or not isinstance(workers, int)
+                                or workers < 1):
+        raise ValueError(f"workers={workers!r} must be a positive int")
+    if backend == "serial" and workers not in (None, 1):
+        raise UnknownNameError(f"workers={workers} needs backend='process' or 'ray'; the "
+                               "serial backend runs one checkpoint at a time")
+    if ray_address is not None and backend != "ray":
+        raise ValueError(f"ray_address={ray_address!r} is for backend='ray', not {backend!r}")
+    if resume and output is None:
+        raise ValueError("resume=True needs output=, the CSV file of the run to resume")
+    if backend == "ray":
+        _import_ray()  # fail before planning
+    entries = checkpoint_entries(checkpoints)
+    p = plan(model, input, shapes, norm, device, engine=engine, legacy=legacy,
+             max_memory=max_memory)
+    in_shape = list(p.layers[0].in_shape) if p.layers else []
+    info = {"model": type(model).__name__, "input_shape": in_shape, "norm": p.norm.name,
+            "engine": engine, "device": str(p.device), "legacy": legacy,
+            "max_memory": p.max_memory, **(meta or {})}
+    history = History(meta=info)
+    resumed: list[str] = []
+    out_path = os.fspath(output) if output is not None else None
+    if resume and out_path is not None and os.path.exists(out_path) and \
+            os.path.getsize(out_path) > 0:
+        kept = _resume(out_path, info, entries, len(p.layers))
+        history.extend(kept.records)
+        resumed = kept.labels
+    todo = [e for e in entries if e.label not in set(resumed)]
+    writer = None
+    if out_path is not None:
+        history.to_csv(out_path)  # what is kept, in order; then the new results are appended
+        writer = CSVAppender(out_path, info)
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(entries), initial=len(resumed), desc="sweep", unit="ckpt")
+
+    def done(entry: Checkpoint, result: Report | str) -> None:
+        if isinstance(result, Report):
+            recs = records_from_report(result, entry.label, step=entry.step,
+                                       epoch=entry.epoch, file=entry.path)
+        else:
+            log.warning("checkpoint %s: %s", entry.path, result)
+            recs = [Record(entry.label, "error", step=entry.step, epoch=entry.epoch,
+                           file=entry.path, error=result)]
+        history.extend(recs)
+        if writer is not None:
+            writer.write(recs)
+        if bar is not None:
+            bar.update(1)
+
+    try:
+        if not todo:
+            pass
+        elif backend == "serial":
+            _run_serial(p, todo, key, trust_pickle, done)
+        elif backend == "process":
+            _run_processes(p, todo, key, trust_pickle, done, workers or _cores())
+        else:
+            _run_ray(p, todo, key, trust_pickle, done, workers, ray_address)
+    finally:
+        if writer is not None:
+            writer.close()
+        if bar is not None:
+            bar.close()
+    history = history.sorted([e.label for e in entries])
+    if out_path is not None:
+        history.to_csv(out_path)
+    return SweepResult(history, entries, resumed, time.perf_counter() - start)

@@ -1,0 +1,282 @@
+"""sweep(): every backend gives report()'s numbers; bad checkpoints become error rows; resume."""
+
+from __future__ import annotations
+
+import copy
+import os
+
+import pytest
+import torch
+from torch import nn
+
+import foresight_sparse
+from foresight_sparse import sweep
+from foresight_sparse.exceptions import HistoryFileError, MissingDependencyError, UnknownNameError
+from foresight_sparse.history import NETWORK, History
+from foresight_sparse.sweeps import Checkpoint, checkpoint_entries, natural_key
+
+pytestmark = pytest.mark.filterwarnings("ignore:skipped layers")
+
+TOL = 1e-12
+INPUT = torch.zeros(1, 3, 16, 16)
+
+
+def tiny_cnn() -> nn.Module:
+    return nn.Sequential(
+        nn.Conv2d(3, 6, 3, padding=1), nn.BatchNorm2d(6), nn.ReLU(), nn.AvgPool2d(2),
+        nn.Conv2d(6, 8, 3, stride=2, padding=1), nn.ReLU(), nn.Flatten(),
+        nn.Linear(8 * 4 * 4, 10))
+
+
+def other_cnn() -> nn.Module:
+    return nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten(), nn.Linear(4 * 14 * 14, 10))
+
+
+@pytest.fixture(scope="module")
+def ckpts(tmp_path_factory):
+    """Four good checkpoints, as a bare state dict, a training checkpoint, a Lightning-style
+    ``.ckpt`` and safetensors; the expected report of each from an independent plan."""
+    folder = tmp_path_factory.mktemp("ckpts")
+    gen = torch.Generator().manual_seed(0)
+    torch.manual_seed(0)
+    model = tiny_cnn().eval()
+    expected = {}
+    names = ["epoch=2-step=20.pt", "epoch=10-step=100.pth", "epoch=9-step=90.ckpt",
+             "epoch=0-step=0.safetensors"]
+    for name in names:
+        with torch.no_grad():
+            for p in model.parameters():
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.3)
+            model[1].running_var.copy_(torch.rand(6, generator=gen) + 0.5)
+        state = {k: v.clone() for k, v in model.state_dict().items()}
+        path = folder / name
+        if name.endswith(".pt"):
+            torch.save(state, path)
+        elif name.endswith(".pth"):
+            torch.save({"epoch": 10, "model_state_dict": state, "optimizer": {}}, path)
+        elif name.endswith(".ckpt"):
+            torch.save({"state_dict": {f"model.{k}": v for k, v in state.items()},
+                        "epoch": 9, "global_step": 90}, path)
+        else:
+            pytest.importorskip("safetensors")
+            from safetensors.torch import save_file
+
+            save_file(state, str(path))
+        expected[os.path.splitext(name)[0]] = foresight_sparse.report(
+            copy.deepcopy(model), INPUT)
+    return folder, [str(folder / n) for n in names], expected
+
+
+@pytest.fixture(scope="module")
+def bad(tmp_path_factory, ckpts):
+    """A truncated file, another architecture's state dict, NaN weights and a pickled module."""
+    folder = tmp_path_factory.mktemp("bad")
+    good = ckpts[1][0]
+    data = open(good, "rb").read()
+    (folder / "step=5.pt").write_bytes(data[: len(data) // 2])
+    torch.manual_seed(1)
+    torch.save(other_cnn().state_dict(), folder / "step=6.pt")
+    state = torch.load(good, weights_only=True)
+    state["4.weight"][0, 0, 0, 0] = float("nan")
+    torch.save(state, folder / "step=7.pt")
+    torch.manual_seed(2)
+    module = tiny_cnn().eval()
+    torch.save(module, folder / "step=8.pt")
+    return {"step=5": str(folder / "step=5.pt"), "step=6": str(folder / "step=6.pt"),
+            "step=7": str(folder / "step=7.pt"), "step=8": str(folder / "step=8.pt"),
+            "module": module}
+
+
+def assert_matches(history: History, expected: dict) -> None:
+    """Every evaluated label's records equal the independent report to 1e-12."""
+    for label, ref in expected.items():
+        recs = [r for r in history.records if r.label == label]
+        assert recs, f"{label} missing"
+        net, layers = recs[0], recs[1:]
+        assert (net.kind, net.layer) == ("network", NETWORK)
+        for a, b in ((net.ei, ref.ei), (net.determinism, ref.determinism),
+                     (net.degeneracy, ref.degeneracy)):
+            assert abs(a - b) <= TOL * max(1.0, abs(b)), label
+        assert [r.layer for r in layers] == [lay.name for lay in ref.layers]
+        for rec, lay in zip(layers, ref.layers):
+            assert abs(rec.ei - lay.ei) <= TOL * max(1.0, abs(lay.ei)), (label, lay.name)
+            assert abs(rec.determinism - lay.mean_row_entropy) <= TOL * max(
+                1.0, lay.mean_row_entropy)
+            assert abs(rec.degeneracy - lay.degeneracy) <= TOL * max(1.0, lay.degeneracy)
+
+
+ORDER = ["epoch=0-step=0", "epoch=2-step=20", "epoch=9-step=90", "epoch=10-step=100"]
+
+
+# --------------------------------------------------------------------------- names
+
+
+def test_labels_sort_naturally_and_parse_steps(tmp_path):
+    names = ["epoch=10.pt", "epoch=9.pt", "epoch_3.pt", "ckpt-500.pt", "1200.pt",
+             "model-epoch3-global_step=77.ckpt", "final.safetensors", "iter_40.pth"]
+    entries = checkpoint_entries([tmp_path / n for n in names])
+    got = {e.label: (e.step, e.epoch) for e in entries}
+    assert got == {"epoch=10": (None, 10), "epoch=9": (None, 9), "epoch_3": (None, 3),
+                   "ckpt-500": (500, None), "1200": (1200, None),
+                   "model-epoch3-global_step=77": (77, 3), "final": (None, None),
+                   "iter_40": (40, None)}
+    labels = [e.label for e in entries]
+    assert labels.index("epoch=9") < labels.index("epoch=10")
+    assert sorted(["a10", "a9", "a100"], key=natural_key) == ["a9", "a10", "a100"]
+
+
+def test_same_names_in_two_folders_keep_the_folder(tmp_path):
+    for run in ("run_a", "run_b"):
+        (tmp_path / run).mkdir()
+        (tmp_path / run / "epoch=1.pt").write_bytes(b"")
+    entries = checkpoint_entries([tmp_path / "run_b" / "epoch=1.pt",
+                                  tmp_path / "run_a" / "epoch=1.pt"])
+    assert [e.label for e in entries] == ["run_a/epoch=1", "run_b/epoch=1"]
+    assert entries[0] == Checkpoint(str(tmp_path / "run_a" / "epoch=1.pt"), "run_a/epoch=1",
+                                    None, 1)
+    with pytest.raises(ValueError, match="twice"):
+        checkpoint_entries([tmp_path / "run_a" / "epoch=1.pt"] * 2)
+
+
+# --------------------------------------------------------------------------- backends
+
+
+def test_serial_sweep_equals_report(ckpts):
+    folder, paths, expected = ckpts
+    res = sweep(tiny_cnn(), folder, INPUT)  # a folder stands for its checkpoints
+    assert res.ok and res.errors == []
+    assert res.history.labels == ORDER
+    assert_matches(res.history, expected)
+    steps = {r.label: (r.step, r.epoch) for r in res.history.records if r.kind == "network"}
+    assert steps["epoch=9-step=90"] == (90, 9)
+    assert res.history.meta["input_shape"] == [1, 3, 16, 16]
+
+
+def test_process_sweep_equals_report_and_reports_errors(ckpts, bad, tmp_path):
+    _, paths, expected = ckpts
+    files = [*paths, bad["step=5"], bad["step=6"], bad["step=7"], bad["step=8"]]
+    res = sweep(tiny_cnn(), files, INPUT, workers=2, backend="process",
+                output=tmp_path / "ei.csv")
+    assert_matches(res.history, expected)
+    _assert_errors(res)
+    assert History.from_csv(tmp_path / "ei.csv") == res.history
+
+
+def _assert_errors(res):
+    errors = {r.label: r for r in res.errors}
+    assert sorted(errors) == ["step=5", "step=6", "step=7", "step=8"]
+    assert all(r.file and r.file.endswith(f"{r.label}.pt") for r in errors.values())
+    assert "cannot read" in errors["step=5"].error
+    assert "does not fit" in errors["step=6"].error
+    assert "NaN" in errors["step=7"].error or "non-finite" in errors["step=7"].error.lower()
+    assert "trust_pickle" in errors["step=8"].error
+    assert errors["step=5"].step == 5 and errors["step=5"].ei is None
+
+
+def test_serial_errors_and_trusted_pickle(ckpts, bad):
+    _, paths, expected = ckpts
+    files = [paths[0], bad["step=5"], bad["step=6"], bad["step=7"], bad["step=8"]]
+    res = sweep(tiny_cnn(), files, INPUT)
+    assert not res.ok
+    _assert_errors(res)
+    assert_matches(res.history, {ORDER[1]: expected[ORDER[1]]})
+    trusted = sweep(tiny_cnn(), [bad["step=8"]], INPUT, trust_pickle=True)
+    assert trusted.ok
+    assert_matches(trusted.history, {"step=8": foresight_sparse.report(bad["module"], INPUT)})
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    ray = pytest.importorskip("ray")
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield ray
+    ray.shutdown()
+
+
+def test_ray_sweep_equals_report(local_ray, ckpts, bad, tmp_path):
+    _, paths, expected = ckpts
+    files = [*paths, bad["step=5"], bad["step=6"], bad["step=7"], bad["step=8"]]
+    res = sweep(tiny_cnn(), files, INPUT, backend="ray", output=tmp_path / "ei.csv")
+    assert_matches(res.history, expected)
+    _assert_errors(res)
+    serial = sweep(tiny_cnn(), files, INPUT)
+    assert res.history.labels == serial.history.labels
+    capped = sweep(tiny_cnn(), paths[:2], INPUT, backend="ray", workers=1)
+    assert capped.history.labels == ["epoch=2-step=20", "epoch=10-step=100"]
+    assert_matches(capped.history, {k: expected[k] for k in capped.history.labels})
+
+
+def test_ray_missing_says_how_to_install(monkeypatch, ckpts):
+    import builtins
+
+    real = builtins.__import__
+
+    def no_ray(name, *args, **kwargs):
+        if name == "ray" or name.startswith("ray."):
+            raise ImportError("No module named 'ray'")
+        return real(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_ray)
+    with pytest.raises(MissingDependencyError, match=r"foresight-sparse\[ray\]"):
+        sweep(tiny_cnn(), ckpts[1], INPUT, backend="ray")
+
+
+def test_bad_arguments(ckpts, tmp_path):
+    paths = ckpts[1]
+    with pytest.raises(UnknownNameError, match="valid backends"):
+        sweep(tiny_cnn(), paths, INPUT, backend="threads")
+    with pytest.raises(UnknownNameError, match="serial"):
+        sweep(tiny_cnn(), paths, INPUT, backend="serial", workers=2)
+    with pytest.raises(ValueError, match="workers"):
+        sweep(tiny_cnn(), paths, INPUT, workers=0)
+    with pytest.raises(ValueError, match="output"):
+        sweep(tiny_cnn(), paths, INPUT, resume=True)
+
+
+# --------------------------------------------------------------------------- resume
+
+
+def test_resume_computes_only_what_is_missing(ckpts, tmp_path, monkeypatch):
+    _, paths, expected = ckpts
+    full = tmp_path / "full.csv"
+    sweep(tiny_cnn(), paths, INPUT, output=full)
+
+    # An interrupted run: two checkpoints finished, the third cut off mid-write.
+    part = tmp_path / "part.csv"
+    sweep(tiny_cnn(), [paths[0], paths[2], paths[3]], INPUT, output=part)
+    text = part.read_text()
+    part.write_text(text[: text.rindex("epoch=9-step=90,layer") + 30])
+
+    import foresight_sparse.sweeps as sweeps
+
+    calls = []
+    real = sweeps._evaluate
+
+    def counting(p, path, key, trust_pickle):
+        calls.append(os.path.basename(path))
+        return real(p, path, key, trust_pickle)
+
+    monkeypatch.setattr(sweeps, "_evaluate", counting)
+    res = sweep(tiny_cnn(), paths, INPUT, output=part, resume=True)
+    assert sorted(calls) == ["epoch=10-step=100.pth", "epoch=9-step=90.ckpt"]
+    assert res.resumed == ["epoch=0-step=0", "epoch=2-step=20"]
+    assert part.read_bytes() == full.read_bytes()
+    assert_matches(res.history, expected)
+
+    calls.clear()  # everything is there now: nothing to compute
+    again = sweep(tiny_cnn(), paths, INPUT, output=part, resume=True)
+    assert calls == [] and again.history == res.history
+
+
+def test_resume_retries_errors_and_refuses_other_settings(ckpts, tmp_path):
+    _, paths, _ = ckpts
+    out = tmp_path / "ei.csv"
+    broken = tmp_path / "epoch=99.pt"
+    broken.write_bytes(b"not a checkpoint")
+    first = sweep(tiny_cnn(), [paths[0], broken], INPUT, output=out)
+    assert [r.label for r in first.errors] == ["epoch=99"]
+    torch.save(torch.load(paths[0], weights_only=True), broken)  # the file is fixed
+    res = sweep(tiny_cnn(), [paths[0], broken], INPUT, output=out, resume=True)
+    assert res.ok and res.resumed == ["epoch=2-step=20"]
+    with pytest.raises(HistoryFileError, match="norm"):
+        sweep(tiny_cnn(), [paths[0]], INPUT, output=out, resume=True, norm="soft")
