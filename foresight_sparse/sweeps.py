@@ -304,7 +304,9 @@ def _run_ray(p: Plan, todo: Sequence[Checkpoint], key, trust_pickle, done: Done,
     ray = _import_ray()
     started = False
     if not ray.is_initialized():
-        ray.init(address=address, include_dashboard=False, log_to_driver=False)
+        # A local Ray needs no dashboard; a cluster's own settings are left alone.
+        extra = {"include_dashboard": False} if address is None else {}
+        ray.init(address=address, log_to_driver=False, **extra)
         started = True
     try:
         plan_ref = ray.put(p)  # the object store holds the plan once
