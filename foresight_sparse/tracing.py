@@ -5,7 +5,8 @@ from __future__ import annotations
 import copy
 import logging
 import operator
-from collections import Counter
+import time
+from collections import Counter, OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
@@ -19,6 +20,7 @@ from .exceptions import (
     MissingInputError,
     NoSupportedLayersError,
     ShapeMismatchError,
+    UnknownNameError,
     warn_caller,
 )
 
@@ -140,11 +142,9 @@ def _meta_twin(model: nn.Module) -> tuple[nn.Module, dict[nn.Module, nn.Module]]
     where the real pass of a large CNN costs seconds. ``None`` when the model cannot be
     copied this way.
     """
-    memo = {id(t): torch.empty_like(t, device="meta")
-            for t in [*model.parameters(), *model.buffers()]}
     try:
-        twin = copy.deepcopy(model, memo)
-    except Exception as exc:  # un-copyable attributes: use the real pass
+        twin = _shallow_twin(model, {})
+    except Exception as exc:  # modules that cannot be copied: use the real pass
         log.debug("no meta twin (%s: %s)", type(exc).__name__, exc)
         return None
     originals = list(model.modules())
@@ -154,7 +154,53 @@ def _meta_twin(model: nn.Module) -> tuple[nn.Module, dict[nn.Module, nn.Module]]
     for module in twins:
         if type(module).forward is _BatchNorm.forward:
             module.forward = _shape_only_batchnorm(module)
+        elif type(module) in _ELEMENTWISE and type(module).forward in _ELEMENTWISE_FORWARDS:
+            module.forward = _identity
     return twin, dict(zip(twins, originals))
+
+
+#: Stock modules that map every element alone (the output has the input's shape): on the
+#: meta twin they return their input, skipping PyTorch's Python reference code (about
+#: 0.5 ms a call for hardswish on meta tensors).
+_ELEMENTWISE = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU,
+                nn.Mish, nn.Sigmoid, nn.Tanh, nn.Hardtanh, nn.Hardswish, nn.Hardsigmoid,
+                nn.Softplus, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d,
+                nn.AlphaDropout, nn.Identity)
+_ELEMENTWISE_FORWARDS = {c.forward for c in _ELEMENTWISE}
+
+
+def _identity(x, *args, **kwargs):
+    return x
+
+
+def _shallow_twin(module: nn.Module, memo: dict) -> nn.Module:
+    """A copy of ``module`` sharing every attribute except its parameters and buffers (on
+    the meta device), its submodules (twins themselves) and its dicts (hooks among them,
+    so that hooks on the twin never reach the original). Far cheaper than a deep copy; an
+    attribute that holds a real tensor outside the parameters and buffers makes the meta
+    pass fail, and the real pass runs instead."""
+    twin = memo.get(id(module))
+    if twin is not None:  # a shared submodule has one twin
+        return twin
+    twin = memo[id(module)] = copy.copy(module)
+    for key, value in module.__dict__.items():
+        if isinstance(value, dict):
+            twin.__dict__[key] = type(value)(value) if type(value) in (dict, OrderedDict) \
+                else copy.copy(value)
+    twin._parameters = {k: None if v is None else _meta_like(v, memo)
+                        for k, v in module._parameters.items()}
+    twin._buffers = {k: None if v is None else _meta_like(v, memo)
+                     for k, v in module._buffers.items()}
+    twin._modules = {k: None if v is None else _shallow_twin(v, memo)
+                     for k, v in module._modules.items()}
+    return twin
+
+
+def _meta_like(t: torch.Tensor, memo: dict) -> torch.Tensor:
+    out = memo.get(id(t))
+    if out is None:
+        out = memo[id(t)] = torch.empty_like(t, device="meta")
+    return out
 
 
 def _shape_only_batchnorm(module: _BatchNorm):
@@ -174,6 +220,32 @@ def _shape_only_batchnorm(module: _BatchNorm):
     return forward
 
 
+#: Multiply-adds a second that :func:`_predicted_seconds` assumes a CPU does (float32, a
+#: few cores; an underestimate only stops a real pass that would have been slow anyway).
+_CPU_MACS_PER_SECOND = 2e10
+
+
+def _predicted_seconds(module: nn.Module, args) -> float:
+    """A rough time a convolution or Linear layer will take on ``args``, before it runs."""
+    x = args[0] if args and isinstance(args[0], torch.Tensor) else None
+    if x is None or x.device.type != "cpu":
+        return 0.0
+    if isinstance(module, nn.Linear):
+        macs = x.numel() * module.out_features
+    elif isinstance(module, nn.modules.conv._ConvNd) and not module.transposed:
+        w = module.weight
+        macs = x.numel() * w.shape[0] * w[0].numel() / max(module.in_channels, 1)
+        for s in module.stride:
+            macs /= s
+    else:
+        return 0.0
+    return macs / _CPU_MACS_PER_SECOND
+
+
+class _TooSlow(Exception):
+    """Raised by a hook to stop a real pass that has run longer than its deadline."""
+
+
 class _Recorder:
     """Forward hooks that record shapes, skipped leaves and the last module entered.
 
@@ -181,8 +253,10 @@ class _Recorder:
     twin); modules missing from it are the model's own.
     """
 
-    def __init__(self, registry, names, twins):
+    def __init__(self, registry, names, twins, deadline: float | None = None):
         self.registry = registry
+        self.deadline = deadline  # seconds the pass may take before it stops (_TooSlow)
+        self.stop_at = None
         self.names = names
         self.twins = twins
         self.shapes: dict[nn.Module, tuple] = {}
@@ -193,6 +267,9 @@ class _Recorder:
         self.running: list[nn.Module] = []
 
     def pre_hook(self, module, args):
+        if self.stop_at is not None and \
+                time.perf_counter() + _predicted_seconds(module, args) > self.stop_at:
+            raise _TooSlow
         self.running.append(self.twins.get(module, module))
 
     def failed_in(self) -> str:
@@ -225,6 +302,8 @@ class _Recorder:
                 handles.append(mod.register_forward_pre_hook(self.pre_hook))
                 handles.append(mod.register_forward_hook(self.hook))
             model.eval()
+            if self.deadline is not None:
+                self.stop_at = time.perf_counter() + self.deadline
             with torch.no_grad():
                 _call(model, x)
         finally:
@@ -232,13 +311,38 @@ class _Recorder:
                 h.remove()
 
 
-def trace(model: nn.Module, input, registry: dict | None = None) -> Trace:
+#: The ways :func:`trace` can run the forward pass.
+TRACE_METHODS = ("auto", "meta", "real")
+
+
+def _forward_error(rec: _Recorder, exc: Exception) -> ForwardError:
+    return ForwardError(
+        f"the forward pass failed in module {rec.failed_in()} ({type(exc).__name__}: "
+        f"{exc}). Check that input has the shape, dtype and device the model expects")
+
+
+def _meta_seconds(model: nn.Module) -> float:
+    """About how long the meta pass of ``model`` takes: 0.3 ms per leaf module that runs
+    PyTorch's reference code on meta tensors (batch norms and elementwise modules return
+    their input there) and 0.03 ms per module for the copy (2-core EPYC, torchvision
+    models)."""
+    modules = list(model.modules())
+    slow = sum(1 for m in modules if not m._modules and not isinstance(m, _BatchNorm)
+               and type(m) not in _ELEMENTWISE)
+    return 3e-4 * slow + 3e-5 * len(modules)
+
+
+def trace(model: nn.Module, input, registry: dict | None = None, method: str = "auto") -> Trace:
     """Run ``model(input)`` once and record every registered layer's input and output shape.
 
-    The pass runs under ``torch.no_grad()`` in eval mode, on a copy of the model whose
-    tensors live on the meta device (shapes without arithmetic) where that works, and on
-    the model itself otherwise; every module's train/eval mode is restored and every hook
-    removed afterwards, also when the forward pass fails. A tensor
+    The pass runs under ``torch.no_grad()`` in eval mode, either on the model itself
+    (``method='real'``) or on a copy whose tensors live on the meta device (``'meta'``:
+    shapes without arithmetic, but each operation runs through PyTorch's Python reference
+    code). ``'auto'`` runs the real pass and, before a module would take it past the time
+    the meta pass needs (estimated from the modules), stops it and runs the meta pass; where the meta pass
+    fails (data-dependent models), the real one runs to the end. Both give the same shapes.
+    Every module's train/eval mode is restored and every hook removed afterwards, also when
+    the forward pass fails. A tensor
     ``input`` is moved to the model's device and cast to its floating dtype first, integer
     and boolean ones included (only shapes matter; models with an embedding keep integer
     inputs); a tuple is unpacked into positional arguments and a dict into keyword
@@ -261,13 +365,33 @@ def trace(model: nn.Module, input, registry: dict | None = None) -> Trace:
     names = _names(model)
     modes = {m: m.training for m in model.modules()}
     x = _adapt_input(model, input)
-    twin = _meta_twin(model)
+    if method not in TRACE_METHODS:
+        raise UnknownNameError(f"unknown trace method {method!r}; valid methods are "
+                               f"{', '.join(TRACE_METHODS)}")
     rec = None
+    if method == "auto":
+        # The real pass, unless it turns out slower than the meta pass would be: then it
+        # stops at the next module and the meta pass runs instead.
+        rec = _Recorder(registry, names, {}, deadline=_meta_seconds(model))
+        try:
+            rec.run(model, x)
+        except _TooSlow:
+            rec = None
+        except Exception as exc:
+            raise _forward_error(rec, exc) from exc
+        finally:
+            for m, mode in modes.items():
+                m.training = mode
+    twin = _meta_twin(model) if method != "real" and rec is None else None
     if twin is not None:
         rec = _Recorder(registry, names, twin[1])
         try:
             rec.run(twin[0], _to_meta(x))
         except Exception as exc:  # data-dependent or meta-unfriendly models: real pass
+            if method == "meta":
+                raise ForwardError(f"the meta-device forward pass failed in module "
+                                   f"{rec.failed_in()} ({type(exc).__name__}: {exc}); use "
+                                   "the real forward pass (method='real' or 'auto')") from exc
             log.debug("meta trace failed (%s: %s); running the real forward pass",
                       type(exc).__name__, exc)
             rec = None
@@ -276,10 +400,7 @@ def trace(model: nn.Module, input, registry: dict | None = None) -> Trace:
         try:
             rec.run(model, x)
         except Exception as exc:
-            raise ForwardError(
-                f"the forward pass failed in module {rec.failed_in()} ({type(exc).__name__}: "
-                f"{exc}). Check that input has the shape, dtype and device the model "
-                "expects") from exc
+            raise _forward_error(rec, exc) from exc
         finally:
             for m, mode in modes.items():
                 m.training = mode
@@ -391,7 +512,7 @@ def layers_from_shapes(model: nn.Module, shapes: dict, registry: dict | None = N
     return Trace(layers)
 
 
-def resolve_layers(model: nn.Module, input=None, shapes=None) -> Trace:
+def resolve_layers(model: nn.Module, input=None, shapes=None, method: str = "auto") -> Trace:
     """The layers to analyse: from ``shapes`` if given, else traced with ``input``."""
     if shapes is not None:
         return layers_from_shapes(model, shapes)
@@ -399,4 +520,4 @@ def resolve_layers(model: nn.Module, input=None, shapes=None) -> Trace:
         raise MissingInputError(
             f"cannot find the layers of {type(model).__name__}: pass input (an example "
             "batch, e.g. torch.zeros(1, 3, 224, 224)) or shapes (from get_shapes)")
-    return trace(model, input)
+    return trace(model, input, method=method)

@@ -1,0 +1,351 @@
+"""Plans: one trace and geometry per architecture, EI of any weights.
+
+- ``Plan.report(sd)`` equals ``report()`` of a model that loaded ``sd`` (1e-12), on drawn
+  networks and torchvision ResNet-18 and MobileNet-V3;
+- ``plan()`` and ``Plan.report(sd)`` leave the model bit-for-bit as it was (parameters,
+  buffers, modes, grads, hooks);
+- the meta and real traces give identical plans;
+- bad weights name the key and the layer; keys of layers that do not count are ignored;
+- a plan pickles;
+- a Conv2d that covers its whole input (an FC layer written as a convolution) runs under
+  the default budget and matches the sparse engine.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import pickle
+import warnings
+
+import pytest
+import torch
+import torchvision
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+import foresight_sparse as fs
+from foresight_sparse.tracing import trace
+
+from conftest import examples, random_nets
+
+F64 = torch.float64
+
+
+def _quiet(fn, *args, **kwargs):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # skipped ReLU/BatchNorm etc.
+        return fn(*args, **kwargs)
+
+
+def _perturbed(model: nn.Module, seed: int) -> dict[str, torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    return {k: v + torch.randn(v.shape, generator=gen, dtype=v.dtype) * v.abs().mean()
+            if v.is_floating_point() else v.clone() for k, v in model.state_dict().items()}
+
+
+def _loaded(model: nn.Module, sd) -> nn.Module:
+    twin = copy.deepcopy(model)
+    twin.load_state_dict(sd)
+    return twin
+
+
+def _same_report(a: fs.Report, b: fs.Report, rel: float = 1e-12) -> None:
+    for what in ("ei", "determinism", "degeneracy"):
+        assert math.isclose(getattr(a, what), getattr(b, what), rel_tol=rel, abs_tol=1e-12), \
+            what
+    assert [la.name for la in a.layers] == [lb.name for lb in b.layers]
+    for la, lb in zip(a.layers, b.layers):
+        assert math.isclose(la.ei, lb.ei, rel_tol=rel, abs_tol=1e-12), la.name
+        assert la.engine == lb.engine
+
+
+def _snapshot(model: nn.Module):
+    """Everything about a model that a read-only analysis must not change."""
+    return {
+        "state": {k: v.clone() for k, v in model.state_dict(keep_vars=True).items()},
+        "ptrs": {k: v.data_ptr() for k, v in model.state_dict(keep_vars=True).items()},
+        "grads": {k: None if p.grad is None else p.grad.clone()
+                  for k, p in model.named_parameters()},
+        "requires_grad": {k: p.requires_grad for k, p in model.named_parameters()},
+        "modes": [m.training for m in model.modules()],
+        "hooks": [(len(m._forward_hooks), len(m._forward_pre_hooks))
+                  for m in model.modules()],
+    }
+
+
+def _assert_unchanged(before, after) -> None:
+    assert before["ptrs"] == after["ptrs"]
+    for k, v in before["state"].items():
+        assert torch.equal(v, after["state"][k]), k
+        assert v.dtype == after["state"][k].dtype
+    for k, g in before["grads"].items():
+        other = after["grads"][k]
+        assert (g is None) == (other is None) and (g is None or torch.equal(g, other)), k
+    for k in ("requires_grad", "modes", "hooks"):
+        assert before[k] == after[k], k
+
+
+# --------------------------------------------------------------------------- equality
+
+
+@settings(max_examples=examples(25), deadline=None)
+@given(net=random_nets(max_linear=2), norm=st.sampled_from(["lin", "soft", "sig", "none"]))
+def test_plan_report_of_new_weights_equals_report_of_loaded_model(net, norm):
+    p = _quiet(fs.plan, net.model, net.input, norm=norm)
+    sd = _perturbed(net.model, seed=7)
+    _same_report(p.report(sd), _quiet(fs.report, _loaded(net.model, sd), net.input, norm=norm))
+    # and the model's own weights, again through the same plan
+    _same_report(p.report(), _quiet(fs.report, net.model, net.input, norm=norm))
+
+
+@pytest.mark.parametrize("name, size", [("resnet18", 64), ("mobilenet_v3_small", 64)])
+def test_plan_report_on_torchvision_models(name, size):
+    torch.manual_seed(0)
+    model = torchvision.models.get_model(name, weights=None).eval()
+    x = torch.zeros(1, 3, size, size)
+    p = _quiet(fs.plan, model, x)
+    sd = _perturbed(model, seed=3)
+    before = _snapshot(model)
+    new = p.report(sd)
+    _assert_unchanged(before, _snapshot(model))
+    _same_report(new, _quiet(fs.report, _loaded(model, sd), x))
+    assert not math.isclose(new.ei, p.report().ei, rel_tol=1e-6)  # the weights mattered
+
+
+def test_plan_reads_current_weights_each_time():
+    """A plan made before training sees the weights as they are when report() runs."""
+    torch.manual_seed(1)
+    model = nn.Sequential(nn.Conv2d(2, 3, 3), nn.ReLU(), nn.Flatten(), nn.Linear(12, 4))
+    x = torch.zeros(1, 2, 4, 4)
+    p = _quiet(fs.plan, model, x)
+    first = p.report().ei
+    with torch.no_grad():
+        model[0].weight.mul_(torch.rand_like(model[0].weight))
+        model[3].weight.add_(1.0)
+    assert not math.isclose(first, p.report().ei, rel_tol=1e-9)
+    _same_report(p.report(), _quiet(fs.report, model, x))
+
+
+# --------------------------------------------------------------------------- the model
+
+
+def test_plan_and_report_leave_the_model_unchanged():
+    torch.manual_seed(2)
+    model = torchvision.models.resnet18(num_classes=10)
+    model.train()
+    model.layer1.eval()  # mixed modes survive
+    model.fc.weight.requires_grad_(False)
+    x = torch.randn(2, 3, 32, 32)
+    model(x).sum().backward()  # grads present
+    before = _snapshot(model)
+    p = _quiet(fs.plan, model, x)
+    _assert_unchanged(before, _snapshot(model))
+    p.report(_perturbed(model, seed=5))
+    p.report()
+    _assert_unchanged(before, _snapshot(model))
+
+
+# --------------------------------------------------------------------------- traces
+
+
+def _trace_key(tr):
+    return ([(la.name, type(la.module).__name__, la.in_shape, la.out_shape)
+             for la in tr.layers], tr.skipped)
+
+
+def _architectures():
+    tv = torchvision.models
+    yield "resnet18", tv.resnet18(), 64
+    yield "mobilenet_v3_small", tv.mobilenet_v3_small(), 64
+    yield "efficientnet_b0", tv.efficientnet_b0(), 64
+    yield "convnext_tiny", tv.convnext_tiny(), 64
+    yield "squeezenet1_1", tv.squeezenet1_1(), 64
+    yield "alexnet", tv.alexnet(), 64
+    yield "shared", nn.Sequential(*(2 * [nn.Conv2d(2, 2, 3, padding=1)]), nn.AvgPool2d(2),
+                                  nn.Flatten(), nn.Linear(8, 3)), 4
+
+
+@pytest.mark.parametrize("name, model, size", list(_architectures()),
+                         ids=[a[0] for a in _architectures()])
+def test_meta_and_real_traces_give_identical_plans(name, model, size):
+    channels = model[0].in_channels if isinstance(model, nn.Sequential) else 3
+    x = torch.zeros(1, channels, size, size)
+    meta, real, auto = (_quiet(trace, model, x, method=m) for m in ("meta", "real", "auto"))
+    assert _trace_key(meta) == _trace_key(real) == _trace_key(auto)
+    assert all(a.module is b.module for a, b in zip(meta.layers, real.layers))
+
+
+@settings(max_examples=examples(20), deadline=None)
+@given(net=random_nets(max_linear=2))
+def test_meta_and_real_traces_agree_on_drawn_networks(net):
+    meta = _quiet(trace, net.model, net.input, method="meta")
+    real = _quiet(trace, net.model, net.input, method="real")
+    assert _trace_key(meta) == _trace_key(real)
+
+
+def test_unknown_trace_method_is_refused():
+    with pytest.raises(fs.UnknownNameError, match="valid methods are auto, meta, real"):
+        trace(nn.Linear(2, 2), torch.zeros(1, 2), method="fast")
+
+
+# --------------------------------------------------------------------------- bad weights
+
+
+def _small():
+    torch.manual_seed(4)
+    model = nn.Sequential(nn.Conv2d(1, 2, 3), nn.BatchNorm2d(2), nn.Flatten(),
+                          nn.Linear(8, 3))
+    return model, torch.zeros(1, 1, 4, 4)
+
+
+def test_missing_key_names_the_key_and_the_layer():
+    model, x = _small()
+    p = _quiet(fs.plan, model, x)
+    sd = model.state_dict()
+    del sd["3.weight"]
+    with pytest.raises(fs.WeightsError, match=r"3 \(Linear\).*no key '3.weight'.*\(3, 8\)"):
+        p.report(sd)
+
+
+def test_wrong_shape_names_the_key_both_shapes_and_the_layer():
+    model, x = _small()
+    p = _quiet(fs.plan, model, x)
+    sd = model.state_dict()
+    sd["0.weight"] = torch.zeros(2, 1, 2, 2)
+    with pytest.raises(fs.WeightsError, match=r"0 \(Conv2d\).*'0.weight'.*\(2, 1, 2, 2\).*"
+                                              r"\(2, 1, 3, 3\)"):
+        p.report(sd)
+
+
+def test_non_tensor_and_non_mapping_weights_are_refused():
+    model, x = _small()
+    p = _quiet(fs.plan, model, x)
+    sd = model.state_dict()
+    sd["0.weight"] = [[1.0]]
+    with pytest.raises(fs.WeightsError, match="'0.weight'.* list, not a tensor"):
+        p.report(sd)
+    with pytest.raises(fs.WeightsError, match="state dict"):
+        p.report([1, 2])
+
+
+def test_non_finite_weight_names_the_key():
+    model, x = _small()
+    p = _quiet(fs.plan, model, x)
+    sd = model.state_dict()
+    sd["3.weight"] = sd["3.weight"].clone()
+    sd["3.weight"][0, 0] = float("nan")
+    with pytest.raises(fs.NonFiniteWeightsError, match=r"3 \(Linear\).*3.weight"):
+        p.report(sd)
+
+
+def test_keys_of_layers_that_do_not_count_are_ignored():
+    model, x = _small()
+    p = _quiet(fs.plan, model, x)
+    sd = {k: v for k, v in model.state_dict().items() if not k.startswith("1.")}  # no BN
+    sd["extra.weight"] = torch.ones(3)
+    _same_report(p.report(sd), p.report())
+    assert [layer.keys for layer in p.layers] == [("0.weight",), ("3.weight",)]
+
+
+def test_weights_in_another_dtype():
+    model, x = _small()
+    p = _quiet(fs.plan, model, x)
+    sd = {k: v.double() for k, v in model.state_dict().items()}
+    _same_report(p.report(sd), p.report(), rel=1e-6)
+
+
+# --------------------------------------------------------------------------- pickling
+
+
+def test_plan_pickles_with_its_model():
+    model, x = _small()
+    p = _quiet(fs.plan, model, x, norm="soft")
+    q = pickle.loads(pickle.dumps(p))
+    sd = _perturbed(model, seed=9)
+    _same_report(q.report(sd), p.report(sd))
+    _same_report(q.report(), p.report())
+    assert q.norm.name == "soft" and q.max_memory == p.max_memory
+    # the copy's layers read the copy's model
+    with torch.no_grad():
+        q.model[0].weight.add_(1.0)
+    assert not math.isclose(q.report().ei, p.report().ei, rel_tol=1e-9)
+
+
+def test_plan_of_a_registered_custom_layer_rebinds_its_weights():
+    class Diag(nn.Module):
+        def __init__(self, n):
+            super().__init__()
+            self.scale = nn.Parameter(torch.rand(n))
+
+        def forward(self, x):
+            return x * self.scale
+
+    def builder(module, in_shape, out_shape, *, legacy=False, label=None):
+        return fs.ExplicitMatrix(label or "Diag", torch.diag(module.scale.detach()))
+
+    fs.register(Diag, builder)
+    try:
+        torch.manual_seed(0)
+        model = nn.Sequential(Diag(4), nn.Linear(4, 3))
+        x = torch.zeros(1, 4)
+        p = _quiet(fs.plan, model, x)
+        sd = {"0.scale": torch.tensor([1.0, 2.0, 0.5, 3.0]), "1.weight": model[1].weight}
+        _same_report(p.report(sd), _quiet(fs.report, _loaded(model, {**model.state_dict(),
+                                                                     **sd}), x))
+        with pytest.raises(fs.WeightsError, match="'0.scale'"):
+            p.report({"1.weight": model[1].weight})
+    finally:
+        fs.unregister(Diag)
+
+
+# --------------------------------------------------------------------------- table
+
+
+def test_plan_table_lists_layers_with_counted_sizes():
+    model, x = _small()
+    p = _quiet(fs.plan, model, x)
+    text = str(p)
+    assert "0" in text and "Conv2d" in text and "Linear" in text
+    # sizes counted by hand: Conv2d(1, 2, 3) on 4x4 -> 2x2x2 outputs, 9 taps each: 72
+    # entries; Linear(8, 3): 24
+    assert [layer.nnz for layer in p.layers] == [72, 24]
+    assert [(layer.n_rows, layer.n_cols) for layer in p.layers] == [(16, 8), (8, 3)]
+    assert "2 layers, 96 entries" in text
+
+
+# --------------------------------------------------------------------------- budget
+
+
+@pytest.mark.imagenet
+def test_fc_written_as_a_conv_runs_under_the_default_budget():
+    """Conv2d(512, 4096, 7) on a 7x7 map (VGG's first FC layer as a convolution): 103M
+    weights, whose float64 copies exceed the 2 GiB default; the column pass streams."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(512, 4096, 7))
+    x = torch.zeros(1, 512, 7, 7)
+    p = fs.plan(model, x)
+    assert p.layers[0].engine == "implicit"
+    assert p.layers[0].working_bytes <= fs.DEFAULT_MAX_MEMORY
+    rep = p.report()
+    assert rep.layers[0].engine == "implicit"
+    sparse = fs.report(model, x, engine="sparse")
+    for what in ("ei", "determinism", "degeneracy"):
+        assert math.isclose(getattr(rep, what), getattr(sparse, what), rel_tol=1e-9)
+
+
+def test_conv_column_pass_in_blocks_equals_one_block():
+    """A budget that forces one output channel per block gives the same numbers."""
+    torch.manual_seed(6)
+    model = nn.Sequential(nn.Conv2d(4, 6, 3, padding=1, groups=2))
+    x = torch.zeros(1, 4, 5, 5)
+    whole = fs.report(model, x, norm="soft")
+    from foresight_sparse.engines import implicit
+
+    conn = fs.plan(model, x).layers[0].conn
+    fixed = implicit._conv_fixed_bytes(conn)
+    tight = fixed + implicit._KERNEL_COPIES * 8 * conn.groups * conn.kernel[0].numel()
+    assert implicit._cout_step(conn, tight, fixed) == 1
+    blocked = fs.report(model, x, norm="soft", max_memory=tight)
+    _same_report(blocked, whole, rel=1e-13)
