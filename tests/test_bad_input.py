@@ -220,7 +220,7 @@ def test_tuple_and_dict_inputs():
     by_dict = fs.report(model, {"x": x, "y": y})
     assert [lay.name for lay in by_tuple.layers] == ["a", "b"]
     assert by_tuple.ei == by_dict.ei
-    with pytest.raises(ForwardError, match=r"module '' \(TwoInputs\).*missing"):
+    with pytest.raises(ForwardError, match=r"module TwoInputs \(the top-level module\).*missing"):
         fs.report(model, {"x": x})
 
 
