@@ -260,6 +260,18 @@ def _run_serial(p: Plan, todo: Sequence[Checkpoint], key, trust_pickle, done: Do
         done(entry, _evaluate(p, entry.path, key, trust_pickle))
 
 
+def _worker_modules(model: nn.Module) -> list[str]:
+    """Modules a worker imports to unpickle the plan and evaluate checkpoints."""
+    names = [__name__, "scipy.sparse", "foresight_sparse._kernels",
+             "foresight_sparse.engines.implicit", "foresight_sparse.engines.sparse",
+             "foresight_sparse.engines.dense"]
+    for mod in model.modules():
+        owner = type(mod).__module__
+        if owner != "__main__" and owner not in names:  # __main__ is prepared separately
+            names.append(owner)
+    return names
+
+
 def _run_processes(p: Plan, todo: Sequence[Checkpoint], key, trust_pickle, done: Done,
                    workers: int) -> None:
     import multiprocessing
@@ -269,11 +281,11 @@ def _run_processes(p: Plan, todo: Sequence[Checkpoint], key, trust_pickle, done:
     threads = max(1, _cores() // workers)
     # forkserver: the children do not inherit this process's threads (torch's and numba's
     # pools), which makes fork unsafe; spawn where forkserver is missing. The server imports
-    # this module once (torch and numba with it), so each child starts by a fork, not by
-    # importing them again.
+    # what a worker needs once (torch, numba, scipy, the engines, the model's module: about
+    # 3 s here), so each child starts by a fork instead of importing them again.
     if "forkserver" in multiprocessing.get_all_start_methods():
         ctx = multiprocessing.get_context("forkserver")
-        ctx.set_forkserver_preload([__name__])
+        ctx.set_forkserver_preload(_worker_modules(p.model))
     else:  # pragma: no cover - Windows
         ctx = multiprocessing.get_context("spawn")
     plan_bytes = pickle.dumps(p, protocol=pickle.HIGHEST_PROTOCOL)  # pickled once
