@@ -546,3 +546,145 @@ def _lin_terms(b, keep_negative):
     f = a if (keep_negative or b > 0) else 0.0
     flf = a * lg if b >= 0x00800000 else 0.0
     return f, flf
+
+
+# --------------------------------------------------------------------------- position classes
+
+
+@numba.njit(cache=True, nogil=True, error_model="numpy")
+def _class_rows(sf, st, mh, mw, cnt_h, cnt_w, mult_h, mult_w, cout_g, n_cols, c, clogc,
+                normalizes, inv_full, inv_part):
+    """The implicit engine's row pass on position classes (see
+    :func:`foresight_sparse.engines.implicit.column_classes`).
+
+    For input channel ``ci`` and input classes ``(a, b)``: ``Z = sum mh[a, kh] mw[b, kw]
+    sf[ci, kh, kw]`` plus ``c`` per absent entry (``T`` likewise with ``st``), ``H = log2 Z
+    - T / Z``. ``1/Z`` goes to ``inv_full`` for rows with no absent entry (whose columns
+    take ``f`` alone) and to ``inv_part`` otherwise. Returns the class-weighted sum of ``H``
+    and of ``c / Z``.
+    """
+    n_ci, n_kh, n_kw = sf.shape
+    h_sum = 0.0
+    off = 0.0
+    for ci in range(n_ci):
+        for a in range(mh.shape[0]):
+            for b in range(mw.shape[0]):
+                z = 0.0
+                t = 0.0
+                for kh in range(n_kh):
+                    ph = mh[a, kh]
+                    if ph != 0.0:
+                        for kw in range(n_kw):
+                            p = ph * mw[b, kw]
+                            z += p * sf[ci, kh, kw]
+                            t += p * st[ci, kh, kw]
+                stored = cout_g * cnt_h[a] * cnt_w[b]
+                if normalizes:
+                    z += c * (n_cols - stored)
+                    t += clogc * (n_cols - stored)
+                else:
+                    z = 1.0
+                m = mult_h[a] * mult_w[b]
+                inv = 0.0
+                if z > 0.0:
+                    inv = 1.0 / z
+                    h_sum += m * (np.log2(z) - t * inv)
+                if stored == n_cols:
+                    inv_full[ci, a, b] = inv
+                    inv_part[ci, a, b] = 0.0
+                else:
+                    inv_full[ci, a, b] = 0.0
+                    inv_part[ci, a, b] = inv
+                    off += m * inv
+    return h_sum, c * off
+
+
+@numba.njit(cache=True, nogil=True)
+def _gather_classes(inv, taps_h, taps_w, cin_g, out):
+    """``out[g, p * Q + q, (ci, kh, kw)] = inv[g * cin_g + ci, taps_h[p, kh], taps_w[q, kw]]``
+    (0 where a tap reads no input, ``-1``): the ``1/Z`` each output class reads."""
+    n_g = out.shape[0]
+    n_q = taps_w.shape[0]
+    n_kh = taps_h.shape[1]
+    n_kw = taps_w.shape[1]
+    for g in range(n_g):
+        for p in range(taps_h.shape[0]):
+            for q in range(n_q):
+                k = p * n_q + q
+                col = 0
+                for ci in range(cin_g):
+                    for kh in range(n_kh):
+                        a = taps_h[p, kh]
+                        for kw in range(n_kw):
+                            b = taps_w[q, kw]
+                            out[g, k, col] = inv[g * cin_g + ci, a, b] if a >= 0 and b >= 0 \
+                                else 0.0
+                            col += 1
+
+
+@numba.njit(parallel=True, cache=True, nogil=True, fastmath=_FM_REDUCE, error_model="numpy")
+def _class_cols(w, kind, shift, c, xf, xp, use_f, use_p, n_chunks, col):
+    """``col[g, o, k] = sum_l f(w[g, o, l]) xf[g, k, l] + (f(w[g, o, l]) - c) xp[g, k, l]``:
+    the column sums of every output class, each kernel row mapped once into a buffer and
+    then dotted with the gathered ``1/Z`` of every class (``use_f``/``use_p``: whether
+    any row is full / has absent entries)."""
+    n_g, n_o, n_l = w.shape
+    n_k = xf.shape[1]
+    n_tasks = n_g * n_o
+    for ch in numba.prange(n_chunks):
+        buf = np.empty(n_l)
+        for task in range(n_tasks * ch // n_chunks, n_tasks * (ch + 1) // n_chunks):
+            g = task // n_o
+            o = task - g * n_o
+            for j in range(n_l):
+                buf[j] = _f_only(np.float64(w[g, o, j]), kind, shift)
+            for k in range(n_k):
+                acc = 0.0
+                if use_f:
+                    rf = xf[g, k]
+                    for j in range(n_l):
+                        acc += buf[j] * rf[j]
+                if use_p:
+                    rp = xp[g, k]
+                    for j in range(n_l):
+                        acc += (buf[j] - c) * rp[j]
+                col[g, o, k] = acc
+
+
+def class_pass(w3: np.ndarray, sf: np.ndarray, st: np.ndarray, geometry, kind: int,
+               shift: float, c: float, clogc: float, normalizes: bool, cout_g: int,
+               n_cols: int, gather_bytes: int) -> tuple[float, float, np.ndarray]:
+    """A convolution's row and column passes on its position classes.
+
+    ``w3`` is the kernel as ``(groups, C_out/groups, C_in/groups * KH * KW)``; ``sf``/``st``
+    its channel sums (:func:`dense_row_sums`); ``geometry`` holds the classes' arrays
+    ``(mh, mw, cnt_h, cnt_w, mult_h, mult_w, taps_h, taps_w)``. Returns the weighted sum
+    of row entropies, the constant ``sum c / Z`` and the columns ``(groups, C_out/groups,
+    P * Q)``, with the gathered ``1/Z`` held to about ``gather_bytes`` per slice of
+    output classes along H.
+    """
+    mh, mw, cnt_h, cnt_w, mult_h, mult_w, taps_h, taps_w = geometry
+    shape = (sf.shape[0], mh.shape[0], mw.shape[0])
+    inv_full = np.empty(shape)
+    inv_part = np.empty(shape)
+    h_sum, off = _class_rows(sf, st, mh, mw, cnt_h, cnt_w, mult_h, mult_w, cout_g, n_cols, c,
+                             clogc, normalizes, inv_full, inv_part)
+    n_g, n_o, n_l = w3.shape
+    n_p, n_q = taps_h.shape[0], taps_w.shape[0]
+    col = np.empty((n_g, n_o, n_p * n_q))
+    stored = cout_g * np.multiply.outer(cnt_h, cnt_w)
+    use_f = bool((stored == n_cols).any())
+    use_p = bool((stored != n_cols).any())
+    step = max(1, gather_bytes // max(2 * 8 * n_g * n_q * n_l, 1))
+    for p0 in range(0, n_p, step):
+        th = taps_h[p0:p0 + step]
+        k = th.shape[0] * n_q
+        xf = np.empty((n_g, k, n_l))
+        xp = np.empty((n_g, k, n_l))
+        _gather_classes(inv_full, th, taps_w, n_l // (th.shape[1] * taps_w.shape[1]), xf)
+        _gather_classes(inv_part, th, taps_w, n_l // (th.shape[1] * taps_w.shape[1]), xp)
+        out = np.empty((n_g, n_o, k))
+        _launch(_class_cols, w3.size * k, w3, kind, shift, c, xf, xp, use_f, use_p,
+                _chunks(n_g * n_o), out)
+        col[:, :, p0 * n_q:p0 * n_q + k] = out
+    return h_sum, off, col

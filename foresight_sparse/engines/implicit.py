@@ -39,6 +39,8 @@ starts.
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -179,6 +181,9 @@ def _conv(conn: Stencil, norm: ElementwiseNorm, device, budget: int) -> LayerSta
     the column pass streams blocks of output channels when the kernel is large."""
     shift = norm.shift(conn.weight_bound())
     c = norm.zero(shift)
+    kind = _KINDS.get(type(norm))
+    if device.type == "cpu" and kind is not None:
+        return _conv_numba(conn, norm, kind, shift)
     sf, st = kernel_terms(conn, norm, shift, device)
     ch, cw = _classes(conn)
     f64 = dict(dtype=torch.float64, device=device)
@@ -215,6 +220,42 @@ def _conv(conn: Stencil, norm: ElementwiseNorm, device, budget: int) -> LayerSta
     return LayerStats(h_sum, conn.n_rows, col.reshape(-1), "implicit",
                       c * float((inv_part * mult_in).sum()),
                       mult_out.expand(conn.out_chw[0], -1, -1).reshape(-1))
+
+
+def _conv_numba(conn: Stencil, norm: ElementwiseNorm, kind: int, shift: float) -> LayerStats:
+    """The CPU form of :func:`_conv`: the same passes as a few numba kernels over the
+    kernel (read once per pass, never copied) and the class arrays planned per geometry."""
+    from .. import _kernels
+
+    k = _kernel_as_float(conn)
+    w3 = k.numpy().reshape(conn.groups, conn.cout_g, -1)
+    z, t = _kernels.dense_row_sums(w3, kind, shift)
+    shape = (conn.in_chw[0], *k.shape[-2:])
+    geometry, weights = _class_arrays(conn.axis_h, conn.axis_w, conn.out_chw[0])
+    h_sum, off, col = _kernels.class_pass(
+        w3, z.reshape(shape), t.reshape(shape), geometry, kind, shift, norm.zero(shift),
+        norm.zero_log2(shift), norm.normalizes, conn.cout_g, conn.n_cols, _GATHER_BYTES)
+    return LayerStats(h_sum, conn.n_rows, torch.from_numpy(col.reshape(-1)), "implicit", off,
+                      weights)
+
+
+@functools.lru_cache(maxsize=1024)
+def _class_arrays(axis_h, axis_w, c_out: int):
+    """The position classes of a geometry as the numba kernels take them (writable,
+    contiguous, float64 or int64), and the multiplicity of every output column of the
+    class columns (``(C_out, P, Q)`` flattened; never written to)."""
+    ch, cw = axis_h.classes(), axis_w.classes()
+
+    def f64(a):
+        return np.array(a, dtype=np.float64)
+
+    def i64(a):
+        return np.array(a, dtype=np.int64)
+
+    geometry = (f64(ch.in_profile), f64(cw.in_profile), i64(ch.in_counts), i64(cw.in_counts),
+                f64(ch.in_mult), f64(cw.in_mult), i64(ch.out_taps), i64(cw.out_taps))
+    mult = np.outer(ch.out_mult, cw.out_mult).astype(np.float64).reshape(-1)
+    return geometry, torch.from_numpy(mult).repeat(c_out)
 
 
 def _classes(conn: Stencil) -> tuple[AxisClasses, AxisClasses]:
