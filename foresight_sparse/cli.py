@@ -4,7 +4,9 @@
 runs one forward pass on ``torch.zeros`` of the input shape to find its layers, and prints
 :meth:`Report.table`; ``--json``, ``--csv`` and ``--plot`` save the numbers.
 ``foresight-sparse layers MODEL`` lists the supported layers, their shapes and matrix sizes
-without computing anything. This module only reads the command line and prints: models come
+without computing anything. ``foresight-sparse sweep MODEL CKPT...`` evaluates every
+checkpoint of one architecture (:func:`foresight_sparse.sweep`) and exits with status 1 when
+any could not be evaluated. This module only reads the command line and prints: models come
 from :mod:`foresight_sparse.models`, weights from :mod:`foresight_sparse.checkpoints`, charts
 from :mod:`foresight_sparse.plotting`.
 
@@ -36,6 +38,7 @@ from .exceptions import ForesightError, ForwardError, MissingDependencyError, Un
 from .models import DEFAULT_IMAGE_SHAPE, ModelError, UsageError, load_model
 from .norms import NORMS
 from .plotting import PLOT_HINT
+from .sweeps import RAY_HINT
 from .tracing import trace, warn_skipped
 
 __all__ = ["main", "build_parser", "load_model", "parse_shape", "cli_message", "UsageError",
@@ -198,7 +201,64 @@ def build_parser() -> argparse.ArgumentParser:
                                         "computing anything.")
     _add_model_args(layers)
     layers.set_defaults(func=_cmd_layers)
+    _add_sweep_parser(sub)
     return parser
+
+
+def _add_sweep_parser(sub) -> None:
+    """The ``sweep`` command: EI of every checkpoint of one architecture."""
+    p = sub.add_parser("sweep", help="EI of every checkpoint of one architecture",
+                       description="Compute determinism, degeneracy and EI of MODEL with the "
+                                   "weights of each checkpoint, print one line per checkpoint "
+                                   "and append each to --csv as it finishes. Exit status 1 "
+                                   "when any checkpoint could not be evaluated.")
+    p.add_argument("model", metavar="MODEL",
+                   help="the architecture, as for 'ei': a torchvision model name, "
+                        "package.module:callable, or a model file")
+    p.add_argument("checkpoints", metavar="CKPT", nargs="+",
+                   help="checkpoint files (state dicts, training checkpoints, Lightning .ckpt, "
+                        ".safetensors) or folders of them; labels, steps and epochs come from "
+                        "the file names (epoch=3, step=1200, ...)")
+    p.add_argument("--input-shape", type=parse_shape, metavar="N,C,H,W",
+                   help="shape of the example input (zeros); default 1,3,224,224 for "
+                        "torchvision image models, required otherwise")
+    p.add_argument("--weights-key", metavar="KEY",
+                   help="the checkpoint key that holds the state dict, when it is not one of "
+                        "the usual ones (state_dict, model, ...)")
+    p.add_argument("--trust-pickle", action="store_true",
+                   help="allow unpickling modules saved whole (MODEL or CKPT): this runs code "
+                        "from the files, so only use it for files you trust")
+    p.add_argument("--seed", type=int, default=0,
+                   help="seed for building the model (its own weights are not evaluated)")
+    p.add_argument("--legacy", action="store_true",
+                   help="the old module's cross-channel AvgPool2d connectivity")
+    p.add_argument("--norm", choices=sorted(NORMS), default="lin",
+                   help="row normalisation (default lin)")
+    p.add_argument("--engine", choices=ENGINE_NAMES, default="auto",
+                   help="how layers are reduced (default auto)")
+    p.add_argument("--device", default="cpu", help="where the reductions run: cpu or cuda")
+    p.add_argument("--max-memory", type=_memory, metavar="SIZE",
+                   help="working-memory budget of the engines, e.g. 2GiB (the default)")
+    p.add_argument("--workers", type=int, metavar="N",
+                   help="checkpoints evaluated at once: worker processes (default 1, in this "
+                        "process), or with --ray the most tasks in flight")
+    p.add_argument("--ray", nargs="?", const="", metavar="ADDRESS",
+                   help="run one Ray task per checkpoint: on the cluster at ADDRESS ('auto', "
+                        "'ray://host:10001'), or alone, on a local Ray; put it after CKPT "
+                        f"(needs Ray: {RAY_HINT})")
+    p.add_argument("--csv", metavar="FILE",
+                   help="append each checkpoint's records (network and layers) to FILE as it "
+                        "finishes; rewritten in checkpoint order at the end")
+    p.add_argument("--resume", action="store_true",
+                   help="keep the checkpoints already complete in --csv and compute the rest")
+    p.add_argument("--json", metavar="FILE", help="write the records as JSON")
+    p.add_argument("--plot", metavar="FILE",
+                   help="chart of every layer's EI and the network's over the checkpoints "
+                        f"(needs matplotlib: {PLOT_HINT})")
+    p.add_argument("--plane-plot", metavar="FILE",
+                   help="chart of each layer's path in the determinism-degeneracy plane")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+    p.set_defaults(func=_cmd_sweep)
 
 
 # --------------------------------------------------------------------------- loading and output
@@ -316,6 +376,63 @@ def _cmd_layers(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_sweep(args: argparse.Namespace) -> int:
+    from .sweeps import sweep
+
+    try:
+        device = resolve_device(args.device)
+    except UnknownNameError as exc:
+        raise UsageError(str(exc)) from None
+    if args.workers is not None and args.workers < 1:
+        raise UsageError(f"--workers {args.workers}: give a positive number")
+    if args.resume and not args.csv:
+        raise UsageError("--resume needs --csv FILE, the output of the run to resume")
+    for path in (args.plot, args.plane_plot):
+        if path:
+            _check_plot(path)
+    for path, option in ((args.csv, "--csv"), (args.json, "--json"), (args.plot, "--plot"),
+                         (args.plane_plot, "--plane-plot")):
+        _check_writable(path, option)
+    model, shape = load_model(args.model, seed=args.seed, input_shape=args.input_shape,
+                              trust_pickle=args.trust_pickle)
+    backend = "ray" if args.ray is not None else None
+    with _shape_hint(shape):
+        res = sweep(model, args.checkpoints, torch.zeros(shape), workers=args.workers,
+                    backend=backend, norm=args.norm, device=device, engine=args.engine,
+                    legacy=args.legacy, max_memory=args.max_memory, key=args.weights_key,
+                    trust_pickle=args.trust_pickle, output=args.csv, resume=args.resume,
+                    progress=not args.no_progress and sys.stderr.isatty(),
+                    ray_address=args.ray or None,
+                    meta={"model": args.model, "input_shape": list(shape)})
+    hist = res.history
+    print(f"{args.model}: input {_dims(shape)}, norm {args.norm}, {len(res.checkpoints)} "
+          f"checkpoints")
+    print(f"{'checkpoint':<32} {'step':>8} {'epoch':>6} {'determinism':>12} {'degeneracy':>11} "
+          f"{'EI':>10}")
+    for rec in hist.records:
+        step = "" if rec.step is None else rec.step
+        epoch = "" if rec.epoch is None else rec.epoch
+        if rec.kind == "network":
+            print(f"{rec.label[:32]:<32} {step:>8} {epoch:>6} {rec.determinism:>12.6f} "
+                  f"{rec.degeneracy:>11.6f} {rec.ei:>10.6f}")
+        elif rec.kind == "error":
+            print(f"{rec.label[:32]:<32} {step:>8} {epoch:>6} {'error: see below':>35}")
+    if args.json:
+        hist.to_json(args.json)
+    drawn = len(hist.errors) < len(res.checkpoints)
+    if args.plot and drawn:
+        hist.plot(args.plot, title=os.path.basename(args.model))
+    if args.plane_plot and drawn:
+        hist.plot(args.plane_plot, kind="plane", title=os.path.basename(args.model))
+    for rec in res.errors:
+        print(f"{PROG}: error: {rec.label}: {cli_message(rec.error or '')}", file=sys.stderr)
+    if res.errors:
+        print(f"{PROG}: {len(res.errors)} of {len(res.checkpoints)} checkpoints could not be "
+              "evaluated", file=sys.stderr)
+        return 1
+    return 0
+
+
 # --------------------------------------------------------------------------- entry point
 
 
@@ -327,7 +444,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SystemExit as exc:  # --help, --version and argparse's usage errors
         return exc.code if isinstance(exc.code, int) else 2
     if args.command is None:
-        print(f"{PROG}: error: choose a command: ei or layers (see {PROG} --help)",
+        print(f"{PROG}: error: choose a command: ei, layers or sweep (see {PROG} --help)",
               file=sys.stderr)
         return 2
     with warnings.catch_warnings():

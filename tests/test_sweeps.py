@@ -280,3 +280,50 @@ def test_resume_retries_errors_and_refuses_other_settings(ckpts, tmp_path):
     assert res.ok and res.resumed == ["epoch=2-step=20"]
     with pytest.raises(HistoryFileError, match="norm"):
         sweep(tiny_cnn(), [paths[0]], INPUT, output=out, resume=True, norm="soft")
+
+
+# --------------------------------------------------------------------------- command line
+
+
+def _cli(capsys, *argv):
+    from foresight_sparse.cli import main
+
+    rc = main(list(argv))
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+def test_cli_sweep_writes_csv_and_fails_on_an_error_row(ckpts, bad, tmp_path, capsys):
+    _, paths, expected = ckpts
+    out = tmp_path / "ei.csv"
+    rc, stdout, stderr = _cli(capsys, "sweep", "test_sweeps:tiny_cnn", *paths, bad["step=5"],
+                              "--input-shape", "1,3,16,16", "--csv", str(out), "--json",
+                              str(tmp_path / "ei.json"), "--no-progress")
+    assert rc == 1
+    assert "step=5" in stderr and "cannot read" in stderr and "1 of 5 checkpoints" in stderr
+    hist = History.from_csv(out)
+    assert hist.labels == [*ORDER, "step=5"]
+    assert_matches(hist, expected)
+    assert hist.meta["model"] == "test_sweeps:tiny_cnn"
+    assert History.from_json(tmp_path / "ei.json") == hist
+    for label, ref in expected.items():  # one printed line per checkpoint, with its EI
+        line = next(ln for ln in stdout.splitlines() if ln.startswith(label + " "))
+        assert f"{ref.ei:.6f}" in line
+
+
+def test_cli_sweep_resume_and_status_0(ckpts, tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    _, paths, _ = ckpts
+    out = tmp_path / "ei.csv"
+    args = ["sweep", "test_sweeps:tiny_cnn", *paths, "--input-shape", "1,3,16,16", "--csv",
+            str(out), "--no-progress"]
+    assert _cli(capsys, *args)[0] == 0
+    full = out.read_bytes()
+    text = out.read_text()
+    out.write_text(text[: text.index("epoch=9-step=90,network")])  # the last two missing
+    rc, stdout, _ = _cli(capsys, *args, "--resume", "--plot", str(tmp_path / "ei.png"),
+                         "--plane-plot", str(tmp_path / "plane.png"))
+    assert rc == 0 and out.read_bytes() == full
+    assert (tmp_path / "plane.png").read_bytes()[:4] == b"\x89PNG"
+    assert _cli(capsys, "sweep", "test_sweeps:tiny_cnn", *paths, "--input-shape",
+                "1,3,16,16", "--resume")[0] == 2
