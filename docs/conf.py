@@ -42,6 +42,9 @@ autodoc_class_signature = "mixed"
 napoleon_google_docstring = False
 napoleon_numpy_docstring = True
 napoleon_preprocess_types = False
+# Optional extras the docs build does not install are mocked; their users' docstrings
+# are all the pages need.
+autodoc_mock_imports = ["lightning", "pytorch_lightning"]
 
 # -- HTML --------------------------------------------------------------------------------------
 html_theme = "furo"

@@ -44,9 +44,9 @@ KINDS = ("network", "layer", "error")
 
 @dataclass(frozen=True)
 class Record:
-    """One row of a :class:`History`.
+    """One row of a :class:`History` (its fields are the constructor's parameters).
 
-    Attributes
+    Parameters
     ----------
     label : str
         What was evaluated: ``"step=100"`` for a tracker, the checkpoint's name for a sweep.
@@ -481,6 +481,8 @@ class History:
              title: str | None = None) -> None:
         """Draw the history and write the chart to ``path`` (needs matplotlib).
 
+        :func:`foresight_sparse.plotting.plot_history` draws it.
+
         Parameters
         ----------
         path : str or os.PathLike
@@ -491,8 +493,6 @@ class History:
             (x) and degeneracy (y).
         title : str, optional
             A title line.
-
-        See :func:`foresight_sparse.plotting.plot_history`.
         """
         from .plotting import plot_history
 

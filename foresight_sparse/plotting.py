@@ -188,6 +188,8 @@ def plot_history(history, path: str | os.PathLike, kind: str = "layers",
     if not network:
         raise ValueError("the history holds no evaluation to draw (only errors, or nothing)")
     names = history.layers
+    types = {r.layer: r.type for r in history.records if r.kind == "layer"}
+    legend = {name: f"{name} ({types[name]})" if types.get(name) else name for name in names}
     fig = Figure(figsize=(9.0, 5.2), layout="constrained")
     ax = fig.subplots()
     colors = [f"C{i % 10}" for i in range(len(names))]
@@ -197,7 +199,7 @@ def plot_history(history, path: str | os.PathLike, kind: str = "layers",
         for name, color in zip(names, colors):
             recs = [r for r in history.records if r.kind == "layer" and r.layer == name]
             ax.plot([pos[r.label] for r in recs], [r.ei for r in recs], color=color,
-                    linewidth=1, marker="." if len(recs) < 30 else None, label=name)
+                    linewidth=1, marker="." if len(recs) < 30 else None, label=legend[name])
         ax.plot(xs, [r.ei for r in network], color="black", linewidth=2.5,
                 marker="o" if len(network) < 30 else None, label="network")
         if ticks is not None:
@@ -212,7 +214,7 @@ def plot_history(history, path: str | os.PathLike, kind: str = "layers",
             y = [r.degeneracy for r in recs]
             width = 2.5 if name == NETWORK else 1
             ax.plot(x, y, color=color, linewidth=width, label="network" if name == NETWORK
-                    else name)
+                    else legend[name])
             ax.plot(x[:1], y[:1], "o", color=color, markersize=4)
             ax.plot(x[-1:], y[-1:], "s", color=color, markersize=5)
         lo, hi = ax.get_xlim()

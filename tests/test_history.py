@@ -138,7 +138,8 @@ def test_plot_writes_the_file(tmp_path, kind):
     figure = plot_history(h, tmp_path / f"{kind}.svg", kind=kind, title="run a")
     ax = figure.axes[0]
     # One line per layer and a thick one for the network, each with its points.
-    lines = [ln for ln in ax.get_lines() if ln.get_label() in ("features.0", "fc", "network")]
+    names = ("features.0 (Conv2d)", "fc (Linear)", "network")
+    lines = [ln for ln in ax.get_lines() if ln.get_label() in names]
     assert len(lines) == 3
     network = next(ln for ln in lines if ln.get_label() == "network")
     x, y = network.get_data()

@@ -61,11 +61,7 @@ class EICallback(Callback):
     Attributes
     ----------
     tracker : Tracker or None
-        Created on the first evaluation.
-    history : History
-        Every evaluation so far (step, epoch, each layer), ready for
-        :meth:`~foresight_sparse.history.History.to_csv` and
-        :meth:`~foresight_sparse.history.History.plot`.
+        Created on the first evaluation; :attr:`history` holds every evaluation so far.
 
     Examples
     --------
@@ -97,7 +93,9 @@ class EICallback(Callback):
 
     @property
     def history(self) -> History:
-        """The evaluations so far (empty before the first)."""
+        """Every evaluation so far (step, epoch, each layer; empty before the first), ready
+        for :meth:`~foresight_sparse.history.History.to_csv` and
+        :meth:`~foresight_sparse.history.History.plot`."""
         return self.tracker.history if self.tracker is not None else History()
 
     def _evaluate(self, trainer, pl_module) -> Report | None:
