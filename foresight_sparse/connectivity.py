@@ -619,12 +619,15 @@ class ExplicitMatrix(Connectivity):
         self.n_rows, self.n_cols = m.shape
         self.device = m.device
         self.dtype = m.dtype
-        if m.layout == torch.sparse_csr:
-            self._csr = m
-        elif m.layout == torch.sparse_coo:
-            self._csr = m.coalesce().to_sparse_csr()
-        else:
-            self._csr = m.to_sparse_csr()
+        with warnings.catch_warnings():  # "sparse CSR support is in beta": not news to users
+            warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta",
+                                    category=UserWarning)
+            if m.layout == torch.sparse_csr:
+                self._csr = m
+            elif m.layout == torch.sparse_coo:
+                self._csr = m.coalesce().to_sparse_csr()
+            else:
+                self._csr = m.to_sparse_csr()
         self._crow = self._csr.crow_indices().to(torch.int64)
 
     def row_counts(self, r0, r1):

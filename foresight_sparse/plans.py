@@ -201,7 +201,7 @@ class Plan:
         return Report(determinism, degeneracy, degeneracy - determinism, rows,
                       list(self.skipped), norm=self.norm.name, engine=self.engine,
                       device=str(self.device), legacy=self.legacy,
-                      seconds=time.perf_counter() - start)
+                      seconds=time.perf_counter() - start, max_memory=self.max_memory)
 
     def _bind(self, layer: PlannedLayer, weights) -> Connectivity:
         """The layer's connectivity made of the given (or the model's current) weights."""
