@@ -30,6 +30,7 @@ import os
 import pickle
 import re
 import time
+from collections import deque
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -206,6 +207,10 @@ def _evaluate(p: Plan, path: str, key: str | None, trust_pickle: bool) -> Report
         return text if isinstance(exc, CheckpointError) else f"{type(exc).__name__}: {text}"
 
 
+#: Whether the calling process evaluates checkpoints while the pool starts (the tests turn
+#: it off to send every checkpoint through the workers).
+_HELP_WHILE_STARTING = True
+
 # Worker processes keep the plan they were started with; Ray workers keep one per object.
 _WORKER_PLAN: Plan | None = None
 _RAY_PLANS: dict[str, Plan] = {}
@@ -223,6 +228,10 @@ def _init_worker(plan_bytes: bytes, threads: int) -> None:
 
     numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
     _WORKER_PLAN = pickle.loads(plan_bytes)
+
+
+def _worker_ready() -> bool:
+    return _WORKER_PLAN is not None
 
 
 def _process_task(path: str, key: str | None, trust_pickle: bool) -> Report | str:
@@ -289,18 +298,31 @@ def _run_processes(p: Plan, todo: Sequence[Checkpoint], key, trust_pickle, done:
     else:  # pragma: no cover - Windows
         ctx = multiprocessing.get_context("spawn")
     plan_bytes = pickle.dumps(p, protocol=pickle.HIGHEST_PROTOCOL)  # pickled once
-    with ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_init_worker,
-                             initargs=(plan_bytes, threads)) as pool:
-        pending = {pool.submit(_process_task, e.path, key, trust_pickle): e for e in todo}
-        try:
-            while pending:
-                finished, _ = wait(pending, return_when=FIRST_COMPLETED)
-                for fut in finished:
-                    done(pending.pop(fut), fut.result())
-        except BaseException:
-            for fut in pending:
-                fut.cancel()
-            raise
+    pool = ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_init_worker,
+                               initargs=(plan_bytes, threads))
+    queue = deque(todo)
+    pending: dict[Any, Checkpoint] = {}
+    used = False
+    try:
+        # An empty task per worker starts the pool without committing a checkpoint to it.
+        starting = [pool.submit(_worker_ready) for _ in range(workers)]
+        # Starting takes seconds (the server imports torch and numba, each worker unpickles
+        # the plan): meanwhile this process evaluates checkpoints itself, so a pool never
+        # makes a short sweep slower than a serial one.
+        while _HELP_WHILE_STARTING and queue and not any(f.done() for f in starting):
+            entry = queue.popleft()
+            done(entry, _evaluate(p, entry.path, key, trust_pickle))
+        while queue or pending:
+            while queue and len(pending) < 2 * workers:  # each worker has the next one ready
+                entry = queue.popleft()
+                pending[pool.submit(_process_task, entry.path, key, trust_pickle)] = entry
+                used = True
+            finished, _ = wait(pending, return_when=FIRST_COMPLETED)
+            for fut in finished:
+                done(pending.pop(fut), fut.result())
+    finally:
+        # Without work for the pool, do not wait for it to finish starting.
+        pool.shutdown(wait=used and not pending, cancel_futures=True)
 
 
 def _import_ray():

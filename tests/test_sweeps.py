@@ -152,7 +152,13 @@ def test_serial_sweep_equals_report(ckpts):
     assert res.history.meta["input_shape"] == [1, 3, 16, 16]
 
 
-def test_process_sweep_equals_report_and_reports_errors(ckpts, bad, tmp_path):
+@pytest.mark.parametrize("parent_helps", [False, True])
+def test_process_sweep_equals_report_and_reports_errors(ckpts, bad, tmp_path, monkeypatch,
+                                                        parent_helps):
+    import foresight_sparse.sweeps as sweeps
+
+    # False: every checkpoint goes through the worker processes.
+    monkeypatch.setattr(sweeps, "_HELP_WHILE_STARTING", parent_helps)
     _, paths, expected = ckpts
     files = [*paths, bad["step=5"], bad["step=6"], bad["step=7"], bad["step=8"]]
     res = sweep(tiny_cnn(), files, INPUT, workers=2, backend="process",
