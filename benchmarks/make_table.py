@@ -80,7 +80,40 @@ def render(data: dict) -> str:
             out.append(f"| {r['name']} | {e['nnz']:.4g} | {_ms(r['stats']['median'])} | "
                        f"{e['entries_per_s'] / 1e6:.0f}M/s |")
         out.append("")
+    tracking = {r["extra_info"]["tracking"]: r["extra_info"] for r in rows
+                if "tracking" in r["extra_info"]}
+    if tracking:
+        out += _tracking_rows(tracking)
     return "\n".join(out)
+
+
+def _tracking_rows(t: dict) -> list[str]:
+    """Tracking during training and checkpoint sweeps (test_bench_tracking.py)."""
+    out = ["## Tracking and sweeps (ResNet-18)", "", "| measure | measured | target |",
+           "|---|---|---|"]
+    if "train" in t:
+        e = t["train"]
+        out.append(f"| training, tracker every {e['every']} steps vs none ({e['steps']} steps, "
+                   f"batch {e['batch']}, 3x32x32, 10 classes) | {_ms(e['tracked_s'])} vs "
+                   f"{_ms(e['plain_s'])}: {e['added']:+.1%} ({_ms(e['tracker_s'])} in the "
+                   f"tracker, {e['tracker_share']:.1%}) | <= 5% |")
+    if "sweep" in t:
+        e = t["sweep"]
+        out.append(f"| sweep of {e['n']} checkpoints at {e['size']}x{e['size']}, 2 worker "
+                   f"processes vs serial | {_ms(e['process_s'])} vs {_ms(e['serial_s'])}: "
+                   f"{e['speedup']:.2f}x | >= 1.6x |")
+    if "per_checkpoint" in t:
+        e = t["per_checkpoint"]
+        out.append(f"| serial sweep, per checkpoint, vs load + `Plan.report` | "
+                   f"{_ms(e['sweep_s'])} vs {_ms(e['load_s'])} + {_ms(e['report_s'])}: "
+                   f"{e['over_parts']:.2f}x | <= 1.1x |")
+    if "ray" in t:
+        e = t["ray"]
+        out.append(f"| local Ray (2 CPUs) vs 2 worker processes, {e['n']} checkpoints | "
+                   f"{_ms(e['ray_s'])} vs {_ms(e['process_s'])}: {e['ray_over_process']:.2f}x; "
+                   f"EI differs by {e['max_ei_difference']:.1e} at most | <= 1.5x |")
+    out.append("")
+    return out
 
 
 def main(argv=None) -> int:
