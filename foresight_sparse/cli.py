@@ -29,17 +29,16 @@ import torch
 
 from . import __version__
 from .analysis import report as _report
-from .analysis import resolve_device
-from .budget import format_bytes, parse_bytes
+from .budget import parse_bytes
 from .checkpoints import CheckpointError
-from .connectivity import connectivity
 from .engines import ENGINE_NAMES
 from .exceptions import ForesightError, ForwardError, MissingDependencyError, UnknownNameError
 from .models import DEFAULT_IMAGE_SHAPE, ModelError, UsageError, load_model
 from .norms import NORMS
+from .plans import plan, resolve_device
 from .plotting import PLOT_HINT
 from .sweeps import RAY_HINT
-from .tracing import trace, warn_skipped
+from .tracing import SKIPPED_HINT
 
 __all__ = ["main", "build_parser", "load_model", "parse_shape", "cli_message", "UsageError",
            "ModelError", "DEFAULT_IMAGE_SHAPE"]
@@ -84,7 +83,8 @@ def cli_message(text: str) -> str:
     ``raise max_memory`` becomes ``raise --max-memory``, ``device='cpu'`` becomes
     ``--device cpu``, ``norm=None`` becomes ``--norm none``, ``legacy=True`` becomes
     ``--legacy``, ``trust_pickle=True`` becomes ``--trust-pickle``, ``weights=`` becomes
-    ``--weights`` and ``key=NAME`` becomes ``--weights-key NAME``. The result is one line.
+    ``--weights`` and ``key=NAME`` becomes ``--weights-key NAME``; the skipped-layers
+    warning points to the ``layers`` command. The result is one line.
 
     Parameters
     ----------
@@ -97,6 +97,7 @@ def cli_message(text: str) -> str:
         The message as the command line prints it.
     """
     text = " ".join(str(text).split())
+    text = text.replace(SKIPPED_HINT, "foresight-sparse layers MODEL lists them")
     for name, flag, takes_value in _FLAGS:
         def swap(m: re.Match, flag=flag, takes_value=takes_value) -> str:
             value = m.group(1) if m.group(1) is not None else m.group(2)
@@ -162,6 +163,17 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                    help="the old module's cross-channel AvgPool2d connectivity")
 
 
+def _add_plan_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--norm", choices=sorted(NORMS), default="lin",
+                   help="row normalisation (default lin)")
+    p.add_argument("--engine", choices=ENGINE_NAMES, default="auto",
+                   help="how layers are reduced (default auto: implicit where exact, else "
+                        "sparse)")
+    p.add_argument("--device", default="cpu", help="where the reductions run: cpu or cuda")
+    p.add_argument("--max-memory", type=_memory, metavar="SIZE",
+                   help="working-memory budget of the engines, e.g. 2GiB (the default)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``foresight-sparse`` command."""
     parser = _Parser(prog=PROG, description="Effective information of PyTorch networks from "
@@ -174,14 +186,7 @@ def build_parser() -> argparse.ArgumentParser:
                         description="Compute determinism, degeneracy and EI of MODEL and print "
                                     "them layer by layer.")
     _add_model_args(ei)
-    ei.add_argument("--norm", choices=sorted(NORMS), default="lin",
-                    help="row normalisation (default lin)")
-    ei.add_argument("--engine", choices=ENGINE_NAMES, default="auto",
-                    help="how layers are reduced (default auto: implicit where exact, else "
-                         "sparse)")
-    ei.add_argument("--device", default="cpu", help="where the reductions run: cpu or cuda")
-    ei.add_argument("--max-memory", type=_memory, metavar="SIZE",
-                    help="working-memory budget of the engines, e.g. 2GiB (the default)")
+    _add_plan_args(ei)
     ei.add_argument("--json", metavar="FILE",
                     help="write the report as JSON (Report.save; Report.load reads it)")
     ei.add_argument("--csv", metavar="FILE",
@@ -197,9 +202,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     layers = sub.add_parser("layers", help="list the supported layers without computing",
                             description="List the layers of MODEL that count towards EI, "
-                                        "with their shapes and matrix sizes, without "
-                                        "computing anything.")
+                                        "with their shapes, matrix sizes, engines and "
+                                        "working memory (the plan), without computing "
+                                        "anything.")
     _add_model_args(layers)
+    _add_plan_args(layers)
     layers.set_defaults(func=_cmd_layers)
     _add_sweep_parser(sub)
     return parser
@@ -314,15 +321,19 @@ def _show_warning(message, category, filename, lineno, file=None, line=None):
 # --------------------------------------------------------------------------- commands
 
 
-def _cmd_ei(args: argparse.Namespace) -> int:
+def _device(text: str) -> torch.device:
+    """The ``--device`` argument checked, or a usage error."""
     try:
-        device = resolve_device(args.device)
+        return resolve_device(text)
     except UnknownNameError:
-        if args.device.startswith("cuda"):
-            raise UsageError(f"--device {args.device}: CUDA is not available to this torch "
+        if text.startswith("cuda"):
+            raise UsageError(f"--device {text}: CUDA is not available to this torch "
                              f"({torch.__version__}); use --device cpu") from None
-        raise UsageError(f"--device {args.device!r} is not a device; use cpu or cuda") \
-            from None
+        raise UsageError(f"--device {text!r} is not a device; use cpu or cuda") from None
+
+
+def _cmd_ei(args: argparse.Namespace) -> int:
+    device = _device(args.device)
     if args.plot:
         _check_plot(args.plot)
     for path, option in ((args.json, "--json"), (args.csv, "--csv"), (args.plot, "--plot")):
@@ -353,36 +364,20 @@ def _cmd_ei(args: argparse.Namespace) -> int:
 
 
 def _cmd_layers(args: argparse.Namespace) -> int:
+    device = _device(args.device)
     model, shape = _load(args)
     with _shape_hint(shape):
-        tr = trace(model, torch.zeros(shape))
-    head = (f"{'layer':<24} {'type':<10} {'in':>18} {'out':>18} {'rows':>10} {'cols':>10} "
-            f"{'entries':>14} {'as COO':>11}")
+        p = plan(model, torch.zeros(shape), norm=args.norm, device=device,
+                 engine=args.engine, legacy=args.legacy, max_memory=args.max_memory)
     print(f"{args.model}: input {_dims(shape)}")
-    print(head)
-    print("-" * len(head))
-    total = 0
-    for layer in tr.layers:
-        conn = connectivity(layer.module, layer.in_shape, layer.out_shape, legacy=args.legacy,
-                            label=layer.label)
-        nnz = conn.nnz
-        total += nnz
-        print(f"{layer.name[:24]:<24} {type(layer.module).__name__[:10]:<10} "
-              f"{_dims(layer.in_shape):>18} {_dims(layer.out_shape):>18} {conn.n_rows:>10} "
-              f"{conn.n_cols:>10} {nnz:>14} {format_bytes(conn.sparse_bytes('coo')):>11}")
-    print("-" * len(head))
-    print(f"{len(tr.layers)} layers, {total} entries")
-    warn_skipped(tr)
+    print(p.table())
     return 0
 
 
 def _cmd_sweep(args: argparse.Namespace) -> int:
     from .sweeps import sweep
 
-    try:
-        device = resolve_device(args.device)
-    except UnknownNameError as exc:
-        raise UsageError(str(exc)) from None
+    device = _device(args.device)
     if args.workers is not None and args.workers < 1:
         raise UsageError(f"--workers {args.workers}: give a positive number")
     if args.resume and not args.csv:

@@ -13,6 +13,7 @@ import copy
 import logging
 import time
 import warnings
+from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
@@ -255,7 +256,8 @@ class Plan:
         return sum(layer.nnz for layer in self.layers)
 
     def table(self) -> str:
-        """A fixed-width table of the planned layers: shapes, matrix sizes and engines."""
+        """A fixed-width table of the planned layers (shapes, matrix sizes, engines and
+        working memory), the skipped leaf modules by type, and the settings."""
         head = (f"{'layer':<24} {'type':<12} {'in':>16} {'out':>16} {'rows':>10} "
                 f"{'cols':>10} {'entries':>14} {'engine':>8} {'memory':>11}")
         lines = [head, "-" * len(head)]
@@ -265,6 +267,10 @@ class Plan:
                          f"{lay.nnz:>14} {lay.engine:>8} "
                          f"{format_bytes(lay.working_bytes):>11}")
         lines.append("-" * len(head))
+        if self.skipped:
+            counts = Counter(t for _, t in self.skipped)
+            lines.append("skipped (no connectivity builder): " + ", ".join(
+                f"{n} {t}" for t, n in sorted(counts.items())))
         lines.append(f"{len(self.layers)} layers, {self.nnz} entries; norm {self.norm.name}, "
                      f"engine {self.engine}, device {self.device}"
                      f"{', legacy' if self.legacy else ''}, max_memory "

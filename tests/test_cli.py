@@ -414,7 +414,11 @@ def test_layers_lists_entries_without_computing(capsys):
     body = out.splitlines()[3:3 + len(nnz)]
     assert [line.split()[0] for line in body] == [layer.name for layer in tr.layers]
     assert [int(line.split()[6]) for line in body] == nnz
-    assert out.splitlines()[-1] == f"{len(nnz)} layers, {sum(nnz)} entries"
+    assert out.splitlines()[-1].startswith(f"{len(nnz)} layers, {sum(nnz)} entries; norm lin")
+    # the planned engines are those that serve the layers when EI is computed
+    rep = foresight_sparse.report(seeded(tiny_cnn), torch.zeros(SHAPE))
+    served = [layer.engine for layer in rep.layers]
+    assert [line.split()[7] for line in body] == served
 
 
 def test_help_and_version_exit_zero(capsys):
