@@ -11,7 +11,6 @@ import logging
 
 from . import ei
 from .analysis import report
-from .plans import Plan, PlannedLayer, plan
 from .budget import DEFAULT_MAX_MEMORY
 from .connectivity import Connectivity, ExplicitMatrix, register, unregister
 from .exceptions import (
@@ -29,6 +28,7 @@ from .exceptions import (
 )
 from .history import History
 from .norms import lin_norm, sig_norm, soft_norm
+from .plans import Plan, PlannedLayer, plan
 from .results import LayerReport, Report
 from .sweeps import SweepResult, sweep
 from .tracking import Tracker

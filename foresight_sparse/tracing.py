@@ -339,8 +339,9 @@ def trace(model: nn.Module, input, registry: dict | None = None, method: str = "
     (``method='real'``) or on a copy whose tensors live on the meta device (``'meta'``:
     shapes without arithmetic, but each operation runs through PyTorch's Python reference
     code). ``'auto'`` runs the real pass and, before a module would take it past the time
-    the meta pass needs (estimated from the modules), stops it and runs the meta pass; where the meta pass
-    fails (data-dependent models), the real one runs to the end. Both give the same shapes.
+    the meta pass needs (estimated from the modules), stops it and runs the meta pass;
+    where the meta pass fails (data-dependent models), the real one runs to the end. Both
+    give the same shapes.
     Every module's train/eval mode is restored and every hook removed afterwards, also when
     the forward pass fails. A tensor
     ``input`` is moved to the model's device and cast to its floating dtype first, integer

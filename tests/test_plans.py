@@ -21,14 +21,13 @@ import warnings
 import pytest
 import torch
 import torchvision
+from conftest import examples, random_nets
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
 import foresight_sparse as fs
 from foresight_sparse.tracing import trace
-
-from conftest import examples, random_nets
 
 F64 = torch.float64
 
