@@ -203,12 +203,8 @@ class CSVAppender:
             os.path.getsize(self.path) == 0
         if not fresh:
             _read_csv(self.path)  # refuses a file of another format before adding to it
-            with open(self.path, "rb") as fh:
-                fh.seek(-1, os.SEEK_END)
-                ends_cleanly = fh.read(1) == b"\n"
+            _drop_cut_line(self.path)
             self._fh = open(self.path, "a", encoding="utf-8", newline="")
-            if not ends_cleanly:  # a write cut off mid-line: end that line, drop it on read
-                self._fh.write("\n")
         else:
             self._fh = open(self.path, "w", encoding="utf-8", newline="")
             self._fh.write(_meta_lines(meta or {}))
@@ -233,6 +229,15 @@ class CSVAppender:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def _drop_cut_line(path: str) -> None:
+    """Truncate a file after its last newline: a write cut off mid-line leaves part of a
+    line (perhaps an open quote) that must not run into what is appended next."""
+    with open(path, "r+b") as fh:
+        data = fh.read()
+        if data and not data.endswith(b"\n"):
+            fh.truncate(data.rfind(b"\n") + 1)
 
 
 def _read_csv(path: str) -> tuple[dict[str, Any], list[Record]]:

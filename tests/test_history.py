@@ -58,13 +58,15 @@ def test_appender_adds_to_existing_file_and_drops_a_cut_line(tmp_path):
         out.write(h.records[:3])
     with CSVAppender(path) as out:  # a second run appends, without a second header
         out.write(h.records[3:6])
-    # An interruption in the middle of a write leaves part of a line behind.
+    # An interruption in the middle of a write leaves part of a line behind, here inside a
+    # quoted field, which would swallow the lines after it if it stayed.
     with open(path, "a", encoding="utf-8") as fh:
-        fh.write("step=100,layer,fc,Lin")
+        fh.write('epoch=8,error,,,,8,,,,"a,b')
     assert History.from_csv(path).records == h.records[:6]
-    with CSVAppender(path) as out:  # the cut line is closed off, then ignored
+    with CSVAppender(path) as out:  # the cut line is removed before appending
         out.write(h.records[6:])
     assert History.from_csv(path) == h
+    assert '"a,b' not in path.read_text().replace('"a,b ""c"".pt"', "")
 
 
 def test_appender_refuses_another_format(tmp_path):
