@@ -348,3 +348,38 @@ def test_conv_column_pass_in_blocks_equals_one_block():
     assert implicit._cout_step(conn, tight, fixed) == 1
     blocked = fs.report(model, x, norm="soft", max_memory=tight)
     _same_report(blocked, whole, rel=1e-13)
+
+
+# --------------------------------------------------------------------------- warnings
+
+
+def _skipping_model():
+    return nn.Sequential(nn.Conv2d(1, 2, 3), nn.MaxPool2d(2), nn.Flatten(), nn.Linear(8, 3))
+
+
+@pytest.mark.parametrize("entry", ["ei.ei", "ei.determinism", "ei.degeneracy", "report", "plan"])
+def test_skipped_layers_warning_points_at_the_callers_line(entry):
+    """Whichever public entry point the user calls, the warning names this file and the
+    line of the call, not a line inside the package."""
+    import inspect
+
+    from foresight_sparse import ei
+
+    model, x = _skipping_model(), torch.zeros(1, 1, 6, 6)
+    calls = {
+        "ei.ei": lambda: ei.ei(model, x),
+        "ei.determinism": lambda: ei.determinism(model, x),
+        "ei.degeneracy": lambda: ei.degeneracy(model, x),
+        "report": lambda: fs.report(model, x),
+        "plan": lambda: fs.plan(model, x),
+    }
+    line = inspect.getsourcelines(calls[entry])[1]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        calls[entry]()
+    skipped = [w for w in caught if "skipped layers" in str(w.message)]
+    assert skipped, [str(w.message) for w in caught]
+    for w in skipped:
+        assert w.filename == __file__, w.filename
+        assert w.lineno == line
+        assert "MaxPool2d" in str(w.message) and ".skipped lists them" in str(w.message)
