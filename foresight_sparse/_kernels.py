@@ -599,27 +599,34 @@ def _class_rows(sf, st, mh, mw, cnt_h, cnt_w, mult_h, mult_w, cout_g, n_cols, c,
     return h_sum, c * off
 
 
-@numba.njit(cache=True, nogil=True)
-def _gather_classes(inv, taps_h, taps_w, cin_g, out):
-    """``out[g, p * Q + q, (ci, kh, kw)] = inv[g * cin_g + ci, taps_h[p, kh], taps_w[q, kw]]``
-    (0 where a tap reads no input, ``-1``): the ``1/Z`` each output class reads."""
-    n_g = out.shape[0]
-    n_q = taps_w.shape[0]
-    n_kh = taps_h.shape[1]
-    n_kw = taps_w.shape[1]
-    for g in range(n_g):
-        for p in range(taps_h.shape[0]):
-            for q in range(n_q):
-                k = p * n_q + q
-                col = 0
-                for ci in range(cin_g):
-                    for kh in range(n_kh):
-                        a = taps_h[p, kh]
-                        for kw in range(n_kw):
-                            b = taps_w[q, kw]
-                            out[g, k, col] = inv[g * cin_g + ci, a, b] if a >= 0 and b >= 0 \
-                                else 0.0
-                            col += 1
+@numba.njit(parallel=True, cache=True, nogil=True)
+def _gather(src, index, out):
+    """``out[g, k, l] = src[g, index[k, l]]``: the ``1/Z`` each output class reads through
+    each tap, for every group (``index`` points past the group's inputs, at a zero, where a
+    tap reads no input)."""
+    n_k, n_l = index.shape
+    for g in numba.prange(src.shape[0]):
+        s = src[g]
+        for k in range(n_k):
+            row = index[k]
+            o = out[g, k]
+            for j in range(n_l):
+                o[j] = s[row[j]]
+
+
+def class_index(taps_h: np.ndarray, taps_w: np.ndarray, cin_g: int, n_a: int,
+                n_b: int) -> np.ndarray:
+    """For :func:`_gather`: ``index[p * Q + q, (ci, kh, kw)]`` is the position of
+    ``inv[ci, taps_h[p, kh], taps_w[q, kw]]`` in a group's flattened ``(C_in/g, A, B)`` map
+    of ``1/Z`` per input class, and ``cin_g * A * B`` (a zero appended to it) where a tap
+    reads no input."""
+    th = taps_h[:, None, None, :, None]
+    tw = taps_w[None, :, None, None, :]
+    ci = np.arange(cin_g)[None, None, :, None, None]
+    index = (ci * n_a + th) * n_b + tw
+    index = np.where((th >= 0) & (tw >= 0), index, cin_g * n_a * n_b)
+    return np.ascontiguousarray(index.reshape(taps_h.shape[0] * taps_w.shape[0], -1),
+                                dtype=np.int64)
 
 
 @numba.njit(parallel=True, cache=True, nogil=True, fastmath=_FM_REDUCE, error_model="numpy")
@@ -629,7 +636,7 @@ def _class_cols(w, kind, shift, c, xf, xp, use_f, use_p, n_chunks, col):
     then dotted with the gathered ``1/Z`` of every class (``use_f``/``use_p``: whether
     any row is full / has absent entries)."""
     n_g, n_o, n_l = w.shape
-    n_k = xf.shape[1]
+    n_k = col.shape[2]
     n_tasks = n_g * n_o
     for ch in numba.prange(n_chunks):
         buf = np.empty(n_l)
@@ -651,40 +658,48 @@ def _class_cols(w, kind, shift, c, xf, xp, use_f, use_p, n_chunks, col):
                 col[g, o, k] = acc
 
 
-def class_pass(w3: np.ndarray, sf: np.ndarray, st: np.ndarray, geometry, kind: int,
-               shift: float, c: float, clogc: float, normalizes: bool, cout_g: int,
+def class_pass(w3: np.ndarray, sf: np.ndarray, st: np.ndarray, geometry, index: np.ndarray,
+               kind: int, shift: float, c: float, clogc: float, normalizes: bool, cout_g: int,
                n_cols: int, gather_bytes: int) -> tuple[float, float, np.ndarray]:
     """A convolution's row and column passes on its position classes.
 
     ``w3`` is the kernel as ``(groups, C_out/groups, C_in/groups * KH * KW)``; ``sf``/``st``
     its channel sums (:func:`dense_row_sums`); ``geometry`` holds the classes' arrays
-    ``(mh, mw, cnt_h, cnt_w, mult_h, mult_w, taps_h, taps_w)``. Returns the weighted sum
-    of row entropies, the constant ``sum c / Z`` and the columns ``(groups, C_out/groups,
-    P * Q)``, with the gathered ``1/Z`` held to about ``gather_bytes`` per slice of
-    output classes along H.
+    ``(mh, mw, cnt_h, cnt_w, mult_h, mult_w, taps_h, taps_w)`` and ``index`` comes from
+    :func:`class_index`. Returns the weighted sum of row entropies, the constant
+    ``sum c / Z`` and the columns ``(groups, C_out/groups, P * Q)``, with the gathered
+    ``1/Z`` held to about ``gather_bytes`` per slice of output classes.
     """
     mh, mw, cnt_h, cnt_w, mult_h, mult_w, taps_h, taps_w = geometry
-    shape = (sf.shape[0], mh.shape[0], mw.shape[0])
-    inv_full = np.empty(shape)
-    inv_part = np.empty(shape)
-    h_sum, off = _class_rows(sf, st, mh, mw, cnt_h, cnt_w, mult_h, mult_w, cout_g, n_cols, c,
-                             clogc, normalizes, inv_full, inv_part)
     n_g, n_o, n_l = w3.shape
-    n_p, n_q = taps_h.shape[0], taps_w.shape[0]
-    col = np.empty((n_g, n_o, n_p * n_q))
+    n_a, n_b = mh.shape[0], mw.shape[0]
+    flat = sf.shape[0] // n_g * n_a * n_b
+    # 1/Z per group, flattened, with a zero appended for taps that read no input
+    inv_full = np.zeros((n_g, flat + 1))
+    inv_part = np.zeros((n_g, flat + 1))
+    shape = (sf.shape[0], n_a, n_b)
+    full3 = np.empty(shape)
+    part3 = np.empty(shape)
+    h_sum, off = _class_rows(sf, st, mh, mw, cnt_h, cnt_w, mult_h, mult_w, cout_g, n_cols, c,
+                             clogc, normalizes, full3, part3)
+    inv_full[:, :flat] = full3.reshape(n_g, flat)
+    inv_part[:, :flat] = part3.reshape(n_g, flat)
+    n_k = index.shape[0]
+    col = np.empty((n_g, n_o, n_k))
     stored = cout_g * np.multiply.outer(cnt_h, cnt_w)
     use_f = bool((stored == n_cols).any())
     use_p = bool((stored != n_cols).any())
-    step = max(1, gather_bytes // max(2 * 8 * n_g * n_q * n_l, 1))
-    for p0 in range(0, n_p, step):
-        th = taps_h[p0:p0 + step]
-        k = th.shape[0] * n_q
-        xf = np.empty((n_g, k, n_l))
-        xp = np.empty((n_g, k, n_l))
-        _gather_classes(inv_full, th, taps_w, n_l // (th.shape[1] * taps_w.shape[1]), xf)
-        _gather_classes(inv_part, th, taps_w, n_l // (th.shape[1] * taps_w.shape[1]), xp)
-        out = np.empty((n_g, n_o, k))
-        _launch(_class_cols, w3.size * k, w3, kind, shift, c, xf, xp, use_f, use_p,
+    step = max(1, gather_bytes // max(8 * n_g * n_l * (use_f + use_p), 1))
+    for k0 in range(0, n_k, step):
+        rows = index[k0:k0 + step]
+        xf = np.empty((n_g, rows.shape[0], n_l) if use_f else (n_g, 0, n_l))
+        xp = np.empty((n_g, rows.shape[0], n_l) if use_p else (n_g, 0, n_l))
+        if use_f:
+            _launch(_gather, xf.size, inv_full, rows, xf)
+        if use_p:
+            _launch(_gather, xp.size, inv_part, rows, xp)
+        out = np.empty((n_g, n_o, rows.shape[0]))
+        _launch(_class_cols, w3.size * rows.shape[0], w3, kind, shift, c, xf, xp, use_f, use_p,
                 _chunks(n_g * n_o), out)
-        col[:, :, p0 * n_q:p0 * n_q + k] = out
+        col[:, :, k0:k0 + rows.shape[0]] = out
     return h_sum, off, col

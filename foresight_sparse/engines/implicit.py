@@ -231,19 +231,21 @@ def _conv_numba(conn: Stencil, norm: ElementwiseNorm, kind: int, shift: float) -
     w3 = k.numpy().reshape(conn.groups, conn.cout_g, -1)
     z, t = _kernels.dense_row_sums(w3, kind, shift)
     shape = (conn.in_chw[0], *k.shape[-2:])
-    geometry, weights = _class_arrays(conn.axis_h, conn.axis_w, conn.out_chw[0])
+    geometry, index, weights = _class_arrays(conn.axis_h, conn.axis_w, conn.cin_g,
+                                             conn.out_chw[0])
     h_sum, off, col = _kernels.class_pass(
-        w3, z.reshape(shape), t.reshape(shape), geometry, kind, shift, norm.zero(shift),
+        w3, z.reshape(shape), t.reshape(shape), geometry, index, kind, shift, norm.zero(shift),
         norm.zero_log2(shift), norm.normalizes, conn.cout_g, conn.n_cols, _GATHER_BYTES)
     return LayerStats(h_sum, conn.n_rows, torch.from_numpy(col.reshape(-1)), "implicit", off,
                       weights)
 
 
 @functools.lru_cache(maxsize=1024)
-def _class_arrays(axis_h, axis_w, c_out: int):
+def _class_arrays(axis_h, axis_w, cin_g: int, c_out: int):
     """The position classes of a geometry as the numba kernels take them (writable,
-    contiguous, float64 or int64), and the multiplicity of every output column of the
-    class columns (``(C_out, P, Q)`` flattened; never written to)."""
+    contiguous, float64 or int64), the gather index of the column pass, and the
+    multiplicity of every output column of the class columns (``(C_out, P, Q)`` flattened;
+    never written to)."""
     ch, cw = axis_h.classes(), axis_w.classes()
 
     def f64(a):
@@ -254,8 +256,12 @@ def _class_arrays(axis_h, axis_w, c_out: int):
 
     geometry = (f64(ch.in_profile), f64(cw.in_profile), i64(ch.in_counts), i64(cw.in_counts),
                 f64(ch.in_mult), f64(cw.in_mult), i64(ch.out_taps), i64(cw.out_taps))
+    from .. import _kernels
+
+    index = _kernels.class_index(geometry[6], geometry[7], cin_g, len(ch.in_mult),
+                                 len(cw.in_mult))
     mult = np.outer(ch.out_mult, cw.out_mult).astype(np.float64).reshape(-1)
-    return geometry, torch.from_numpy(mult).repeat(c_out)
+    return geometry, index, torch.from_numpy(mult).repeat(c_out)
 
 
 def _classes(conn: Stencil) -> tuple[AxisClasses, AxisClasses]:
