@@ -29,6 +29,7 @@ import logging
 import os
 import pickle
 import re
+import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Sequence
@@ -303,15 +304,25 @@ def _run_processes(p: Plan, todo: Sequence[Checkpoint], key, trust_pickle, done:
     queue = deque(todo)
     pending: dict[Any, Checkpoint] = {}
     used = False
+    starting: list = []
+    failure: list[BaseException] = []
+    # The first submission blocks until the server has imported torch and numba and forked
+    # the workers (seconds), so a thread makes it: an empty task per worker, which starts
+    # the pool without committing a checkpoint to it.
+    starter = threading.Thread(target=_start_pool, args=(pool, workers, starting, failure),
+                               name="foresight-sparse-pool-start")
     try:
-        # An empty task per worker starts the pool without committing a checkpoint to it.
-        starting = [pool.submit(_worker_ready) for _ in range(workers)]
-        # Starting takes seconds (the server imports torch and numba, each worker unpickles
-        # the plan): meanwhile this process evaluates checkpoints itself, so a pool never
-        # makes a short sweep slower than a serial one.
-        while _HELP_WHILE_STARTING and queue and not any(f.done() for f in starting):
+        starter.start()
+        # Meanwhile this process evaluates checkpoints itself, so a pool never makes a
+        # short sweep slower than a serial one.
+        while _HELP_WHILE_STARTING and queue and (
+                starter.is_alive() or not any(f.done() for f in starting)) and not failure:
             entry = queue.popleft()
             done(entry, _evaluate(p, entry.path, key, trust_pickle))
+        if queue:
+            starter.join()
+            if failure:
+                raise failure[0]
         while queue or pending:
             while queue and len(pending) < 2 * workers:  # each worker has the next one ready
                 entry = queue.popleft()
@@ -321,8 +332,28 @@ def _run_processes(p: Plan, todo: Sequence[Checkpoint], key, trust_pickle, done:
             for fut in finished:
                 done(pending.pop(fut), fut.result())
     finally:
-        # Without work for the pool, do not wait for it to finish starting.
-        pool.shutdown(wait=used and not pending, cancel_futures=True)
+        if used and not pending:
+            pool.shutdown(wait=True)
+        else:
+            # Nothing was left for the pool, or an error: rather than wait for the pool to
+            # finish starting, stop it from a thread once it has (not a daemon thread, so a
+            # program ending now still closes the workers cleanly).
+            threading.Thread(target=_stop_pool, args=(pool, starter),
+                             name="foresight-sparse-pool-stop").start()
+
+
+def _stop_pool(pool, starter: threading.Thread) -> None:
+    if starter.ident is not None:
+        starter.join()
+    pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _start_pool(pool, workers: int, starting: list, failure: list) -> None:
+    try:
+        for _ in range(workers):
+            starting.append(pool.submit(_worker_ready))
+    except BaseException as exc:  # re-raised by the sweep's own thread
+        failure.append(exc)
 
 
 def _import_ray():
