@@ -80,11 +80,52 @@ def render(data: dict) -> str:
             out.append(f"| {r['name']} | {e['nnz']:.4g} | {_ms(r['stats']['median'])} | "
                        f"{e['entries_per_s'] / 1e6:.0f}M/s |")
         out.append("")
+    zoo = [r["extra_info"] for r in rows if "zoo" in r["extra_info"]]
+    if zoo:
+        out += _zoo_rows(zoo)
     tracking = {r["extra_info"]["tracking"]: r["extra_info"] for r in rows
                 if "tracking" in r["extra_info"]}
     if tracking:
         out += _tracking_rows(tracking)
     return "\n".join(out)
+
+
+def _median(values: list[float]) -> float:
+    v = sorted(values)
+    n = len(v)
+    return v[n // 2] if n % 2 else (v[n // 2 - 1] + v[n // 2]) / 2
+
+
+def _zoo_rows(zoo: list[dict]) -> list[str]:
+    """Every torchvision classifier (test_bench_zoo.py): summary, then one row a model."""
+    rep = [e["report_ratio"] for e in zoo]
+    plan = [e["plan_ratio"] for e in zoo]
+    worst_rep = max(zoo, key=lambda e: e["report_ratio"])
+    worst_plan = max(zoo, key=lambda e: e["plan_ratio"])
+    out = [f"## The torchvision zoo ({len(zoo)} classification models)", "",
+           "Random weights (seed 0), batch 1, 224x224 (inception_v3 299x299), the default "
+           "settings. `report()` includes the trace; `Plan.report()` evaluates another set of "
+           "weights with a plan made beforehand. Each is the best of 5 runs (2 where the "
+           "forward pass takes over 2 s), as a ratio to one forward pass (no grad, best of 5) "
+           "in the same process.", "",
+           "| measure | median | worst | target |", "|---|---|---|---|",
+           f"| `report()` / forward | {_median(rep):.2f}x | {worst_rep['report_ratio']:.2f}x "
+           f"({worst_rep['zoo']}) | median <= 1.5x, every model <= 3x |",
+           f"| `Plan.report()` / forward | {_median(plan):.2f}x | "
+           f"{worst_plan['plan_ratio']:.2f}x ({worst_plan['zoo']}) | median <= 1x, every "
+           "model <= 2x |",
+           f"| models over the `report()` target (3x) | {sum(r > 3 for r in rep)} | | 0 |",
+           f"| models over the `Plan.report()` target (2x) | {sum(p > 2 for p in plan)} | | "
+           "0 |", "",
+           "| model | layers | forward | `report()` | ratio | `Plan.report()` | ratio | "
+           "peak RSS |", "|---|---|---|---|---|---|---|---|"]
+    for e in sorted(zoo, key=lambda e: e["zoo"]):
+        out.append(f"| {e['zoo']} | {e['layers']} | {_ms(e['forward_s'])} | "
+                   f"{_ms(e['report_s'])} | {e['report_ratio']:.2f}x | "
+                   f"{_ms(e['plan_report_s'])} | {e['plan_ratio']:.2f}x | "
+                   f"{_gib(e['peak_rss'])} |")
+    out.append("")
+    return out
 
 
 def _tracking_rows(t: dict) -> list[str]:
