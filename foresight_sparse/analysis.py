@@ -13,7 +13,7 @@ __all__ = ["report", "resolve_device"]
 
 def report(model: nn.Module, input=None, shapes=None, norm=lin_norm, device="cpu", *,
            engine: str = "auto", legacy: bool = False, max_memory=None,
-           progress: bool = False) -> Report:
+           progress: bool = False, layers="seed") -> Report:
     """Determinism, degeneracy and EI of ``model``, with a per-layer breakdown.
 
     ``plan(model, input, shapes, norm, device, ...).report()``: see :func:`~foresight_sparse.plan`
@@ -24,6 +24,8 @@ def report(model: nn.Module, input=None, shapes=None, norm=lin_norm, device="cpu
     ----------
     progress : bool, default False
         Show a tqdm progress bar over the layers (on stderr).
+    layers : {'seed', 'all'} or sequence of module types, default 'seed'
+        Which layers count (see :func:`~foresight_sparse.plan`).
 
     Returns
     -------
@@ -31,4 +33,4 @@ def report(model: nn.Module, input=None, shapes=None, norm=lin_norm, device="cpu
         Totals and one :class:`~foresight_sparse.results.LayerReport` per layer.
     """
     return plan(model, input, shapes, norm, device, engine=engine, legacy=legacy,
-                max_memory=max_memory).report(progress=progress)
+                max_memory=max_memory, layers=layers).report(progress=progress)

@@ -31,6 +31,7 @@ from . import __version__
 from .analysis import report as _report
 from .budget import parse_bytes
 from .checkpoints import CheckpointError
+from .connectivity import LAYER_SETS
 from .engines import ENGINE_NAMES
 from .exceptions import ForesightError, ForwardError, MissingDependencyError, UnknownNameError
 from .models import DEFAULT_IMAGE_SHAPE, ModelError, UsageError, load_model
@@ -68,6 +69,7 @@ _FLAGS = [
     ("key", "--weights-key", True),
     ("weights", "--weights", True),
     ("legacy", "--legacy", False),
+    ("layers", "--layers", True),
     ("trust_pickle", "--trust-pickle", False),
 ]
 _VALUE = r"(?:'([^'\s]*)'|([^\s,;()']+))?"
@@ -172,6 +174,10 @@ def _add_plan_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="cpu", help="where the reductions run: cpu or cuda")
     p.add_argument("--max-memory", type=_memory, metavar="SIZE",
                    help="working-memory budget of the engines, e.g. 2GiB (the default)")
+    p.add_argument("--layers", choices=LAYER_SETS, default="seed",
+                   help="which layers count: seed (the old module's Linear, Conv2d and "
+                        "AvgPool2d; the default) or all (every built-in type: 1-d/3-d, "
+                        "transposed and adaptive layers, and subclasses that inherit forward)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -343,14 +349,15 @@ def _cmd_ei(args: argparse.Namespace) -> int:
     with _shape_hint(shape):
         rep = _report(model, torch.zeros(shape), norm=args.norm, device=device,
                       engine=args.engine, legacy=args.legacy, max_memory=args.max_memory,
-                      progress=progress)
+                      progress=progress, layers=args.layers)
     rep.meta.update(model=args.model, input_shape=list(shape), seed=args.seed,
                     weights=args.weights, weights_key=args.weights_key)
     if args.quiet:
         print(rep.table().splitlines()[-1])
     else:
         print(f"{args.model}: input {_dims(shape)}, norm {rep.norm}, engine {rep.engine}, "
-              f"device {rep.device}{', legacy' if rep.legacy else ''}")
+              f"device {rep.device}{', legacy' if rep.legacy else ''}"
+              f"{', layers all' if args.layers == 'all' else ''}")
         print(rep.table())
     if args.json:
         rep.save(args.json)
@@ -368,7 +375,8 @@ def _cmd_layers(args: argparse.Namespace) -> int:
     model, shape = _load(args)
     with _shape_hint(shape):
         p = plan(model, torch.zeros(shape), norm=args.norm, device=device,
-                 engine=args.engine, legacy=args.legacy, max_memory=args.max_memory)
+                 engine=args.engine, legacy=args.legacy, max_memory=args.max_memory,
+                 layers=args.layers)
     print(f"{args.model}: input {_dims(shape)}")
     print(p.table())
     return 0

@@ -30,7 +30,7 @@ from torch import nn
 
 from .budget import check_budget, resolve_budget
 from .exceptions import ShapeMismatchError, UnknownNameError, UnsupportedLayerError
-from .geometry import PADDING_MODES, Axis, AxisPairs, conv_output_size
+from .geometry import PADDING_MODES, Axis, AxisPairs, AxisProduct, conv_output_size
 
 __all__ = [
     "Block",
@@ -39,12 +39,26 @@ __all__ = [
     "FullyConnected",
     "ExplicitMatrix",
     "REGISTRY",
+    "SEED_TYPES",
+    "EXTENDED",
+    "LAYER_SETS",
+    "LayerSelection",
     "register",
     "unregister",
     "connectivity",
     "linear",
     "conv2d",
     "avgpool2d",
+    "conv1d",
+    "conv3d",
+    "conv_transpose1d",
+    "conv_transpose2d",
+    "conv_transpose3d",
+    "avgpool1d",
+    "avgpool3d",
+    "adaptive_avgpool1d",
+    "adaptive_avgpool2d",
+    "adaptive_avgpool3d",
     "LAYOUTS",
 ]
 
@@ -320,7 +334,13 @@ def _rowptr(counts: np.ndarray) -> np.ndarray:
 
 @dataclass
 class Stencil(Connectivity):
-    """A 2-d sliding-window layer: ``A[(ci,ih,iw), (co,oh,ow)] = sum of kernel taps * scale``.
+    """A sliding-window layer: ``A[(ci,ih,iw), (co,oh,ow)] = sum of kernel taps * scale``.
+
+    Stored as two *lanes*, H and W; a layer with 1 or 3 spatial axes is built with
+    :meth:`from_axes`, which reads a 1-d layer as a 2-d one with a unit H axis and a 3-d
+    layer as a 2-d one whose H lane is the :class:`~foresight_sparse.geometry.AxisProduct`
+    of its depth and height axes (the kernel folded to match). The engines see two lanes
+    whatever the layer's dimension.
 
     Parameters
     ----------
@@ -329,11 +349,11 @@ class Stencil(Connectivity):
     kernel : torch.Tensor
         ``(C_out, C_in // groups, KH, KW)``, on the layer's device.
     in_chw, out_chw : tuple of int
-        Input and output ``(C, H, W)``.
+        Input and output ``(C, H, W)`` (``H`` the size of the H lane).
     groups : int
         Channel groups, as in ``nn.Conv2d``.
-    axis_h, axis_w : Axis
-        The window geometry of each spatial axis.
+    axis_h, axis_w : Axis or AxisProduct
+        The window geometry of each lane.
     scale_h, scale_w : numpy.ndarray, optional
         A per-output-row and per-output-column factor (average pooling divisors); ones if
         omitted.
@@ -343,6 +363,9 @@ class Stencil(Connectivity):
     weight_name : str, optional
         The module attribute the kernel is (``"weight"`` for a convolution); ``None`` for a
         kernel made from the layer's options alone (pools), which no weights change.
+    fold : tuple, optional
+        How :meth:`bind` turns the module's weight into ``kernel``: ``(transposed, groups)``
+        for weights that are not already ``(C_out, C_in // groups, KH, KW)``.
     """
 
     label: str
@@ -350,12 +373,13 @@ class Stencil(Connectivity):
     in_chw: tuple[int, int, int]
     out_chw: tuple[int, int, int]
     groups: int
-    axis_h: Axis
-    axis_w: Axis
+    axis_h: Axis | AxisProduct
+    axis_w: Axis | AxisProduct
     scale_h: np.ndarray | None = None
     scale_w: np.ndarray | None = None
     values_dtype: torch.dtype | None = None
     weight_name: str | None = None
+    fold: tuple[bool, int] | None = None
     pairs_h: AxisPairs = field(init=False, repr=False)
     pairs_w: AxisPairs = field(init=False, repr=False)
 
@@ -380,10 +404,51 @@ class Stencil(Connectivity):
         self._kernel_np = None
         self.weight_names = () if self.weight_name is None else (self.weight_name,)
 
+    @classmethod
+    def from_axes(cls, label: str, weight: torch.Tensor, channels: tuple[int, int],
+                  groups: int, axes, scales=None, *, transposed: bool = False,
+                  values_dtype: torch.dtype | None = None,
+                  weight_name: str | None = None) -> Stencil:
+        """A stencil over 1, 2 or 3 spatial axes.
+
+        Parameters
+        ----------
+        weight : torch.Tensor
+            ``(C_out, C_in // groups, *K)``, or for ``transposed`` layers
+            ``(C_in, C_out // groups, *K)`` (as ``nn.ConvTranspose*d`` stores it).
+        channels : (int, int)
+            ``(C_in, C_out)``.
+        axes : sequence of Axis
+            One per spatial axis, in the tensor's order.
+        scales : sequence of numpy.ndarray or None, optional
+            A per-output factor of each axis; the entry is their product.
+        """
+        axes = tuple(axes)
+        if not 1 <= len(axes) <= 3:  # pragma: no cover - adapters pass 1 to 3 axes
+            raise ValueError(f"{label}: a stencil has 1 to 3 spatial axes, got {len(axes)}")
+        unit = Axis(1, 1, 1)
+        if len(axes) == 1:
+            lanes = (unit, axes[0])
+        elif len(axes) == 2:
+            lanes = axes
+        else:
+            lanes = (AxisProduct(axes[:-1]), axes[-1])
+        scales = list(scales) if scales is not None else [None] * len(axes)
+        scales = [np.ones(a.size_out) if v is None else np.asarray(v, dtype=np.float64)
+                  for a, v in zip(axes, scales)]
+        lead = np.ones(1)
+        for v in scales[:-1]:
+            lead = np.multiply.outer(lead, v).reshape(-1)
+        fold = (transposed, groups) if transposed or len(axes) != 2 else None
+        c_in, c_out = channels
+        return cls(label, _fold_kernel(weight, fold), (c_in, lanes[0].size_in, lanes[1].size_in),
+                   (c_out, lanes[0].size_out, lanes[1].size_out), groups, *lanes, lead,
+                   scales[-1], values_dtype, weight_name, fold)
+
     def bind(self, tensors: Mapping[str, torch.Tensor]) -> Stencil:
         if self.weight_name is None:
             return self
-        kernel = tensors[self.weight_name]
+        kernel = _fold_kernel(tensors[self.weight_name], self.fold)
         return self._rebound(kernel=kernel, device=kernel.device, _kernel_np=None,
                              dtype=self.values_dtype or kernel.dtype)
 
@@ -516,6 +581,21 @@ class Stencil(Connectivity):
         vals *= t(self.scale_h)[oh] * t(self.scale_w)[ow]
         cols = (co * out_h + oh) * out_w + ow
         return Block(r0, rowptr, cols.to(index_dtype), vals.to(dtype), r if with_rows else None)
+
+
+def _fold_kernel(weight: torch.Tensor, fold: tuple[bool, int] | None) -> torch.Tensor:
+    """A layer's weight as the ``(C_out, C_in // groups, KH, KW)`` kernel of its two lanes:
+    a transposed layer's ``(C_in, C_out // groups, *K)`` regrouped output-channel first, and
+    the taps of every leading axis flattened into the H lane (a 1-d kernel gets KH = 1)."""
+    if fold is None:
+        return weight
+    transposed, groups = fold
+    if transposed:
+        c_in, cout_g, *k = weight.shape
+        weight = weight.reshape(groups, c_in // groups, cout_g, *k).transpose(1, 2).reshape(
+            groups * cout_g, c_in // groups, *k)
+    k = weight.shape[2:]
+    return weight.reshape(*weight.shape[:2], math.prod(k[:-1]), k[-1])
 
 
 def _tap_table(pairs: AxisPairs, device) -> torch.Tensor:
@@ -662,8 +742,29 @@ class ExplicitMatrix(Connectivity):
 Adapter = Callable[..., Connectivity]
 
 #: Module type -> adapter ``(module, in_shape, out_shape, *, legacy, label) -> Connectivity``.
-#: Matching is by exact type, as in the old module: a subclass must be registered itself.
+#: One entry per built-in type and per type a user registered. Which entries count depends
+#: on ``layers=`` (see :class:`LayerSelection`): the old module's three types and the
+#: user's always do; the built-in types in :data:`EXTENDED` only under ``layers="all"``.
 REGISTRY: dict[type, Adapter] = {}
+
+#: The old module's layer types: what ``layers="seed"`` (the default) and the drop-in
+#: functions count, by exact type.
+SEED_TYPES: tuple[type, ...] = (nn.Linear, nn.Conv2d, nn.AvgPool2d)
+
+#: Built-in entries of :data:`REGISTRY` that count only under ``layers="all"`` (or when
+#: named in ``layers=``): the flag that keeps one registry for every selection.
+EXTENDED: set[type] = set()
+
+#: Every type this package ships a builder for (seed and extended); their subclasses that
+#: inherit the forward pass count under ``layers="all"``.
+BUILTIN: set[type] = set()
+
+#: The names ``layers=`` accepts besides a sequence of module types.
+LAYER_SETS = ("seed", "all")
+
+#: Methods of a built-in layer that run its forward pass: a subclass that overrides one of
+#: them may compute with something other than ``.weight`` as stored.
+_FORWARD_METHODS = ("forward", "_conv_forward")
 
 
 def register(module_type: type, adapter: Adapter | None = None):
@@ -671,13 +772,14 @@ def register(module_type: type, adapter: Adapter | None = None):
 
     The adapter is called as ``adapter(module, in_shape, out_shape, *, legacy, label)`` and
     returns a :class:`Connectivity` (for instance an :class:`ExplicitMatrix`). Usable as a
-    decorator: ``@register(MyLayer)``.
+    decorator: ``@register(MyLayer)``. A registered type counts whatever ``layers=`` says.
     """
     if not isinstance(module_type, type):
         raise TypeError(f"register() takes a module class, got {module_type!r}")
 
     def deco(fn: Adapter) -> Adapter:
         REGISTRY[module_type] = fn
+        EXTENDED.discard(module_type)
         return fn
 
     return deco(adapter) if adapter is not None else deco
@@ -686,11 +788,145 @@ def register(module_type: type, adapter: Adapter | None = None):
 def unregister(module_type: type) -> None:
     """Remove the builder of ``module_type`` (a KeyError if there is none)."""
     del REGISTRY[module_type]
+    EXTENDED.discard(module_type)
+
+
+def _builtin(*module_types: type, extended: bool = True):
+    """Register a built-in adapter for ``module_types``; ``extended``: counted only under
+    ``layers="all"``."""
+
+    def deco(fn: Adapter) -> Adapter:
+        for t in module_types:
+            REGISTRY[t] = fn
+            BUILTIN.add(t)
+            if extended:
+                EXTENDED.add(t)
+        return fn
+
+    return deco
+
+
+def _builtin_base(t: type) -> type | None:
+    """The nearest built-in layer type ``t`` derives from (``None`` if none)."""
+    for base in t.__mro__[1:]:
+        if base in BUILTIN and base in REGISTRY:
+            return base
+    return None
+
+
+def _overrides_forward(t: type, base: type) -> bool:
+    return any(getattr(t, m, None) is not getattr(base, m, None) for m in _FORWARD_METHODS)
+
+
+class LayerSelection:
+    """Which module types count towards EI, and the builder of each: ``layers=`` resolved.
+
+    Parameters
+    ----------
+    layers : {'seed', 'all'} or sequence of module types, default 'seed'
+        ``'seed'``: the old module's types (:data:`SEED_TYPES`), by exact type.
+        ``'all'``: every built-in type, and subclasses of them that inherit the forward
+        pass unchanged (their ``.weight`` is what the layer computes with); a subclass
+        with its own ``forward`` is skipped and listed in :attr:`refused`.
+        A sequence of types: exactly those (a subclass of a built-in type that inherits
+        its forward pass is built as that type). Types registered with :func:`register`
+        count in every case.
+
+    Raises
+    ------
+    UnknownNameError
+        For a string other than ``'seed'`` or ``'all'``.
+    UnsupportedLayerError
+        For a listed type with no builder (or with its own forward pass).
+    """
+
+    def __init__(self, layers: Any = "seed"):
+        if isinstance(layers, LayerSelection):
+            layers = layers.layers
+        if isinstance(layers, str):
+            if layers not in LAYER_SETS:
+                raise UnknownNameError(f"unknown layers={layers!r}; use 'seed' (the old "
+                                       "module's Linear, Conv2d and AvgPool2d), 'all' (every "
+                                       "built-in layer type) or a sequence of module types")
+            self.layers = layers
+            self._listed: dict[type, Adapter] | None = None
+        else:
+            try:
+                types = tuple(layers)
+            except TypeError:
+                raise UnknownNameError(f"layers={layers!r} is neither 'seed', 'all' nor a "
+                                       "sequence of module types") from None
+            self._listed = {}
+            for t in types:
+                adapter = self._inherited(t) if isinstance(t, type) else None
+                if adapter is None:
+                    what = t.__name__ if isinstance(t, type) else repr(t)
+                    raise UnsupportedLayerError(
+                        f"layers= lists {what}, which has no connectivity builder (or defines "
+                        "its own forward pass). Register one with foresight_sparse.register("
+                        f"{what}, builder); built-in types: "
+                        f"{', '.join(sorted(b.__name__ for b in BUILTIN))}")
+                self._listed[t] = adapter
+            self.layers = types
+        self.refused: dict[type, type] = {}  # subclass -> the built-in type it derives from
+        self._cache: dict[type, Adapter | None] = {}
+
+    @staticmethod
+    def _inherited(t: type) -> Adapter | None:
+        if t in REGISTRY:
+            return REGISTRY[t]
+        base = _builtin_base(t)
+        if base is None or _overrides_forward(t, base):
+            return None
+        return REGISTRY[base]
+
+    def get(self, t: type, default=None) -> Adapter | None:
+        """The builder of modules of exact type ``t``, or ``default`` when they do not count."""
+        if t not in self._cache:
+            self._cache[t] = self._resolve(t)
+        adapter = self._cache[t]
+        return default if adapter is None else adapter
+
+    def _resolve(self, t: type) -> Adapter | None:
+        if t in REGISTRY and (t not in BUILTIN or (t not in EXTENDED and t not in SEED_TYPES)):
+            return REGISTRY[t]  # the user's own registrations count whatever layers= says
+        if self._listed is not None:
+            return self._listed.get(t)
+        if self.layers == "seed":
+            return REGISTRY[t] if t in REGISTRY and t not in EXTENDED else None
+        if t in REGISTRY:
+            return REGISTRY[t]
+        base = _builtin_base(t)
+        if base is None:
+            return None
+        if _overrides_forward(t, base):
+            self.refused[t] = base
+            return None
+        return REGISTRY[base]
+
+    def __contains__(self, t: object) -> bool:
+        return isinstance(t, type) and self.get(t) is not None
+
+    def __iter__(self):
+        """The types that count by name (for messages): listed, registered, or built in."""
+        if self._listed is not None:
+            keys = set(self._listed) | (set(REGISTRY) - BUILTIN)
+        elif self.layers == "seed":
+            keys = set(REGISTRY) - EXTENDED
+        else:
+            keys = set(REGISTRY)
+        return iter(sorted(keys, key=lambda t: t.__name__))
+
+    def __repr__(self) -> str:
+        return f"LayerSelection({self.layers!r})"
 
 
 def connectivity(module: nn.Module, in_shape, out_shape, *, legacy: bool = False,
-                 label: str | None = None) -> Connectivity:
+                 label: str | None = None, adapter: Adapter | None = None) -> Connectivity:
     """The :class:`Connectivity` of ``module`` for the traced shapes, via :data:`REGISTRY`.
+
+    ``adapter`` overrides the registry's builder (a :class:`LayerSelection` picks the
+    built-in one for a subclass).
 
     Raises
     ------
@@ -701,7 +937,8 @@ def connectivity(module: nn.Module, in_shape, out_shape, *, legacy: bool = False
         the layer; the message names the layer.
     """
     label = label or type(module).__name__
-    adapter = REGISTRY.get(type(module))
+    if adapter is None:
+        adapter = REGISTRY.get(type(module))
     if adapter is None:
         valid = ", ".join(sorted(t.__name__ for t in REGISTRY))
         raise UnsupportedLayerError(
@@ -710,14 +947,6 @@ def connectivity(module: nn.Module, in_shape, out_shape, *, legacy: bool = False
             f"{valid}. Register one with foresight_sparse.register({type(module).__name__}, "
             "builder)")
     return adapter(module, tuple(in_shape), tuple(out_shape), legacy=legacy, label=label)
-
-
-def _pair(v) -> tuple[int, int]:
-    if isinstance(v, (tuple, list)):
-        if len(v) == 1:
-            return int(v[0]), int(v[0])
-        return int(v[0]), int(v[1])
-    return int(v), int(v)
 
 
 def _dims(shape, label: str, what: str, module) -> tuple[int, ...]:
@@ -733,17 +962,7 @@ def _dims(shape, label: str, what: str, module) -> tuple[int, ...]:
             f"got {shape!r}. Pass shapes traced from this model (get_shapes)") from None
 
 
-def _chw(shape, label: str, what: str, module) -> tuple[int, int, int]:
-    dims = _dims(shape, label, what, module)
-    if len(dims) not in (3, 4):
-        raise ShapeMismatchError(
-            f"{label}: {type(module).__name__} needs a 4-d (N, C, H, W) or 3-d (C, H, W) "
-            f"{what} shape, got {tuple(shape)}. Pass shapes traced from this model "
-            "(get_shapes) or an input of shape (1, C, H, W)")
-    return dims[-3:]
-
-
-@register(nn.Linear)
+@_builtin(nn.Linear, extended=False)
 def linear(module: nn.Linear, in_shape, out_shape, *, legacy: bool = False,
            label: str | None = None) -> FullyConnected:
     """Adapter for ``nn.Linear``: the weight transposed (bias ignored).
@@ -765,11 +984,33 @@ def linear(module: nn.Linear, in_shape, out_shape, *, legacy: bool = False,
     return FullyConnected(label, weight)
 
 
-def _conv_pads(module: nn.Conv2d, in_hw, kernel, dilation, label) -> list[tuple[int, int]]:
+def _ntuple(v, n: int) -> tuple[int, ...]:
+    if isinstance(v, (tuple, list)):
+        if len(v) == 1:
+            return (int(v[0]),) * n
+        return tuple(int(x) for x in v)
+    return (int(v),) * n
+
+
+def _spatial(shape, nd: int, label: str, what: str, module) -> tuple[int, ...]:
+    """``(C, *spatial)`` of a batched ``(N, C, ...)`` or unbatched ``(C, ...)`` shape."""
+    dims = _dims(shape, label, what, module)
+    if len(dims) not in (nd + 1, nd + 2):
+        names = ("L",) if nd == 1 else ("H", "W") if nd == 2 else ("D", "H", "W")
+        unbatched = ", ".join(("C", *names))
+        raise ShapeMismatchError(
+            f"{label}: {type(module).__name__} needs a {nd + 2}-d (N, {unbatched}) or "
+            f"{nd + 1}-d ({unbatched}) {what} shape, got {tuple(shape)}. Pass shapes traced "
+            f"from this model (get_shapes) or an input of shape (1, {unbatched})")
+    return dims[-(nd + 1):]
+
+
+def _conv_pads(module, in_sizes, kernel, dilation, label) -> list[tuple[int, int]]:
+    nd = len(kernel)
     padding = module.padding
     if isinstance(padding, str):
         if padding == "valid":
-            return [(0, 0), (0, 0)]
+            return [(0, 0)] * nd
         if padding == "same":
             pads = []
             for d, k in zip(dilation, kernel):
@@ -778,11 +1019,42 @@ def _conv_pads(module: nn.Conv2d, in_hw, kernel, dilation, label) -> list[tuple[
             return pads
         raise UnsupportedLayerError(f"{label}: unknown padding {padding!r}; use 'same', "
                                     "'valid', an int or a tuple")
-    ph, pw = _pair(padding)
-    return [(ph, ph), (pw, pw)]
+    return [(p, p) for p in _ntuple(padding, nd)]
 
 
-@register(nn.Conv2d)
+def _shape_error(label, what: str, in_shape, expected, out_shape) -> ShapeMismatchError:
+    return ShapeMismatchError(
+        f"{label}: {what} maps input {tuple(in_shape)} to (N, {', '.join(map(str, expected))})"
+        f", but the shapes say output {tuple(out_shape)}. Pass shapes traced from this "
+        "model (get_shapes)")
+
+
+def _conv(module, in_shape, out_shape, nd: int, label: str) -> Stencil:
+    """A convolution over ``nd`` spatial axes (see :func:`conv2d`)."""
+    c_in, *size = _spatial(in_shape, nd, label, "input", module)
+    c_out, *osize = _spatial(out_shape, nd, label, "output", module)
+    kernel = _ntuple(module.kernel_size, nd)
+    stride = _ntuple(module.stride, nd)
+    dilation = _ntuple(module.dilation, nd)
+    mode = module.padding_mode
+    if mode not in PADDING_MODES:
+        raise UnsupportedLayerError(f"{label}: padding_mode {mode!r} is not supported; "
+                                    f"supported modes are {', '.join(PADDING_MODES)}")
+    pads = _conv_pads(module, size, kernel, dilation, label)
+    expected = tuple(conv_output_size(n, k, s, d, pb + pa)
+                     for n, k, s, d, (pb, pa) in zip(size, kernel, stride, dilation, pads))
+    if c_in != module.in_channels or c_out != module.out_channels or tuple(osize) != expected:
+        raise _shape_error(
+            label, f"{type(module).__name__}({module.in_channels}, {module.out_channels}, "
+            f"kernel_size={kernel}, stride={stride}, padding={module.padding}, "
+            f"dilation={dilation})", in_shape, (module.out_channels, *expected), out_shape)
+    axes = [Axis(n, o, k, s, d, pb, pa, mode)
+            for n, o, k, s, d, (pb, pa) in zip(size, osize, kernel, stride, dilation, pads)]
+    return Stencil.from_axes(label, module.weight, (c_in, c_out), module.groups, axes,
+                             weight_name="weight")
+
+
+@_builtin(nn.Conv2d, extended=False)
 def conv2d(module: nn.Conv2d, in_shape, out_shape, *, legacy: bool = False,
            label: str | None = None) -> Stencil:
     """Adapter for ``nn.Conv2d``: the transposed Jacobian of the bias-free layer.
@@ -790,33 +1062,117 @@ def conv2d(module: nn.Conv2d, in_shape, out_shape, *, legacy: bool = False,
     Honours stride, int/tuple/``'same'``/``'valid'`` padding, dilation, groups and every
     ``padding_mode`` (non-zero modes sum the taps that land on the same input).
     """
-    label = label or "Conv2d"
-    c_in, h, w = _chw(in_shape, label, "input", module)
-    c_out, oh, ow = _chw(out_shape, label, "output", module)
-    kernel = _pair(module.kernel_size)
-    stride = _pair(module.stride)
-    dilation = _pair(module.dilation)
-    mode = module.padding_mode
-    if mode not in PADDING_MODES:
-        raise UnsupportedLayerError(f"{label}: padding_mode {mode!r} is not supported; "
-                                    f"supported modes are {', '.join(PADDING_MODES)}")
-    pads = _conv_pads(module, (h, w), kernel, dilation, label)
-    expected = tuple(conv_output_size(n, k, s, d, pb + pa)
-                     for n, k, s, d, (pb, pa) in zip((h, w), kernel, stride, dilation, pads))
-    if c_in != module.in_channels or c_out != module.out_channels or (oh, ow) != expected:
-        raise ShapeMismatchError(
-            f"{label}: Conv2d({module.in_channels}, {module.out_channels}, "
-            f"kernel_size={kernel}, stride={stride}, padding={module.padding}, "
-            f"dilation={dilation}) maps input {tuple(in_shape)} to "
-            f"(N, {module.out_channels}, {expected[0]}, {expected[1]}), but the shapes say "
-            f"output {tuple(out_shape)}. Pass shapes traced from this model (get_shapes)")
-    axes = [Axis(n, o, k, s, d, pb, pa, mode)
-            for n, o, k, s, d, (pb, pa) in zip((h, w), (oh, ow), kernel, stride, dilation, pads)]
-    return Stencil(label, module.weight, (c_in, h, w), (c_out, oh, ow), module.groups, *axes,
-                   weight_name="weight")
+    return _conv(module, in_shape, out_shape, 2, label or "Conv2d")
 
 
-@register(nn.AvgPool2d)
+@_builtin(nn.Conv1d)
+def conv1d(module: nn.Conv1d, in_shape, out_shape, *, legacy: bool = False,
+           label: str | None = None) -> Stencil:
+    """Adapter for ``nn.Conv1d``: as :func:`conv2d`, over one axis (counted under
+    ``layers="all"``)."""
+    return _conv(module, in_shape, out_shape, 1, label or "Conv1d")
+
+
+@_builtin(nn.Conv3d)
+def conv3d(module: nn.Conv3d, in_shape, out_shape, *, legacy: bool = False,
+           label: str | None = None) -> Stencil:
+    """Adapter for ``nn.Conv3d``: as :func:`conv2d`, over three axes (counted under
+    ``layers="all"``)."""
+    return _conv(module, in_shape, out_shape, 3, label or "Conv3d")
+
+
+def _conv_transpose(module, in_shape, out_shape, nd: int, label: str) -> Stencil:
+    """A transposed convolution: input ``i`` writes output ``i * stride - padding +
+    k * dilation`` with ``weight[ci, co_local, k]``."""
+    c_in, *size = _spatial(in_shape, nd, label, "input", module)
+    c_out, *osize = _spatial(out_shape, nd, label, "output", module)
+    kernel = _ntuple(module.kernel_size, nd)
+    stride = _ntuple(module.stride, nd)
+    dilation = _ntuple(module.dilation, nd)
+    padding = _ntuple(module.padding, nd)
+    if module.padding_mode != "zeros":  # pragma: no cover - torch refuses other modes
+        raise UnsupportedLayerError(f"{label}: padding_mode {module.padding_mode!r}; "
+                                    "transposed convolutions support only 'zeros'")
+    base = tuple((n - 1) * s - 2 * p + d * (k - 1) + 1
+                 for n, s, p, d, k in zip(size, stride, padding, dilation, kernel))
+    # output_padding (or forward's output_size) adds up to max(stride, dilation) - 1
+    fits = all(b <= o < b + max(s, d) for b, o, s, d in zip(base, osize, stride, dilation))
+    if c_in != module.in_channels or c_out != module.out_channels or not fits:
+        expected = tuple(b + op for b, op in zip(base, _ntuple(module.output_padding, nd)))
+        raise _shape_error(
+            label, f"{type(module).__name__}({module.in_channels}, {module.out_channels}, "
+            f"kernel_size={kernel}, stride={stride}, padding={padding}, "
+            f"output_padding={module.output_padding}, dilation={dilation})", in_shape,
+            (module.out_channels, *expected), out_shape)
+    axes = [Axis(n, o, k, s, d, p, 0, "zeros", "transposed")
+            for n, o, k, s, d, p in zip(size, osize, kernel, stride, dilation, padding)]
+    return Stencil.from_axes(label, module.weight, (c_in, c_out), module.groups, axes,
+                             transposed=True, weight_name="weight")
+
+
+@_builtin(nn.ConvTranspose1d)
+def conv_transpose1d(module: nn.ConvTranspose1d, in_shape, out_shape, *,
+                     legacy: bool = False, label: str | None = None) -> Stencil:
+    """Adapter for ``nn.ConvTranspose1d`` (stride, padding, output_padding, dilation,
+    groups): ``A[(ci, i), (co, o)] = weight[ci, co_local, k]`` where ``o = i * stride -
+    padding + k * dilation``."""
+    return _conv_transpose(module, in_shape, out_shape, 1, label or "ConvTranspose1d")
+
+
+@_builtin(nn.ConvTranspose2d)
+def conv_transpose2d(module: nn.ConvTranspose2d, in_shape, out_shape, *,
+                     legacy: bool = False, label: str | None = None) -> Stencil:
+    """Adapter for ``nn.ConvTranspose2d``; see :func:`conv_transpose1d`."""
+    return _conv_transpose(module, in_shape, out_shape, 2, label or "ConvTranspose2d")
+
+
+@_builtin(nn.ConvTranspose3d)
+def conv_transpose3d(module: nn.ConvTranspose3d, in_shape, out_shape, *,
+                     legacy: bool = False, label: str | None = None) -> Stencil:
+    """Adapter for ``nn.ConvTranspose3d``; see :func:`conv_transpose1d`."""
+    return _conv_transpose(module, in_shape, out_shape, 3, label or "ConvTranspose3d")
+
+
+def _avgpool(module, in_shape, out_shape, nd: int, label: str, legacy: bool = False):
+    """An average pool over ``nd`` axes, per channel, with PyTorch's divisors."""
+    c_in, *size = _spatial(in_shape, nd, label, "input", module)
+    c_out, *osize = _spatial(out_shape, nd, label, "output", module)
+    kernel = _ntuple(module.kernel_size, nd)
+    stride = _ntuple(module.stride if module.stride not in (None, ()) else module.kernel_size,
+                     nd)
+    pads = _ntuple(module.padding, nd)
+    expected = tuple(_pool_out(n, k, s, p, module.ceil_mode)
+                     for n, k, s, p in zip(size, kernel, stride, pads))
+    if c_out != c_in or tuple(osize) != expected:
+        raise _shape_error(
+            label, f"{type(module).__name__}(kernel_size={kernel}, stride={stride}, "
+            f"padding={pads}, ceil_mode={module.ceil_mode})", in_shape, (c_in, *expected),
+            out_shape)
+    if legacy:
+        if any(pads):
+            raise UnsupportedLayerError(
+                f"{label}: legacy=True reproduces the old module, which refuses AvgPool2d "
+                f"padding (got padding={module.padding}, input {tuple(in_shape)}); use "
+                "legacy=False for the true pooling connectivity")
+        axes = [Axis(n, o, k, s) for n, o, k, s in zip(size, osize, kernel, stride)]
+        weight = torch.full((c_in, c_in) + kernel, 1.0 / math.prod(kernel),
+                            dtype=torch.float64)
+        return Stencil(label, weight, (c_in, *size), (c_in, *osize), 1, *axes,
+                       values_dtype=torch.get_default_dtype())
+    axes = [Axis(n, o, k, s, 1, p, p) for n, o, k, s, p in zip(size, osize, kernel, stride,
+                                                                pads)]
+    override = getattr(module, "divisor_override", None)
+    if override:
+        scales = [np.full(osize[0], 1.0 / override)] + [None] * (nd - 1)
+    else:
+        pick = 0 if module.count_include_pad else 1
+        scales = [1.0 / a.window_lengths()[pick] for a in axes]
+    weight = torch.ones((c_in, 1) + kernel, dtype=torch.float64)
+    return Stencil.from_axes(label, weight, (c_in, c_in), c_in, axes, scales,
+                             values_dtype=torch.get_default_dtype())
+
+
+@_builtin(nn.AvgPool2d, extended=False)
 def avgpool2d(module: nn.AvgPool2d, in_shape, out_shape, *, legacy: bool = False,
               label: str | None = None) -> Stencil:
     """Adapter for ``nn.AvgPool2d``.
@@ -827,43 +1183,67 @@ def avgpool2d(module: nn.AvgPool2d, in_shape, out_shape, *, legacy: bool = False
     connects to the window in *all* input channels with entry ``1 / (kh * kw)``, and
     padding is refused.
     """
-    label = label or "AvgPool2d"
-    c_in, h, w = _chw(in_shape, label, "input", module)
-    c_out, oh, ow = _chw(out_shape, label, "output", module)
-    kernel = _pair(module.kernel_size)
-    stride = _pair(module.stride if module.stride not in (None, ()) else module.kernel_size)
-    pads = _pair(module.padding)
-    expected = tuple(_pool_out(n, k, s, p, module.ceil_mode)
-                     for n, k, s, p in zip((h, w), kernel, stride, pads))
-    if c_out != c_in or (oh, ow) != expected:
-        raise ShapeMismatchError(
-            f"{label}: AvgPool2d(kernel_size={kernel}, stride={stride}, padding={pads}, "
-            f"ceil_mode={module.ceil_mode}) maps input {tuple(in_shape)} to "
-            f"(N, {c_in}, {expected[0]}, {expected[1]}), but the shapes say output "
-            f"{tuple(out_shape)}. Pass shapes traced from this model (get_shapes)")
-    if legacy:
-        if pads != (0, 0):
-            raise UnsupportedLayerError(
-                f"{label}: legacy=True reproduces the old module, which refuses AvgPool2d "
-                f"padding (got padding={module.padding}, input {tuple(in_shape)}); use "
-                "legacy=False for the true pooling connectivity")
-        axes = [Axis(n, o, k, s) for n, o, k, s in zip((h, w), (oh, ow), kernel, stride)]
-        weight = torch.full((c_in, c_in) + kernel, 1.0 / (kernel[0] * kernel[1]),
-                            dtype=torch.float64)
-        return Stencil(label, weight, (c_in, h, w), (c_in, oh, ow), 1, *axes,
-                       values_dtype=torch.get_default_dtype())
-    axes = [Axis(n, o, k, s, 1, p, p) for n, o, k, s, p in zip((h, w), (oh, ow), kernel,
-                                                                stride, pads)]
-    if module.divisor_override:
-        scale_h = np.full(oh, 1.0 / module.divisor_override)
-        scale_w = np.ones(ow)
-    else:
-        pick = 0 if module.count_include_pad else 1
-        scale_h = 1.0 / axes[0].window_lengths()[pick]
-        scale_w = 1.0 / axes[1].window_lengths()[pick]
-    weight = torch.ones((c_in, 1) + kernel, dtype=torch.float64)
-    return Stencil(label, weight, (c_in, h, w), (c_in, oh, ow), c_in, *axes, scale_h, scale_w,
-                   torch.get_default_dtype())
+    return _avgpool(module, in_shape, out_shape, 2, label or "AvgPool2d", legacy)
+
+
+@_builtin(nn.AvgPool1d)
+def avgpool1d(module: nn.AvgPool1d, in_shape, out_shape, *, legacy: bool = False,
+              label: str | None = None) -> Stencil:
+    """Adapter for ``nn.AvgPool1d``: per channel, PyTorch's divisors (``legacy`` is an
+    AvgPool2d option and is ignored)."""
+    return _avgpool(module, in_shape, out_shape, 1, label or "AvgPool1d")
+
+
+@_builtin(nn.AvgPool3d)
+def avgpool3d(module: nn.AvgPool3d, in_shape, out_shape, *, legacy: bool = False,
+              label: str | None = None) -> Stencil:
+    """Adapter for ``nn.AvgPool3d``: per channel, PyTorch's divisors (``padding``,
+    ``ceil_mode``, ``count_include_pad``, ``divisor_override``)."""
+    return _avgpool(module, in_shape, out_shape, 3, label or "AvgPool3d")
+
+
+def _adaptive(module, in_shape, out_shape, nd: int, label: str) -> Stencil:
+    """An adaptive average pool: output ``o`` averages inputs ``floor(o * In / Out)`` to
+    ``ceil((o + 1) * In / Out) - 1`` of its channel, entry ``1 / window length``."""
+    c_in, *size = _spatial(in_shape, nd, label, "input", module)
+    c_out, *osize = _spatial(out_shape, nd, label, "output", module)
+    wanted = module.output_size
+    wanted = (wanted,) * nd if not isinstance(wanted, (tuple, list)) else tuple(wanted)
+    ok = len(wanted) == nd and all(w is None or w == o for w, o in zip(wanted, osize))
+    if c_out != c_in or not ok or any(o < 1 for o in osize):
+        expected = tuple(n if w is None else w for n, w in zip(size, wanted))
+        raise _shape_error(label, f"{type(module).__name__}(output_size={module.output_size})",
+                           in_shape, (c_in, *expected), out_shape)
+    axes = []
+    for n, o in zip(size, osize):
+        lengths = Axis(n, o, 1, kind="adaptive").window_lengths()[0]
+        axes.append(Axis(n, o, int(lengths.max(initial=1)), kind="adaptive"))
+    scales = [1.0 / a.window_lengths()[0] for a in axes]
+    weight = torch.ones((c_in, 1) + tuple(a.kernel for a in axes), dtype=torch.float64)
+    return Stencil.from_axes(label, weight, (c_in, c_in), c_in, axes, scales,
+                             values_dtype=torch.get_default_dtype())
+
+
+@_builtin(nn.AdaptiveAvgPool1d)
+def adaptive_avgpool1d(module: nn.AdaptiveAvgPool1d, in_shape, out_shape, *,
+                       legacy: bool = False, label: str | None = None) -> Stencil:
+    """Adapter for ``nn.AdaptiveAvgPool1d``: PyTorch's windows ``floor(i * In / Out)`` to
+    ``ceil((i + 1) * In / Out)`` (they may overlap), entry ``1 / window length``."""
+    return _adaptive(module, in_shape, out_shape, 1, label or "AdaptiveAvgPool1d")
+
+
+@_builtin(nn.AdaptiveAvgPool2d)
+def adaptive_avgpool2d(module: nn.AdaptiveAvgPool2d, in_shape, out_shape, *,
+                       legacy: bool = False, label: str | None = None) -> Stencil:
+    """Adapter for ``nn.AdaptiveAvgPool2d``; see :func:`adaptive_avgpool1d`."""
+    return _adaptive(module, in_shape, out_shape, 2, label or "AdaptiveAvgPool2d")
+
+
+@_builtin(nn.AdaptiveAvgPool3d)
+def adaptive_avgpool3d(module: nn.AdaptiveAvgPool3d, in_shape, out_shape, *,
+                       legacy: bool = False, label: str | None = None) -> Stencil:
+    """Adapter for ``nn.AdaptiveAvgPool3d``; see :func:`adaptive_avgpool1d`."""
+    return _adaptive(module, in_shape, out_shape, 3, label or "AdaptiveAvgPool3d")
 
 
 def _pool_out(n: int, k: int, s: int, p: int, ceil_mode: bool) -> int:

@@ -139,6 +139,8 @@ class _ValidModules(MutableMapping):
     """
 
     def __getitem__(self, key: type) -> Callable:
+        if key in _conn.EXTENDED:  # built in, but not a type the old module counted
+            raise KeyError(key)
         adapter = _conn.REGISTRY[key]
         if adapter in _DROP_IN:
             return _DROP_IN[adapter]
@@ -158,13 +160,15 @@ class _ValidModules(MutableMapping):
         _conn.register(key, adapter)
 
     def __delitem__(self, key: type) -> None:
+        if key in _conn.EXTENDED:
+            raise KeyError(key)
         _conn.unregister(key)
 
     def __iter__(self) -> Iterator[type]:
-        return iter(list(_conn.REGISTRY))
+        return iter([t for t in _conn.REGISTRY if t not in _conn.EXTENDED])
 
     def __len__(self) -> int:
-        return len(_conn.REGISTRY)
+        return len(_conn.REGISTRY) - len(_conn.EXTENDED)
 
     def __repr__(self) -> str:
         return "VALID_MODULES(" + ", ".join(t.__name__ for t in self) + ")"
@@ -186,8 +190,9 @@ def _generic_create_matrix(adapter):
     return create_matrix
 
 
-#: The supported module types and their connectivity builders (a view of
-#: :data:`foresight_sparse.connectivity.REGISTRY`; assigning to it registers a builder).
+#: The supported module types and their connectivity builders: a view of the entries of
+#: :data:`foresight_sparse.connectivity.REGISTRY` the old module's functions count (its
+#: three types and the user's); assigning to it registers a builder.
 VALID_MODULES: MutableMapping = _ValidModules()
 
 
@@ -238,7 +243,7 @@ def determinism(model: nn.Module, input=None, shapes=None, norm=lin_norm, device
         Bits.
     """
     return _report(model, input, shapes, norm, device, engine=engine, legacy=legacy,
-                   max_memory=max_memory).determinism
+                   max_memory=max_memory, layers="seed").determinism
 
 
 @_with_parameters
@@ -258,7 +263,7 @@ def degeneracy(model: nn.Module, input=None, shapes=None, norm=lin_norm, device=
         Bits.
     """
     return _report(model, input, shapes, norm, device, engine=engine, legacy=legacy,
-                   max_memory=max_memory).degeneracy
+                   max_memory=max_memory, layers="seed").degeneracy
 
 
 @_with_parameters
@@ -280,4 +285,4 @@ def ei(model: nn.Module, input=None, shapes=None, norm=lin_norm, device="cpu", *
         Bits.
     """
     return _report(model, input, shapes, norm, device, engine=engine, legacy=legacy,
-                   max_memory=max_memory).ei
+                   max_memory=max_memory, layers="seed").ei

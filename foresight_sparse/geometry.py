@@ -1,9 +1,12 @@
 """Pure index math of sliding-window layers: shapes in, index arrays out.
 
-Nothing here reads a module. A 2-d sliding-window layer (a convolution or a pooling) is
-separable in its index structure: input row ``ih`` feeds output row ``oh`` through kernel row
-``kh`` exactly when the H axis maps ``(oh, kh)`` to ``ih``, and likewise for W. So each axis is
-described once, by an :class:`Axis`, and the 2-d connectivity is the product of two 1-d ones.
+Nothing here reads a module. A sliding-window layer (a convolution, transposed convolution,
+average or adaptive average pooling, in 1, 2 or 3 dimensions) is separable in its index
+structure: input row ``ih`` feeds output row ``oh`` through kernel row ``kh`` exactly when the
+H axis maps ``(oh, kh)`` to ``ih``, and likewise for every other axis. So each axis is
+described once, by an :class:`Axis`, and the N-d connectivity is the product of 1-d ones.
+Several axes read as one, row-major, make an :class:`AxisProduct`: the engines see every
+layer as two such lanes (the leading axes, and the last axis).
 """
 
 from __future__ import annotations
@@ -13,9 +16,22 @@ from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["PADDING_MODES", "Axis", "AxisPairs", "AxisClasses", "conv_output_size"]
+__all__ = ["PADDING_MODES", "AXIS_KINDS", "Axis", "AxisProduct", "AxisPairs", "AxisClasses",
+           "conv_output_size", "adaptive_windows"]
 
 PADDING_MODES = ("zeros", "reflect", "replicate", "circular")
+
+#: How an axis maps (output, tap) to an input: ``'window'`` (convolutions and pools),
+#: ``'transposed'`` (transposed convolutions), ``'adaptive'`` (adaptive pools).
+AXIS_KINDS = ("window", "transposed", "adaptive")
+
+
+def adaptive_windows(size_in: int, size_out: int) -> tuple[np.ndarray, np.ndarray]:
+    """Start and end (exclusive) of every window of an adaptive pool, PyTorch's rule:
+    ``start = floor(i * In / Out)``, ``end = ceil((i + 1) * In / Out)`` (windows may
+    overlap)."""
+    i = np.arange(size_out, dtype=np.int64)
+    return (i * size_in) // size_out, -((-(i + 1) * size_in) // size_out)
 
 
 def conv_output_size(size: int, kernel: int, stride: int, dilation: int, pad: int,
@@ -43,6 +59,14 @@ class Axis:
         One of :data:`PADDING_MODES`. With ``'zeros'`` a tap landing in the padding connects
         to nothing; the other modes map it back onto a real input, as ``torch.nn.functional.pad``
         does.
+    kind : str
+        One of :data:`AXIS_KINDS`. ``'window'``: output ``o`` reads input
+        ``o * stride + k * dilation - pad_before`` through tap ``k``. ``'transposed'``:
+        input ``i`` writes output ``i * stride - pad_before + k * dilation`` through tap
+        ``k`` (``pad_after`` unused; the output size carries ``output_padding``).
+        ``'adaptive'``: output ``o`` reads inputs ``start_o + k`` below ``end_o``
+        (:func:`adaptive_windows`; ``kernel`` is the widest window, stride and padding
+        unused).
     """
 
     size_in: int
@@ -53,6 +77,7 @@ class Axis:
     pad_before: int = 0
     pad_after: int = 0
     mode: str = "zeros"
+    kind: str = "window"
 
     def taps(self) -> np.ndarray:
         """Input index of every ``(output, kernel tap)`` pair; ``-1`` where nothing connects.
@@ -65,6 +90,16 @@ class Axis:
         n = self.size_in
         o = np.arange(self.size_out, dtype=np.int64)[:, None]
         k = np.arange(self.kernel, dtype=np.int64)[None, :]
+        if self.kind == "transposed":
+            # o = i * stride - pad + k * dilation: one input per (o, k) at most
+            y = o + self.pad_before - k * self.dilation
+            i = y // self.stride
+            ok = (y % self.stride == 0) & (i >= 0) & (i < n)
+            return np.where(ok, i, -1).astype(np.int64)
+        if self.kind == "adaptive":
+            start, end = adaptive_windows(n, self.size_out)
+            x = start[:, None] + k
+            return np.where(x < end[:, None], x, -1).astype(np.int64)
         x = o * self.stride + k * self.dilation - self.pad_before
         # Positions past the padded extent exist only for ceil_mode windows: never connected.
         beyond = x >= n + self.pad_after
@@ -98,12 +133,64 @@ class Axis:
         """Per output: the window length clipped to the padded input, and to the real input.
 
         These are the two divisors ``avg_pool2d`` chooses between (``count_include_pad``).
+        For an adaptive axis both are the window's length.
         """
+        if self.kind == "adaptive":
+            start, end = adaptive_windows(self.size_in, self.size_out)
+            return end - start, end - start
         start = np.arange(self.size_out, dtype=np.int64) * self.stride - self.pad_before
         end_padded = np.minimum(start + self.kernel, self.size_in + self.pad_after)
         with_pad = end_padded - start
         valid = np.minimum(start + self.kernel, self.size_in) - np.maximum(start, 0)
         return with_pad, np.maximum(valid, 0)
+
+
+@dataclass(frozen=True)
+class AxisProduct:
+    """Several axes read as one: positions, outputs and taps flattened row-major (the first
+    axis slowest), as a tensor's dimensions are.
+
+    Input ``(i1, i2, ...)`` feeds output ``(o1, o2, ...)`` through tap ``(k1, k2, ...)``
+    exactly when every axis maps ``(o_a, k_a)`` to ``i_a``; so the product has the same
+    :meth:`taps`, :meth:`pairs` and :meth:`classes` interface as an :class:`Axis`, and a
+    3-d layer is a 2-d one whose first axis is the product of its depth and height axes.
+    """
+
+    axes: tuple[Axis, ...]
+
+    @property
+    def size_in(self) -> int:
+        return int(np.prod([a.size_in for a in self.axes], dtype=np.int64))
+
+    @property
+    def size_out(self) -> int:
+        return int(np.prod([a.size_out for a in self.axes], dtype=np.int64))
+
+    @property
+    def kernel(self) -> int:
+        return int(np.prod([a.kernel for a in self.axes], dtype=np.int64))
+
+    @property
+    def mode(self) -> str:
+        """``'zeros'`` when every axis pads with zeros, else the first other mode."""
+        return next((a.mode for a in self.axes if a.mode != "zeros"), "zeros")
+
+    def taps(self) -> np.ndarray:
+        """Flattened input of every flattened ``(output, tap)``; ``-1`` where any axis
+        connects to nothing: shape ``(size_out, kernel)``."""
+        taps = np.zeros((1, 1), dtype=np.int64)
+        for a in self.axes:
+            t = a.taps()
+            flat = taps[:, None, :, None] * a.size_in + t[None, :, None, :]
+            bad = (taps[:, None, :, None] < 0) | (t[None, :, None, :] < 0)
+            taps = np.where(bad, -1, flat).reshape(taps.shape[0] * t.shape[0], -1)
+        return taps
+
+    def pairs(self) -> AxisPairs:
+        return _cached_pairs(self)
+
+    def classes(self) -> AxisClasses:
+        return _cached_classes(self)
 
 
 @dataclass(frozen=True)
@@ -194,7 +281,7 @@ class AxisClasses:
     out_index: np.ndarray
 
     @classmethod
-    def from_axis(cls, axis: Axis) -> AxisClasses:
+    def from_axis(cls, axis: Axis | AxisProduct) -> AxisClasses:
         taps = axis.taps()
         pairs = axis.pairs()
         profile = pairs.tap_matrix(axis.kernel)
@@ -230,10 +317,10 @@ def _read_only(obj):
 
 # Networks repeat the same axes layer after layer; both are pure functions of the axis.
 @functools.lru_cache(maxsize=512)
-def _cached_pairs(axis: Axis) -> AxisPairs:
+def _cached_pairs(axis: Axis | AxisProduct) -> AxisPairs:
     return _read_only(AxisPairs.from_taps(axis.taps(), axis.size_in))
 
 
 @functools.lru_cache(maxsize=512)
-def _cached_classes(axis: Axis) -> AxisClasses:
+def _cached_classes(axis: Axis | AxisProduct) -> AxisClasses:
     return _read_only(AxisClasses.from_axis(axis))

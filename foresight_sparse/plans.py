@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from .budget import format_bytes, resolve_budget
-from .connectivity import Connectivity, connectivity
+from .connectivity import Connectivity, LayerSelection, connectivity
 from .engines import ENGINE_NAMES, ENGINES, LayerJob, pick_engine
 from .entropy import column_terms, entropy_from_terms
 from .exceptions import NonFiniteWeightsError, UnknownNameError, WeightsError
@@ -127,11 +127,13 @@ class Plan:
         Whether the old module's cross-channel AvgPool2d connectivity is used.
     max_memory : int
         The working-memory budget in bytes.
+    layer_set : str or tuple of type
+        The ``layers=`` option the plan was made with (``'seed'``, ``'all'`` or types).
     """
 
     def __init__(self, model: nn.Module, layers: list[PlannedLayer],
                  skipped: list[tuple[str, str]], norm: Norm, device: torch.device,
-                 engine: str, legacy: bool, max_memory: int):
+                 engine: str, legacy: bool, max_memory: int, layer_set="seed"):
         self.model = model
         self.layers = layers
         self.skipped = skipped
@@ -140,6 +142,7 @@ class Plan:
         self.engine = engine
         self.legacy = legacy
         self.max_memory = max_memory
+        self.layer_set = layer_set
 
     # ------------------------------------------------------------------ evaluation
 
@@ -317,7 +320,8 @@ def _working_bytes(engine: str, conn: Connectivity, budget: int, device: torch.d
 
 
 def plan(model: nn.Module, input=None, shapes=None, norm=lin_norm, device="cpu", *,
-         engine: str = "auto", legacy: bool = False, max_memory=None) -> Plan:
+         engine: str = "auto", legacy: bool = False, max_memory=None,
+         layers="seed") -> Plan:
     """Plan the EI computation of ``model`` for one input shape.
 
     Traces the model once (on a meta-device copy where that works), builds each counted
@@ -328,7 +332,8 @@ def plan(model: nn.Module, input=None, shapes=None, norm=lin_norm, device="cpu",
     ----------
     model : torch.nn.Module
         A feed-forward network. Its Linear, Conv2d and AvgPool2d layers (and any type
-        registered with :func:`foresight_sparse.register`) count; others are skipped.
+        registered with :func:`foresight_sparse.register`) count, or those ``layers``
+        selects; others are skipped.
     input : torch.Tensor, tuple or dict, optional
         An example input, used for one forward pass to find the layers' shapes. A tensor
         is moved to the model's device and cast to its floating dtype first, integer and
@@ -348,6 +353,13 @@ def plan(model: nn.Module, input=None, shapes=None, norm=lin_norm, device="cpu",
         Use the old module's cross-channel AvgPool2d connectivity.
     max_memory : int or str, optional
         Working-memory budget of the engines (default 2 GiB).
+    layers : {'seed', 'all'} or sequence of module types, default 'seed'
+        Which layers count. ``'seed'``: the old module's Linear, Conv2d and AvgPool2d, by
+        exact type. ``'all'``: every built-in layer type (1-d, 2-d and 3-d convolutions,
+        transposed convolutions, average and adaptive average pools) and their subclasses
+        that inherit the forward pass; a subclass with its own ``forward`` is skipped with
+        a warning (register a builder for it). Or a sequence of module types. Types
+        registered with :func:`foresight_sparse.register` always count.
 
     Returns
     -------
@@ -359,16 +371,18 @@ def plan(model: nn.Module, input=None, shapes=None, norm=lin_norm, device="cpu",
     if engine not in ENGINE_NAMES:
         raise UnknownNameError(f"unknown engine {engine!r}; valid engines are "
                                f"{', '.join(ENGINE_NAMES)}")
-    trace = resolve_layers(model, input, shapes)
-    warn_skipped(trace)
-    return Plan(model, [_plan_layer(t, norm_obj, dev, engine, legacy, budget)
-                              for t in trace.layers],
-                trace.skipped, norm_obj, dev, engine, legacy, budget)
+    selection = LayerSelection(layers)
+    trace = resolve_layers(model, input, shapes, layers=selection)
+    warn_skipped(trace, selection.refused)
+    return Plan(model, [_plan_layer(t, norm_obj, dev, engine, legacy, budget, selection)
+                        for t in trace.layers],
+                trace.skipped, norm_obj, dev, engine, legacy, budget, selection.layers)
 
 
 def _plan_layer(t: TracedLayer, norm: Norm, dev: torch.device, engine: str, legacy: bool,
-                budget: int) -> PlannedLayer:
-    conn = connectivity(t.module, t.in_shape, t.out_shape, legacy=legacy, label=t.label)
+                budget: int, selection: LayerSelection) -> PlannedLayer:
+    conn = connectivity(t.module, t.in_shape, t.out_shape, legacy=legacy, label=t.label,
+                        adapter=selection.get(type(t.module)))
     conn.check_finite()
     name = pick_engine(engine, LayerJob(conn, norm, dev, budget))
     names = conn.weight_names if conn.weight_names is not None else \

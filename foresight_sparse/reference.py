@@ -19,6 +19,7 @@ with PyTorch's divisor unless ``legacy=True`` asks for the original all-channel 
 
 from __future__ import annotations
 
+import itertools
 import math
 import warnings
 from collections.abc import Callable, Mapping
@@ -42,7 +43,12 @@ __all__ = [
     "linear_create_matrix",
     "conv2d_create_matrix",
     "avgpool2d_create_matrix",
+    "convnd_create_matrix",
+    "conv_transposend_create_matrix",
+    "avgpoolnd_create_matrix",
+    "adaptive_avgpoolnd_create_matrix",
     "VALID_MODULES",
+    "ALL_MODULES",
     "get_shapes",
     "determinism",
     "degeneracy",
@@ -383,6 +389,179 @@ def _legacy_avgpool2d_matrix(
     return A.reshape(channels * in_h * in_w, out_c * out_h * out_w)
 
 
+# --------------------------------------------------------------------------------------------
+# The layers beyond the old module's three (counted with layers="all")
+# --------------------------------------------------------------------------------------------
+#
+# Written from PyTorch's index formulas, output by output, with no reference to the
+# production builders or their geometry: an input-output pair gets every tap that joins them
+# added to its entry.
+
+
+def _channels_and_sizes(module: nn.Module, shape: Shape, nd: int) -> tuple[int, Shape]:
+    if len(shape) not in (nd + 1, nd + 2):
+        raise ShapeMismatchError(
+            f"{module!r} with shape {tuple(shape)}: expected {nd + 2}-d (N, C, ...) or "
+            f"{nd + 1}-d (C, ...) shapes; pass the shapes recorded by get_shapes()."
+        )
+    return shape[-nd - 1], tuple(shape[-nd:])
+
+
+def _tuple(value, nd: int) -> tuple[int, ...]:
+    if isinstance(value, int):
+        return (value,) * nd
+    value = tuple(value)
+    return value * nd if len(value) == 1 else value
+
+
+def _flat(channel: int, pos: tuple[int, ...], sizes: Shape) -> int:
+    index = channel
+    for p, n in zip(pos, sizes):
+        index = index * n + p
+    return index
+
+
+def _padded_index(x: int, n: int, before: int, after: int, mode: str) -> int | None:
+    """The real input that padded position ``x`` reads (``None``: a zero)."""
+    if 0 <= x < n:
+        return x
+    if x < -before or x >= n + after:
+        return None
+    if mode == "zeros":
+        return None
+    if mode == "reflect":
+        return -x if x < 0 else 2 * (n - 1) - x
+    if mode == "replicate":
+        return 0 if x < 0 else n - 1
+    return x % n  # circular
+
+
+def _new_matrix(c_in: int, sizes: Shape, c_out: int, out_sizes: Shape, dtype) -> torch.Tensor:
+    return torch.zeros(c_in * math.prod(sizes), c_out * math.prod(out_sizes), dtype=dtype)
+
+
+def convnd_create_matrix(
+    module: nn.Module, in_shape: Shape, out_shape: Shape, *, dtype: torch.dtype = torch.float64
+) -> torch.Tensor:
+    """Connectivity matrix of an ``nn.Conv1d``/``Conv2d``/``Conv3d`` layer, tap by tap.
+
+    Output ``o`` of channel ``co`` reads, through tap ``k``, padded input position
+    ``o * stride + k * dilation - pad_before`` of each input channel of its group; the
+    padding mode maps a position in the padding onto a real input (or onto a zero).
+    """
+    nd = module.weight.dim() - 2
+    c_in, sizes = _channels_and_sizes(module, in_shape, nd)
+    c_out, out_sizes = _channels_and_sizes(module, out_shape, nd)
+    stride, dilation = _tuple(module.stride, nd), _tuple(module.dilation, nd)
+    # torch's own (last axis first, before/after) padding list, read back in axis order
+    rev = list(module._reversed_padding_repeated_twice)
+    pads = [(rev[2 * (nd - 1 - a)], rev[2 * (nd - 1 - a) + 1]) for a in range(nd)]
+    weight = module.weight.detach().to("cpu", dtype)
+    kernel = tuple(weight.shape[2:])
+    cin_g, cout_g = c_in // module.groups, c_out // module.groups
+    A = _new_matrix(c_in, sizes, c_out, out_sizes, dtype)
+    for co in range(c_out):
+        g = co // cout_g
+        for o in itertools.product(*(range(n) for n in out_sizes)):
+            col = _flat(co, o, out_sizes)
+            for k in itertools.product(*(range(n) for n in kernel)):
+                x = []
+                for a in range(nd):
+                    x.append(_padded_index(o[a] * stride[a] + k[a] * dilation[a] - pads[a][0],
+                                           sizes[a], pads[a][0], pads[a][1],
+                                           module.padding_mode))
+                if any(v is None for v in x):
+                    continue
+                for ci_l in range(cin_g):
+                    A[_flat(g * cin_g + ci_l, tuple(x), sizes), col] += weight[(co, ci_l, *k)]
+    return A
+
+
+def conv_transposend_create_matrix(
+    module: nn.Module, in_shape: Shape, out_shape: Shape, *, dtype: torch.dtype = torch.float64
+) -> torch.Tensor:
+    """Connectivity matrix of an ``nn.ConvTranspose1d/2d/3d`` layer: input ``i`` of channel
+    ``ci`` adds ``weight[ci, co_local, k]`` to output ``i * stride - padding + k * dilation``
+    of each output channel of its group (weight layout ``(C_in, C_out/groups, *K)``)."""
+    nd = module.weight.dim() - 2
+    c_in, sizes = _channels_and_sizes(module, in_shape, nd)
+    c_out, out_sizes = _channels_and_sizes(module, out_shape, nd)
+    stride, dilation = _tuple(module.stride, nd), _tuple(module.dilation, nd)
+    padding = _tuple(module.padding, nd)
+    weight = module.weight.detach().to("cpu", dtype)
+    kernel = tuple(weight.shape[2:])
+    cin_g, cout_g = c_in // module.groups, c_out // module.groups
+    A = _new_matrix(c_in, sizes, c_out, out_sizes, dtype)
+    for ci in range(c_in):
+        g = ci // cin_g
+        for i in itertools.product(*(range(n) for n in sizes)):
+            row = _flat(ci, i, sizes)
+            for k in itertools.product(*(range(n) for n in kernel)):
+                o = tuple(i[a] * stride[a] - padding[a] + k[a] * dilation[a] for a in range(nd))
+                if any(not 0 <= o[a] < out_sizes[a] for a in range(nd)):
+                    continue
+                for co_l in range(cout_g):
+                    A[row, _flat(g * cout_g + co_l, o, out_sizes)] += weight[(ci, co_l, *k)]
+    return A
+
+
+def avgpoolnd_create_matrix(
+    module: nn.Module, in_shape: Shape, out_shape: Shape, *, dtype: torch.dtype = torch.float64
+) -> torch.Tensor:
+    """Connectivity matrix of an ``nn.AvgPool1d``/``AvgPool3d`` (or 2d) layer, per channel.
+
+    PyTorch's kernel: the window of output ``o`` starts at ``o * stride - padding`` and ends
+    at ``min(start + kernel, size + padding)``; the divisor is ``divisor_override``, or the
+    product of those window lengths (``count_include_pad``), or of the lengths clipped to
+    the input.
+    """
+    nd = {nn.AvgPool1d: 1, nn.AvgPool2d: 2, nn.AvgPool3d: 3}[type(module)]
+    channels, sizes = _channels_and_sizes(module, in_shape, nd)
+    _, out_sizes = _channels_and_sizes(module, out_shape, nd)
+    kernel = _tuple(module.kernel_size, nd)
+    stride = _tuple(module.stride if module.stride not in (None, (), []) else kernel, nd)
+    padding = _tuple(module.padding, nd)
+    override = getattr(module, "divisor_override", None)
+    A = _new_matrix(channels, sizes, channels, out_sizes, dtype)
+    for o in itertools.product(*(range(n) for n in out_sizes)):
+        ranges, padded, clipped = [], 1, 1
+        for a in range(nd):
+            start = o[a] * stride[a] - padding[a]
+            end = min(start + kernel[a], sizes[a] + padding[a])
+            padded *= end - start
+            start, end = max(start, 0), min(end, sizes[a])
+            clipped *= end - start
+            ranges.append(range(start, end))
+        divisor = override or (padded if module.count_include_pad else clipped)
+        for c in range(channels):
+            col = _flat(c, o, out_sizes)
+            for x in itertools.product(*ranges):
+                A[_flat(c, x, sizes), col] = 1.0 / divisor
+    return A
+
+
+def adaptive_avgpoolnd_create_matrix(
+    module: nn.Module, in_shape: Shape, out_shape: Shape, *, dtype: torch.dtype = torch.float64
+) -> torch.Tensor:
+    """Connectivity matrix of an ``nn.AdaptiveAvgPool1d/2d/3d`` layer, per channel: output
+    ``o`` averages, along each axis, inputs ``floor(o * In / Out)`` up to
+    ``ceil((o + 1) * In / Out)`` (exclusive)."""
+    nd = {nn.AdaptiveAvgPool1d: 1, nn.AdaptiveAvgPool2d: 2, nn.AdaptiveAvgPool3d: 3}[
+        type(module)]
+    channels, sizes = _channels_and_sizes(module, in_shape, nd)
+    _, out_sizes = _channels_and_sizes(module, out_shape, nd)
+    A = _new_matrix(channels, sizes, channels, out_sizes, dtype)
+    for o in itertools.product(*(range(n) for n in out_sizes)):
+        ranges = [range(math.floor(o[a] * sizes[a] / out_sizes[a]),
+                        math.ceil((o[a] + 1) * sizes[a] / out_sizes[a])) for a in range(nd)]
+        count = math.prod(len(r) for r in ranges)
+        for c in range(channels):
+            col = _flat(c, o, out_sizes)
+            for x in itertools.product(*ranges):
+                A[_flat(c, x, sizes), col] = 1.0 / count
+    return A
+
+
 VALID_MODULES: dict[type[nn.Module], Callable[..., torch.Tensor]] = {
     nn.Linear: linear_create_matrix,
     nn.Conv2d: conv2d_create_matrix,
@@ -390,13 +569,38 @@ VALID_MODULES: dict[type[nn.Module], Callable[..., torch.Tensor]] = {
 }
 """The supported layer types (matched exactly, not by subclass) and their matrix builders."""
 
+ALL_MODULES: dict[type[nn.Module], Callable[..., torch.Tensor]] = {
+    **VALID_MODULES,
+    nn.Conv1d: convnd_create_matrix,
+    nn.Conv3d: convnd_create_matrix,
+    nn.ConvTranspose1d: conv_transposend_create_matrix,
+    nn.ConvTranspose2d: conv_transposend_create_matrix,
+    nn.ConvTranspose3d: conv_transposend_create_matrix,
+    nn.AvgPool1d: avgpoolnd_create_matrix,
+    nn.AvgPool3d: avgpoolnd_create_matrix,
+    nn.AdaptiveAvgPool1d: adaptive_avgpoolnd_create_matrix,
+    nn.AdaptiveAvgPool2d: adaptive_avgpoolnd_create_matrix,
+    nn.AdaptiveAvgPool3d: adaptive_avgpoolnd_create_matrix,
+}
+"""Every layer type ``layers="all"`` counts (matched exactly) and its matrix builder."""
+
+
+def _modules_for(layers: str) -> dict[type[nn.Module], Callable[..., torch.Tensor]]:
+    if layers == "seed":
+        return VALID_MODULES
+    if layers == "all":
+        return ALL_MODULES
+    raise ValueError(f"layers={layers!r}: the reference knows 'seed' and 'all'")
+
 
 # --------------------------------------------------------------------------------------------
 # Tracing and the measures
 # --------------------------------------------------------------------------------------------
 
 
-def get_shapes(model: nn.Module, input: torch.Tensor) -> dict[nn.Module, tuple[Shape, Shape]]:
+def get_shapes(
+    model: nn.Module, input: torch.Tensor, *, layers: str = "seed"
+) -> dict[nn.Module, tuple[Shape, Shape]]:
     """Record the input and output shape of every supported layer of `model`.
 
     Parameters
@@ -410,7 +614,8 @@ def get_shapes(model: nn.Module, input: torch.Tensor) -> dict[nn.Module, tuple[S
     -------
     dict
         ``{module: (in_shape, out_shape)}`` for every module whose type is a key of
-        `VALID_MODULES`, in the order the forward pass first reaches them. A module called more
+        `VALID_MODULES` (`ALL_MODULES` for ``layers="all"``), in the order the forward pass
+        first reaches them. A module called more
         than once keeps its first position and its last shapes.
     """
     shapes: dict[nn.Module, tuple[Shape, Shape]] = {}
@@ -421,7 +626,7 @@ def get_shapes(model: nn.Module, input: torch.Tensor) -> dict[nn.Module, tuple[S
     handles = [
         module.register_forward_hook(record)
         for module in model.modules()
-        if type(module) in VALID_MODULES
+        if type(module) in _modules_for(layers)
     ]
     try:
         with torch.no_grad():
@@ -439,6 +644,7 @@ def _measures(
     norm: Norm | None,
     legacy: bool,
     dtype: torch.dtype,
+    layers: str = "seed",
 ) -> tuple[float, float]:
     """Determinism and degeneracy of `model`, from one dense matrix per layer."""
     if shapes is None:
@@ -447,7 +653,7 @@ def _measures(
                 "Neither `input` nor `shapes` was given: pass an input tensor for the model, "
                 "or the shapes recorded by get_shapes()."
             )
-        shapes = get_shapes(model, input)
+        shapes = get_shapes(model, input, layers=layers)
     if not shapes:
         raise NoSupportedLayersError(
             f"{type(model).__name__} has no layer of a supported type "
@@ -458,7 +664,7 @@ def _measures(
     n_rows = 0
     column_sums = []
     for module, (in_shape, out_shape) in shapes.items():
-        builder = VALID_MODULES.get(type(module))
+        builder = _modules_for(layers).get(type(module))
         if builder is None:
             raise UnsupportedLayerError(
                 f"{module!r} is not a supported layer type; supported: "
@@ -489,6 +695,7 @@ def determinism(
     *,
     legacy: bool = False,
     dtype: torch.dtype = torch.float64,
+    layers: str = "seed",
 ) -> float:
     """Determinism of `model`: the mean entropy of the normalised out-weights of its neurons.
 
@@ -511,6 +718,9 @@ def determinism(
         Use the original all-channel AvgPool2d matrix (see `avgpool2d_create_matrix`).
     dtype : torch.dtype, default torch.float64
         The dtype of the matrices and of the reductions.
+    layers : {'seed', 'all'}, default 'seed'
+        Count the original module's types (`VALID_MODULES`) or every type of
+        `ALL_MODULES`, matched exactly.
 
     Returns
     -------
@@ -525,7 +735,7 @@ def determinism(
     NoSupportedLayersError
         If no supported layer is found.
     """
-    return _measures(model, input, shapes, norm, legacy, dtype)[0]
+    return _measures(model, input, shapes, norm, legacy, dtype, layers)[0]
 
 
 def degeneracy(
@@ -537,12 +747,13 @@ def degeneracy(
     *,
     legacy: bool = False,
     dtype: torch.dtype = torch.float64,
+    layers: str = "seed",
 ) -> float:
     """Degeneracy of `model`: the entropy of the normalised in-weights of all its neurons.
 
     Parameters
     ----------
-    model, input, shapes, norm, device, legacy, dtype
+    model, input, shapes, norm, device, legacy, dtype, layers
         As for `determinism`.
 
     Returns
@@ -558,7 +769,7 @@ def degeneracy(
     NoSupportedLayersError
         If no supported layer is found.
     """
-    return _measures(model, input, shapes, norm, legacy, dtype)[1]
+    return _measures(model, input, shapes, norm, legacy, dtype, layers)[1]
 
 
 def ei(
@@ -570,12 +781,13 @@ def ei(
     *,
     legacy: bool = False,
     dtype: torch.dtype = torch.float64,
+    layers: str = "seed",
 ) -> float:
     """Effective information of `model`: its degeneracy minus its determinism.
 
     Parameters
     ----------
-    model, input, shapes, norm, device, legacy, dtype
+    model, input, shapes, norm, device, legacy, dtype, layers
         As for `determinism`.
 
     Returns
@@ -591,5 +803,5 @@ def ei(
     NoSupportedLayersError
         If no supported layer is found.
     """
-    det, deg = _measures(model, input, shapes, norm, legacy, dtype)
+    det, deg = _measures(model, input, shapes, norm, legacy, dtype, layers)
     return deg - det

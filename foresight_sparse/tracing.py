@@ -14,7 +14,7 @@ import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from .connectivity import REGISTRY
+from .connectivity import LayerSelection
 from .exceptions import (
     ForwardError,
     MissingInputError,
@@ -332,7 +332,8 @@ def _meta_seconds(model: nn.Module) -> float:
     return 3e-4 * slow + 3e-5 * len(modules)
 
 
-def trace(model: nn.Module, input, registry: dict | None = None, method: str = "auto") -> Trace:
+def trace(model: nn.Module, input, registry: LayerSelection | None = None,
+          method: str = "auto") -> Trace:
     """Run ``model(input)`` once and record every registered layer's input and output shape.
 
     The pass runs under ``torch.no_grad()`` in eval mode, either on the model itself
@@ -361,7 +362,7 @@ def trace(model: nn.Module, input, registry: dict | None = None, method: str = "
     NoSupportedLayersError
         When no module of a registered type ran.
     """
-    registry = REGISTRY if registry is None else registry
+    registry = LayerSelection() if registry is None else registry
     model = _unwrap(model)
     names = _names(model)
     modes = {m: m.training for m in model.modules()}
@@ -428,10 +429,22 @@ def trace(model: nn.Module, input, registry: dict | None = None, method: str = "
 SKIPPED_HINT = "foresight_sparse.plan(model, input).skipped lists them by name"
 
 
-def warn_skipped(tr: Trace) -> None:
+def warn_skipped(tr: Trace, refused: Mapping[type, type] | None = None) -> None:
     """One warning naming the skipped layers that carry connectivity (pools, norms, ...),
-    pointing at the user's line whichever entry point led here."""
-    counts = Counter(t for _, t in tr.skipped if t not in {c.__name__ for c in _PASSIVE})
+    pointing at the user's line whichever entry point led here, and one naming the
+    subclasses of built-in layers that ``layers="all"`` skipped for their own forward pass
+    (``refused``: subclass -> built-in type)."""
+    refused = refused or {}
+    if refused:
+        what = ", ".join(f"{t.__name__} (a {b.__name__} subclass)" for t, b in refused.items())
+        first = next(iter(refused)).__name__
+        warn_caller(f"skipped {what}: it defines its own forward pass, which may transform "
+                    "its weight (standardisation, scaling, dynamic padding), so .weight is not "
+                    "read as its connectivity. If the forward pass computes with the weight as "
+                    f"stored, count it with foresight_sparse.register({first}, "
+                    "builder) (e.g. the built-in builder of its base type)")
+    own = {t.__name__ for t in refused} | {c.__name__ for c in _PASSIVE}
+    counts = Counter(t for _, t in tr.skipped if t not in own)
     if counts:
         what = ", ".join(f"{n} {t}" for t, n in sorted(counts.items()))
         warn_caller(f"skipped layers with no connectivity builder: {what}. They do not "
@@ -462,7 +475,8 @@ def _checked_shape(shape, where: str, what: str) -> tuple[int, ...]:
     return dims
 
 
-def layers_from_shapes(model: nn.Module, shapes: dict, registry: dict | None = None) -> Trace:
+def layers_from_shapes(model: nn.Module, shapes: dict,
+                       registry: LayerSelection | None = None) -> Trace:
     """Turn a ``shapes`` dict (as :func:`get_shapes` returns) into a :class:`Trace`.
 
     Every in/out shape must be a sequence of non-negative ints (a ``torch.Size``, tuple or
@@ -479,7 +493,7 @@ def layers_from_shapes(model: nn.Module, shapes: dict, registry: dict | None = N
     NoSupportedLayersError
         When ``shapes`` holds no supported module.
     """
-    registry = REGISTRY if registry is None else registry
+    registry = LayerSelection() if registry is None else registry
     model = _unwrap(model)
     names = _names(model)
     if not isinstance(shapes, Mapping):
@@ -513,12 +527,14 @@ def layers_from_shapes(model: nn.Module, shapes: dict, registry: dict | None = N
     return Trace(layers)
 
 
-def resolve_layers(model: nn.Module, input=None, shapes=None, method: str = "auto") -> Trace:
-    """The layers to analyse: from ``shapes`` if given, else traced with ``input``."""
+def resolve_layers(model: nn.Module, input=None, shapes=None, method: str = "auto",
+                   layers: LayerSelection | None = None) -> Trace:
+    """The layers to analyse: from ``shapes`` if given, else traced with ``input``; the
+    types that count are ``layers``' (the old module's by default)."""
     if shapes is not None:
-        return layers_from_shapes(model, shapes)
+        return layers_from_shapes(model, shapes, layers)
     if input is None:
         raise MissingInputError(
             f"cannot find the layers of {type(model).__name__}: pass input (an example "
             "batch, e.g. torch.zeros(1, 3, 224, 224)) or shapes (from get_shapes)")
-    return trace(model, input, method=method)
+    return trace(model, input, layers, method=method)

@@ -410,6 +410,8 @@ def test_deleting_unknown_type_raises_keyerror():
 
 
 def test_unregistered_layer_in_connectivity_names_registered_types():
-    with pytest.raises(fs.UnsupportedLayerError, match="Registered types: AvgPool2d, Conv2d, "
-                       "Linear"):
+    with pytest.raises(fs.UnsupportedLayerError, match="Registered types: ") as err:
         C.connectivity(Scale(3), (1, 3), (1, 3))
+    listed = str(err.value).split("Registered types: ")[1].split(". ")[0].split(", ")
+    assert listed == sorted(t.__name__ for t in C.REGISTRY)
+    assert {"AvgPool2d", "Conv2d", "Linear", "Conv3d"} <= set(listed)
