@@ -252,6 +252,8 @@ def _add_sweep_parser(sub) -> None:
     p.add_argument("--device", default="cpu", help="where the reductions run: cpu or cuda")
     p.add_argument("--max-memory", type=_memory, metavar="SIZE",
                    help="working-memory budget of the engines, e.g. 2GiB (the default)")
+    p.add_argument("--layers", choices=LAYER_SETS, default="seed",
+                   help="which layers count: seed (the default) or all, as for 'ei'")
     p.add_argument("--workers", type=int, metavar="N",
                    help="checkpoints evaluated at once: worker processes (default 1, in this "
                         "process), or with --ray the most tasks in flight")
@@ -406,7 +408,8 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
                     trust_pickle=args.trust_pickle, output=args.csv, resume=args.resume,
                     progress=not args.no_progress and sys.stderr.isatty(),
                     ray_address=args.ray or None,
-                    meta={"model": args.model, "input_shape": list(shape)})
+                    meta={"model": args.model, "input_shape": list(shape)},
+                    layers=args.layers)
     hist = res.history
     print(f"{args.model}: input {_dims(shape)}, norm {args.norm}, {len(res.checkpoints)} "
           f"checkpoints")

@@ -920,6 +920,14 @@ class LayerSelection:
     def __repr__(self) -> str:
         return f"LayerSelection({self.layers!r})"
 
+    @property
+    def label(self) -> str:
+        """The option as one string for records and metadata: ``'seed'``, ``'all'``, or the
+        listed types' names joined by commas."""
+        if isinstance(self.layers, str):
+            return self.layers
+        return ",".join(t.__name__ for t in self.layers)
+
 
 def connectivity(module: nn.Module, in_shape, out_shape, *, legacy: bool = False,
                  label: str | None = None, adapter: Adapter | None = None) -> Connectivity:

@@ -276,9 +276,15 @@ class Plan:
                 f"{n} {t}" for t, n in sorted(counts.items())))
         lines.append(f"{len(self.layers)} layers, {self.nnz} entries; norm {self.norm.name}, "
                      f"engine {self.engine}, device {self.device}"
-                     f"{', legacy' if self.legacy else ''}, max_memory "
+                     f"{', legacy' if self.legacy else ''}"
+                     f"{'' if self.layer_set == 'seed' else ', layers ' + self._layers_label}"
+                     f", max_memory "
                      f"{format_bytes(self.max_memory)}")
         return "\n".join(lines)
+
+    @property
+    def _layers_label(self) -> str:
+        return LayerSelection(self.layer_set).label
 
     def __str__(self) -> str:
         return self.table()

@@ -40,6 +40,7 @@ import torch
 from torch import nn
 
 from .checkpoints import fit_state_dict, load_state_dict
+from .connectivity import LayerSelection
 from .exceptions import (
     CheckpointError,
     ForesightError,
@@ -398,7 +399,7 @@ def _resume(output: str, meta: dict[str, Any], entries: Sequence[Checkpoint],
     """The finished checkpoints recorded in ``output`` (error records are dropped: those
     checkpoints are tried again)."""
     old = History.from_csv(output)
-    for k in ("norm", "legacy", "input_shape", "model"):
+    for k in ("norm", "legacy", "layers", "input_shape", "model"):
         if k in old.meta and k in meta and old.meta[k] != meta[k]:
             raise HistoryFileError(
                 f"{output!r} was made with {k}={old.meta[k]!r}, but this sweep has "
@@ -424,7 +425,7 @@ def sweep(model: nn.Module, checkpoints, input=None, *, workers: int | None = No
           legacy: bool = False, max_memory=None, shapes=None, key: str | None = None,
           trust_pickle: bool = False, output: str | os.PathLike | None = None,
           resume: bool = False, progress: bool = False, ray_address: str | None = None,
-          meta: dict[str, Any] | None = None) -> SweepResult:
+          meta: dict[str, Any] | None = None, layers="seed") -> SweepResult:
     """Determinism, degeneracy and EI of every checkpoint of one architecture.
 
     Parameters
@@ -449,7 +450,7 @@ def sweep(model: nn.Module, checkpoints, input=None, *, workers: int | None = No
         Ray; an already initialised Ray is used as it is); the checkpoint paths must be
         readable where the tasks run. Default: ``'process'`` when ``workers`` is more
         than 1, else ``'serial'``.
-    norm, device, engine, legacy, max_memory, shapes
+    norm, device, engine, legacy, max_memory, shapes, layers
         As for :func:`foresight_sparse.plan`.
     key : str, optional
         The checkpoint key holding the state dict, when it is not a usual one.
@@ -463,7 +464,8 @@ def sweep(model: nn.Module, checkpoints, input=None, *, workers: int | None = No
     resume : bool, default False
         Keep the checkpoints already complete in ``output`` (matched by label) and compute
         only the others; error records in it are dropped and tried again. ``output`` must
-        have been written with the same norm, legacy setting, input shape and model.
+        have been written with the same norm, legacy and layers settings, input shape and
+        model.
     progress : bool, default False
         A tqdm progress bar over the checkpoints (on stderr).
     ray_address : str, optional
@@ -508,10 +510,11 @@ def sweep(model: nn.Module, checkpoints, input=None, *, workers: int | None = No
         _import_ray()  # fail before planning
     entries = checkpoint_entries(checkpoints)
     p = plan(model, input, shapes, norm, device, engine=engine, legacy=legacy,
-             max_memory=max_memory)
+             max_memory=max_memory, layers=layers)
     in_shape = list(p.layers[0].in_shape) if p.layers else []
     info = {"model": type(model).__name__, "input_shape": in_shape, "norm": p.norm.name,
             "engine": engine, "device": str(p.device), "legacy": legacy,
+            "layers": LayerSelection(layers).label,
             "max_memory": p.max_memory, **(meta or {})}
     history = History(meta=info)
     resumed: list[str] = []

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from .connectivity import LayerSelection
 from .history import History
 from .plans import Plan, plan
 from .results import Report
@@ -70,6 +71,7 @@ class Tracker:
     engine : {'auto', 'implicit', 'sparse', 'dense'}, default 'auto'
     legacy : bool, default False
     max_memory : int or str, optional
+    layers : {'seed', 'all'} or sequence of module types, default 'seed'
         As for :func:`foresight_sparse.plan`.
 
     Attributes
@@ -92,7 +94,8 @@ class Tracker:
     """
 
     def __init__(self, model: nn.Module, input, every: int = 100, norm="lin", device=None,
-                 engine: str = "auto", legacy: bool = False, max_memory=None):
+                 engine: str = "auto", legacy: bool = False, max_memory=None,
+                 layers="seed"):
         if isinstance(every, bool) or not isinstance(every, int) or every < 1:
             raise ValueError(f"every={every!r} must be a positive int: the tracker evaluates "
                              "when step % every == 0")
@@ -101,10 +104,11 @@ class Tracker:
         dev = _model_device(model) if device is None else device
         with preserved_rng():  # a real forward pass (the trace's fallback) may draw numbers
             self.plan: Plan = plan(model, input, norm=norm, device=dev, engine=engine,
-                                   legacy=legacy, max_memory=max_memory)
+                                   legacy=legacy, max_memory=max_memory, layers=layers)
         self.history = History(meta={
             "model": type(model).__name__, "norm": self.plan.norm.name, "engine": engine,
             "device": str(self.plan.device), "legacy": legacy,
+            "layers": LayerSelection(layers).label,
             "max_memory": self.plan.max_memory})
         self.last: Report | None = None
 

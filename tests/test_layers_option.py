@@ -207,3 +207,58 @@ def test_layer_selection_is_picklable():
     q = pickle.loads(pickle.dumps(p))
     assert q.layer_set == "all"
     assert q.report().ei == p.report().ei
+
+
+# --------------------------------------------------------------------------- tracker, sweeps
+
+
+def test_tracker_counts_what_layers_selects():
+    model = sub_model()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        tracker = fs.Tracker(model, X, every=1, layers="all")
+        default = fs.Tracker(model, X, every=1)
+    rep = tracker.step(0)
+    assert [lay.type for lay in rep.layers] == ["Conv2d", "MyLinear", "Linear"]
+    assert rep.ei == quiet_report(model, X, layers="all").ei
+    assert tracker.history.meta["layers"] == "all"
+    assert [lay.type for lay in default.step(0).layers] == ["Conv2d", "Linear"]
+    assert default.history.meta["layers"] == "seed"
+
+
+def test_sweep_counts_what_layers_selects_and_resume_checks_it(tmp_path):
+    paths = []
+    for i in range(2):
+        m = randomize_(sub_model(), 10 + i)
+        path = tmp_path / f"step={i}.pt"
+        torch.save(m.state_dict(), path)
+        paths.append((path, m))
+    out = tmp_path / "ei.csv"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        res = fs.sweep(sub_model(), [p for p, _ in paths], X, layers="all", output=out)
+    assert res.ok
+    nets = [r for r in res.history.records if r.kind == "network"]
+    for rec, (_, m) in zip(nets, paths):
+        expected = quiet_report(m, X, layers="all").ei
+        assert abs(rec.ei - expected) <= 1e-12 * max(1.0, abs(expected))
+    assert {r.type for r in res.history.records if r.kind == "layer"} == {
+        "Conv2d", "MyLinear", "Linear"}
+    with pytest.raises(fs.exceptions.HistoryFileError, match="layers"), \
+            warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        fs.sweep(sub_model(), [p for p, _ in paths], X, output=out, resume=True)
+
+
+def test_cli_sweep_layers_option(tmp_path, capsys):
+    m = randomize_(sub_model(), 5)
+    torch.save(m.state_dict(), tmp_path / "step=1.pt")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        assert main(["sweep", "test_layers_option:sub_model", str(tmp_path / "step=1.pt"),
+                     "--input-shape", "1,1,5,5", "--layers", "all", "--no-progress",
+                     "--csv", str(tmp_path / "ei.csv")]) == 0
+    out = capsys.readouterr().out
+    expected = quiet_report(m, X, layers="all").ei
+    assert f"{expected:.4f}"[:5] in out
+    assert "layers: all" in (tmp_path / "ei.csv").read_text()
