@@ -105,8 +105,8 @@ def _zoo_rows(zoo: list[dict]) -> list[str]:
     out = [f"## The torchvision zoo ({len(zoo)} classification models)", "",
            "Random weights (seed 0), batch 1, 224x224 (inception_v3 299x299), the default "
            "settings. `report()` includes the trace; `Plan.report()` evaluates another set of "
-           "weights with a plan made beforehand. Each is the best of 5 runs (2 where the "
-           "forward pass takes over 2 s), as a ratio to one forward pass (no grad, best of 5) "
+           "weights with a plan made beforehand. Each is the best of 3 runs (2 where the "
+           "forward pass takes over 2 s), as a ratio to one forward pass (no grad, best of 3) "
            "in the same process.", "",
            "| measure | median | worst | target |", "|---|---|---|---|",
            f"| `report()` / forward | {_median(rep):.2f}x | {worst_rep['report_ratio']:.2f}x "
