@@ -80,7 +80,7 @@ def test_logs_every_n_steps(tmp_path):
 @pytest.mark.filterwarnings("ignore::UserWarning")
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")
 def test_logs_every_epoch_with_prefix(tmp_path):
-    callback = EICallback(torch.zeros(1, 3, 8, 8), prefix="info/", layers=False)
+    callback = EICallback(torch.zeros(1, 3, 8, 8), prefix="info/", per_layer=False)
     _, rows = _fit(tmp_path, callback, max_epochs=2, limit_train_batches=3)
     logged = [r for r in rows if r.get("info/ei")]
     assert len(logged) == 2

@@ -36,7 +36,7 @@ class EICallback(Callback):
     trainer's loggers (at the global step; per epoch through
     :meth:`LightningModule.log_dict`, so the epoch figures can also be monitored, e.g. by
     ``ModelCheckpoint(monitor="ei")``), under the keys
-    ``ei``, ``determinism`` and ``degeneracy`` (network totals) and, with ``layers=True``,
+    ``ei``, ``determinism`` and ``degeneracy`` (network totals) and, with ``per_layer=True``,
     ``ei/<layer>``, ``determinism/<layer>`` and ``degeneracy/<layer>`` for each counted
     layer (``determinism/<layer>`` is the layer's mean row entropy), each after ``prefix``.
     Only the global-zero process computes and logs.
@@ -51,9 +51,10 @@ class EICallback(Callback):
     every_n_epochs : int, optional
         Evaluate at the end of every ``every_n_epochs``-th training epoch. When neither is
         given, once per epoch.
-    norm, device, engine, legacy, max_memory
-        As for :class:`~foresight_sparse.Tracker` (``device`` defaults to the module's).
-    layers : bool, default True
+    norm, device, engine, legacy, max_memory, layers
+        As for :class:`~foresight_sparse.Tracker` (``device`` defaults to the module's;
+        ``layers`` selects which layers count).
+    per_layer : bool, default True
         Log each layer's figures too, not only the network totals.
     prefix : str, default ''
         Put before every key, e.g. ``"ei_stats/"``.
@@ -73,7 +74,7 @@ class EICallback(Callback):
     def __init__(self, input=None, every_n_steps: int | None = None,
                  every_n_epochs: int | None = None, norm="lin", device=None,
                  engine: str = "auto", legacy: bool = False, max_memory=None,
-                 layers: bool = True, prefix: str = ""):
+                 layers="seed", per_layer: bool = True, prefix: str = ""):
         for name, value in (("every_n_steps", every_n_steps),
                             ("every_n_epochs", every_n_epochs)):
             if value is not None and (isinstance(value, bool) or not isinstance(value, int)
@@ -85,8 +86,8 @@ class EICallback(Callback):
         self.every_n_steps = every_n_steps
         self.every_n_epochs = every_n_epochs
         self.settings = {"norm": norm, "device": device, "engine": engine, "legacy": legacy,
-                         "max_memory": max_memory}
-        self.layers = layers
+                         "max_memory": max_memory, "layers": layers}
+        self.per_layer = per_layer
         self.prefix = prefix
         self.tracker: Tracker | None = None
         self._last_step: int | None = None
@@ -118,7 +119,7 @@ class EICallback(Callback):
         p = self.prefix
         out = {f"{p}ei": report.ei, f"{p}determinism": report.determinism,
                f"{p}degeneracy": report.degeneracy}
-        if self.layers:
+        if self.per_layer:
             for lay in report.layers:
                 name = lay.name or lay.type
                 out[f"{p}ei/{name}"] = lay.ei
