@@ -33,7 +33,9 @@ STATE_DICT_KEYS = ("state_dict", "model_state_dict", "model", "module", "net", "
 SAFETENSORS_HINT = "pip install 'foresight-sparse[safetensors]'"
 
 _ZIP_MAGIC = b"PK\x03\x04"
-_UNSUPPORTED_GLOBAL = re.compile(r"Unsupported global: GLOBAL ([\w.]+)")
+#: A pickled reference to a class or function (``module.name``): random bytes that happen to
+#: parse as a GLOBAL opcode name no module, and are reported as unreadable instead.
+_UNSUPPORTED_GLOBAL = re.compile(r"Unsupported global: GLOBAL (\w+(?:\.\w+)+)")
 _MAIN_ATTRIBUTE = re.compile(r"Can't get attribute '(\w+)' on <module '__main__'")
 
 
@@ -44,7 +46,7 @@ def _is_state_dict(obj: Any) -> bool:
 
 
 def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(exc)).strip()  # torch's bold-face escapes
     return f"{type(exc).__name__}: {text.splitlines()[0]}" if text else type(exc).__name__
 
 

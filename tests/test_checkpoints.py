@@ -210,3 +210,14 @@ def test_closest_match_of_a_renamed_key():
 
     with pytest.raises(CheckpointError, match="closest match of 'fc_1.weight' is 'fc1.weight'"):
         fit_state_dict(seeded(Old).state_dict(), seeded(New))
+
+
+def test_bytes_naming_no_module_are_unreadable_not_pickled_code(tmp_path):
+    """A GLOBAL opcode whose name is no ``module.name`` (bytes that only look like a
+    pickle) is reported as unreadable, never as pickled code that trust_pickle would
+    unlock; the message carries no terminal escape codes."""
+    path = tmp_path / "noise.pt"
+    path.write_bytes(b"\x80\x02cut\n\x01\x02\n.")
+    with pytest.raises(CheckpointError, match="cannot read") as info:
+        load_state_dict(path)
+    assert "pickled code" not in str(info.value) and "\x1b" not in str(info.value)
