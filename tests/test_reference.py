@@ -595,6 +595,12 @@ def test_valid_modules_registry():
         "conv2d_create_matrix",
         "avgpool2d_create_matrix",
         "VALID_MODULES",
+        # the layers beyond the old module's (layers="all")
+        "convnd_create_matrix",
+        "conv_transposend_create_matrix",
+        "avgpoolnd_create_matrix",
+        "adaptive_avgpoolnd_create_matrix",
+        "ALL_MODULES",
         "get_shapes",
         "determinism",
         "degeneracy",
