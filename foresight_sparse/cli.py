@@ -245,15 +245,7 @@ def _add_sweep_parser(sub) -> None:
                    help="seed for building the model (its own weights are not evaluated)")
     p.add_argument("--legacy", action="store_true",
                    help="the old module's cross-channel AvgPool2d connectivity")
-    p.add_argument("--norm", choices=sorted(NORMS), default="lin",
-                   help="row normalisation (default lin)")
-    p.add_argument("--engine", choices=ENGINE_NAMES, default="auto",
-                   help="how layers are reduced (default auto)")
-    p.add_argument("--device", default="cpu", help="where the reductions run: cpu or cuda")
-    p.add_argument("--max-memory", type=_memory, metavar="SIZE",
-                   help="working-memory budget of the engines, e.g. 2GiB (the default)")
-    p.add_argument("--layers", choices=LAYER_SETS, default="seed",
-                   help="which layers count: seed (the default) or all, as for 'ei'")
+    _add_plan_args(p)
     p.add_argument("--workers", type=int, metavar="N",
                    help="checkpoints evaluated at once: worker processes (default 1, in this "
                         "process), or with --ray the most tasks in flight")
