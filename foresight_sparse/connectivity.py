@@ -541,7 +541,7 @@ class Stencil(Connectivity):
         _, out_h, out_w = self.out_chw
 
         def t(a):
-            return torch.as_tensor(a, device=device)
+            return torch.tensor(a, device=device)  # copies: geometry arrays are read-only
 
         counts = t(self.row_counts(r0, r1))
         rowptr = torch.zeros(r1 - r0 + 1, dtype=torch.int64, device=device)

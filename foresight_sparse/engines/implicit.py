@@ -171,8 +171,8 @@ def _absent_terms(norm: ElementwiseNorm, shift: float, stored: torch.Tensor, n_c
 
 
 def _stored_counts(conn: Stencil, device) -> torch.Tensor:
-    nh = torch.as_tensor(conn.pairs_h.counts, device=device, dtype=torch.float64)
-    nw = torch.as_tensor(conn.pairs_w.counts, device=device, dtype=torch.float64)
+    nh = torch.tensor(conn.pairs_h.counts, device=device, dtype=torch.float64)
+    nw = torch.tensor(conn.pairs_w.counts, device=device, dtype=torch.float64)
     return conn.cout_g * nh[:, None] * nw[None, :]
 
 
@@ -187,13 +187,13 @@ def _conv(conn: Stencil, norm: ElementwiseNorm, device, budget: int) -> LayerSta
     sf, st = kernel_terms(conn, norm, shift, device)
     ch, cw = _classes(conn)
     f64 = dict(dtype=torch.float64, device=device)
-    mh, mw = torch.as_tensor(ch.in_profile, **f64), torch.as_tensor(cw.in_profile, **f64)
+    mh, mw = torch.tensor(ch.in_profile, **f64), torch.tensor(cw.in_profile, **f64)
     z = mh @ sf @ mw.T  # (C_in, input classes along H, along W)
     t = mh @ st @ mw.T
-    stored = conn.cout_g * torch.outer(torch.as_tensor(ch.in_counts, **f64),
-                                       torch.as_tensor(cw.in_counts, **f64))
+    stored = conn.cout_g * torch.outer(torch.tensor(ch.in_counts, **f64),
+                                       torch.tensor(cw.in_counts, **f64))
     z, t, inv = _absent_terms(norm, shift, stored, conn.n_cols, z, t)
-    mult_in = torch.outer(torch.as_tensor(ch.in_mult, **f64), torch.as_tensor(cw.in_mult, **f64))
+    mult_in = torch.outer(torch.tensor(ch.in_mult, **f64), torch.tensor(cw.in_mult, **f64))
     h_sum = float((row_entropy(z, t) * mult_in).sum())
     # Full rows (no absent entry) take c = 0: exact, and no c/Z - c/Z cancellation when
     # Z << c; their 1/Z goes through f(K), the other rows' through f(K) - c.
@@ -215,8 +215,8 @@ def _conv(conn: Stencil, norm: ElementwiseNorm, device, budget: int) -> LayerSta
             else:
                 col[:, o0:o0 + step] = part
         del fk
-    mult_out = torch.outer(torch.as_tensor(ch.out_mult, **f64),
-                           torch.as_tensor(cw.out_mult, **f64))
+    mult_out = torch.outer(torch.tensor(ch.out_mult, **f64),
+                           torch.tensor(cw.out_mult, **f64))
     return LayerStats(h_sum, conn.n_rows, col.reshape(-1), "implicit",
                       c * float((inv_part * mult_in).sum()),
                       mult_out.expand(conn.out_chw[0], -1, -1).reshape(-1))
