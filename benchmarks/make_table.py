@@ -80,6 +80,19 @@ def render(data: dict) -> str:
             out.append(f"| {r['name']} | {e['nnz']:.4g} | {_ms(r['stats']['median'])} | "
                        f"{e['entries_per_s'] / 1e6:.0f}M/s |")
         out.append("")
+    video = [r["extra_info"] for r in rows if "video" in r["extra_info"]]
+    if video:
+        out += ["## Video models, `layers=\"all\"`", "",
+                "`report(model, x, layers=\"all\")` (trace included, best of 3) against one "
+                "forward pass (best of 3) in the same process.", "",
+                "| model | input | layers | forward | `report()` | ratio | peak RSS | engines |",
+                "|---|---|---|---|---|---|---|---|"]
+        for e in video:
+            out.append(f"| {e['video']} | {'x'.join(map(str, e['input']))} | {e['layers']} | "
+                       f"{_ms(e['forward_s'])} | {_ms(e['report_s'])} | "
+                       f"{e['report_ratio']:.2f}x | {_gib(e['peak_rss'])} | "
+                       f"{', '.join(e['engines'])} |")
+        out.append("")
     zoo = [r["extra_info"] for r in rows if "zoo" in r["extra_info"]]
     if zoo:
         out += _zoo_rows(zoo)
