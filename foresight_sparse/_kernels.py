@@ -422,7 +422,10 @@ def dense_row_sums(w: np.ndarray, kind: int, shift: float) -> tuple[np.ndarray, 
     n_g, _, n_in = w3.shape
     z = np.zeros((n_g, n_in))
     t = np.zeros((n_g, n_in))
-    n_chunks = max(1, min(threads() * 4 // n_g, n_in))
+    # column slices of at least 256: each task takes four row views per sweep, which cost
+    # more than a short slice's arithmetic; one slice per group when the work runs serially
+    n_chunks = 1 if w3.size < PARALLEL_MIN_WORK else max(1, min(threads() * 4 // n_g,
+                                                              n_in // 256))
     if w3.dtype == np.float32 and kind in (KIND_LIN, KIND_NONE):
         _launch(_dense_row_sums_relu32, w3.size, w3.view(np.int32), kind == KIND_NONE, z, t,
                 n_chunks)
