@@ -311,9 +311,11 @@ def _dense_row_sums(w, kind, shift, z, t, n_chunks):
 
 @numba.njit(parallel=True, cache=True, nogil=True, fastmath=_FM_ELEMENTWISE,
             error_model="numpy")
-def _dense_row_sums_relu32(bits, keep_negative, z_out, t_out, n_chunks):
+def _dense_row_sums_relu32(bits, keep_negative, z_out, t_out, n_chunks, bad_out):
     """:func:`_dense_row_sums` for float32 weights (read as their bits) under ``relu``, or
     with no norm (``keep_negative``: ``z`` sums every entry, ``t`` the positive ones).
+    ``bad_out[task]`` counts the NaN and infinite weights each task read (exponent bits all
+    set), so that the pass doubles as the layer's finiteness check.
 
     Branch-free with the polynomial :func:`_log2_f32_bits`, so LLVM vectorises it across
     columns (AVX2: four at a time). Each task sums its column slice into local arrays,
@@ -331,6 +333,7 @@ def _dense_row_sums_relu32(bits, keep_negative, z_out, t_out, n_chunks):
         n = hi - lo
         z = np.zeros(n)
         t = np.zeros(n)
+        bad = 0
         o = 0
         base = g * n_out
         while o + 4 <= n_out:
@@ -345,6 +348,8 @@ def _dense_row_sums_relu32(bits, keep_negative, z_out, t_out, n_chunks):
                 z3, t3 = _lin_terms(r3[j], keep_negative)
                 z[j] += (z0 + z1) + (z2 + z3)
                 t[j] += (t0 + t1) + (t2 + t3)
+                bad += (_non_finite32(r0[j]) + _non_finite32(r1[j])) + \
+                    (_non_finite32(r2[j]) + _non_finite32(r3[j]))
             o += 4
         while o < n_out:
             r0 = rows[base + o, lo:hi]
@@ -352,9 +357,17 @@ def _dense_row_sums_relu32(bits, keep_negative, z_out, t_out, n_chunks):
                 z0, t0 = _lin_terms(r0[j], keep_negative)
                 z[j] += z0
                 t[j] += t0
+                bad += _non_finite32(r0[j])
             o += 1
         z_out[g, lo:hi] = z
         t_out[g, lo:hi] = t
+        bad_out[task] = bad
+
+
+@numba.njit(inline="always")
+def _non_finite32(b):
+    """1 for the bits of a NaN or infinite float32 (exponent all ones), else 0."""
+    return np.int64((b & 0x7F800000) == 0x7F800000)
 
 
 @numba.njit(inline="always")
@@ -411,12 +424,15 @@ def _dense_cols(w, kind, shift, c, inv, col):
             col[o] = acc
 
 
-def dense_row_sums(w: np.ndarray, kind: int, shift: float) -> tuple[np.ndarray, np.ndarray]:
+def dense_row_sums(w: np.ndarray, kind: int, shift: float,
+                   non_finite: list | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Column-wise ``sum f`` and ``sum f log2 f`` of a weight matrix (float64).
 
     ``w`` is ``(n_out, n_in)``, or ``(groups, n_out, n_in)`` for one sum per group (a
     grouped convolution's kernel, flattened per output channel); the sums have ``w``'s
-    shape without the ``n_out`` axis.
+    shape without the ``n_out`` axis. Where the pass reads float32 bits under ``relu`` or
+    no norm, it also counts the NaN and infinite weights, appended to ``non_finite`` when
+    a list is given (nothing is appended on the other paths).
     """
     w3 = w if w.ndim == 3 else w[None]
     n_g, _, n_in = w3.shape
@@ -427,8 +443,11 @@ def dense_row_sums(w: np.ndarray, kind: int, shift: float) -> tuple[np.ndarray, 
     n_chunks = 1 if w3.size < PARALLEL_MIN_WORK else max(1, min(threads() * 4 // n_g,
                                                               n_in // 256))
     if w3.dtype == np.float32 and kind in (KIND_LIN, KIND_NONE):
+        bad = np.zeros(n_g * n_chunks, dtype=np.int64)
         _launch(_dense_row_sums_relu32, w3.size, w3.view(np.int32), kind == KIND_NONE, z, t,
-                n_chunks)
+                n_chunks, bad)
+        if non_finite is not None:
+            non_finite.append(int(bad.sum()))
     else:
         _launch(_dense_row_sums, w3.size, w3, kind, shift, z, t, n_chunks)
     return (z, t) if w.ndim == 3 else (z[0], t[0])

@@ -655,8 +655,11 @@ class FullyConnected(Connectivity):
     def weight_bound(self) -> float:
         return max(self._scan(self.weight)[0], 0.0)
 
-    def check_finite(self) -> None:
-        _check_finite_tensor(self.weight, self.label, self._scan(self.weight))
+    def check_finite(self, non_finite: int | None = None) -> None:
+        """As :meth:`Connectivity.check_finite`; ``non_finite``, the count of NaN/Inf
+        weights a pass over the weight already made, saves the scan."""
+        scan = (0.0, 0.0, non_finite) if non_finite is not None else self._scan(self.weight)
+        _check_finite_tensor(self.weight, self.label, scan)
 
     def weight_range(self) -> tuple[float, float]:
         mx, mn, _ = self._scan(self.weight)

@@ -184,10 +184,16 @@ class Plan:
             t0 = time.perf_counter()
             conn = self._bind(layer, weights)
             job = LayerJob(conn, self.norm, self.device, self.max_memory)
-            name = pick_engine(self.engine, job)
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", UserWarning)  # torch's "beta" sparse notices
-                stats = ENGINES[name](job)
+            try:
+                name = pick_engine(self.engine, job)
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore", UserWarning)  # torch's "beta" notices
+                    stats = ENGINES[name](job)  # each engine checks the weights are finite
+            except NonFiniteWeightsError as exc:
+                if weights is None:
+                    raise
+                raise NonFiniteWeightsError(
+                    f"{exc} (state dict keys {', '.join(layer.keys)})") from None
             layer_terms = column_terms(stats.col_sums, stats.col_offset, stats.col_weights)
             h_total += stats.h_sum
             n_total += stats.n_rows
@@ -217,13 +223,6 @@ class Plan:
                                 label=layer.label)
         elif conn.weight_names:
             conn = conn.bind(self._tensors(layer, conn.weight_names, weights))
-        try:
-            conn.check_finite()
-        except NonFiniteWeightsError as exc:
-            if weights is None:
-                raise
-            raise NonFiniteWeightsError(f"{exc} (state dict keys {', '.join(layer.keys)})") \
-                from None
         return conn
 
     @staticmethod

@@ -383,3 +383,19 @@ def test_skipped_layers_warning_points_at_the_callers_line(entry):
         assert w.filename == __file__, w.filename
         assert w.lineno == line
         assert "MaxPool2d" in str(w.message) and ".skipped lists them" in str(w.message)
+
+
+@pytest.mark.parametrize("norm", ["lin", "none"])
+@pytest.mark.parametrize("value", [float("nan"), -float("nan"), float("inf"), -float("inf")])
+def test_linear_row_pass_catches_every_non_finite_weight(norm, value):
+    """Under relu or no norm a float32 Linear is checked by its row pass (no separate scan):
+    NaN of either sign and infinities of either sign are all refused, in any position."""
+    torch.manual_seed(8)
+    model = nn.Sequential(nn.Linear(600, 300))  # large enough for the parallel kernel
+    x = torch.zeros(1, 600)
+    p = _quiet(fs.plan, model, x, norm=norm)
+    for row, col in [(0, 0), (299, 599), (150, 301)]:
+        sd = {"0.weight": model[0].weight.detach().clone()}
+        sd["0.weight"][row, col] = value
+        with pytest.raises(fs.NonFiniteWeightsError, match=r"1 of 180000 weights.*0.weight"):
+            p.report(sd)

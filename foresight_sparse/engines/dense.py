@@ -20,6 +20,7 @@ __all__ = ["layer_stats"]
 def layer_stats(job: LayerJob) -> LayerStats:
     """Reduce one layer densely (see module docstring)."""
     conn = job.conn
+    conn.check_finite()
     check_budget(conn.n_rows * conn.n_cols * 8 * 3, job.budget,
                  f"{conn.label}: the dense {conn.n_rows} x {conn.n_cols} matrix",
                  "use engine='sparse' or 'implicit', or raise max_memory")

@@ -100,7 +100,8 @@ def layer_stats(job: LayerJob) -> LayerStats:
                  f"{conn.label}: the implicit engine's maps ({conn.n_rows} inputs, "
                  f"{conn.n_cols} outputs)", "raise max_memory")
     if isinstance(conn, FullyConnected):
-        return _linear(conn, job.norm, job.device, job.budget)
+        return _linear(conn, job.norm, job.device, job.budget)  # checks finiteness itself
+    conn.check_finite()
     if _constant_kernel(conn):
         return _pool(conn, job.norm, job.device)
     return _conv(conn, job.norm, job.device, job.budget)
@@ -400,17 +401,29 @@ def _linear(conn: FullyConnected, norm: ElementwiseNorm, device, budget: int) ->
     if w.device != device:
         w = w.to(device)
     n_out, n_in = w.shape
-    shift = norm.shift(conn.weight_bound())
     c = 0.0  # every entry is stored: no absent-entry term, and no c/Z - c/Z cancellation
     kind = _KINDS.get(type(norm))
     if device.type == "cpu" and kind is not None and w.dtype in (torch.float32, torch.float64):
         from .. import _kernels
 
+        # float32 under relu or no norm: the row pass counts NaN/Inf weights as it goes,
+        # which saves a read of the weight for the finiteness scan (those norms need no
+        # bound on the weights: their shift is 0)
+        fused = w.dtype == torch.float32 and kind in (_kernels.KIND_LIN, _kernels.KIND_NONE)
+        if not fused:
+            conn.check_finite()
+        shift = 0.0 if fused else norm.shift(conn.weight_bound())
         w_np = w.contiguous().numpy()
-        z, t = (torch.from_numpy(a) for a in _kernels.dense_row_sums(w_np, kind, shift))
+        non_finite: list = []
+        sums = _kernels.dense_row_sums(w_np, kind, shift, non_finite)
+        if fused:
+            conn.check_finite(non_finite[0])
+        z, t = (torch.from_numpy(a) for a in sums)
         z, t, inv = _absent_terms(norm, shift, torch.full_like(z, n_out), n_out, z, t)
         col = torch.from_numpy(_kernels.dense_cols(w_np, kind, shift, c, inv.numpy()))
     else:
+        conn.check_finite()
+        shift = norm.shift(conn.weight_bound())
         spare = budget - _linear_sums_bytes(conn)
         block = max(_LINEAR_BLOCK, spare // _LINEAR_BYTES_PER_ELEMENT)
         z, t, inv, col = linear_torch(w, norm, shift, block)

@@ -32,6 +32,7 @@ KINDS = KERNEL_CODES
 def layer_stats(job: LayerJob) -> LayerStats:
     """Reduce one layer with the sparse engine (see module docstring)."""
     conn, norm = job.conn, job.norm
+    conn.check_finite()
     n_cols = conn.n_cols
     counts = conn.row_counts(0, conn.n_rows)
     if not norm.elementwise:
