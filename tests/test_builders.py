@@ -7,9 +7,7 @@ autograd Jacobian of the bias-free float64 layer, not taken from the reference.
 from __future__ import annotations
 
 import copy
-import math
 import time
-import warnings
 
 import numpy as np
 import pytest
@@ -21,6 +19,7 @@ from conftest import (
     avgpool2d_cases,
     conv2d_cases,
     densify,
+    jacobian_t,
     linear_cases,
     out_shape_of,
     randomize_,
@@ -42,23 +41,6 @@ BUILTIN = {nn.Linear: ei.linear_create_matrix, nn.Conv2d: ei.conv2d_create_matri
            nn.AvgPool2d: ei.avgpool2d_create_matrix}
 ADAPTERS = {nn.Linear: C.linear, nn.Conv2d: C.conv2d, nn.AvgPool2d: C.avgpool2d}
 TYPES = pytest.mark.parametrize("kind", list(CASES), ids=lambda t: t.__name__)
-
-
-def jacobian_t(module: nn.Module, in_shape: tuple[int, ...]) -> torch.Tensor:
-    """``d out_flat / d in_flat`` of the bias-free float64 layer, as (inputs, outputs)."""
-    layer = copy.deepcopy(module).double()
-    if getattr(layer, "bias", None) is not None:
-        layer.bias = None
-
-    def flat(x):
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", UserWarning)
-            return layer(x.reshape(in_shape)).reshape(-1)
-
-    # torch.func.jacrev is autograd's reverse-mode Jacobian, as
-    # torch.autograd.functional.jacobian(flat, x0, vectorize=True), about 3x faster here.
-    x0 = torch.zeros(math.prod(in_shape), dtype=F64)
-    return torch.func.jacrev(flat)(x0).t()
 
 
 def build(case: LayerCase, **kwargs):

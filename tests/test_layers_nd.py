@@ -11,8 +11,6 @@ match the reference for every norm and engine.
 from __future__ import annotations
 
 import copy
-import math
-import warnings
 
 import numpy as np
 import pytest
@@ -25,6 +23,7 @@ from conftest import (
     LayerCase,
     assert_close,
     examples,
+    jacobian_t,
     out_shape_of,
     randomize_,
 )
@@ -153,20 +152,6 @@ NEW_CASES = {
     **{ADAPTIVE[nd]: adaptive_cases(nd) for nd in (1, 2, 3)},
 }
 NEW_TYPES = pytest.mark.parametrize("kind", list(NEW_CASES), ids=lambda t: t.__name__)
-
-
-def jacobian_t(module: nn.Module, in_shape) -> torch.Tensor:
-    """``d out_flat / d in_flat`` of the bias-free float64 layer, as (inputs, outputs)."""
-    layer = copy.deepcopy(module).double()
-    if getattr(layer, "bias", None) is not None:
-        layer.bias = None
-
-    def flat(x):
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", UserWarning)
-            return layer(x.reshape(in_shape)).reshape(-1)
-
-    return torch.func.jacrev(flat)(torch.zeros(math.prod(in_shape), dtype=F64)).t()
 
 
 def reference_matrix(case: LayerCase) -> torch.Tensor:

@@ -7,13 +7,13 @@ explicit loops) in the tests, and Conv2d matrices are also compared with autogra
 
 from __future__ import annotations
 
-import copy
 import math
 
 import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from conftest import jacobian_t
 
 from foresight_sparse import reference as R
 from foresight_sparse.exceptions import (
@@ -313,19 +313,6 @@ def test_conv_same_even_kernel_by_hand():
 # --------------------------------------------------------------------------------------------
 
 
-def jacobian_matrix(layer: nn.Module, in_shape: tuple[int, ...]) -> torch.Tensor:
-    """d out_flat / d in_flat of the bias-free float64 layer, transposed to (inputs, outputs)."""
-    bias_free = copy.deepcopy(layer).double()
-    bias_free.bias = None
-
-    def flat(x: torch.Tensor) -> torch.Tensor:
-        return bias_free(x.reshape(in_shape)).reshape(-1)
-
-    n_in = math.prod(in_shape)
-    jac = torch.autograd.functional.jacobian(flat, torch.zeros(n_in, dtype=F64), vectorize=True)
-    return jac.t()
-
-
 CONV_CONFIGS = [
     dict(in_channels=2, out_channels=3, kernel_size=3),
     dict(in_channels=2, out_channels=3, kernel_size=(2, 3), stride=(2, 1), padding=(1, 2)),
@@ -365,7 +352,7 @@ def test_conv_matches_autograd_jacobian(config):
     with torch.no_grad():
         out_shape = tuple(layer(torch.zeros(in_shape)).shape)
     A = R.conv2d_create_matrix(layer, in_shape, out_shape)
-    expected = jacobian_matrix(layer, in_shape)
+    expected = jacobian_t(layer, in_shape)
     assert A.shape == expected.shape == (math.prod(in_shape), math.prod(out_shape))
     assert torch.allclose(A, expected, rtol=1e-12, atol=1e-15)
 
@@ -375,7 +362,7 @@ def test_conv_chunked_basis_matches_autograd(monkeypatch):
     torch.manual_seed(2)
     layer = nn.Conv2d(2, 3, 3, padding=1, padding_mode="reflect")
     A = R.conv2d_create_matrix(layer, (1, 2, 4, 5), (1, 3, 4, 5))
-    assert torch.allclose(A, jacobian_matrix(layer, (1, 2, 4, 5)), rtol=1e-12, atol=1e-15)
+    assert torch.allclose(A, jacobian_t(layer, (1, 2, 4, 5)), rtol=1e-12, atol=1e-15)
 
 
 # --------------------------------------------------------------------------------------------
