@@ -15,6 +15,7 @@ from .budget import DEFAULT_MAX_MEMORY
 from .connectivity import Connectivity, ExplicitMatrix, register, unregister
 from .exceptions import (
                          CheckpointError,
+                         DeviceError,
                          ForesightError,
                          ForwardError,
                          MemoryBudgetError,
@@ -23,6 +24,7 @@ from .exceptions import (
                          NoSupportedLayersError,
                          ShapeMismatchError,
                          UnknownNameError,
+                         UnsupportedEngineError,
                          UnsupportedLayerError,
                          WeightsError,
 )
@@ -64,6 +66,8 @@ __all__ = [
     "NonFiniteWeightsError",
     "ShapeMismatchError",
     "UnknownNameError",
+    "DeviceError",
+    "UnsupportedEngineError",
     "UnsupportedLayerError",
     "WeightsError",
     "__version__",

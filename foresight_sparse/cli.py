@@ -33,7 +33,13 @@ from .budget import parse_bytes
 from .checkpoints import CheckpointError
 from .connectivity import LAYER_SETS
 from .engines import ENGINE_NAMES
-from .exceptions import ForesightError, ForwardError, MissingDependencyError, UnknownNameError
+from .exceptions import (
+    DeviceError,
+    ForesightError,
+    ForwardError,
+    MissingDependencyError,
+    UnknownNameError,
+)
 from .models import DEFAULT_IMAGE_SHAPE, ModelError, UsageError, load_model
 from .norms import NORMS
 from .plans import plan, resolve_device
@@ -325,7 +331,7 @@ def _device(text: str) -> torch.device:
     """The ``--device`` argument checked, or a usage error."""
     try:
         return resolve_device(text)
-    except UnknownNameError:
+    except (UnknownNameError, DeviceError):
         if text.startswith("cuda"):
             raise UsageError(f"--device {text}: CUDA is not available to this torch "
                              f"({torch.__version__}); use --device cpu") from None

@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from .budget import check_budget, resolve_budget
-from .exceptions import ShapeMismatchError, UnknownNameError, UnsupportedLayerError
+from .exceptions import DeviceError, ShapeMismatchError, UnknownNameError, UnsupportedLayerError
 from .geometry import PADDING_MODES, Axis, AxisPairs, AxisProduct, conv_output_size
 
 __all__ = [
@@ -240,7 +240,7 @@ class Connectivity:
                 return torch.sparse_csr_tensor(crow, blk.cols, blk.vals, size,
                                                check_invariants=False)
         if blk.vals.device.type != "cpu":
-            raise UnknownNameError(f"{self.label}: layout='scipy' needs CPU tensors; the "
+            raise DeviceError(f"{self.label}: layout='scipy' needs CPU tensors; the "
                                    f"layer lives on {blk.vals.device}. Move the model to the "
                                    "CPU or use torch.sparse_csr")
         import scipy.sparse  # scipy loads only for this layout

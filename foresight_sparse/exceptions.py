@@ -20,6 +20,8 @@ __all__ = [
     "ForwardError",
     "MemoryBudgetError",
     "UnknownNameError",
+    "DeviceError",
+    "UnsupportedEngineError",
     "WeightsError",
     "warn_caller",
     "CheckpointError",
@@ -76,6 +78,16 @@ class MemoryBudgetError(ForesightError, MemoryError):
 
 class UnknownNameError(ForesightError, ValueError):
     """A name (norm, engine, layout) is not one of the valid choices."""
+
+
+class DeviceError(ForesightError, ValueError):
+    """The device cannot serve the request: CUDA asked for where this torch has none, or a
+    CPU-only result (a scipy matrix) asked of tensors on CUDA."""
+
+
+class UnsupportedEngineError(ForesightError, ValueError):
+    """An engine called directly cannot compute a layer exactly (``engine='auto'`` and
+    ``'implicit'`` hand such layers to the sparse engine instead)."""
 
 
 class WeightsError(ForesightError, ValueError):

@@ -24,7 +24,7 @@ from .budget import format_bytes, resolve_budget
 from .connectivity import Connectivity, LayerSelection, connectivity
 from .engines import ENGINE_NAMES, ENGINES, LayerJob, pick_engine
 from .entropy import column_terms, entropy_from_terms
-from .exceptions import NonFiniteWeightsError, UnknownNameError, WeightsError
+from .exceptions import DeviceError, NonFiniteWeightsError, UnknownNameError, WeightsError
 from .norms import Norm, get_norm, lin_norm
 from .results import LayerReport, Report
 from .tracing import TracedLayer, resolve_layers, warn_skipped
@@ -39,8 +39,10 @@ def resolve_device(device) -> torch.device:
 
     Raises
     ------
-    ValueError
-        For a CUDA device when CUDA is not available, or an unknown device string.
+    DeviceError
+        For a CUDA device when CUDA is not available.
+    UnknownNameError
+        For anything that is not a CPU or CUDA device.
     """
     try:
         dev = torch.device(device)
@@ -48,7 +50,7 @@ def resolve_device(device) -> torch.device:
         raise UnknownNameError(f"device={device!r} is not a device; use 'cpu' or 'cuda'") \
             from exc
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise UnknownNameError(f"device={device!r} asks for CUDA, but this torch has no CUDA "
+        raise DeviceError(f"device={device!r} asks for CUDA, but this torch has no CUDA "
                                "device available; use device='cpu'")
     if dev.type not in ("cpu", "cuda"):
         raise UnknownNameError(f"device={device!r} is not supported; use 'cpu' or 'cuda'")

@@ -300,3 +300,18 @@ def jacobian_t(module: nn.Module, in_shape: tuple[int, ...]) -> torch.Tensor:
     # torch.autograd.functional.jacobian(flat, x0, vectorize=True), about 3x faster here.
     x0 = torch.zeros(math.prod(in_shape), dtype=torch.float64)
     return torch.func.jacrev(flat)(x0).t()
+
+
+@pytest.fixture
+def no_blocks(monkeypatch):
+    """Make building any rows of any connectivity matrix fail: a test that refuses a
+    matrix before allocating it proves so by passing with this fixture (no wall clock)."""
+    from foresight_sparse import connectivity as C
+
+    def refuse(self, *args, **kwargs):
+        raise AssertionError(f"{type(self).__name__} built rows {args} before refusing")
+
+    for cls in (C.Stencil, C.FullyConnected, C.ExplicitMatrix):
+        for name in ("block", "block_torch", "_block_numba"):
+            if name in vars(cls):
+                monkeypatch.setattr(cls, name, refuse)

@@ -23,7 +23,6 @@ from __future__ import annotations
 import copy
 import gc
 import math
-import time
 import warnings
 
 import numpy as np
@@ -657,15 +656,13 @@ def test_int64_indices_are_counted_for_layers_over_2_31_entries():
 
 
 @pytest.mark.parametrize("max_memory", ["64GiB", None])
-def test_csr_over_2_31_entries_is_refused_before_allocating(max_memory):
+def test_csr_over_2_31_entries_is_refused_before_allocating(max_memory, no_blocks):
     conv = nn.Conv2d(**BIG_CONV)
-    start = time.perf_counter()
     with pytest.raises(MemoryBudgetError, match=r"Conv2d: the 25690112 x 25690112 "
                                                 r"connectivity matrix .* csr\) needs about "
                                                 r"1\.\d+ TiB") as info:
         ei.conv2d_create_matrix(conv, BIG_SHAPE, BIG_SHAPE, layout=torch.sparse_csr,
                                 max_memory=max_memory)
-    assert time.perf_counter() - start < 5
     assert info.value.needed > info.value.budget
 
 
@@ -682,15 +679,13 @@ def test_csr_switches_to_int64_indices_past_int32(monkeypatch):
     assert conn.sparse_bytes("csr") == conn.nnz * 16 + (conn.n_rows + 1) * 8
 
 
-def test_a_request_for_terabytes_is_refused_fast():
+def test_a_request_for_terabytes_is_refused_fast(no_blocks):
     conv = nn.Conv2d(64, 64, 3, padding=1)  # a VGG-16 layer, at 10x the resolution
     shape = (1, 64, 2240, 2240)
-    start = time.perf_counter()
     with pytest.raises(MemoryBudgetError, match=r"Conv2d: the 321126400 x 321126400 "
                                                 r"connectivity matrix \(184858722304 entries, "
                                                 r"coo\) needs about 3\.36 TiB") as info:
         ei.conv2d_create_matrix(conv, shape, shape, max_memory="100GiB")
-    assert time.perf_counter() - start < 5  # a guard against allocating, not a benchmark
     assert info.value.needed == 184858722304 * 20
     assert info.value.budget == 100 * 2**30
 

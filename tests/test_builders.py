@@ -7,7 +7,6 @@ autograd Jacobian of the bias-free float64 layer, not taken from the reference.
 from __future__ import annotations
 
 import copy
-import time
 
 import numpy as np
 import pytest
@@ -267,22 +266,19 @@ def test_nnz_and_row_counts_are_structural(kind, data):
 # --------------------------------------------------------------------------- budgets
 
 
-def test_budget_refuses_huge_layer_before_allocating():
+def test_budget_refuses_huge_layer_before_allocating(no_blocks):
     layer = nn.Conv2d(512, 512, 3)
     in_shape, out_shape = (1, 512, 224, 224), (1, 512, 222, 222)
     nnz = 512 * 512 * (222 * 3) ** 2
     needed = nnz * (16 + 4)  # int64 row and column, float32 value
-    start = time.perf_counter()
     with pytest.raises(fs.MemoryBudgetError) as err:
         ei.conv2d_create_matrix(layer, in_shape, out_shape, max_memory=1000)
-    elapsed = time.perf_counter() - start
     assert isinstance(err.value, MemoryError)
     assert err.value.needed == needed
     assert err.value.budget == 1000
     message = str(err.value)
     assert format_bytes(needed) in message
     assert "max_memory" in message
-    assert elapsed < 5.0, "the budget check must not build anything"
 
 
 def test_budget_allows_matrix_that_fits():

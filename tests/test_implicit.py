@@ -18,6 +18,7 @@ from foresight_sparse import _kernels, report
 from foresight_sparse.connectivity import conv2d, linear
 from foresight_sparse.engines import LayerJob, implicit
 from foresight_sparse.entropy import H, column_terms, column_terms_torch, entropy_from_terms
+from foresight_sparse.exceptions import UnsupportedEngineError
 from foresight_sparse.norms import NORMS, get_norm
 
 NORM_NAMES = ["lin", "soft", "sig", "none"]
@@ -234,7 +235,7 @@ def test_supports_only_exact_layers():
     # circular padding narrower than the input never folds two taps onto one input
     assert implicit.supports(job(nn.Conv2d(2, 2, 3, padding=1, padding_mode="circular"),
                                  (1, 2, 5, 5)))
-    with pytest.raises(ValueError, match="implicit engine cannot express"):
+    with pytest.raises(UnsupportedEngineError, match="implicit engine cannot express"):
         implicit.layer_stats(job(nn.Conv2d(2, 2, 3, padding=1, padding_mode="replicate"),
                                  (1, 2, 5, 5)))
 

@@ -48,6 +48,7 @@ import torch.nn.functional as F
 from ..budget import check_budget
 from ..connectivity import FullyConnected, Stencil
 from ..entropy import row_entropy
+from ..exceptions import UnsupportedEngineError
 from ..geometry import AxisClasses
 from ..norms import KERNEL_CODES as _KINDS
 from ..norms import ElementwiseNorm, LinNorm, SoftNorm
@@ -92,9 +93,10 @@ def supports(job: LayerJob) -> bool:
 def layer_stats(job: LayerJob) -> LayerStats:
     """Reduce one layer implicitly (see module docstring)."""
     if not supports(job):
-        raise ValueError(f"{job.conn.label}: the implicit engine cannot express this layer "
-                         "(padding that folds two taps onto one input, a custom norm or a "
-                         "custom builder); use engine='auto' or 'sparse'")
+        raise UnsupportedEngineError(
+            f"{job.conn.label}: the implicit engine cannot express this layer (padding that "
+            "folds two taps onto one input, a custom norm or a custom builder); use "
+            "engine='auto' or 'sparse'")
     conn = job.conn
     check_budget(working_bytes(conn, job.budget), job.budget,
                  f"{conn.label}: the implicit engine's maps ({conn.n_rows} inputs, "
