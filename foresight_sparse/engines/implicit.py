@@ -230,14 +230,12 @@ def _conv_numba(conn: Stencil, norm: ElementwiseNorm, kind: int, shift: float) -
     kernel (read once per pass, never copied) and the class arrays planned per geometry."""
     from .. import _kernels
 
-    k = _kernel_as_float(conn)
-    w3 = k.numpy().reshape(conn.groups, conn.cout_g, -1)
-    z, t = _kernels.dense_row_sums(w3, kind, shift)
-    shape = (conn.in_chw[0], *k.shape[-2:])
+    sf, st = kernel_terms(conn, norm, shift, torch.device("cpu"))
+    w3 = _kernel_as_float(conn).numpy().reshape(conn.groups, conn.cout_g, -1)
     geometry, index, weights = _class_arrays(conn.axis_h, conn.axis_w, conn.cin_g,
                                              conn.out_chw[0])
     h_sum, off, col = _kernels.class_pass(
-        w3, z.reshape(shape), t.reshape(shape), geometry, index, kind, shift, norm.zero(shift),
+        w3, sf.numpy(), st.numpy(), geometry, index, kind, shift, norm.zero(shift),
         norm.zero_log2(shift), norm.normalizes, conn.cout_g, conn.n_cols, _GATHER_BYTES)
     return LayerStats(h_sum, conn.n_rows, torch.from_numpy(col.reshape(-1)), "implicit", off,
                       weights)
