@@ -27,6 +27,7 @@ def smoke(request) -> bool:
 @pytest.fixture
 def peak_rss():
     """Reset the process's peak resident set, then read it (bytes) when called."""
+
     def reset():
         try:
             with open("/proc/self/clear_refs", "w") as f:
@@ -56,8 +57,12 @@ def machine() -> dict:
                     break
     except OSError:  # pragma: no cover
         pass
-    info = {"cpu": cpu, "cores": os.cpu_count(), "torch": torch.__version__,
-            "threads": torch.get_num_threads()}
+    info = {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+    }
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name()
     return info

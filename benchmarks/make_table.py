@@ -31,73 +31,109 @@ def render(data: dict) -> str:
     first = rows[0]["extra_info"] if rows else {}
     gpu = next((r["extra_info"].get("gpu") for r in rows if r["extra_info"].get("gpu")), None)
     cpu = first.get("cpu", machine.get("cpu", {}).get("brand_raw", "?"))
-    out = ["# Benchmarks", "",
-           f"Measured in {len(data.get('runs', [1]))} run(s) "
-           f"({', '.join(data.get('runs', [data.get('datetime', '?')[:16]]))}) on {cpu}, "
-           f"{first.get('cores', '?')} cores, {first.get('threads', '?')} torch threads, "
-           f"torch {first.get('torch', '?')}" + (f"; GPU: {gpu}" if gpu else "; no GPU") + ".",
-           "Regenerate with `python -m pytest benchmarks --benchmark-enable "
-           "--benchmark-json=bench.json && python benchmarks/make_table.py bench.json`.", ""]
+    out = [
+        "# Benchmarks",
+        "",
+        f"Measured in {len(data.get('runs', [1]))} run(s) "
+        f"({', '.join(data.get('runs', [data.get('datetime', '?')[:16]]))}) on {cpu}, "
+        f"{first.get('cores', '?')} cores, {first.get('threads', '?')} torch threads, "
+        f"torch {first.get('torch', '?')}" + (f"; GPU: {gpu}" if gpu else "; no GPU") + ".",
+        "Regenerate with `python -m pytest benchmarks --benchmark-enable "
+        "--benchmark-json=bench.json && python benchmarks/make_table.py bench.json`.",
+        "",
+    ]
 
     imagenet = [r for r in rows if "ratio" in r["extra_info"]]
     if imagenet:
-        out += ["## ImageNet CNNs at 1x3x224x224", "",
-                "One forward pass (batch 1, no grad, median of 5) and one `report()` in the "
-                "same process.", "",
-                "| net | engine | device | entries | forward | EI | EI / forward | peak RSS "
-                "| EI (bits) |", "|---|---|---|---|---|---|---|---|---|"]
+        out += [
+            "## ImageNet CNNs at 1x3x224x224",
+            "",
+            "One forward pass (batch 1, no grad, median of 5) and one `report()` in the "
+            "same process.",
+            "",
+            "| net | engine | device | entries | forward | EI | EI / forward | peak RSS "
+            "| EI (bits) |",
+            "|---|---|---|---|---|---|---|---|---|",
+        ]
         for r in imagenet:
             e = r["extra_info"]
-            out.append(f"| {e['net']} | {e['engine']} | {e['device']} | {e['nnz']:.3g} | "
-                       f"{_ms(e['forward_s'])} | {_ms(e['ei_s'])} | {e['ratio']:.2f}x | "
-                       f"{_gib(e['peak_rss'])} | {e['ei']:.6f} |")
+            out.append(
+                f"| {e['net']} | {e['engine']} | {e['device']} | {e['nnz']:.3g} | "
+                f"{_ms(e['forward_s'])} | {_ms(e['ei_s'])} | {e['ratio']:.2f}x | "
+                f"{_gib(e['peak_rss'])} | {e['ei']:.6f} |"
+            )
         out.append("")
         for r in imagenet:
             e = r["extra_info"]
-            out += [f"### {e['net']}, {e['engine']} engine, {e['device']}: layer by layer", "",
-                    "| layer | type | engine | entries | time |", "|---|---|---|---|---|"]
-            out += [f"| {lay['name']} | {lay['type']} | {lay['engine']} | {lay['nnz']:.3g} | "
-                    f"{_ms(lay['seconds'])} |" for lay in e["layers"]]
+            out += [
+                f"### {e['net']}, {e['engine']} engine, {e['device']}: layer by layer",
+                "",
+                "| layer | type | engine | entries | time |",
+                "|---|---|---|---|---|",
+            ]
+            out += [
+                f"| {lay['name']} | {lay['type']} | {lay['engine']} | {lay['nnz']:.3g} | "
+                f"{_ms(lay['seconds'])} |"
+                for lay in e["layers"]
+            ]
             out.append("")
 
     small = [r for r in rows if "net" in r["extra_info"] and "ratio" not in r["extra_info"]]
     if small:
-        out += ["## Small networks: every engine against the dense reference", "",
-                "| net | engine | median time | entries | peak RSS | EI (bits) |",
-                "|---|---|---|---|---|---|"]
+        out += [
+            "## Small networks: every engine against the dense reference",
+            "",
+            "| net | engine | median time | entries | peak RSS | EI (bits) |",
+            "|---|---|---|---|---|---|",
+        ]
         for r in small:
             e = r["extra_info"]
-            out.append(f"| {e['net']} | {e['engine']} | {_ms(r['stats']['median'])} | "
-                       f"{e['nnz']} | {_gib(e['peak_rss'])} | {e['ei']:.9f} |")
+            out.append(
+                f"| {e['net']} | {e['engine']} | {_ms(r['stats']['median'])} | "
+                f"{e['nnz']} | {_gib(e['peak_rss'])} | {e['ei']:.9f} |"
+            )
         out.append("")
 
     builders = [r for r in rows if "entries_per_s" in r["extra_info"]]
     if builders:
-        out += ["## Connectivity builders", "",
-                "| benchmark | entries | median time | entries/s |", "|---|---|---|---|"]
+        out += [
+            "## Connectivity builders",
+            "",
+            "| benchmark | entries | median time | entries/s |",
+            "|---|---|---|---|",
+        ]
         for r in builders:
             e = r["extra_info"]
-            out.append(f"| {r['name']} | {e['nnz']:.4g} | {_ms(r['stats']['median'])} | "
-                       f"{e['entries_per_s'] / 1e6:.0f}M/s |")
+            out.append(
+                f"| {r['name']} | {e['nnz']:.4g} | {_ms(r['stats']['median'])} | "
+                f"{e['entries_per_s'] / 1e6:.0f}M/s |"
+            )
         out.append("")
     video = [r["extra_info"] for r in rows if "video" in r["extra_info"]]
     if video:
-        out += ["## Video models, `layers=\"all\"`", "",
-                "`report(model, x, layers=\"all\")` (trace included, best of 3) against one "
-                "forward pass (best of 3) in the same process.", "",
-                "| model | input | layers | forward | `report()` | ratio | peak RSS | engines |",
-                "|---|---|---|---|---|---|---|---|"]
+        out += [
+            '## Video models, `layers="all"`',
+            "",
+            '`report(model, x, layers="all")` (trace included, best of 3) against one '
+            "forward pass (best of 3) in the same process.",
+            "",
+            "| model | input | layers | forward | `report()` | ratio | peak RSS | engines |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
         for e in video:
-            out.append(f"| {e['video']} | {'x'.join(map(str, e['input']))} | {e['layers']} | "
-                       f"{_ms(e['forward_s'])} | {_ms(e['report_s'])} | "
-                       f"{e['report_ratio']:.2f}x | {_gib(e['peak_rss'])} | "
-                       f"{', '.join(e['engines'])} |")
+            out.append(
+                f"| {e['video']} | {'x'.join(map(str, e['input']))} | {e['layers']} | "
+                f"{_ms(e['forward_s'])} | {_ms(e['report_s'])} | "
+                f"{e['report_ratio']:.2f}x | {_gib(e['peak_rss'])} | "
+                f"{', '.join(e['engines'])} |"
+            )
         out.append("")
     zoo = [r["extra_info"] for r in rows if "zoo" in r["extra_info"]]
     if zoo:
         out += _zoo_rows(zoo)
-    tracking = {r["extra_info"]["tracking"]: r["extra_info"] for r in rows
-                if "tracking" in r["extra_info"]}
+    tracking = {
+        r["extra_info"]["tracking"]: r["extra_info"] for r in rows if "tracking" in r["extra_info"]
+    }
     if tracking:
         out += _tracking_rows(tracking)
     return "\n".join(out)
@@ -115,57 +151,76 @@ def _zoo_rows(zoo: list[dict]) -> list[str]:
     plan = [e["plan_ratio"] for e in zoo]
     worst_rep = max(zoo, key=lambda e: e["report_ratio"])
     worst_plan = max(zoo, key=lambda e: e["plan_ratio"])
-    out = [f"## The torchvision zoo ({len(zoo)} classification models)", "",
-           "Random weights (seed 0), batch 1, 224x224 (inception_v3 299x299), the default "
-           "settings. `report()` includes the trace; `Plan.report()` evaluates another set of "
-           "weights with a plan made beforehand. Each is the best of 3 runs (2 where the "
-           "forward pass takes over 2 s), as a ratio to one forward pass (no grad, best of 3) "
-           "in the same process.", "",
-           "| measure | median | worst | target |", "|---|---|---|---|",
-           f"| `report()` / forward | {_median(rep):.2f}x | {worst_rep['report_ratio']:.2f}x "
-           f"({worst_rep['zoo']}) | median <= 1.5x, every model <= 3x |",
-           f"| `Plan.report()` / forward | {_median(plan):.2f}x | "
-           f"{worst_plan['plan_ratio']:.2f}x ({worst_plan['zoo']}) | median <= 1x, every "
-           "model <= 2x |",
-           f"| models over the `report()` target (3x) | {sum(r > 3 for r in rep)} | | 0 |",
-           f"| models over the `Plan.report()` target (2x) | {sum(p > 2 for p in plan)} | | "
-           "0 |", "",
-           "| model | layers | forward | `report()` | ratio | `Plan.report()` | ratio | "
-           "peak RSS |", "|---|---|---|---|---|---|---|---|"]
+    out = [
+        f"## The torchvision zoo ({len(zoo)} classification models)",
+        "",
+        "Random weights (seed 0), batch 1, 224x224 (inception_v3 299x299), the default "
+        "settings. `report()` includes the trace; `Plan.report()` evaluates another set of "
+        "weights with a plan made beforehand. Each is the best of 3 runs (2 where the "
+        "forward pass takes over 2 s), as a ratio to one forward pass (no grad, best of 3) "
+        "in the same process.",
+        "",
+        "| measure | median | worst | target |",
+        "|---|---|---|---|",
+        f"| `report()` / forward | {_median(rep):.2f}x | {worst_rep['report_ratio']:.2f}x "
+        f"({worst_rep['zoo']}) | median <= 1.5x, every model <= 3x |",
+        f"| `Plan.report()` / forward | {_median(plan):.2f}x | "
+        f"{worst_plan['plan_ratio']:.2f}x ({worst_plan['zoo']}) | median <= 1x, every "
+        "model <= 2x |",
+        f"| models over the `report()` target (3x) | {sum(r > 3 for r in rep)} | | 0 |",
+        f"| models over the `Plan.report()` target (2x) | {sum(p > 2 for p in plan)} | | 0 |",
+        "",
+        "| model | layers | forward | `report()` | ratio | `Plan.report()` | ratio | peak RSS |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for e in sorted(zoo, key=lambda e: e["zoo"]):
-        out.append(f"| {e['zoo']} | {e['layers']} | {_ms(e['forward_s'])} | "
-                   f"{_ms(e['report_s'])} | {e['report_ratio']:.2f}x | "
-                   f"{_ms(e['plan_report_s'])} | {e['plan_ratio']:.2f}x | "
-                   f"{_gib(e['peak_rss'])} |")
+        out.append(
+            f"| {e['zoo']} | {e['layers']} | {_ms(e['forward_s'])} | "
+            f"{_ms(e['report_s'])} | {e['report_ratio']:.2f}x | "
+            f"{_ms(e['plan_report_s'])} | {e['plan_ratio']:.2f}x | "
+            f"{_gib(e['peak_rss'])} |"
+        )
     out.append("")
     return out
 
 
 def _tracking_rows(t: dict) -> list[str]:
     """Tracking during training and checkpoint sweeps (test_bench_tracking.py)."""
-    out = ["## Tracking and sweeps (ResNet-18)", "", "| measure | measured | target |",
-           "|---|---|---|"]
+    out = [
+        "## Tracking and sweeps (ResNet-18)",
+        "",
+        "| measure | measured | target |",
+        "|---|---|---|",
+    ]
     if "train" in t:
         e = t["train"]
-        out.append(f"| training, tracker every {e['every']} steps vs none ({e['steps']} steps, "
-                   f"batch {e['batch']}, 3x32x32, 10 classes) | {_ms(e['tracked_s'])} vs "
-                   f"{_ms(e['plain_s'])}: {e['added']:+.1%} ({_ms(e['tracker_s'])} in the "
-                   f"tracker, {e['tracker_share']:.1%}) | <= 5% |")
+        out.append(
+            f"| training, tracker every {e['every']} steps vs none ({e['steps']} steps, "
+            f"batch {e['batch']}, 3x32x32, 10 classes) | {_ms(e['tracked_s'])} vs "
+            f"{_ms(e['plain_s'])}: {e['added']:+.1%} ({_ms(e['tracker_s'])} in the "
+            f"tracker, {e['tracker_share']:.1%}) | <= 5% |"
+        )
     if "sweep" in t:
         e = t["sweep"]
-        out.append(f"| sweep of {e['n']} checkpoints at {e['size']}x{e['size']}, 2 worker "
-                   f"processes vs serial | {_ms(e['process_s'])} vs {_ms(e['serial_s'])}: "
-                   f"{e['speedup']:.2f}x | >= 1.6x |")
+        out.append(
+            f"| sweep of {e['n']} checkpoints at {e['size']}x{e['size']}, 2 worker "
+            f"processes vs serial | {_ms(e['process_s'])} vs {_ms(e['serial_s'])}: "
+            f"{e['speedup']:.2f}x | >= 1.6x |"
+        )
     if "per_checkpoint" in t:
         e = t["per_checkpoint"]
-        out.append(f"| serial sweep, per checkpoint, vs load + `Plan.report` | "
-                   f"{_ms(e['sweep_s'])} vs {_ms(e['load_s'])} + {_ms(e['report_s'])}: "
-                   f"{e['over_parts']:.2f}x | <= 1.1x |")
+        out.append(
+            f"| serial sweep, per checkpoint, vs load + `Plan.report` | "
+            f"{_ms(e['sweep_s'])} vs {_ms(e['load_s'])} + {_ms(e['report_s'])}: "
+            f"{e['over_parts']:.2f}x | <= 1.1x |"
+        )
     if "ray" in t:
         e = t["ray"]
-        out.append(f"| local Ray (2 CPUs) vs 2 worker processes, {e['n']} checkpoints | "
-                   f"{_ms(e['ray_s'])} vs {_ms(e['process_s'])}: {e['ray_over_process']:.2f}x; "
-                   f"EI differs by {e['max_ei_difference']:.1e} at most | <= 1.5x |")
+        out.append(
+            f"| local Ray (2 CPUs) vs 2 worker processes, {e['n']} checkpoints | "
+            f"{_ms(e['ray_s'])} vs {_ms(e['process_s'])}: {e['ray_over_process']:.2f}x; "
+            f"EI differs by {e['max_ei_difference']:.1e} at most | <= 1.5x |"
+        )
     out.append("")
     return out
 

@@ -21,13 +21,18 @@ def test_conv_builder(benchmark, smoke, peak_rss, layout):
     shapes = ((1, 64, size, size), (1, 64, size, size))
     torch_layout = torch.sparse_coo if layout == "coo" else torch.sparse_csr
     ei.conv2d_create_matrix(module, *shapes, layout=torch_layout, max_memory="16GiB")  # compile
-    result = benchmark.pedantic(ei.conv2d_create_matrix, args=(module, *shapes),
-                                kwargs={"layout": torch_layout, "max_memory": "16GiB"},
-                                rounds=1 if smoke else 5, iterations=1)
+    result = benchmark.pedantic(
+        ei.conv2d_create_matrix,
+        args=(module, *shapes),
+        kwargs={"layout": torch_layout, "max_memory": "16GiB"},
+        rounds=1 if smoke else 5,
+        iterations=1,
+    )
     nnz = result._nnz()
     seconds = benchmark.stats.stats.median if benchmark.stats else float("nan")
-    benchmark.extra_info.update(machine(), nnz=nnz, layout=layout,
-                                entries_per_s=nnz / seconds, peak_rss=peak_rss())
+    benchmark.extra_info.update(
+        machine(), nnz=nnz, layout=layout, entries_per_s=nnz / seconds, peak_rss=peak_rss()
+    )
 
 
 def test_conv_kernel_only(benchmark, smoke):
@@ -57,9 +62,14 @@ def test_conv_dense_reference(benchmark, smoke):
     size = 7 if smoke else 14
     module = nn.Conv2d(16, 16, 3, padding=1)
     shapes = ((1, 16, size, size), (1, 16, size, size))
-    dense = benchmark.pedantic(reference.conv2d_create_matrix, args=(module, *shapes),
-                               rounds=1 if smoke else 3, iterations=1)
+    dense = benchmark.pedantic(
+        reference.conv2d_create_matrix,
+        args=(module, *shapes),
+        rounds=1 if smoke else 3,
+        iterations=1,
+    )
     nnz = int((dense != 0).sum())
     seconds = benchmark.stats.stats.median if benchmark.stats else float("nan")
-    benchmark.extra_info.update(machine(), nnz=nnz, dense_entries=dense.numel(),
-                                entries_per_s=nnz / seconds)
+    benchmark.extra_info.update(
+        machine(), nnz=nnz, dense_entries=dense.numel(), entries_per_s=nnz / seconds
+    )

@@ -24,9 +24,11 @@ def test_small_network(benchmark, smoke, peak_rss, net, engine):
     model = build().eval()
     x = torch.zeros(shape)
     if engine == "reference":
+
         def run():
             return reference.ei(model, x)
     else:
+
         def run():
             return foresight_sparse.report(model, x, engine=engine).ei
 
@@ -36,5 +38,6 @@ def test_small_network(benchmark, smoke, peak_rss, net, engine):
     # run affords it (always outside the smoke run; LeNet-5 in it), else the sparse engine
     oracle = reference.ei(model, x) if net == "lenet5" or not smoke else rep.ei
     assert math.isclose(value, oracle, rel_tol=1e-9, abs_tol=1e-12), (engine, value, oracle)
-    benchmark.extra_info.update(machine(), net=net, engine=engine, ei=value, nnz=rep.nnz,
-                                peak_rss=peak_rss(), device="cpu")
+    benchmark.extra_info.update(
+        machine(), net=net, engine=engine, ei=value, nnz=rep.nnz, peak_rss=peak_rss(), device="cpu"
+    )

@@ -40,11 +40,30 @@ def _run(benchmark, smoke, peak_rss, name, engine, device, rounds):
     rep = benchmark.pedantic(ei, rounds=1 if smoke else rounds, iterations=1, warmup_rounds=1)
     seconds = benchmark.stats.stats.median if benchmark.stats else float("nan")
     benchmark.extra_info.update(
-        machine(), net=name, engine=engine, device=device, input=[1, 3, size, size],
-        forward_s=fwd, ei_s=seconds, ratio=seconds / fwd, peak_rss=peak_rss(),
-        nnz=rep.nnz, ei=rep.ei, determinism=rep.determinism, degeneracy=rep.degeneracy,
-        layers=[{"name": lay.name, "type": lay.type, "engine": lay.engine,
-                 "seconds": lay.seconds, "nnz": lay.nnz} for lay in rep.layers])
+        machine(),
+        net=name,
+        engine=engine,
+        device=device,
+        input=[1, 3, size, size],
+        forward_s=fwd,
+        ei_s=seconds,
+        ratio=seconds / fwd,
+        peak_rss=peak_rss(),
+        nnz=rep.nnz,
+        ei=rep.ei,
+        determinism=rep.determinism,
+        degeneracy=rep.degeneracy,
+        layers=[
+            {
+                "name": lay.name,
+                "type": lay.type,
+                "engine": lay.engine,
+                "seconds": lay.seconds,
+                "nnz": lay.nnz,
+            }
+            for lay in rep.layers
+        ],
+    )
 
 
 @pytest.mark.parametrize("name", NETS)

@@ -35,8 +35,13 @@ def _train(steps: int, batch: int, every: int | None) -> tuple[float, float]:
     model = _resnet18(10).train()
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
     gen = torch.Generator().manual_seed(0)
-    data = [(torch.randn(batch, 3, 32, 32, generator=gen),
-             torch.randint(0, 10, (batch,), generator=gen)) for _ in range(4)]
+    data = [
+        (
+            torch.randn(batch, 3, 32, 32, generator=gen),
+            torch.randint(0, 10, (batch,), generator=gen),
+        )
+        for _ in range(4)
+    ]
     tracker = Tracker(model, torch.zeros(1, 3, 32, 32), every=every) if every else None
     in_tracker = 0.0
     t0 = time.perf_counter()
@@ -73,10 +78,18 @@ def test_tracking_overhead(benchmark, smoke):
         return min(plain), min(tracked), min(inside)
 
     plain, tracked, inside = benchmark.pedantic(run, rounds=1, iterations=1)
-    benchmark.extra_info.update(machine(), tracking="train", steps=steps, batch=batch,
-                                every=every, plain_s=plain, tracked_s=tracked,
-                                tracker_s=inside, added=(tracked - plain) / plain,
-                                tracker_share=inside / plain)
+    benchmark.extra_info.update(
+        machine(),
+        tracking="train",
+        steps=steps,
+        batch=batch,
+        every=every,
+        plain_s=plain,
+        tracked_s=tracked,
+        tracker_s=inside,
+        added=(tracked - plain) / plain,
+        tracker_share=inside / plain,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -112,9 +125,15 @@ def test_sweep_serial_vs_processes(benchmark, checkpoints):
     assert res.ok and serial.ok
     assert res.history.labels == serial.history.labels
     process_s = res.seconds
-    benchmark.extra_info.update(machine(), tracking="sweep", n=len(paths), size=x.shape[-1],
-                                serial_s=serial_s, process_s=process_s,
-                                speedup=serial_s / process_s)
+    benchmark.extra_info.update(
+        machine(),
+        tracking="sweep",
+        n=len(paths),
+        size=x.shape[-1],
+        serial_s=serial_s,
+        process_s=process_s,
+        speedup=serial_s / process_s,
+    )
 
 
 @pytest.mark.filterwarnings("ignore:skipped layers")
@@ -138,17 +157,25 @@ def test_sweep_serial_per_checkpoint(benchmark, checkpoints):
 
     res = benchmark.pedantic(run, rounds=1, iterations=1)
     n = len(paths)
-    benchmark.extra_info.update(machine(), tracking="per_checkpoint", n=n,
-                                size=x.shape[-1], sweep_s=res.seconds / n, load_s=load_s / n,
-                                report_s=report_s / n,
-                                over_parts=res.seconds / (load_s + report_s))
+    benchmark.extra_info.update(
+        machine(),
+        tracking="per_checkpoint",
+        n=n,
+        size=x.shape[-1],
+        sweep_s=res.seconds / n,
+        load_s=load_s / n,
+        report_s=report_s / n,
+        over_parts=res.seconds / (load_s + report_s),
+    )
 
 
 @pytest.mark.filterwarnings("ignore:skipped layers")
 def test_sweep_ray_vs_processes(benchmark, smoke, checkpoints):
     if smoke:
-        pytest.skip("smoke run: starting Ray alone takes 10 s here; tests/test_sweeps.py runs "
-                    "the Ray backend")
+        pytest.skip(
+            "smoke run: starting Ray alone takes 10 s here; tests/test_sweeps.py runs "
+            "the Ray backend"
+        )
     ray = pytest.importorskip("ray")
     model, paths, x = checkpoints
     t0 = time.perf_counter()
@@ -156,6 +183,7 @@ def test_sweep_ray_vs_processes(benchmark, smoke, checkpoints):
     process_s = time.perf_counter() - t0
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
+
         def run():
             return sweep(model, paths, x, backend="ray")
 
@@ -164,7 +192,13 @@ def test_sweep_ray_vs_processes(benchmark, smoke, checkpoints):
         ray.shutdown()
     assert res.ok
     worst = max(abs(a.ei - b.ei) for a, b in zip(res.history.records, proc.history.records))
-    benchmark.extra_info.update(machine(), tracking="ray", n=len(paths), size=x.shape[-1],
-                                ray_s=res.seconds, process_s=process_s,
-                                ray_over_process=res.seconds / process_s,
-                                max_ei_difference=worst)
+    benchmark.extra_info.update(
+        machine(),
+        tracking="ray",
+        n=len(paths),
+        size=x.shape[-1],
+        ray_s=res.seconds,
+        process_s=process_s,
+        ray_over_process=res.seconds / process_s,
+        max_ei_difference=worst,
+    )

@@ -51,8 +51,7 @@ def test_video(benchmark, smoke, peak_rss, name):
         def report():
             return foresight_sparse.report(model, x, layers="all")
 
-        rep = benchmark.pedantic(report, rounds=1 if smoke else 3, iterations=1,
-                                 warmup_rounds=1)
+        rep = benchmark.pedantic(report, rounds=1 if smoke else 3, iterations=1, warmup_rounds=1)
         report_s = benchmark.stats.stats.min if benchmark.stats else float("nan")
         seed = foresight_sparse.report(model, x)
     counted = {lay.type for lay in rep.layers}
@@ -61,9 +60,18 @@ def test_video(benchmark, smoke, peak_rss, name):
     assert [lay.type for lay in seed.layers] == ["Linear"]  # the old module's view
     assert math.isfinite(rep.ei) and rep.ei != seed.ei
     benchmark.extra_info.update(
-        machine(), video=name, input=list(shape), forward_s=fwd, report_s=report_s,
-        report_ratio=report_s / fwd, layers=len(rep.layers), peak_rss=peak_rss(),
-        nnz=rep.nnz, ei=rep.ei, engines=sorted({lay.engine for lay in rep.layers}))
+        machine(),
+        video=name,
+        input=list(shape),
+        forward_s=fwd,
+        report_s=report_s,
+        report_ratio=report_s / fwd,
+        layers=len(rep.layers),
+        peak_rss=peak_rss(),
+        nnz=rep.nnz,
+        ei=rep.ei,
+        engines=sorted({lay.engine for lay in rep.layers}),
+    )
 
 
 @pytest.mark.parametrize("name", ZOO_SMOKE)

@@ -44,8 +44,11 @@ def pytest_generate_tests(metafunc):  # pragma: no cover - collection hook
 def build(name: str) -> torch.nn.Module:
     """The model with random weights (seed 0), in eval mode."""
     torch.manual_seed(0)
-    kwargs = {"aux_logits": False, "init_weights": False} if name in (
-        "inception_v3", "googlenet") else {}
+    kwargs = (
+        {"aux_logits": False, "init_weights": False}
+        if name in ("inception_v3", "googlenet")
+        else {}
+    )
     return torchvision.models.get_model(name, weights=None, **kwargs).eval()
 
 
@@ -54,8 +57,15 @@ def other_weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     ``_metadata`` kept: some models check their state-dict version when loading)."""
     gen = torch.Generator().manual_seed(1)
     sd = model.state_dict()
-    out = OrderedDict((k, v + 0.01 * torch.randn(v.shape, generator=gen, dtype=v.dtype)
-                       if v.is_floating_point() else v) for k, v in sd.items())
+    out = OrderedDict(
+        (
+            k,
+            v + 0.01 * torch.randn(v.shape, generator=gen, dtype=v.dtype)
+            if v.is_floating_point()
+            else v,
+        )
+        for k, v in sd.items()
+    )
     out._metadata = getattr(sd, "_metadata", None)
     return out
 
@@ -93,7 +103,17 @@ def test_zoo(benchmark, smoke, peak_rss, zoo_model):
         loaded = foresight_sparse.report(twin, x)
     assert math.isclose(new.ei, loaded.ei, rel_tol=1e-12, abs_tol=1e-12)
     benchmark.extra_info.update(
-        machine(), zoo=name, input=[1, 3, size, size], forward_s=fwd, report_s=report_s,
-        plan_report_s=plan_s, report_ratio=report_s / fwd, plan_ratio=plan_s / fwd,
-        layers=len(rep.layers), peak_rss=peak_rss(), nnz=rep.nnz, ei=rep.ei,
-        engines=sorted({lay.engine for lay in rep.layers}))
+        machine(),
+        zoo=name,
+        input=[1, 3, size, size],
+        forward_s=fwd,
+        report_s=report_s,
+        plan_report_s=plan_s,
+        report_ratio=report_s / fwd,
+        plan_ratio=plan_s / fwd,
+        layers=len(rep.layers),
+        peak_rss=peak_rss(),
+        nnz=rep.nnz,
+        ei=rep.ei,
+        engines=sorted({lay.engine for lay in rep.layers}),
+    )

@@ -57,8 +57,9 @@ html_static_path: list[str] = []
 # verbatim; should the file be missing at build time, say so instead of failing the build.
 _BENCHMARKS_MD = Path(__file__).with_name("benchmarks.md")
 _INCLUDE = ".. literalinclude:: benchmarks.md\n   :language: markdown\n"
-_MISSING = (".. note::\n\n   ``docs/benchmarks.md`` was not present when this documentation "
-            "was built.\n")
+_MISSING = (
+    ".. note::\n\n   ``docs/benchmarks.md`` was not present when this documentation was built.\n"
+)
 
 
 def _benchmarks_source(app, docname, source):

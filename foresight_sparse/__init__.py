@@ -14,19 +14,19 @@ from .analysis import report
 from .budget import DEFAULT_MAX_MEMORY
 from .connectivity import Connectivity, ExplicitMatrix, register, unregister
 from .exceptions import (
-                         CheckpointError,
-                         DeviceError,
-                         ForesightError,
-                         ForwardError,
-                         MemoryBudgetError,
-                         MissingInputError,
-                         NonFiniteWeightsError,
-                         NoSupportedLayersError,
-                         ShapeMismatchError,
-                         UnknownNameError,
-                         UnsupportedEngineError,
-                         UnsupportedLayerError,
-                         WeightsError,
+    CheckpointError,
+    DeviceError,
+    ForesightError,
+    ForwardError,
+    MemoryBudgetError,
+    MissingInputError,
+    NonFiniteWeightsError,
+    NoSupportedLayersError,
+    ShapeMismatchError,
+    UnknownNameError,
+    UnsupportedEngineError,
+    UnsupportedLayerError,
+    WeightsError,
 )
 from .history import History
 from .norms import lin_norm, sig_norm, soft_norm

@@ -56,20 +56,47 @@ def serial_twin(kernel):
     ``_serial`` appended to its name.
     """
     py = kernel.py_func
-    twin = FunctionType(py.__code__, py.__globals__, py.__name__ + "_serial",
-                        py.__defaults__, py.__closure__)
+    twin = FunctionType(
+        py.__code__, py.__globals__, py.__name__ + "_serial", py.__defaults__, py.__closure__
+    )
     twin.__qualname__ = py.__qualname__ + "_serial"
     twin.__doc__ = py.__doc__
     opts = kernel.targetoptions
-    return numba.njit(cache=True, nogil=True, fastmath=opts.get("fastmath", False),
-                      error_model=opts.get("error_model", "python"))(twin)
+    return numba.njit(
+        cache=True,
+        nogil=True,
+        fastmath=opts.get("fastmath", False),
+        error_model=opts.get("error_model", "python"),
+    )(twin)
 
 
 @numba.njit(parallel=True, cache=True, nogil=True)
-def _fill_stencil_rows(r0, n_rows, height, width, cin_g, cout_g, out_h, out_w,
-                       hp_ptr, hp_out, hp_tptr, hp_tap,
-                       wp_ptr, wp_out, wp_tptr, wp_tap,
-                       kernel, scale_h, scale_w, scaled, rowptr, cols, vals, rows):
+def _fill_stencil_rows(
+    r0,
+    n_rows,
+    height,
+    width,
+    cin_g,
+    cout_g,
+    out_h,
+    out_w,
+    hp_ptr,
+    hp_out,
+    hp_tptr,
+    hp_tap,
+    wp_ptr,
+    wp_out,
+    wp_tptr,
+    wp_tap,
+    kernel,
+    scale_h,
+    scale_w,
+    scaled,
+    rowptr,
+    cols,
+    vals,
+    rows,
+):
     """Entries of rows ``r0 .. r0+n_rows`` of a sliding-window layer, in (row, column) order.
 
     Row ``r = (ci, ih, iw)`` holds, for every output channel ``co`` of its group, every
@@ -127,8 +154,15 @@ def _fill_dense_rows(r0, n_rows, n_cols, cols, rows):
                 rows[pos + j] = r0 + t
 
 
-def fill_stencil_rows(r0: int, n_rows: int, spec, rowptr: np.ndarray, cols: np.ndarray,
-                      vals: np.ndarray, rows: np.ndarray) -> None:
+def fill_stencil_rows(
+    r0: int,
+    n_rows: int,
+    spec,
+    rowptr: np.ndarray,
+    cols: np.ndarray,
+    vals: np.ndarray,
+    rows: np.ndarray,
+) -> None:
     """Fill ``cols``, ``vals`` (and ``rows`` when sized for it) from a stencil description.
 
     ``spec`` is a :class:`foresight_sparse.connectivity.Stencil`; its arrays are read as they
@@ -137,15 +171,37 @@ def fill_stencil_rows(r0: int, n_rows: int, spec, rowptr: np.ndarray, cols: np.n
     hp, wp = spec.pairs_h, spec.pairs_w
     _, height, width = spec.in_chw
     _, out_h, out_w = spec.out_chw
-    _launch(_fill_stencil_rows, len(cols), r0, n_rows, height, width, spec.cin_g, spec.cout_g,
-            out_h, out_w,
-                       hp.ptr, hp.out, hp.tap_ptr, hp.tap, wp.ptr, wp.out, wp.tap_ptr, wp.tap,
-                       spec.kernel_np, spec.scale_h, spec.scale_w, spec.scaled, rowptr, cols,
-                       vals, rows)
+    _launch(
+        _fill_stencil_rows,
+        len(cols),
+        r0,
+        n_rows,
+        height,
+        width,
+        spec.cin_g,
+        spec.cout_g,
+        out_h,
+        out_w,
+        hp.ptr,
+        hp.out,
+        hp.tap_ptr,
+        hp.tap,
+        wp.ptr,
+        wp.out,
+        wp.tap_ptr,
+        wp.tap,
+        spec.kernel_np,
+        spec.scale_h,
+        spec.scale_w,
+        spec.scaled,
+        rowptr,
+        cols,
+        vals,
+        rows,
+    )
 
 
-def fill_dense_rows(r0: int, n_rows: int, n_cols: int, cols: np.ndarray,
-                    rows: np.ndarray) -> None:
+def fill_dense_rows(r0: int, n_rows: int, n_cols: int, cols: np.ndarray, rows: np.ndarray) -> None:
     """Fill the indices of a fully connected row block."""
     _launch(_fill_dense_rows, len(cols), r0, n_rows, n_cols, cols, rows)
 
@@ -158,8 +214,9 @@ _FM_ELEMENTWISE = {"contract"}
 
 
 # Elementwise maps the reduction kernel knows, by code (the table is the norms module's).
-KIND_LIN, KIND_SOFT, KIND_SIG, KIND_NONE = (KERNEL_CODES[c] for c in (LinNorm, SoftNorm, SigNorm,
-                                                                      Unnormalised))
+KIND_LIN, KIND_SOFT, KIND_SIG, KIND_NONE = (
+    KERNEL_CODES[c] for c in (LinNorm, SoftNorm, SigNorm, Unnormalised)
+)
 _INV_LN2 = 1.0 / np.log(2.0)
 
 
@@ -186,8 +243,22 @@ def _f_and_flogf(a, kind, shift):
 
 
 @numba.njit(parallel=True, cache=True, nogil=True, fastmath=_FM_REDUCE, error_model="numpy")
-def _reduce_rows(rowptr, cols, vals, bits, kind, shift, c, clogc, n_cols, normalizes, max_row,
-                 col_acc, h_out, off_out):
+def _reduce_rows(
+    rowptr,
+    cols,
+    vals,
+    bits,
+    kind,
+    shift,
+    c,
+    clogc,
+    n_cols,
+    normalizes,
+    max_row,
+    col_acc,
+    h_out,
+    off_out,
+):
     """Row entropies and column sums of one CSR block under an elementwise norm.
 
     For each row: ``Z = sum f + c * m``, ``T = sum f log2 f + c log2 c * m`` with ``m`` the
@@ -253,9 +324,18 @@ def _reduce_rows(rowptr, cols, vals, bits, kind, shift, c, clogc, n_cols, normal
         off_out[t] = off_sum
 
 
-def reduce_rows(rowptr: np.ndarray, cols: np.ndarray, vals: np.ndarray, kind: int,
-                shift: float, c: float, clogc: float, n_cols: int, normalizes: bool,
-                col_acc: np.ndarray) -> tuple[float, float]:
+def reduce_rows(
+    rowptr: np.ndarray,
+    cols: np.ndarray,
+    vals: np.ndarray,
+    kind: int,
+    shift: float,
+    c: float,
+    clogc: float,
+    n_cols: int,
+    normalizes: bool,
+    col_acc: np.ndarray,
+) -> tuple[float, float]:
     """Add one block's column contributions to ``col_acc``; return (sum of H, sum of c/Z).
 
     ``col_acc`` is a ``(threads, n_cols)`` float64 array from :func:`column_accumulator`,
@@ -266,10 +346,29 @@ def reduce_rows(rowptr: np.ndarray, cols: np.ndarray, vals: np.ndarray, kind: in
     h_out = np.zeros(n_chunks)
     off_out = np.zeros(n_chunks)
     max_row = int(np.max(np.diff(rowptr), initial=0))
-    bits = vals.view(np.int32) if vals.dtype == np.float32 and kind == KIND_LIN else \
-        np.empty(0, dtype=np.int32)
-    _launch(_reduce_rows, len(vals), rowptr, cols, vals, bits, kind, shift, c, clogc, n_cols,
-            normalizes, max_row, col_acc, h_out, off_out)
+    bits = (
+        vals.view(np.int32)
+        if vals.dtype == np.float32 and kind == KIND_LIN
+        else np.empty(0, dtype=np.int32)
+    )
+    _launch(
+        _reduce_rows,
+        len(vals),
+        rowptr,
+        cols,
+        vals,
+        bits,
+        kind,
+        shift,
+        c,
+        clogc,
+        n_cols,
+        normalizes,
+        max_row,
+        col_acc,
+        h_out,
+        off_out,
+    )
     return float(h_out.sum()), float(off_out.sum())
 
 
@@ -309,8 +408,7 @@ def _dense_row_sums(w, kind, shift, z, t, n_chunks):
                 t[g, i] += flf
 
 
-@numba.njit(parallel=True, cache=True, nogil=True, fastmath=_FM_ELEMENTWISE,
-            error_model="numpy")
+@numba.njit(parallel=True, cache=True, nogil=True, fastmath=_FM_ELEMENTWISE, error_model="numpy")
 def _dense_row_sums_relu32(bits, keep_negative, z_out, t_out, n_chunks, bad_out):
     """:func:`_dense_row_sums` for float32 weights (read as their bits) under ``relu``, or
     with no norm (``keep_negative``: ``z`` sums every entry, ``t`` the positive ones).
@@ -348,8 +446,9 @@ def _dense_row_sums_relu32(bits, keep_negative, z_out, t_out, n_chunks, bad_out)
                 z3, t3 = _lin_terms(r3[j], keep_negative)
                 z[j] += (z0 + z1) + (z2 + z3)
                 t[j] += (t0 + t1) + (t2 + t3)
-                bad += (_non_finite32(r0[j]) + _non_finite32(r1[j])) + \
-                    (_non_finite32(r2[j]) + _non_finite32(r3[j]))
+                bad += (_non_finite32(r0[j]) + _non_finite32(r1[j])) + (
+                    _non_finite32(r2[j]) + _non_finite32(r3[j])
+                )
             o += 4
         while o < n_out:
             r0 = rows[base + o, lo:hi]
@@ -413,8 +512,7 @@ def _dense_cols(w, kind, shift, c, inv, col):
                 for oo in range(o, n_out):
                     acc = 0.0
                     for i in range(n_in):
-                        acc += (_relu_or_identity(np.float64(w[oo, i]), keep_negative) - c) \
-                            * inv[i]
+                        acc += (_relu_or_identity(np.float64(w[oo, i]), keep_negative) - c) * inv[i]
                     col[oo] = acc
     else:
         for o in numba.prange(n_out):
@@ -424,8 +522,9 @@ def _dense_cols(w, kind, shift, c, inv, col):
             col[o] = acc
 
 
-def dense_row_sums(w: np.ndarray, kind: int, shift: float,
-                   non_finite: list | None = None) -> tuple[np.ndarray, np.ndarray]:
+def dense_row_sums(
+    w: np.ndarray, kind: int, shift: float, non_finite: list | None = None
+) -> tuple[np.ndarray, np.ndarray]:
     """Column-wise ``sum f`` and ``sum f log2 f`` of a weight matrix (float64).
 
     ``w`` is ``(n_out, n_in)``, or ``(groups, n_out, n_in)`` for one sum per group (a
@@ -440,12 +539,19 @@ def dense_row_sums(w: np.ndarray, kind: int, shift: float,
     t = np.zeros((n_g, n_in))
     # column slices of at least 256: each task takes four row views per sweep, which cost
     # more than a short slice's arithmetic; one slice per group when the work runs serially
-    n_chunks = 1 if w3.size < PARALLEL_MIN_WORK else max(1, min(threads() * 4 // n_g,
-                                                              n_in // 256))
+    n_chunks = 1 if w3.size < PARALLEL_MIN_WORK else max(1, min(threads() * 4 // n_g, n_in // 256))
     if w3.dtype == np.float32 and kind in (KIND_LIN, KIND_NONE):
         bad = np.zeros(n_g * n_chunks, dtype=np.int64)
-        _launch(_dense_row_sums_relu32, w3.size, w3.view(np.int32), kind == KIND_NONE, z, t,
-                n_chunks, bad)
+        _launch(
+            _dense_row_sums_relu32,
+            w3.size,
+            w3.view(np.int32),
+            kind == KIND_NONE,
+            z,
+            t,
+            n_chunks,
+            bad,
+        )
         if non_finite is not None:
             non_finite.append(int(bad.sum()))
     else:
@@ -453,8 +559,7 @@ def dense_row_sums(w: np.ndarray, kind: int, shift: float,
     return (z, t) if w.ndim == 3 else (z[0], t[0])
 
 
-def dense_cols(w: np.ndarray, kind: int, shift: float, c: float,
-               inv: np.ndarray) -> np.ndarray:
+def dense_cols(w: np.ndarray, kind: int, shift: float, c: float, inv: np.ndarray) -> np.ndarray:
     """Row-wise ``sum (f - c) * inv`` of a weight matrix (float64)."""
     col = np.empty(w.shape[0])
     _launch(_dense_cols, w.size, w, kind, shift, c, inv, col)
@@ -487,8 +592,7 @@ def _column_terms(v, add, weights, n_chunks, out):
         out[ch, 3] = bn
 
 
-def column_terms(v: np.ndarray, add: float = 0.0,
-                 weights: np.ndarray | None = None) -> np.ndarray:
+def column_terms(v: np.ndarray, add: float = 0.0, weights: np.ndarray | None = None) -> np.ndarray:
     """``[sum x, sum x log2 x]`` over positive ``x = v + add`` and the same for ``-x`` over
     negative ``x``, entry ``i`` counted ``weights[i]`` times if given: what the entropy of
     the normalised vector needs (float64, shape (4,))."""
@@ -574,8 +678,24 @@ def _lin_terms(b, keep_negative):
 
 
 @numba.njit(parallel=True, cache=True, nogil=True, error_model="numpy")
-def _class_rows(sf, st, mh, mw, cnt_h, cnt_w, mult_h, mult_w, cout_g, n_cols, c, clogc,
-                normalizes, n_chunks, inv_full, inv_part):
+def _class_rows(
+    sf,
+    st,
+    mh,
+    mw,
+    cnt_h,
+    cnt_w,
+    mult_h,
+    mult_w,
+    cout_g,
+    n_cols,
+    c,
+    clogc,
+    normalizes,
+    n_chunks,
+    inv_full,
+    inv_part,
+):
     """The implicit engine's row pass on position classes (see
     :func:`foresight_sparse.engines.implicit.column_classes`).
 
@@ -653,8 +773,9 @@ def _gather(src, index, out):
                 o[j] = s[row[j]]
 
 
-def class_index(taps_h: np.ndarray, taps_w: np.ndarray, cin_g: int, n_a: int,
-                n_b: int) -> np.ndarray:
+def class_index(
+    taps_h: np.ndarray, taps_w: np.ndarray, cin_g: int, n_a: int, n_b: int
+) -> np.ndarray:
     """For :func:`_gather`: ``index[p * Q + q, (ci, kh, kw)]`` is the position of
     ``inv[ci, taps_h[p, kh], taps_w[q, kw]]`` in a group's flattened ``(C_in/g, A, B)`` map
     of ``1/Z`` per input class, and ``cin_g * A * B`` (a zero appended to it) where a tap
@@ -664,8 +785,9 @@ def class_index(taps_h: np.ndarray, taps_w: np.ndarray, cin_g: int, n_a: int,
     ci = np.arange(cin_g)[None, None, :, None, None]
     index = (ci * n_a + th) * n_b + tw
     index = np.where((th >= 0) & (tw >= 0), index, cin_g * n_a * n_b)
-    return np.ascontiguousarray(index.reshape(taps_h.shape[0] * taps_w.shape[0], -1),
-                                dtype=np.int64)
+    return np.ascontiguousarray(
+        index.reshape(taps_h.shape[0] * taps_w.shape[0], -1), dtype=np.int64
+    )
 
 
 @numba.njit(parallel=True, cache=True, nogil=True, fastmath=_FM_REDUCE, error_model="numpy")
@@ -697,9 +819,21 @@ def _class_cols(w, kind, shift, c, xf, xp, use_f, use_p, n_chunks, col):
                 col[g, o, k] = acc
 
 
-def class_pass(w3: np.ndarray, sf: np.ndarray, st: np.ndarray, geometry, index: np.ndarray,
-               kind: int, shift: float, c: float, clogc: float, normalizes: bool, cout_g: int,
-               n_cols: int, gather_bytes: int) -> tuple[float, float, np.ndarray]:
+def class_pass(
+    w3: np.ndarray,
+    sf: np.ndarray,
+    st: np.ndarray,
+    geometry,
+    index: np.ndarray,
+    kind: int,
+    shift: float,
+    c: float,
+    clogc: float,
+    normalizes: bool,
+    cout_g: int,
+    n_cols: int,
+    gather_bytes: int,
+) -> tuple[float, float, np.ndarray]:
     """A convolution's row and column passes on its position classes.
 
     ``w3`` is the kernel as ``(groups, C_out/groups, C_in/groups * KH * KW)``; ``sf``/``st``
@@ -720,9 +854,26 @@ def class_pass(w3: np.ndarray, sf: np.ndarray, st: np.ndarray, geometry, index: 
     full3 = np.empty(shape)
     part3 = np.empty(shape)
     n_ci = sf.shape[0]
-    h_sum, off = _launch(_class_rows, n_ci * n_a * n_b * (sf.shape[1] + sf.shape[2]), sf, st,
-                         mh, mw, cnt_h, cnt_w, mult_h, mult_w, cout_g, n_cols, c, clogc,
-                         normalizes, _chunks(n_ci), full3, part3)
+    h_sum, off = _launch(
+        _class_rows,
+        n_ci * n_a * n_b * (sf.shape[1] + sf.shape[2]),
+        sf,
+        st,
+        mh,
+        mw,
+        cnt_h,
+        cnt_w,
+        mult_h,
+        mult_w,
+        cout_g,
+        n_cols,
+        c,
+        clogc,
+        normalizes,
+        _chunks(n_ci),
+        full3,
+        part3,
+    )
     inv_full[:, :flat] = full3.reshape(n_g, flat)
     inv_part[:, :flat] = part3.reshape(n_g, flat)
     n_k = index.shape[0]
@@ -732,7 +883,7 @@ def class_pass(w3: np.ndarray, sf: np.ndarray, st: np.ndarray, geometry, index: 
     use_p = bool((stored != n_cols).any())
     step = max(1, gather_bytes // max(8 * n_g * n_l * (use_f + use_p), 1))
     for k0 in range(0, n_k, step):
-        rows = index[k0:k0 + step]
+        rows = index[k0 : k0 + step]
         xf = np.empty((n_g, rows.shape[0], n_l) if use_f else (n_g, 0, n_l))
         xp = np.empty((n_g, rows.shape[0], n_l) if use_p else (n_g, 0, n_l))
         if use_f:
@@ -740,7 +891,19 @@ def class_pass(w3: np.ndarray, sf: np.ndarray, st: np.ndarray, geometry, index: 
         if use_p:
             _launch(_gather, xp.size, inv_part, rows, xp)
         out = np.empty((n_g, n_o, rows.shape[0]))
-        _launch(_class_cols, w3.size * rows.shape[0], w3, kind, shift, c, xf, xp, use_f, use_p,
-                _chunks(n_g * n_o), out)
-        col[:, :, k0:k0 + rows.shape[0]] = out
+        _launch(
+            _class_cols,
+            w3.size * rows.shape[0],
+            w3,
+            kind,
+            shift,
+            c,
+            xf,
+            xp,
+            use_f,
+            use_p,
+            _chunks(n_g * n_o),
+            out,
+        )
+        col[:, :, k0 : k0 + rows.shape[0]] = out
     return h_sum, off, col

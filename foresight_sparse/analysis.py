@@ -11,9 +11,19 @@ from .results import Report
 __all__ = ["report", "resolve_device"]
 
 
-def report(model: nn.Module, input=None, shapes=None, norm=lin_norm, device="cpu", *,
-           engine: str = "auto", legacy: bool = False, max_memory=None,
-           progress: bool = False, layers="seed") -> Report:
+def report(
+    model: nn.Module,
+    input=None,
+    shapes=None,
+    norm=lin_norm,
+    device="cpu",
+    *,
+    engine: str = "auto",
+    legacy: bool = False,
+    max_memory=None,
+    progress: bool = False,
+    layers="seed",
+) -> Report:
     """Determinism, degeneracy and EI of ``model``, with a per-layer breakdown.
 
     ``plan(model, input, shapes, norm, device, ...).report()``: see :func:`~foresight_sparse.plan`
@@ -32,5 +42,14 @@ def report(model: nn.Module, input=None, shapes=None, norm=lin_norm, device="cpu
     Report
         Totals and one :class:`~foresight_sparse.results.LayerReport` per layer.
     """
-    return plan(model, input, shapes, norm, device, engine=engine, legacy=legacy,
-                max_memory=max_memory, layers=layers).report(progress=progress)
+    return plan(
+        model,
+        input,
+        shapes,
+        norm,
+        device,
+        engine=engine,
+        legacy=legacy,
+        max_memory=max_memory,
+        layers=layers,
+    ).report(progress=progress)

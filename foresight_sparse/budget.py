@@ -11,15 +11,34 @@ import torch
 
 from .exceptions import MemoryBudgetError
 
-__all__ = ["DEFAULT_MAX_MEMORY", "parse_bytes", "format_bytes", "available_memory",
-           "resolve_budget", "check_budget"]
+__all__ = [
+    "DEFAULT_MAX_MEMORY",
+    "parse_bytes",
+    "format_bytes",
+    "available_memory",
+    "resolve_budget",
+    "check_budget",
+]
 
 #: Working memory the engines stream within unless told otherwise (2 GiB).
 DEFAULT_MAX_MEMORY = 2 * 1024**3
 
-_UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "m": 1000**2, "mb": 1000**2, "g": 1000**3,
-          "gb": 1000**3, "t": 1000**4, "tb": 1000**4, "kib": 1024, "mib": 1024**2,
-          "gib": 1024**3, "tib": 1024**4}
+_UNITS = {
+    "": 1,
+    "b": 1,
+    "k": 1000,
+    "kb": 1000,
+    "m": 1000**2,
+    "mb": 1000**2,
+    "g": 1000**3,
+    "gb": 1000**3,
+    "t": 1000**4,
+    "tb": 1000**4,
+    "kib": 1024,
+    "mib": 1024**2,
+    "gib": 1024**3,
+    "tib": 1024**4,
+}
 
 
 def parse_bytes(value: int | float | str) -> int:
@@ -41,12 +60,16 @@ def parse_bytes(value: int | float | str) -> int:
     elif isinstance(value, str):
         m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", value)
         if not m or m.group(2).lower() not in _UNITS:
-            raise ValueError(f"max_memory={value!r} is not a byte count; write e.g. 2GiB, "
-                             "512MiB or a number of bytes")
+            raise ValueError(
+                f"max_memory={value!r} is not a byte count; write e.g. 2GiB, "
+                "512MiB or a number of bytes"
+            )
         n = int(float(m.group(1)) * _UNITS[m.group(2).lower()])
     else:
-        raise TypeError(f"max_memory must be a number of bytes or a string like '2GiB', "
-                        f"not {type(value).__name__}")
+        raise TypeError(
+            f"max_memory must be a number of bytes or a string like '2GiB', "
+            f"not {type(value).__name__}"
+        )
     if n <= 0:
         raise ValueError(f"max_memory must be positive, got {value!r}")
     return n
@@ -73,8 +96,11 @@ def available_memory(device: torch.device | str = "cpu") -> int:
         return 8 * 1024**3
 
 
-def resolve_budget(max_memory: int | float | str | None, device: torch.device | str = "cpu",
-                   default: int | None = DEFAULT_MAX_MEMORY) -> int:
+def resolve_budget(
+    max_memory: int | float | str | None,
+    device: torch.device | str = "cpu",
+    default: int | None = DEFAULT_MAX_MEMORY,
+) -> int:
     """The budget in bytes: ``max_memory`` if given, else ``default``, else half of what is free."""
     if max_memory is not None:
         return parse_bytes(max_memory)
@@ -91,11 +117,15 @@ def check_budget(needed: int, budget: int, what: str, fix: str) -> None:
     if needed > budget:
         raise MemoryBudgetError(
             f"{what} needs about {format_bytes(needed)} but max_memory is "
-            f"{format_bytes(budget)}; {fix}", needed, budget)
+            f"{format_bytes(budget)}; {fix}",
+            needed,
+            budget,
+        )
 
 
-def row_blocks(counts, bytes_per_entry: int, bytes_per_row: int, budget: int,
-               label: str, reserved: int = 0) -> list[tuple[int, int]]:
+def row_blocks(
+    counts, bytes_per_entry: int, bytes_per_row: int, budget: int, label: str, reserved: int = 0
+) -> list[tuple[int, int]]:
     """Split rows into consecutive blocks whose working memory stays within ``budget``.
 
     Parameters
@@ -124,9 +154,12 @@ def row_blocks(counts, bytes_per_entry: int, bytes_per_row: int, budget: int,
     counts = np.asarray(counts, dtype=np.int64)
     cost = counts * bytes_per_entry + bytes_per_row
     if len(cost) and int(cost.max()) + reserved > budget:
-        check_budget(int(cost.max()) + reserved, budget,
-                     f"{label}: one row of the connectivity matrix and the layer's column "
-                     "accumulators", "raise max_memory to at least that")
+        check_budget(
+            int(cost.max()) + reserved,
+            budget,
+            f"{label}: one row of the connectivity matrix and the layer's column accumulators",
+            "raise max_memory to at least that",
+        )
     budget -= reserved
     cum = np.cumsum(cost)
     blocks = []

@@ -27,8 +27,16 @@ __all__ = ["STATE_DICT_KEYS", "load_state_dict", "fit_state_dict", "load_weights
 
 #: Keys under which training checkpoints usually keep the model's state dict, in the order
 #: they are tried.
-STATE_DICT_KEYS = ("state_dict", "model_state_dict", "model", "module", "net", "network",
-                   "weights", "params")
+STATE_DICT_KEYS = (
+    "state_dict",
+    "model_state_dict",
+    "model",
+    "module",
+    "net",
+    "network",
+    "weights",
+    "params",
+)
 
 SAFETENSORS_HINT = "pip install 'foresight-sparse[safetensors]'"
 
@@ -41,8 +49,11 @@ _MAIN_ATTRIBUTE = re.compile(r"Can't get attribute '(\w+)' on <module '__main__'
 
 def _is_state_dict(obj: Any) -> bool:
     """A non-empty mapping from names to tensors."""
-    return (isinstance(obj, Mapping) and len(obj) > 0
-            and all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items()))
+    return (
+        isinstance(obj, Mapping)
+        and len(obj) > 0
+        and all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items())
+    )
 
 
 def _first_line(exc: BaseException) -> str:
@@ -63,20 +74,25 @@ def _read_safetensors(path: str) -> dict[str, torch.Tensor]:
     try:
         from safetensors.torch import load_file
     except ImportError:
-        raise CheckpointError(f"{path!r} is a safetensors file, and reading it needs the "
-                              f"safetensors package: {SAFETENSORS_HINT}") from None
+        raise CheckpointError(
+            f"{path!r} is a safetensors file, and reading it needs the "
+            f"safetensors package: {SAFETENSORS_HINT}"
+        ) from None
     try:
         return load_file(path, device="cpu")
     except Exception as exc:  # any unreadable file is the same error
-        raise CheckpointError(f"cannot read {path!r} as a safetensors file: "
-                              f"{_first_line(exc)}") from None
+        raise CheckpointError(
+            f"cannot read {path!r} as a safetensors file: {_first_line(exc)}"
+        ) from None
 
 
 def _main_class_hint(path: str, name: str) -> str:
-    return (f"{path!r} holds an object of class {name!r} defined in the script that saved it "
-            "(__main__), which cannot be imported here; define the class in a module, or "
-            "save a state dict (torch.save(model.state_dict(), FILE)) and load it into a model "
-            "you build")
+    return (
+        f"{path!r} holds an object of class {name!r} defined in the script that saved it "
+        "(__main__), which cannot be imported here; define the class in a module, or "
+        "save a state dict (torch.save(model.state_dict(), FILE)) and load it into a model "
+        "you build"
+    )
 
 
 def _torch_load(path: str, trust_pickle: bool) -> Any:
@@ -92,15 +108,17 @@ def _torch_load(path: str, trust_pickle: bool) -> Any:
         raise CheckpointError(
             f"{path!r} holds pickled code (it refers to {found.group(1)}), and loading it runs "
             "code from the file; if you trust the file, pass trust_pickle=True, or save a state "
-            "dict instead: torch.save(model.state_dict(), FILE)") from None
+            "dict instead: torch.save(model.state_dict(), FILE)"
+        ) from None
     except AttributeError as exc:
         found = _MAIN_ATTRIBUTE.search(str(exc))
         if found is not None:
             raise CheckpointError(_main_class_hint(path, found.group(1))) from None
         raise CheckpointError(f"cannot read {path!r}: {_first_line(exc)}") from None
     except Exception as exc:  # truncated, corrupt or not a torch file at all
-        raise CheckpointError(f"cannot read {path!r} as a torch.save file: "
-                              f"{_first_line(exc)}") from None
+        raise CheckpointError(
+            f"cannot read {path!r} as a torch.save file: {_first_line(exc)}"
+        ) from None
 
 
 def _candidates(obj: Mapping) -> list[str]:
@@ -116,8 +134,9 @@ def _as_state(value: Any) -> dict[str, torch.Tensor] | None:
     return None
 
 
-def load_state_dict(path: str | os.PathLike, *, key: str | None = None,
-                    trust_pickle: bool = False) -> dict[str, torch.Tensor]:
+def load_state_dict(
+    path: str | os.PathLike, *, key: str | None = None, trust_pickle: bool = False
+) -> dict[str, torch.Tensor]:
     """Read a weights file and return its state dict, as a flat dict of CPU tensors.
 
     Parameters
@@ -154,31 +173,40 @@ def load_state_dict(path: str | os.PathLike, *, key: str | None = None,
         raise CheckpointError(f"weights file {path!r} is a directory")
     if _is_safetensors(path):
         if key is not None:
-            raise CheckpointError(f"{path!r} is a safetensors file, which holds one flat state "
-                                  f"dict: there is no key {key!r} to choose; drop it")
+            raise CheckpointError(
+                f"{path!r} is a safetensors file, which holds one flat state "
+                f"dict: there is no key {key!r} to choose; drop it"
+            )
         return _read_safetensors(path)
     obj = _torch_load(path, trust_pickle)
     state = _as_state(obj)
     if state is not None:
         if key is not None:
-            raise CheckpointError(f"{path!r} holds a bare state dict, not a checkpoint with "
-                                  f"keys: there is no key {key!r} to choose; drop it")
+            raise CheckpointError(
+                f"{path!r} holds a bare state dict, not a checkpoint with "
+                f"keys: there is no key {key!r} to choose; drop it"
+            )
         return state
     if not isinstance(obj, Mapping):
-        raise CheckpointError(f"{path!r} holds a {type(obj).__name__}, not a state dict or a "
-                              "checkpoint dict; save the weights with "
-                              "torch.save(model.state_dict(), FILE)")
+        raise CheckpointError(
+            f"{path!r} holds a {type(obj).__name__}, not a state dict or a "
+            "checkpoint dict; save the weights with "
+            "torch.save(model.state_dict(), FILE)"
+        )
     candidates = _candidates(obj)
     listed = ", ".join(repr(c) for c in candidates) if candidates else "none"
     if key is not None:
         if key not in obj:
-            raise CheckpointError(f"{path!r} has no key {key!r}; the keys that hold state "
-                                  f"dicts are: {listed}")
+            raise CheckpointError(
+                f"{path!r} has no key {key!r}; the keys that hold state dicts are: {listed}"
+            )
         state = _as_state(obj[key])
         if state is None:
-            raise CheckpointError(f"{path!r}: key {key!r} holds a {type(obj[key]).__name__}, "
-                                  f"not a state dict; the keys that hold state dicts are: "
-                                  f"{listed}")
+            raise CheckpointError(
+                f"{path!r}: key {key!r} holds a {type(obj[key]).__name__}, "
+                f"not a state dict; the keys that hold state dicts are: "
+                f"{listed}"
+            )
         return state
     for usual in STATE_DICT_KEYS:
         state = _as_state(obj.get(usual))
@@ -188,7 +216,8 @@ def load_state_dict(path: str | os.PathLike, *, key: str | None = None,
     raise CheckpointError(
         f"{path!r} is a dict with keys {keys} and none of the usual state dict keys "
         f"({', '.join(STATE_DICT_KEYS)}); the keys that hold state dicts are: {listed}; choose "
-        "one with key=NAME")
+        "one with key=NAME"
+    )
 
 
 def _few(keys: list[str], n: int = 3) -> str:
@@ -202,20 +231,25 @@ def _renamings(state: Mapping[str, torch.Tensor]) -> list[tuple[str, dict[str, s
     out = [("", base)]
     # DataParallel / DistributedDataParallel wrap the model as its attribute `module`.
     if base and all(k.startswith("module.") for k in base):
-        base = {k[len("module."):]: k for k in state}
+        base = {k[len("module.") :]: k for k in state}
         out.append(("module.", base))
     head = out[-1][0]
     # A LightningModule (or any wrapper) keeps the model as one attribute, e.g. `model.`;
     # its other attributes (a loss module, say) are left out.
     for prefix in sorted({k.split(".", 1)[0] for k in base if "." in k}):
         cut = len(prefix) + 1
-        out.append((f"{head}{prefix}.",
-                    {k[cut:]: v for k, v in base.items() if k.startswith(prefix + ".")}))
+        out.append(
+            (
+                f"{head}{prefix}.",
+                {k[cut:]: v for k, v in base.items() if k.startswith(prefix + ".")},
+            )
+        )
     return out
 
 
-def fit_state_dict(state: Mapping[str, torch.Tensor], model: nn.Module, *,
-                   source: str | os.PathLike | None = None) -> dict[str, torch.Tensor]:
+def fit_state_dict(
+    state: Mapping[str, torch.Tensor], model: nn.Module, *, source: str | os.PathLike | None = None
+) -> dict[str, torch.Tensor]:
     """Match a state dict to ``model``'s keys, ready for ``model.load_state_dict``.
 
     A ``module.`` prefix (DataParallel, DistributedDataParallel) is removed, and so is a
@@ -251,15 +285,20 @@ def fit_state_dict(state: Mapping[str, torch.Tensor], model: nn.Module, *,
     exact = [(prefix, r) for prefix, r in renamings if set(r) == target]
     if len(exact) > 1 and exact[0][0] != "" and exact[0][0] != "module.":
         found = " and ".join(repr(prefix) for prefix, _ in exact)
-        raise CheckpointError(f"{where} holds the model's weights several times, under {found}; "
-                              "save the state dict of the one you want on its own")
+        raise CheckpointError(
+            f"{where} holds the model's weights several times, under {found}; "
+            "save the state dict of the one you want on its own"
+        )
     if exact:
         best = exact[0][1]
     else:
         # Report the keys as saved (less a `module.` prefix): a stripped wrapper prefix
         # would hide the keys outside it.
-        best = renamings[1][1] if len(renamings) > 1 and renamings[1][0] == "module." else \
-            renamings[0][1]
+        best = (
+            renamings[1][1]
+            if len(renamings) > 1 and renamings[1][0] == "module."
+            else renamings[0][1]
+        )
     if set(best) != target:
         missing = [k for k in expected if k not in best]
         unexpected = [best[k] for k in best if k not in target]
@@ -272,21 +311,29 @@ def fit_state_dict(state: Mapping[str, torch.Tensor], model: nn.Module, *,
         if missing:
             pool = unexpected or list(state)
             # A key saved under an extra prefix is the likeliest match, then the most similar.
-            close = [k for k in pool if k.endswith("." + missing[0])] or \
-                difflib.get_close_matches(missing[0], pool, n=1, cutoff=0.5)
+            close = [k for k in pool if k.endswith("." + missing[0])] or difflib.get_close_matches(
+                missing[0], pool, n=1, cutoff=0.5
+            )
             if close:
                 hint = f"; the closest match of {missing[0]!r} is {close[0]!r}"
         raise CheckpointError(
             f"{where} does not fit the model ({type(model).__name__}): {'; '.join(problems)}"
-            f"{hint}; check that the model is the architecture the weights were saved from")
-    wrong = [(k, tuple(state[best[k]].shape), tuple(v.shape)) for k, v in expected.items()
-             if tuple(state[best[k]].shape) != tuple(v.shape)]
+            f"{hint}; check that the model is the architecture the weights were saved from"
+        )
+    wrong = [
+        (k, tuple(state[best[k]].shape), tuple(v.shape))
+        for k, v in expected.items()
+        if tuple(state[best[k]].shape) != tuple(v.shape)
+    ]
     if wrong:
-        detail = "; ".join(f"{k}: {_dims(a)} in the file, {_dims(b)} in the model"
-                           for k, a, b in wrong[:3])
+        detail = "; ".join(
+            f"{k}: {_dims(a)} in the file, {_dims(b)} in the model" for k, a, b in wrong[:3]
+        )
         more = f"; and {len(wrong) - 3} more" if len(wrong) > 3 else ""
-        raise CheckpointError(f"{where} does not fit the model ({type(model).__name__}): "
-                              f"shapes differ for {detail}{more}")
+        raise CheckpointError(
+            f"{where} does not fit the model ({type(model).__name__}): "
+            f"shapes differ for {detail}{more}"
+        )
     return {k: state[best[k]] for k in expected}
 
 
@@ -294,8 +341,9 @@ def _dims(shape: tuple[int, ...]) -> str:
     return "x".join(map(str, shape)) if shape else "a scalar"
 
 
-def load_weights(model: nn.Module, path: str | os.PathLike, *, key: str | None = None,
-                 trust_pickle: bool = False) -> nn.Module:
+def load_weights(
+    model: nn.Module, path: str | os.PathLike, *, key: str | None = None, trust_pickle: bool = False
+) -> nn.Module:
     """Load the weights in ``path`` into ``model`` in place, and return ``model``.
 
     :func:`load_state_dict` followed by :func:`fit_state_dict` and

@@ -47,8 +47,16 @@ from .plotting import PLOT_HINT
 from .sweeps import RAY_HINT
 from .tracing import SKIPPED_HINT
 
-__all__ = ["main", "build_parser", "load_model", "parse_shape", "cli_message", "UsageError",
-           "ModelError", "DEFAULT_IMAGE_SHAPE"]
+__all__ = [
+    "main",
+    "build_parser",
+    "load_model",
+    "parse_shape",
+    "cli_message",
+    "UsageError",
+    "ModelError",
+    "DEFAULT_IMAGE_SHAPE",
+]
 
 PROG = "foresight-sparse"
 
@@ -80,8 +88,12 @@ _FLAGS = [
 ]
 _VALUE = r"(?:'([^'\s]*)'|([^\s,;()']+))?"
 # Names that stand for their flag even without "=": they are not ordinary English words.
-_BARE = {"max_memory": "--max-memory", "input_shape": "--input-shape",
-         "trust_pickle": "--trust-pickle", "weights_key": "--weights-key"}
+_BARE = {
+    "max_memory": "--max-memory",
+    "input_shape": "--input-shape",
+    "trust_pickle": "--trust-pickle",
+    "weights_key": "--weights-key",
+}
 
 
 def cli_message(text: str) -> str:
@@ -107,6 +119,7 @@ def cli_message(text: str) -> str:
     text = " ".join(str(text).split())
     text = text.replace(SKIPPED_HINT, "foresight-sparse layers MODEL lists them")
     for name, flag, takes_value in _FLAGS:
+
         def swap(m: re.Match, flag=flag, takes_value=takes_value) -> str:
             value = m.group(1) if m.group(1) is not None else m.group(2)
             if not takes_value:
@@ -136,7 +149,8 @@ def parse_shape(text: str) -> tuple[int, ...]:
     if not shape or any(s <= 0 for s in shape):
         raise argparse.ArgumentTypeError(
             f"--input-shape {text!r} is not a shape; write positive sizes separated by commas, "
-            "e.g. 1,3,224,224")
+            "e.g. 1,3,224,224"
+        )
     return shape
 
 
@@ -148,75 +162,128 @@ def _memory(text: str) -> int:
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("model", metavar="MODEL",
-                   help="a torchvision model name (vgg16), package.module:callable returning "
-                        "an nn.Module, or a TorchScript / torch.save file (a module saved "
-                        "whole needs --trust-pickle)")
-    p.add_argument("--input-shape", type=parse_shape, metavar="N,C,H,W",
-                   help="shape of the example input (zeros); default 1,3,224,224 for "
-                        "torchvision image models, required otherwise")
-    p.add_argument("--weights", metavar="FILE",
-                   help="weights to load into the model: a state dict, a training checkpoint "
-                        "(the state dict found under the usual keys), a Lightning .ckpt or a "
-                        ".safetensors file")
-    p.add_argument("--weights-key", metavar="KEY",
-                   help="the checkpoint key that holds the state dict in --weights, when it "
-                        "is not one of the usual ones (state_dict, model, ...)")
-    p.add_argument("--trust-pickle", action="store_true",
-                   help="allow unpickling a module saved whole (MODEL or --weights): this runs "
-                        "code from the file, so only use it for files you trust")
-    p.add_argument("--seed", type=int, default=0,
-                   help="seed for the random weights of a built model (default 0)")
-    p.add_argument("--legacy", action="store_true",
-                   help="the old module's cross-channel AvgPool2d connectivity")
+    p.add_argument(
+        "model",
+        metavar="MODEL",
+        help="a torchvision model name (vgg16), package.module:callable returning "
+        "an nn.Module, or a TorchScript / torch.save file (a module saved "
+        "whole needs --trust-pickle)",
+    )
+    p.add_argument(
+        "--input-shape",
+        type=parse_shape,
+        metavar="N,C,H,W",
+        help="shape of the example input (zeros); default 1,3,224,224 for "
+        "torchvision image models, required otherwise",
+    )
+    p.add_argument(
+        "--weights",
+        metavar="FILE",
+        help="weights to load into the model: a state dict, a training checkpoint "
+        "(the state dict found under the usual keys), a Lightning .ckpt or a "
+        ".safetensors file",
+    )
+    p.add_argument(
+        "--weights-key",
+        metavar="KEY",
+        help="the checkpoint key that holds the state dict in --weights, when it "
+        "is not one of the usual ones (state_dict, model, ...)",
+    )
+    p.add_argument(
+        "--trust-pickle",
+        action="store_true",
+        help="allow unpickling a module saved whole (MODEL or --weights): this runs "
+        "code from the file, so only use it for files you trust",
+    )
+    p.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        help="seed for the random weights of a built model (default 0)",
+    )
+    p.add_argument(
+        "--legacy",
+        action="store_true",
+        help="the old module's cross-channel AvgPool2d connectivity",
+    )
 
 
 def _add_plan_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--norm", choices=sorted(NORMS), default="lin",
-                   help="row normalisation (default lin)")
-    p.add_argument("--engine", choices=ENGINE_NAMES, default="auto",
-                   help="how layers are reduced (default auto: implicit where exact, else "
-                        "sparse)")
+    p.add_argument(
+        "--norm", choices=sorted(NORMS), default="lin", help="row normalisation (default lin)"
+    )
+    p.add_argument(
+        "--engine",
+        choices=ENGINE_NAMES,
+        default="auto",
+        help="how layers are reduced (default auto: implicit where exact, else sparse)",
+    )
     p.add_argument("--device", default="cpu", help="where the reductions run: cpu or cuda")
-    p.add_argument("--max-memory", type=_memory, metavar="SIZE",
-                   help="working-memory budget of the engines, e.g. 2GiB (the default)")
-    p.add_argument("--layers", choices=LAYER_SETS, default="seed",
-                   help="which layers count: seed (the old module's Linear, Conv2d and "
-                        "AvgPool2d; the default) or all (every built-in type: 1-d/3-d, "
-                        "transposed and adaptive layers, and subclasses that inherit forward)")
+    p.add_argument(
+        "--max-memory",
+        type=_memory,
+        metavar="SIZE",
+        help="working-memory budget of the engines, e.g. 2GiB (the default)",
+    )
+    p.add_argument(
+        "--layers",
+        choices=LAYER_SETS,
+        default="seed",
+        help="which layers count: seed (the old module's Linear, Conv2d and "
+        "AvgPool2d; the default) or all (every built-in type: 1-d/3-d, "
+        "transposed and adaptive layers, and subclasses that inherit forward)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``foresight-sparse`` command."""
-    parser = _Parser(prog=PROG, description="Effective information of PyTorch networks from "
-                                            "sparse and matrix-free layer connectivity.")
-    parser.add_argument("--version", action="version",
-                        version=f"{PROG} {__version__} (torch {torch.__version__})")
+    parser = _Parser(
+        prog=PROG,
+        description="Effective information of PyTorch networks from "
+        "sparse and matrix-free layer connectivity.",
+    )
+    parser.add_argument(
+        "--version", action="version", version=f"{PROG} {__version__} (torch {torch.__version__})"
+    )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
 
-    ei = sub.add_parser("ei", help="determinism, degeneracy and EI, layer by layer",
-                        description="Compute determinism, degeneracy and EI of MODEL and print "
-                                    "them layer by layer.")
+    ei = sub.add_parser(
+        "ei",
+        help="determinism, degeneracy and EI, layer by layer",
+        description="Compute determinism, degeneracy and EI of MODEL and print "
+        "them layer by layer.",
+    )
     _add_model_args(ei)
     _add_plan_args(ei)
-    ei.add_argument("--json", metavar="FILE",
-                    help="write the report as JSON (Report.save; Report.load reads it)")
-    ei.add_argument("--csv", metavar="FILE",
-                    help="write one row per layer as CSV, after '# key: value' lines of "
-                         "metadata")
-    ei.add_argument("--plot", metavar="FILE",
-                    help="chart of per-layer EI, mean row entropy and degeneracy, written to "
-                         "exactly FILE; its extension (.png, .pdf, .svg, ...) picks the format "
-                         f"(needs matplotlib: {PLOT_HINT})")
+    ei.add_argument(
+        "--json",
+        metavar="FILE",
+        help="write the report as JSON (Report.save; Report.load reads it)",
+    )
+    ei.add_argument(
+        "--csv",
+        metavar="FILE",
+        help="write one row per layer as CSV, after '# key: value' lines of metadata",
+    )
+    ei.add_argument(
+        "--plot",
+        metavar="FILE",
+        help="chart of per-layer EI, mean row entropy and degeneracy, written to "
+        "exactly FILE; its extension (.png, .pdf, .svg, ...) picks the format "
+        f"(needs matplotlib: {PLOT_HINT})",
+    )
     ei.add_argument("--quiet", action="store_true", help="print only the totals, no table")
     ei.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     ei.set_defaults(func=_cmd_ei)
 
-    layers = sub.add_parser("layers", help="list the supported layers without computing",
-                            description="List the layers of MODEL that count towards EI, "
-                                        "with their shapes, matrix sizes, engines and "
-                                        "working memory (the plan), without computing "
-                                        "anything.")
+    layers = sub.add_parser(
+        "layers",
+        help="list the supported layers without computing",
+        description="List the layers of MODEL that count towards EI, "
+        "with their shapes, matrix sizes, engines and "
+        "working memory (the plan), without computing "
+        "anything.",
+    )
     _add_model_args(layers)
     _add_plan_args(layers)
     layers.set_defaults(func=_cmd_layers)
@@ -226,50 +293,98 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _add_sweep_parser(sub) -> None:
     """The ``sweep`` command: EI of every checkpoint of one architecture."""
-    p = sub.add_parser("sweep", help="EI of every checkpoint of one architecture",
-                       description="Compute determinism, degeneracy and EI of MODEL with the "
-                                   "weights of each checkpoint, print one line per checkpoint "
-                                   "and append each to --csv as it finishes. Exit status 1 "
-                                   "when any checkpoint could not be evaluated.")
-    p.add_argument("model", metavar="MODEL",
-                   help="the architecture, as for 'ei': a torchvision model name, "
-                        "package.module:callable, or a model file")
-    p.add_argument("checkpoints", metavar="CKPT", nargs="+",
-                   help="checkpoint files (state dicts, training checkpoints, Lightning .ckpt, "
-                        ".safetensors) or folders of them; labels, steps and epochs come from "
-                        "the file names (epoch=3, step=1200, ...)")
-    p.add_argument("--input-shape", type=parse_shape, metavar="N,C,H,W",
-                   help="shape of the example input (zeros); default 1,3,224,224 for "
-                        "torchvision image models, required otherwise")
-    p.add_argument("--weights-key", metavar="KEY",
-                   help="the checkpoint key that holds the state dict, when it is not one of "
-                        "the usual ones (state_dict, model, ...)")
-    p.add_argument("--trust-pickle", action="store_true",
-                   help="allow unpickling modules saved whole (MODEL or CKPT): this runs code "
-                        "from the files, so only use it for files you trust")
-    p.add_argument("--seed", type=int, default=0,
-                   help="seed for building the model (its own weights are not evaluated)")
-    p.add_argument("--legacy", action="store_true",
-                   help="the old module's cross-channel AvgPool2d connectivity")
+    p = sub.add_parser(
+        "sweep",
+        help="EI of every checkpoint of one architecture",
+        description="Compute determinism, degeneracy and EI of MODEL with the "
+        "weights of each checkpoint, print one line per checkpoint "
+        "and append each to --csv as it finishes. Exit status 1 "
+        "when any checkpoint could not be evaluated.",
+    )
+    p.add_argument(
+        "model",
+        metavar="MODEL",
+        help="the architecture, as for 'ei': a torchvision model name, "
+        "package.module:callable, or a model file",
+    )
+    p.add_argument(
+        "checkpoints",
+        metavar="CKPT",
+        nargs="+",
+        help="checkpoint files (state dicts, training checkpoints, Lightning .ckpt, "
+        ".safetensors) or folders of them; labels, steps and epochs come from "
+        "the file names (epoch=3, step=1200, ...)",
+    )
+    p.add_argument(
+        "--input-shape",
+        type=parse_shape,
+        metavar="N,C,H,W",
+        help="shape of the example input (zeros); default 1,3,224,224 for "
+        "torchvision image models, required otherwise",
+    )
+    p.add_argument(
+        "--weights-key",
+        metavar="KEY",
+        help="the checkpoint key that holds the state dict, when it is not one of "
+        "the usual ones (state_dict, model, ...)",
+    )
+    p.add_argument(
+        "--trust-pickle",
+        action="store_true",
+        help="allow unpickling modules saved whole (MODEL or CKPT): this runs code "
+        "from the files, so only use it for files you trust",
+    )
+    p.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        help="seed for building the model (its own weights are not evaluated)",
+    )
+    p.add_argument(
+        "--legacy",
+        action="store_true",
+        help="the old module's cross-channel AvgPool2d connectivity",
+    )
     _add_plan_args(p)
-    p.add_argument("--workers", type=int, metavar="N",
-                   help="checkpoints evaluated at once: worker processes (default 1, in this "
-                        "process), or with --ray the most tasks in flight")
-    p.add_argument("--ray", nargs="?", const="", metavar="ADDRESS",
-                   help="run one Ray task per checkpoint: on the cluster at ADDRESS ('auto', "
-                        "'ray://host:10001'), or alone, on a local Ray; put it after CKPT "
-                        f"(needs Ray: {RAY_HINT})")
-    p.add_argument("--csv", metavar="FILE",
-                   help="append each checkpoint's records (network and layers) to FILE as it "
-                        "finishes; rewritten in checkpoint order at the end")
-    p.add_argument("--resume", action="store_true",
-                   help="keep the checkpoints already complete in --csv and compute the rest")
+    p.add_argument(
+        "--workers",
+        type=int,
+        metavar="N",
+        help="checkpoints evaluated at once: worker processes (default 1, in this "
+        "process), or with --ray the most tasks in flight",
+    )
+    p.add_argument(
+        "--ray",
+        nargs="?",
+        const="",
+        metavar="ADDRESS",
+        help="run one Ray task per checkpoint: on the cluster at ADDRESS ('auto', "
+        "'ray://host:10001'), or alone, on a local Ray; put it after CKPT "
+        f"(needs Ray: {RAY_HINT})",
+    )
+    p.add_argument(
+        "--csv",
+        metavar="FILE",
+        help="append each checkpoint's records (network and layers) to FILE as it "
+        "finishes; rewritten in checkpoint order at the end",
+    )
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="keep the checkpoints already complete in --csv and compute the rest",
+    )
     p.add_argument("--json", metavar="FILE", help="write the records as JSON")
-    p.add_argument("--plot", metavar="FILE",
-                   help="chart of every layer's EI and the network's over the checkpoints "
-                        f"(needs matplotlib: {PLOT_HINT})")
-    p.add_argument("--plane-plot", metavar="FILE",
-                   help="chart of each layer's path in the determinism-degeneracy plane")
+    p.add_argument(
+        "--plot",
+        metavar="FILE",
+        help="chart of every layer's EI and the network's over the checkpoints "
+        f"(needs matplotlib: {PLOT_HINT})",
+    )
+    p.add_argument(
+        "--plane-plot",
+        metavar="FILE",
+        help="chart of each layer's path in the determinism-degeneracy plane",
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     p.set_defaults(func=_cmd_sweep)
 
@@ -280,9 +395,14 @@ def _add_sweep_parser(sub) -> None:
 def _load(args: argparse.Namespace):
     """The model and input shape of the command line, weights loaded."""
     try:
-        return load_model(args.model, seed=args.seed, weights=args.weights,
-                          input_shape=args.input_shape, weights_key=args.weights_key,
-                          trust_pickle=args.trust_pickle)
+        return load_model(
+            args.model,
+            seed=args.seed,
+            weights=args.weights,
+            input_shape=args.input_shape,
+            weights_key=args.weights_key,
+            trust_pickle=args.trust_pickle,
+        )
     except CheckpointError as exc:  # the --weights file, not the model, is wrong
         raise UsageError(f"--weights: {exc}") from None
 
@@ -316,8 +436,9 @@ def _shape_hint(shape: tuple[int, ...]):
     try:
         yield
     except ForwardError as exc:
-        raise ForwardError(f"{exc} (the input had shape {','.join(map(str, shape))}; set it "
-                           "with --input-shape)") from exc
+        raise ForwardError(
+            f"{exc} (the input had shape {','.join(map(str, shape))}; set it with --input-shape)"
+        ) from exc
 
 
 def _show_warning(message, category, filename, lineno, file=None, line=None):
@@ -333,8 +454,10 @@ def _device(text: str) -> torch.device:
         return resolve_device(text)
     except (UnknownNameError, DeviceError):
         if text.startswith("cuda"):
-            raise UsageError(f"--device {text}: CUDA is not available to this torch "
-                             f"({torch.__version__}); use --device cpu") from None
+            raise UsageError(
+                f"--device {text}: CUDA is not available to this torch "
+                f"({torch.__version__}); use --device cpu"
+            ) from None
         raise UsageError(f"--device {text!r} is not a device; use cpu or cuda") from None
 
 
@@ -347,17 +470,32 @@ def _cmd_ei(args: argparse.Namespace) -> int:
     model, shape = _load(args)
     progress = not args.no_progress and sys.stderr.isatty()
     with _shape_hint(shape):
-        rep = _report(model, torch.zeros(shape), norm=args.norm, device=device,
-                      engine=args.engine, legacy=args.legacy, max_memory=args.max_memory,
-                      progress=progress, layers=args.layers)
-    rep.meta.update(model=args.model, input_shape=list(shape), seed=args.seed,
-                    weights=args.weights, weights_key=args.weights_key)
+        rep = _report(
+            model,
+            torch.zeros(shape),
+            norm=args.norm,
+            device=device,
+            engine=args.engine,
+            legacy=args.legacy,
+            max_memory=args.max_memory,
+            progress=progress,
+            layers=args.layers,
+        )
+    rep.meta.update(
+        model=args.model,
+        input_shape=list(shape),
+        seed=args.seed,
+        weights=args.weights,
+        weights_key=args.weights_key,
+    )
     if args.quiet:
         print(rep.table().splitlines()[-1])
     else:
-        print(f"{args.model}: input {_dims(shape)}, norm {rep.norm}, engine {rep.engine}, "
-              f"device {rep.device}{', legacy' if rep.legacy else ''}"
-              f"{', layers all' if args.layers == 'all' else ''}")
+        print(
+            f"{args.model}: input {_dims(shape)}, norm {rep.norm}, engine {rep.engine}, "
+            f"device {rep.device}{', legacy' if rep.legacy else ''}"
+            f"{', layers all' if args.layers == 'all' else ''}"
+        )
         print(rep.table())
     if args.json:
         rep.save(args.json)
@@ -374,9 +512,16 @@ def _cmd_layers(args: argparse.Namespace) -> int:
     device = _device(args.device)
     model, shape = _load(args)
     with _shape_hint(shape):
-        p = plan(model, torch.zeros(shape), norm=args.norm, device=device,
-                 engine=args.engine, legacy=args.legacy, max_memory=args.max_memory,
-                 layers=args.layers)
+        p = plan(
+            model,
+            torch.zeros(shape),
+            norm=args.norm,
+            device=device,
+            engine=args.engine,
+            legacy=args.legacy,
+            max_memory=args.max_memory,
+            layers=args.layers,
+        )
     print(f"{args.model}: input {_dims(shape)}")
     print(p.table())
     return 0
@@ -393,32 +538,54 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
     for path in (args.plot, args.plane_plot):
         if path:
             _check_plot(path)
-    for path, option in ((args.csv, "--csv"), (args.json, "--json"), (args.plot, "--plot"),
-                         (args.plane_plot, "--plane-plot")):
+    for path, option in (
+        (args.csv, "--csv"),
+        (args.json, "--json"),
+        (args.plot, "--plot"),
+        (args.plane_plot, "--plane-plot"),
+    ):
         _check_writable(path, option)
-    model, shape = load_model(args.model, seed=args.seed, input_shape=args.input_shape,
-                              trust_pickle=args.trust_pickle)
+    model, shape = load_model(
+        args.model, seed=args.seed, input_shape=args.input_shape, trust_pickle=args.trust_pickle
+    )
     backend = "ray" if args.ray is not None else None
     with _shape_hint(shape):
-        res = sweep(model, args.checkpoints, torch.zeros(shape), workers=args.workers,
-                    backend=backend, norm=args.norm, device=device, engine=args.engine,
-                    legacy=args.legacy, max_memory=args.max_memory, key=args.weights_key,
-                    trust_pickle=args.trust_pickle, output=args.csv, resume=args.resume,
-                    progress=not args.no_progress and sys.stderr.isatty(),
-                    ray_address=args.ray or None,
-                    meta={"model": args.model, "input_shape": list(shape)},
-                    layers=args.layers)
+        res = sweep(
+            model,
+            args.checkpoints,
+            torch.zeros(shape),
+            workers=args.workers,
+            backend=backend,
+            norm=args.norm,
+            device=device,
+            engine=args.engine,
+            legacy=args.legacy,
+            max_memory=args.max_memory,
+            key=args.weights_key,
+            trust_pickle=args.trust_pickle,
+            output=args.csv,
+            resume=args.resume,
+            progress=not args.no_progress and sys.stderr.isatty(),
+            ray_address=args.ray or None,
+            meta={"model": args.model, "input_shape": list(shape)},
+            layers=args.layers,
+        )
     hist = res.history
-    print(f"{args.model}: input {_dims(shape)}, norm {args.norm}, {len(res.checkpoints)} "
-          f"checkpoints")
-    print(f"{'checkpoint':<32} {'step':>8} {'epoch':>6} {'determinism':>12} {'degeneracy':>11} "
-          f"{'EI':>10}")
+    print(
+        f"{args.model}: input {_dims(shape)}, norm {args.norm}, {len(res.checkpoints)} checkpoints"
+    )
+    print(
+        f"{'checkpoint':<32} {'step':>8} {'epoch':>6} {'determinism':>12} {'degeneracy':>11} "
+        f"{'EI':>10}"
+    )
     for rec in hist.records:
         step = "" if rec.step is None else rec.step
         epoch = "" if rec.epoch is None else rec.epoch
         if rec.kind == "network":
-            print(f"{rec.label[:32]:<32} {step:>8} {epoch:>6} {rec.determinism:>12.6f} "
-                  f"{rec.degeneracy:>11.6f} {rec.ei:>10.6f}")
+            print(
+                f"{rec.label[:32]:<32} {step:>8} {epoch:>6} {rec.determinism:>12.6f} "
+                f"{rec.degeneracy:>11.6f} {rec.ei:>10.6f}"
+            )
         elif rec.kind == "error":
             print(f"{rec.label[:32]:<32} {step:>8} {epoch:>6} {'error: see below':>35}")
     if args.json:
@@ -431,8 +598,11 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
     for rec in res.errors:
         print(f"{PROG}: error: {rec.label}: {cli_message(rec.error or '')}", file=sys.stderr)
     if res.errors:
-        print(f"{PROG}: {len(res.errors)} of {len(res.checkpoints)} checkpoints could not be "
-              "evaluated", file=sys.stderr)
+        print(
+            f"{PROG}: {len(res.errors)} of {len(res.checkpoints)} checkpoints could not be "
+            "evaluated",
+            file=sys.stderr,
+        )
         return 1
     return 0
 
@@ -448,8 +618,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SystemExit as exc:  # --help, --version and argparse's usage errors
         return exc.code if isinstance(exc.code, int) else 2
     if args.command is None:
-        print(f"{PROG}: error: choose a command: ei, layers or sweep (see {PROG} --help)",
-              file=sys.stderr)
+        print(
+            f"{PROG}: error: choose a command: ei, layers or sweep (see {PROG} --help)",
+            file=sys.stderr,
+        )
         return 2
     with warnings.catch_warnings():
         warnings.showwarning = _show_warning
@@ -459,8 +631,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"{PROG}: error: {cli_message(str(exc))}", file=sys.stderr)
             return 2
         except (ForesightError, RuntimeError, MemoryError, OSError) as exc:
-            msg = str(exc) if isinstance(exc, ForesightError) else \
-                f"{type(exc).__name__}: {exc}"
+            msg = str(exc) if isinstance(exc, ForesightError) else f"{type(exc).__name__}: {exc}"
             print(f"{PROG}: error: {cli_message(msg)}", file=sys.stderr)
             return 1
         except KeyboardInterrupt:

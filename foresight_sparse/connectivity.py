@@ -139,9 +139,17 @@ class Connectivity:
         """Stored entries of each row in ``r0 .. r1`` (int64 numpy array)."""
         raise NotImplementedError
 
-    def block(self, r0: int, r1: int, *, dtype: torch.dtype = torch.float64,
-              device: torch.device | str | None = None, with_rows: bool = False,
-              index_dtype: torch.dtype = torch.int64, workspace: dict | None = None) -> Block:
+    def block(
+        self,
+        r0: int,
+        r1: int,
+        *,
+        dtype: torch.dtype = torch.float64,
+        device: torch.device | str | None = None,
+        with_rows: bool = False,
+        index_dtype: torch.dtype = torch.int64,
+        workspace: dict | None = None,
+    ) -> Block:
         """Rows ``r0 .. r1`` as a :class:`Block` with values in ``dtype`` on ``device``.
 
         ``workspace`` is an optional dict of reusable buffers, kept across the blocks of a
@@ -184,8 +192,7 @@ class Connectivity:
         idx = 4 if _fits_int32(nnz, self.n_cols) else 8
         return nnz * (idx + val) + (self.n_rows + 1) * idx
 
-    def to_sparse(self, layout: Any = torch.sparse_coo, *,
-                  max_memory: int | str | None = None):
+    def to_sparse(self, layout: Any = torch.sparse_coo, *, max_memory: int | str | None = None):
         """The whole matrix as a torch sparse tensor (or a ``scipy.sparse.csr_array``).
 
         Parameters
@@ -205,11 +212,14 @@ class Connectivity:
         """
         layout = _layout_name(layout)
         budget = resolve_budget(max_memory, self.device, default=None)
-        check_budget(self.sparse_bytes(layout), budget,
-                     f"{self.label}: the {self.n_rows} x {self.n_cols} connectivity matrix "
-                     f"({self.nnz} entries, {layout})",
-                     "pass a larger max_memory, or let the engines stream it "
-                     "(determinism/degeneracy/ei never hold a whole matrix)")
+        check_budget(
+            self.sparse_bytes(layout),
+            budget,
+            f"{self.label}: the {self.n_rows} x {self.n_cols} connectivity matrix "
+            f"({self.nnz} entries, {layout})",
+            "pass a larger max_memory, or let the engines stream it "
+            "(determinism/degeneracy/ei never hold a whole matrix)",
+        )
         idx_dtype = torch.int64
         if layout in ("csr", "scipy") and _fits_int32(self.nnz, self.n_cols):
             idx_dtype = torch.int32
@@ -225,28 +235,32 @@ class Connectivity:
                 idx = torch.from_numpy(idx_np)
             else:
                 idx = torch.empty((2, self.nnz), dtype=torch.int64, device=self.device)
-            blk = self.block(0, self.n_rows, dtype=self.dtype, with_rows=True,
-                             workspace=workspace)
+            blk = self.block(0, self.n_rows, dtype=self.dtype, with_rows=True, workspace=workspace)
             if not (_same_memory(blk.rows, idx[0]) and _same_memory(blk.cols, idx[1])):
                 idx[0].copy_(blk.rows)
                 idx[1].copy_(blk.cols)
-            return torch.sparse_coo_tensor(idx, blk.vals, size, is_coalesced=True,
-                                           check_invariants=False)
+            return torch.sparse_coo_tensor(
+                idx, blk.vals, size, is_coalesced=True, check_invariants=False
+            )
         blk = self.block(0, self.n_rows, dtype=self.dtype, index_dtype=idx_dtype)
         crow = blk.rowptr.to(idx_dtype)
         if layout == "csr":
             with warnings.catch_warnings():  # "sparse CSR support is in beta": not news to users
                 warnings.simplefilter("ignore", UserWarning)
-                return torch.sparse_csr_tensor(crow, blk.cols, blk.vals, size,
-                                               check_invariants=False)
+                return torch.sparse_csr_tensor(
+                    crow, blk.cols, blk.vals, size, check_invariants=False
+                )
         if blk.vals.device.type != "cpu":
-            raise DeviceError(f"{self.label}: layout='scipy' needs CPU tensors; the "
-                                   f"layer lives on {blk.vals.device}. Move the model to the "
-                                   "CPU or use torch.sparse_csr")
+            raise DeviceError(
+                f"{self.label}: layout='scipy' needs CPU tensors; the "
+                f"layer lives on {blk.vals.device}. Move the model to the "
+                "CPU or use torch.sparse_csr"
+            )
         import scipy.sparse  # scipy loads only for this layout
 
-        return scipy.sparse.csr_array((blk.vals.numpy(), blk.cols.numpy(), crow.numpy()),
-                                      shape=size)
+        return scipy.sparse.csr_array(
+            (blk.vals.numpy(), blk.cols.numpy(), crow.numpy()), shape=size
+        )
 
     def to_dense(self, dtype: torch.dtype = torch.float64) -> torch.Tensor:
         """The dense matrix (small layers only: for custom norms and tests)."""
@@ -271,8 +285,10 @@ def _layout_name(layout: Any) -> str:
         return "csr"
     if layout == "scipy":
         return "scipy"
-    raise UnknownNameError(f"unknown layout {layout!r}; valid layouts are torch.sparse_coo, "
-                           "torch.sparse_csr and 'scipy'")
+    raise UnknownNameError(
+        f"unknown layout {layout!r}; valid layouts are torch.sparse_coo, "
+        "torch.sparse_csr and 'scipy'"
+    )
 
 
 def weight_scan(t: torch.Tensor) -> tuple[float, float, int]:
@@ -303,7 +319,8 @@ def _check_finite_tensor(t: torch.Tensor, label: str, scan=None) -> float:
     if n_bad:
         raise NonFiniteWeightsError(
             f"{label}: {n_bad} of {t.numel()} weights are NaN or infinite (weight shape "
-            f"{tuple(t.shape)}); entropies are undefined. Fix or reinitialise the weights")
+            f"{tuple(t.shape)}); entropies are undefined. Fix or reinitialise the weights"
+        )
     return mx
 
 
@@ -405,10 +422,19 @@ class Stencil(Connectivity):
         self.weight_names = () if self.weight_name is None else (self.weight_name,)
 
     @classmethod
-    def from_axes(cls, label: str, weight: torch.Tensor, channels: tuple[int, int],
-                  groups: int, axes, scales=None, *, transposed: bool = False,
-                  values_dtype: torch.dtype | None = None,
-                  weight_name: str | None = None) -> Stencil:
+    def from_axes(
+        cls,
+        label: str,
+        weight: torch.Tensor,
+        channels: tuple[int, int],
+        groups: int,
+        axes,
+        scales=None,
+        *,
+        transposed: bool = False,
+        values_dtype: torch.dtype | None = None,
+        weight_name: str | None = None,
+    ) -> Stencil:
         """A stencil over 1, 2 or 3 spatial axes.
 
         Parameters
@@ -434,31 +460,46 @@ class Stencil(Connectivity):
         else:
             lanes = (AxisProduct(axes[:-1]), axes[-1])
         scales = list(scales) if scales is not None else [None] * len(axes)
-        scales = [np.ones(a.size_out) if v is None else np.asarray(v, dtype=np.float64)
-                  for a, v in zip(axes, scales)]
+        scales = [
+            np.ones(a.size_out) if v is None else np.asarray(v, dtype=np.float64)
+            for a, v in zip(axes, scales)
+        ]
         lead = np.ones(1)
         for v in scales[:-1]:
             lead = np.multiply.outer(lead, v).reshape(-1)
         fold = (transposed, groups) if transposed or len(axes) != 2 else None
         c_in, c_out = channels
-        return cls(label, _fold_kernel(weight, fold), (c_in, lanes[0].size_in, lanes[1].size_in),
-                   (c_out, lanes[0].size_out, lanes[1].size_out), groups, *lanes, lead,
-                   scales[-1], values_dtype, weight_name, fold)
+        return cls(
+            label,
+            _fold_kernel(weight, fold),
+            (c_in, lanes[0].size_in, lanes[1].size_in),
+            (c_out, lanes[0].size_out, lanes[1].size_out),
+            groups,
+            *lanes,
+            lead,
+            scales[-1],
+            values_dtype,
+            weight_name,
+            fold,
+        )
 
     def bind(self, tensors: Mapping[str, torch.Tensor]) -> Stencil:
         if self.weight_name is None:
             return self
         kernel = _fold_kernel(tensors[self.weight_name], self.fold)
-        return self._rebound(kernel=kernel, device=kernel.device, _kernel_np=None,
-                             dtype=self.values_dtype or kernel.dtype)
+        return self._rebound(
+            kernel=kernel,
+            device=kernel.device,
+            _kernel_np=None,
+            dtype=self.values_dtype or kernel.dtype,
+        )
 
     @property
     def exact_dtype(self) -> torch.dtype:
         # single taps of a float32 (or narrower) kernel are its weights; sums and
         # scaled entries need float64
         narrow = self.kernel.dtype in (torch.float32, torch.float16, torch.bfloat16)
-        return torch.float32 if narrow and self.single_tap and not self.scaled \
-            else torch.float64
+        return torch.float32 if narrow and self.single_tap and not self.scaled else torch.float64
 
     @property
     def single_tap(self) -> bool:
@@ -469,7 +510,8 @@ class Stencil(Connectivity):
     def kernel_np(self) -> np.ndarray:
         if self._kernel_np is None:
             self._kernel_np = np.ascontiguousarray(
-                self.kernel.detach().to("cpu", torch.float64).numpy())
+                self.kernel.detach().to("cpu", torch.float64).numpy()
+            )
         return self._kernel_np
 
     @property
@@ -487,8 +529,13 @@ class Stencil(Connectivity):
         taps_h = int(np.diff(self.pairs_h.tap_ptr).max(initial=1))
         taps_w = int(np.diff(self.pairs_w.tap_ptr).max(initial=1))
         k = self._scan(self.kernel)[0]
-        return max(k, 0.0) * taps_h * taps_w * float(self.scale_h.max(initial=1.0)) * float(
-            self.scale_w.max(initial=1.0))
+        return (
+            max(k, 0.0)
+            * taps_h
+            * taps_w
+            * float(self.scale_h.max(initial=1.0))
+            * float(self.scale_w.max(initial=1.0))
+        )
 
     def check_finite(self) -> None:
         _check_finite_tensor(self.kernel, self.label, self._scan(self.kernel))
@@ -497,8 +544,17 @@ class Stencil(Connectivity):
         mx, mn, _ = self._scan(self.kernel)
         return mn, mx
 
-    def block(self, r0, r1, *, dtype=torch.float64, device=None, with_rows=False,
-              index_dtype=torch.int64, workspace: dict | None = None):
+    def block(
+        self,
+        r0,
+        r1,
+        *,
+        dtype=torch.float64,
+        device=None,
+        with_rows=False,
+        index_dtype=torch.int64,
+        workspace: dict | None = None,
+    ):
         """Rows ``r0 .. r1``; see :meth:`Connectivity.block`.
 
         ``workspace`` (a dict the caller keeps across blocks) lets the CPU path write into
@@ -508,8 +564,9 @@ class Stencil(Connectivity):
         device = torch.device(device) if device is not None else self.device
         if device.type == "cpu":
             return self._block_numba(r0, r1, dtype, with_rows, index_dtype, workspace)
-        return self.block_torch(r0, r1, dtype=dtype, device=device, with_rows=with_rows,
-                                index_dtype=index_dtype)
+        return self.block_torch(
+            r0, r1, dtype=dtype, device=device, with_rows=with_rows, index_dtype=index_dtype
+        )
 
     def _block_numba(self, r0, r1, dtype, with_rows, index_dtype, workspace=None) -> Block:
         rowptr = _rowptr(self.row_counts(r0, r1))
@@ -518,18 +575,31 @@ class Stencil(Connectivity):
         fill_dtype = dtype if dtype in (torch.float32, torch.float64) else torch.float32
         np_idx = np.int32 if index_dtype == torch.int32 else np.int64
         cols = _buffer(workspace, "cols", nnz, np_idx)
-        vals = torch.from_numpy(_buffer(workspace, "vals", nnz,
-                                        torch.empty((), dtype=fill_dtype).numpy().dtype))
+        vals = torch.from_numpy(
+            _buffer(workspace, "vals", nnz, torch.empty((), dtype=fill_dtype).numpy().dtype)
+        )
         rows = _buffer(workspace, "rows", nnz if with_rows else 0, np.int64)
         from . import _kernels
 
         _kernels.fill_stencil_rows(r0, r1 - r0, self, rowptr, cols, vals.numpy(), rows)
-        return Block(r0, torch.from_numpy(rowptr), torch.from_numpy(cols), vals.to(dtype),
-                     torch.from_numpy(rows) if with_rows else None)
+        return Block(
+            r0,
+            torch.from_numpy(rowptr),
+            torch.from_numpy(cols),
+            vals.to(dtype),
+            torch.from_numpy(rows) if with_rows else None,
+        )
 
-    def block_torch(self, r0: int, r1: int, *, dtype: torch.dtype = torch.float64,
-                    device: torch.device | str | None = None, with_rows: bool = False,
-                    index_dtype: torch.dtype = torch.int64) -> Block:
+    def block_torch(
+        self,
+        r0: int,
+        r1: int,
+        *,
+        dtype: torch.dtype = torch.float64,
+        device: torch.device | str | None = None,
+        with_rows: bool = False,
+        index_dtype: torch.dtype = torch.int64,
+    ) -> Block:
         """Rows ``r0 .. r1`` by vectorised torch index arithmetic (the CUDA path).
 
         Produces the same block as the numba kernel, on any device: every entry's position
@@ -547,8 +617,9 @@ class Stencil(Connectivity):
         rowptr = torch.zeros(r1 - r0 + 1, dtype=torch.int64, device=device)
         torch.cumsum(counts, 0, out=rowptr[1:])
         nnz = int(rowptr[-1])
-        local_row = torch.repeat_interleave(torch.arange(r1 - r0, device=device), counts,
-                                            output_size=nnz)
+        local_row = torch.repeat_interleave(
+            torch.arange(r1 - r0, device=device), counts, output_size=nnz
+        )
         pos = torch.arange(nnz, device=device) - rowptr[local_row]
         r = local_row + r0
         ci = r // (height * width)
@@ -592,8 +663,11 @@ def _fold_kernel(weight: torch.Tensor, fold: tuple[bool, int] | None) -> torch.T
     transposed, groups = fold
     if transposed:
         c_in, cout_g, *k = weight.shape
-        weight = weight.reshape(groups, c_in // groups, cout_g, *k).transpose(1, 2).reshape(
-            groups * cout_g, c_in // groups, *k)
+        weight = (
+            weight.reshape(groups, c_in // groups, cout_g, *k)
+            .transpose(1, 2)
+            .reshape(groups * cout_g, c_in // groups, *k)
+        )
     k = weight.shape[2:]
     return weight.reshape(*weight.shape[:2], math.prod(k[:-1]), k[-1])
 
@@ -665,8 +739,17 @@ class FullyConnected(Connectivity):
         mx, mn, _ = self._scan(self.weight)
         return mn, mx
 
-    def block(self, r0, r1, *, dtype=torch.float64, device=None, with_rows=False,
-              index_dtype=torch.int64, workspace=None):
+    def block(
+        self,
+        r0,
+        r1,
+        *,
+        dtype=torch.float64,
+        device=None,
+        with_rows=False,
+        index_dtype=torch.int64,
+        workspace=None,
+    ):
         device = torch.device(device) if device is not None else self.device
         n = r1 - r0
         vals = self.weight.detach()[:, r0:r1].to(device=device, dtype=dtype).t().reshape(-1)
@@ -678,8 +761,13 @@ class FullyConnected(Connectivity):
             from . import _kernels
 
             _kernels.fill_dense_rows(r0, n, self.n_cols, cols, rows)
-            return Block(r0, rowptr, torch.from_numpy(cols), vals,
-                         torch.from_numpy(rows) if with_rows else None)
+            return Block(
+                r0,
+                rowptr,
+                torch.from_numpy(cols),
+                vals,
+                torch.from_numpy(rows) if with_rows else None,
+            )
         cols = torch.arange(self.n_cols, device=device, dtype=index_dtype).repeat(n)
         rows = None
         if with_rows:
@@ -697,14 +785,17 @@ class ExplicitMatrix(Connectivity):
     def __post_init__(self):
         m = self.matrix
         if m.dim() != 2:
-            raise ShapeMismatchError(f"{self.label}: a create_matrix function must return a "
-                                     f"2-d matrix, got shape {tuple(m.shape)}")
+            raise ShapeMismatchError(
+                f"{self.label}: a create_matrix function must return a "
+                f"2-d matrix, got shape {tuple(m.shape)}"
+            )
         self.n_rows, self.n_cols = m.shape
         self.device = m.device
         self.dtype = m.dtype
         with warnings.catch_warnings():  # "sparse CSR support is in beta": not news to users
-            warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta",
-                                    category=UserWarning)
+            warnings.filterwarnings(
+                "ignore", message="Sparse CSR tensor support is in beta", category=UserWarning
+            )
             if m.layout == torch.sparse_csr:
                 self._csr = m
             elif m.layout == torch.sparse_coo:
@@ -714,7 +805,7 @@ class ExplicitMatrix(Connectivity):
         self._crow = self._csr.crow_indices().to(torch.int64)
 
     def row_counts(self, r0, r1):
-        return torch.diff(self._crow[r0:r1 + 1]).cpu().numpy()
+        return torch.diff(self._crow[r0 : r1 + 1]).cpu().numpy()
 
     def weight_bound(self) -> float:
         return max(self._scan(self._csr.values())[0], 0.0)
@@ -726,17 +817,27 @@ class ExplicitMatrix(Connectivity):
     def check_finite(self) -> None:
         _check_finite_tensor(self._csr.values(), self.label)
 
-    def block(self, r0, r1, *, dtype=torch.float64, device=None, with_rows=False,
-              index_dtype=torch.int64, workspace=None):
+    def block(
+        self,
+        r0,
+        r1,
+        *,
+        dtype=torch.float64,
+        device=None,
+        with_rows=False,
+        index_dtype=torch.int64,
+        workspace=None,
+    ):
         device = torch.device(device) if device is not None else self.device
         lo, hi = int(self._crow[r0]), int(self._crow[r1])
-        rowptr = (self._crow[r0:r1 + 1] - lo).to(device)
+        rowptr = (self._crow[r0 : r1 + 1] - lo).to(device)
         cols = self._csr.col_indices()[lo:hi].to(device=device, dtype=index_dtype)
         vals = self._csr.values()[lo:hi].to(device=device, dtype=dtype)
         rows = None
         if with_rows:
-            rows = torch.repeat_interleave(torch.arange(r0, r1, device=device),
-                                           torch.diff(rowptr), output_size=hi - lo)
+            rows = torch.repeat_interleave(
+                torch.arange(r0, r1, device=device), torch.diff(rowptr), output_size=hi - lo
+            )
         return Block(r0, rowptr, cols, vals, rows)
 
 
@@ -848,17 +949,20 @@ class LayerSelection:
             layers = layers.layers
         if isinstance(layers, str):
             if layers not in LAYER_SETS:
-                raise UnknownNameError(f"unknown layers={layers!r}; use 'seed' (the old "
-                                       "module's Linear, Conv2d and AvgPool2d), 'all' (every "
-                                       "built-in layer type) or a sequence of module types")
+                raise UnknownNameError(
+                    f"unknown layers={layers!r}; use 'seed' (the old "
+                    "module's Linear, Conv2d and AvgPool2d), 'all' (every "
+                    "built-in layer type) or a sequence of module types"
+                )
             self.layers = layers
             self._listed: dict[type, Adapter] | None = None
         else:
             try:
                 types = tuple(layers)
             except TypeError:
-                raise UnknownNameError(f"layers={layers!r} is neither 'seed', 'all' nor a "
-                                       "sequence of module types") from None
+                raise UnknownNameError(
+                    f"layers={layers!r} is neither 'seed', 'all' nor a sequence of module types"
+                ) from None
             self._listed = {}
             for t in types:
                 adapter = self._inherited(t) if isinstance(t, type) else None
@@ -868,7 +972,8 @@ class LayerSelection:
                         f"layers= lists {what}, which has no connectivity builder (or defines "
                         "its own forward pass). Register one with foresight_sparse.register("
                         f"{what}, builder); built-in types: "
-                        f"{', '.join(sorted(b.__name__ for b in BUILTIN))}")
+                        f"{', '.join(sorted(b.__name__ for b in BUILTIN))}"
+                    )
                 self._listed[t] = adapter
             self.layers = types
         self.refused: dict[type, type] = {}  # subclass -> the built-in type it derives from
@@ -932,8 +1037,15 @@ class LayerSelection:
         return ",".join(t.__name__ for t in self.layers)
 
 
-def connectivity(module: nn.Module, in_shape, out_shape, *, legacy: bool = False,
-                 label: str | None = None, adapter: Adapter | None = None) -> Connectivity:
+def connectivity(
+    module: nn.Module,
+    in_shape,
+    out_shape,
+    *,
+    legacy: bool = False,
+    label: str | None = None,
+    adapter: Adapter | None = None,
+) -> Connectivity:
     """The :class:`Connectivity` of ``module`` for the traced shapes, via :data:`REGISTRY`.
 
     ``adapter`` overrides the registry's builder (a :class:`LayerSelection` picks the
@@ -956,7 +1068,8 @@ def connectivity(module: nn.Module, in_shape, out_shape, *, legacy: bool = False
             f"{label}: no connectivity builder is registered for {type(module).__name__} "
             f"(input {tuple(in_shape)}, output {tuple(out_shape)}). Registered types: "
             f"{valid}. Register one with foresight_sparse.register({type(module).__name__}, "
-            "builder)")
+            "builder)"
+        )
     return adapter(module, tuple(in_shape), tuple(out_shape), legacy=legacy, label=label)
 
 
@@ -970,12 +1083,14 @@ def _dims(shape, label: str, what: str, module) -> tuple[int, ...]:
     except TypeError:
         raise ShapeMismatchError(
             f"{label}: the {what} shape of {type(module).__name__} must be a tuple of ints, "
-            f"got {shape!r}. Pass shapes traced from this model (get_shapes)") from None
+            f"got {shape!r}. Pass shapes traced from this model (get_shapes)"
+        ) from None
 
 
 @_builtin(nn.Linear, extended=False)
-def linear(module: nn.Linear, in_shape, out_shape, *, legacy: bool = False,
-           label: str | None = None) -> FullyConnected:
+def linear(
+    module: nn.Linear, in_shape, out_shape, *, legacy: bool = False, label: str | None = None
+) -> FullyConnected:
     """Adapter for ``nn.Linear``: the weight transposed (bias ignored).
 
     Only the last dimension of the shapes is checked: extra leading dimensions share the
@@ -985,13 +1100,18 @@ def linear(module: nn.Linear, in_shape, out_shape, *, legacy: bool = False,
     weight = module.weight
     in_shape = _dims(in_shape, label, "input", module)
     out_shape = _dims(out_shape, label, "output", module)
-    if not in_shape or not out_shape or in_shape[-1] != weight.shape[1] \
-            or out_shape[-1] != weight.shape[0]:
+    if (
+        not in_shape
+        or not out_shape
+        or in_shape[-1] != weight.shape[1]
+        or out_shape[-1] != weight.shape[0]
+    ):
         raise ShapeMismatchError(
             f"{label}: Linear({weight.shape[1]}, {weight.shape[0]}) cannot map input "
             f"{tuple(in_shape)} to output {tuple(out_shape)}; the last dimensions must be "
             f"{weight.shape[1]} and {weight.shape[0]}. Were the shapes traced from another "
-            "model?")
+            "model?"
+        )
     return FullyConnected(label, weight)
 
 
@@ -1012,8 +1132,9 @@ def _spatial(shape, nd: int, label: str, what: str, module) -> tuple[int, ...]:
         raise ShapeMismatchError(
             f"{label}: {type(module).__name__} needs a {nd + 2}-d (N, {unbatched}) or "
             f"{nd + 1}-d ({unbatched}) {what} shape, got {tuple(shape)}. Pass shapes traced "
-            f"from this model (get_shapes) or an input of shape (1, {unbatched})")
-    return dims[-(nd + 1):]
+            f"from this model (get_shapes) or an input of shape (1, {unbatched})"
+        )
+    return dims[-(nd + 1) :]
 
 
 def _conv_pads(module, in_sizes, kernel, dilation, label) -> list[tuple[int, int]]:
@@ -1028,8 +1149,9 @@ def _conv_pads(module, in_sizes, kernel, dilation, label) -> list[tuple[int, int
                 total = d * (k - 1)
                 pads.append((total // 2, total - total // 2))
             return pads
-        raise UnsupportedLayerError(f"{label}: unknown padding {padding!r}; use 'same', "
-                                    "'valid', an int or a tuple")
+        raise UnsupportedLayerError(
+            f"{label}: unknown padding {padding!r}; use 'same', 'valid', an int or a tuple"
+        )
     return [(p, p) for p in _ntuple(padding, nd)]
 
 
@@ -1037,7 +1159,8 @@ def _shape_error(label, what: str, in_shape, expected, out_shape) -> ShapeMismat
     return ShapeMismatchError(
         f"{label}: {what} maps input {tuple(in_shape)} to (N, {', '.join(map(str, expected))})"
         f", but the shapes say output {tuple(out_shape)}. Pass shapes traced from this "
-        "model (get_shapes)")
+        "model (get_shapes)"
+    )
 
 
 def _conv(module, in_shape, out_shape, nd: int, label: str) -> Stencil:
@@ -1049,25 +1172,38 @@ def _conv(module, in_shape, out_shape, nd: int, label: str) -> Stencil:
     dilation = _ntuple(module.dilation, nd)
     mode = module.padding_mode
     if mode not in PADDING_MODES:
-        raise UnsupportedLayerError(f"{label}: padding_mode {mode!r} is not supported; "
-                                    f"supported modes are {', '.join(PADDING_MODES)}")
+        raise UnsupportedLayerError(
+            f"{label}: padding_mode {mode!r} is not supported; "
+            f"supported modes are {', '.join(PADDING_MODES)}"
+        )
     pads = _conv_pads(module, size, kernel, dilation, label)
-    expected = tuple(conv_output_size(n, k, s, d, pb + pa)
-                     for n, k, s, d, (pb, pa) in zip(size, kernel, stride, dilation, pads))
+    expected = tuple(
+        conv_output_size(n, k, s, d, pb + pa)
+        for n, k, s, d, (pb, pa) in zip(size, kernel, stride, dilation, pads)
+    )
     if c_in != module.in_channels or c_out != module.out_channels or tuple(osize) != expected:
         raise _shape_error(
-            label, f"{type(module).__name__}({module.in_channels}, {module.out_channels}, "
+            label,
+            f"{type(module).__name__}({module.in_channels}, {module.out_channels}, "
             f"kernel_size={kernel}, stride={stride}, padding={module.padding}, "
-            f"dilation={dilation})", in_shape, (module.out_channels, *expected), out_shape)
-    axes = [Axis(n, o, k, s, d, pb, pa, mode)
-            for n, o, k, s, d, (pb, pa) in zip(size, osize, kernel, stride, dilation, pads)]
-    return Stencil.from_axes(label, module.weight, (c_in, c_out), module.groups, axes,
-                             weight_name="weight")
+            f"dilation={dilation})",
+            in_shape,
+            (module.out_channels, *expected),
+            out_shape,
+        )
+    axes = [
+        Axis(n, o, k, s, d, pb, pa, mode)
+        for n, o, k, s, d, (pb, pa) in zip(size, osize, kernel, stride, dilation, pads)
+    ]
+    return Stencil.from_axes(
+        label, module.weight, (c_in, c_out), module.groups, axes, weight_name="weight"
+    )
 
 
 @_builtin(nn.Conv2d, extended=False)
-def conv2d(module: nn.Conv2d, in_shape, out_shape, *, legacy: bool = False,
-           label: str | None = None) -> Stencil:
+def conv2d(
+    module: nn.Conv2d, in_shape, out_shape, *, legacy: bool = False, label: str | None = None
+) -> Stencil:
     """Adapter for ``nn.Conv2d``: the transposed Jacobian of the bias-free layer.
 
     Honours stride, int/tuple/``'same'``/``'valid'`` padding, dilation, groups and every
@@ -1077,16 +1213,18 @@ def conv2d(module: nn.Conv2d, in_shape, out_shape, *, legacy: bool = False,
 
 
 @_builtin(nn.Conv1d)
-def conv1d(module: nn.Conv1d, in_shape, out_shape, *, legacy: bool = False,
-           label: str | None = None) -> Stencil:
+def conv1d(
+    module: nn.Conv1d, in_shape, out_shape, *, legacy: bool = False, label: str | None = None
+) -> Stencil:
     """Adapter for ``nn.Conv1d``: as :func:`conv2d`, over one axis (counted under
     ``layers="all"``)."""
     return _conv(module, in_shape, out_shape, 1, label or "Conv1d")
 
 
 @_builtin(nn.Conv3d)
-def conv3d(module: nn.Conv3d, in_shape, out_shape, *, legacy: bool = False,
-           label: str | None = None) -> Stencil:
+def conv3d(
+    module: nn.Conv3d, in_shape, out_shape, *, legacy: bool = False, label: str | None = None
+) -> Stencil:
     """Adapter for ``nn.Conv3d``: as :func:`conv2d`, over three axes (counted under
     ``layers="all"``)."""
     return _conv(module, in_shape, out_shape, 3, label or "Conv3d")
@@ -1102,28 +1240,51 @@ def _conv_transpose(module, in_shape, out_shape, nd: int, label: str) -> Stencil
     dilation = _ntuple(module.dilation, nd)
     padding = _ntuple(module.padding, nd)
     if module.padding_mode != "zeros":  # pragma: no cover - torch refuses other modes
-        raise UnsupportedLayerError(f"{label}: padding_mode {module.padding_mode!r}; "
-                                    "transposed convolutions support only 'zeros'")
-    base = tuple((n - 1) * s - 2 * p + d * (k - 1) + 1
-                 for n, s, p, d, k in zip(size, stride, padding, dilation, kernel))
+        raise UnsupportedLayerError(
+            f"{label}: padding_mode {module.padding_mode!r}; "
+            "transposed convolutions support only 'zeros'"
+        )
+    base = tuple(
+        (n - 1) * s - 2 * p + d * (k - 1) + 1
+        for n, s, p, d, k in zip(size, stride, padding, dilation, kernel)
+    )
     # output_padding (or forward's output_size) adds up to max(stride, dilation) - 1
     fits = all(b <= o < b + max(s, d) for b, o, s, d in zip(base, osize, stride, dilation))
     if c_in != module.in_channels or c_out != module.out_channels or not fits:
         expected = tuple(b + op for b, op in zip(base, _ntuple(module.output_padding, nd)))
         raise _shape_error(
-            label, f"{type(module).__name__}({module.in_channels}, {module.out_channels}, "
+            label,
+            f"{type(module).__name__}({module.in_channels}, {module.out_channels}, "
             f"kernel_size={kernel}, stride={stride}, padding={padding}, "
-            f"output_padding={module.output_padding}, dilation={dilation})", in_shape,
-            (module.out_channels, *expected), out_shape)
-    axes = [Axis(n, o, k, s, d, p, 0, "zeros", "transposed")
-            for n, o, k, s, d, p in zip(size, osize, kernel, stride, dilation, padding)]
-    return Stencil.from_axes(label, module.weight, (c_in, c_out), module.groups, axes,
-                             transposed=True, weight_name="weight")
+            f"output_padding={module.output_padding}, dilation={dilation})",
+            in_shape,
+            (module.out_channels, *expected),
+            out_shape,
+        )
+    axes = [
+        Axis(n, o, k, s, d, p, 0, "zeros", "transposed")
+        for n, o, k, s, d, p in zip(size, osize, kernel, stride, dilation, padding)
+    ]
+    return Stencil.from_axes(
+        label,
+        module.weight,
+        (c_in, c_out),
+        module.groups,
+        axes,
+        transposed=True,
+        weight_name="weight",
+    )
 
 
 @_builtin(nn.ConvTranspose1d)
-def conv_transpose1d(module: nn.ConvTranspose1d, in_shape, out_shape, *,
-                     legacy: bool = False, label: str | None = None) -> Stencil:
+def conv_transpose1d(
+    module: nn.ConvTranspose1d,
+    in_shape,
+    out_shape,
+    *,
+    legacy: bool = False,
+    label: str | None = None,
+) -> Stencil:
     """Adapter for ``nn.ConvTranspose1d`` (stride, padding, output_padding, dilation,
     groups): ``A[(ci, i), (co, o)] = weight[ci, co_local, k]`` where ``o = i * stride -
     padding + k * dilation``."""
@@ -1131,15 +1292,27 @@ def conv_transpose1d(module: nn.ConvTranspose1d, in_shape, out_shape, *,
 
 
 @_builtin(nn.ConvTranspose2d)
-def conv_transpose2d(module: nn.ConvTranspose2d, in_shape, out_shape, *,
-                     legacy: bool = False, label: str | None = None) -> Stencil:
+def conv_transpose2d(
+    module: nn.ConvTranspose2d,
+    in_shape,
+    out_shape,
+    *,
+    legacy: bool = False,
+    label: str | None = None,
+) -> Stencil:
     """Adapter for ``nn.ConvTranspose2d``; see :func:`conv_transpose1d`."""
     return _conv_transpose(module, in_shape, out_shape, 2, label or "ConvTranspose2d")
 
 
 @_builtin(nn.ConvTranspose3d)
-def conv_transpose3d(module: nn.ConvTranspose3d, in_shape, out_shape, *,
-                     legacy: bool = False, label: str | None = None) -> Stencil:
+def conv_transpose3d(
+    module: nn.ConvTranspose3d,
+    in_shape,
+    out_shape,
+    *,
+    legacy: bool = False,
+    label: str | None = None,
+) -> Stencil:
     """Adapter for ``nn.ConvTranspose3d``; see :func:`conv_transpose1d`."""
     return _conv_transpose(module, in_shape, out_shape, 3, label or "ConvTranspose3d")
 
@@ -1149,29 +1322,39 @@ def _avgpool(module, in_shape, out_shape, nd: int, label: str, legacy: bool = Fa
     c_in, *size = _spatial(in_shape, nd, label, "input", module)
     c_out, *osize = _spatial(out_shape, nd, label, "output", module)
     kernel = _ntuple(module.kernel_size, nd)
-    stride = _ntuple(module.stride if module.stride not in (None, ()) else module.kernel_size,
-                     nd)
+    stride = _ntuple(module.stride if module.stride not in (None, ()) else module.kernel_size, nd)
     pads = _ntuple(module.padding, nd)
-    expected = tuple(_pool_out(n, k, s, p, module.ceil_mode)
-                     for n, k, s, p in zip(size, kernel, stride, pads))
+    expected = tuple(
+        _pool_out(n, k, s, p, module.ceil_mode) for n, k, s, p in zip(size, kernel, stride, pads)
+    )
     if c_out != c_in or tuple(osize) != expected:
         raise _shape_error(
-            label, f"{type(module).__name__}(kernel_size={kernel}, stride={stride}, "
-            f"padding={pads}, ceil_mode={module.ceil_mode})", in_shape, (c_in, *expected),
-            out_shape)
+            label,
+            f"{type(module).__name__}(kernel_size={kernel}, stride={stride}, "
+            f"padding={pads}, ceil_mode={module.ceil_mode})",
+            in_shape,
+            (c_in, *expected),
+            out_shape,
+        )
     if legacy:
         if any(pads):
             raise UnsupportedLayerError(
                 f"{label}: legacy=True reproduces the old module, which refuses AvgPool2d "
                 f"padding (got padding={module.padding}, input {tuple(in_shape)}); use "
-                "legacy=False for the true pooling connectivity")
+                "legacy=False for the true pooling connectivity"
+            )
         axes = [Axis(n, o, k, s) for n, o, k, s in zip(size, osize, kernel, stride)]
-        weight = torch.full((c_in, c_in) + kernel, 1.0 / math.prod(kernel),
-                            dtype=torch.float64)
-        return Stencil(label, weight, (c_in, *size), (c_in, *osize), 1, *axes,
-                       values_dtype=torch.get_default_dtype())
-    axes = [Axis(n, o, k, s, 1, p, p) for n, o, k, s, p in zip(size, osize, kernel, stride,
-                                                                pads)]
+        weight = torch.full((c_in, c_in) + kernel, 1.0 / math.prod(kernel), dtype=torch.float64)
+        return Stencil(
+            label,
+            weight,
+            (c_in, *size),
+            (c_in, *osize),
+            1,
+            *axes,
+            values_dtype=torch.get_default_dtype(),
+        )
+    axes = [Axis(n, o, k, s, 1, p, p) for n, o, k, s, p in zip(size, osize, kernel, stride, pads)]
     override = getattr(module, "divisor_override", None)
     if override:
         scales = [np.full(osize[0], 1.0 / override)] + [None] * (nd - 1)
@@ -1179,13 +1362,15 @@ def _avgpool(module, in_shape, out_shape, nd: int, label: str, legacy: bool = Fa
         pick = 0 if module.count_include_pad else 1
         scales = [1.0 / a.window_lengths()[pick] for a in axes]
     weight = torch.ones((c_in, 1) + kernel, dtype=torch.float64)
-    return Stencil.from_axes(label, weight, (c_in, c_in), c_in, axes, scales,
-                             values_dtype=torch.get_default_dtype())
+    return Stencil.from_axes(
+        label, weight, (c_in, c_in), c_in, axes, scales, values_dtype=torch.get_default_dtype()
+    )
 
 
 @_builtin(nn.AvgPool2d, extended=False)
-def avgpool2d(module: nn.AvgPool2d, in_shape, out_shape, *, legacy: bool = False,
-              label: str | None = None) -> Stencil:
+def avgpool2d(
+    module: nn.AvgPool2d, in_shape, out_shape, *, legacy: bool = False, label: str | None = None
+) -> Stencil:
     """Adapter for ``nn.AvgPool2d``.
 
     By default each output connects to its window in its own channel with the divisor
@@ -1198,16 +1383,18 @@ def avgpool2d(module: nn.AvgPool2d, in_shape, out_shape, *, legacy: bool = False
 
 
 @_builtin(nn.AvgPool1d)
-def avgpool1d(module: nn.AvgPool1d, in_shape, out_shape, *, legacy: bool = False,
-              label: str | None = None) -> Stencil:
+def avgpool1d(
+    module: nn.AvgPool1d, in_shape, out_shape, *, legacy: bool = False, label: str | None = None
+) -> Stencil:
     """Adapter for ``nn.AvgPool1d``: per channel, PyTorch's divisors (``legacy`` is an
     AvgPool2d option and is ignored)."""
     return _avgpool(module, in_shape, out_shape, 1, label or "AvgPool1d")
 
 
 @_builtin(nn.AvgPool3d)
-def avgpool3d(module: nn.AvgPool3d, in_shape, out_shape, *, legacy: bool = False,
-              label: str | None = None) -> Stencil:
+def avgpool3d(
+    module: nn.AvgPool3d, in_shape, out_shape, *, legacy: bool = False, label: str | None = None
+) -> Stencil:
     """Adapter for ``nn.AvgPool3d``: per channel, PyTorch's divisors (``padding``,
     ``ceil_mode``, ``count_include_pad``, ``divisor_override``)."""
     return _avgpool(module, in_shape, out_shape, 3, label or "AvgPool3d")
@@ -1223,36 +1410,60 @@ def _adaptive(module, in_shape, out_shape, nd: int, label: str) -> Stencil:
     ok = len(wanted) == nd and all(w is None or w == o for w, o in zip(wanted, osize))
     if c_out != c_in or not ok or any(o < 1 for o in osize):
         expected = tuple(n if w is None else w for n, w in zip(size, wanted))
-        raise _shape_error(label, f"{type(module).__name__}(output_size={module.output_size})",
-                           in_shape, (c_in, *expected), out_shape)
+        raise _shape_error(
+            label,
+            f"{type(module).__name__}(output_size={module.output_size})",
+            in_shape,
+            (c_in, *expected),
+            out_shape,
+        )
     axes = []
     for n, o in zip(size, osize):
         lengths = Axis(n, o, 1, kind="adaptive").window_lengths()[0]
         axes.append(Axis(n, o, int(lengths.max(initial=1)), kind="adaptive"))
     scales = [1.0 / a.window_lengths()[0] for a in axes]
     weight = torch.ones((c_in, 1) + tuple(a.kernel for a in axes), dtype=torch.float64)
-    return Stencil.from_axes(label, weight, (c_in, c_in), c_in, axes, scales,
-                             values_dtype=torch.get_default_dtype())
+    return Stencil.from_axes(
+        label, weight, (c_in, c_in), c_in, axes, scales, values_dtype=torch.get_default_dtype()
+    )
 
 
 @_builtin(nn.AdaptiveAvgPool1d)
-def adaptive_avgpool1d(module: nn.AdaptiveAvgPool1d, in_shape, out_shape, *,
-                       legacy: bool = False, label: str | None = None) -> Stencil:
+def adaptive_avgpool1d(
+    module: nn.AdaptiveAvgPool1d,
+    in_shape,
+    out_shape,
+    *,
+    legacy: bool = False,
+    label: str | None = None,
+) -> Stencil:
     """Adapter for ``nn.AdaptiveAvgPool1d``: PyTorch's windows ``floor(i * In / Out)`` to
     ``ceil((i + 1) * In / Out)`` (they may overlap), entry ``1 / window length``."""
     return _adaptive(module, in_shape, out_shape, 1, label or "AdaptiveAvgPool1d")
 
 
 @_builtin(nn.AdaptiveAvgPool2d)
-def adaptive_avgpool2d(module: nn.AdaptiveAvgPool2d, in_shape, out_shape, *,
-                       legacy: bool = False, label: str | None = None) -> Stencil:
+def adaptive_avgpool2d(
+    module: nn.AdaptiveAvgPool2d,
+    in_shape,
+    out_shape,
+    *,
+    legacy: bool = False,
+    label: str | None = None,
+) -> Stencil:
     """Adapter for ``nn.AdaptiveAvgPool2d``; see :func:`adaptive_avgpool1d`."""
     return _adaptive(module, in_shape, out_shape, 2, label or "AdaptiveAvgPool2d")
 
 
 @_builtin(nn.AdaptiveAvgPool3d)
-def adaptive_avgpool3d(module: nn.AdaptiveAvgPool3d, in_shape, out_shape, *,
-                       legacy: bool = False, label: str | None = None) -> Stencil:
+def adaptive_avgpool3d(
+    module: nn.AdaptiveAvgPool3d,
+    in_shape,
+    out_shape,
+    *,
+    legacy: bool = False,
+    label: str | None = None,
+) -> Stencil:
     """Adapter for ``nn.AdaptiveAvgPool3d``; see :func:`adaptive_avgpool1d`."""
     return _adaptive(module, in_shape, out_shape, 3, label or "AdaptiveAvgPool3d")
 
@@ -1263,4 +1474,3 @@ def _pool_out(n: int, k: int, s: int, p: int, ceil_mode: bool) -> int:
     if ceil_mode and (out - 1) * s >= n + p:
         out -= 1
     return out
-

@@ -39,8 +39,9 @@ __all__ = [
 ]
 
 
-def linear_create_matrix(module: nn.Linear, in_shape, out_shape, *,
-                         layout: Any = torch.sparse_coo, max_memory=None):
+def linear_create_matrix(
+    module: nn.Linear, in_shape, out_shape, *, layout: Any = torch.sparse_coo, max_memory=None
+):
     """Connectivity matrix of an ``nn.Linear`` layer: the weight transposed.
 
     Parameters
@@ -64,8 +65,9 @@ def linear_create_matrix(module: nn.Linear, in_shape, out_shape, *,
     return _conn.linear(module, in_shape, out_shape).to_sparse(layout, max_memory=max_memory)
 
 
-def conv2d_create_matrix(module: nn.Conv2d, in_shape, out_shape, *,
-                         layout: Any = torch.sparse_coo, max_memory=None):
+def conv2d_create_matrix(
+    module: nn.Conv2d, in_shape, out_shape, *, layout: Any = torch.sparse_coo, max_memory=None
+):
     """Connectivity matrix of an ``nn.Conv2d`` layer, built sparse.
 
     Row ``(c, h, w)`` of the input, column ``(c, h, w)`` of the output (flattened, batch
@@ -94,9 +96,15 @@ def conv2d_create_matrix(module: nn.Conv2d, in_shape, out_shape, *,
     return _conn.conv2d(module, in_shape, out_shape).to_sparse(layout, max_memory=max_memory)
 
 
-def avgpool2d_create_matrix(module: nn.AvgPool2d, in_shape, out_shape, *,
-                            layout: Any = torch.sparse_coo, legacy: bool = False,
-                            max_memory=None):
+def avgpool2d_create_matrix(
+    module: nn.AvgPool2d,
+    in_shape,
+    out_shape,
+    *,
+    layout: Any = torch.sparse_coo,
+    legacy: bool = False,
+    max_memory=None,
+):
     """Connectivity matrix of an ``nn.AvgPool2d`` layer, built sparse.
 
     Each output connects to its window in its own channel, with the divisor PyTorch uses
@@ -122,11 +130,15 @@ def avgpool2d_create_matrix(module: nn.AvgPool2d, in_shape, out_shape, *,
         Shape ``(C*H*W, C*H_out*W_out)``.
     """
     return _conn.avgpool2d(module, in_shape, out_shape, legacy=legacy).to_sparse(
-        layout, max_memory=max_memory)
+        layout, max_memory=max_memory
+    )
 
 
-_DROP_IN = {_conn.linear: linear_create_matrix, _conn.conv2d: conv2d_create_matrix,
-            _conn.avgpool2d: avgpool2d_create_matrix}
+_DROP_IN = {
+    _conn.linear: linear_create_matrix,
+    _conn.conv2d: conv2d_create_matrix,
+    _conn.avgpool2d: avgpool2d_create_matrix,
+}
 
 
 class _ValidModules(MutableMapping):
@@ -177,13 +189,13 @@ class _ValidModules(MutableMapping):
 def _generic_create_matrix(adapter):
     import warnings
 
-    def create_matrix(module, in_shape, out_shape, *, layout=torch.sparse_coo,
-                      max_memory=None):
+    def create_matrix(module, in_shape, out_shape, *, layout=torch.sparse_coo, max_memory=None):
         # A user's matrix goes through torch's sparse CSR conversion, whose "beta state"
         # notice is torch's, not news to the caller: keep it inside the library.
         with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta",
-                                    category=UserWarning)
+            warnings.filterwarnings(
+                "ignore", message="Sparse CSR tensor support is in beta", category=UserWarning
+            )
             conn = adapter(module, in_shape, out_shape)
             return conn.to_sparse(layout, max_memory=max_memory)
 
@@ -227,8 +239,17 @@ def _with_parameters(fn):
 
 
 @_with_parameters
-def determinism(model: nn.Module, input=None, shapes=None, norm=lin_norm, device="cpu", *,
-                engine: str = "auto", legacy: bool = False, max_memory=None) -> float:
+def determinism(
+    model: nn.Module,
+    input=None,
+    shapes=None,
+    norm=lin_norm,
+    device="cpu",
+    *,
+    engine: str = "auto",
+    legacy: bool = False,
+    max_memory=None,
+) -> float:
     r"""Determinism of ``model``: the mean entropy of every neuron's normalised out-weights.
 
     .. math:: \text{determinism} = \frac{1}{N} \sum_{\text{layers}} \sum_r H(P_{r,:})
@@ -242,13 +263,31 @@ def determinism(model: nn.Module, input=None, shapes=None, norm=lin_norm, device
     float
         Bits.
     """
-    return _report(model, input, shapes, norm, device, engine=engine, legacy=legacy,
-                   max_memory=max_memory, layers="seed").determinism
+    return _report(
+        model,
+        input,
+        shapes,
+        norm,
+        device,
+        engine=engine,
+        legacy=legacy,
+        max_memory=max_memory,
+        layers="seed",
+    ).determinism
 
 
 @_with_parameters
-def degeneracy(model: nn.Module, input=None, shapes=None, norm=lin_norm, device="cpu", *,
-               engine: str = "auto", legacy: bool = False, max_memory=None) -> float:
+def degeneracy(
+    model: nn.Module,
+    input=None,
+    shapes=None,
+    norm=lin_norm,
+    device="cpu",
+    *,
+    engine: str = "auto",
+    legacy: bool = False,
+    max_memory=None,
+) -> float:
     r"""Degeneracy of ``model``: the entropy of the pooled, normalised in-weights.
 
     .. math:: \text{degeneracy} = H\left(v / \textstyle\sum v\right)
@@ -262,13 +301,31 @@ def degeneracy(model: nn.Module, input=None, shapes=None, norm=lin_norm, device=
     float
         Bits.
     """
-    return _report(model, input, shapes, norm, device, engine=engine, legacy=legacy,
-                   max_memory=max_memory, layers="seed").degeneracy
+    return _report(
+        model,
+        input,
+        shapes,
+        norm,
+        device,
+        engine=engine,
+        legacy=legacy,
+        max_memory=max_memory,
+        layers="seed",
+    ).degeneracy
 
 
 @_with_parameters
-def ei(model: nn.Module, input=None, shapes=None, norm=lin_norm, device="cpu", *,
-       engine: str = "auto", legacy: bool = False, max_memory=None) -> float:
+def ei(
+    model: nn.Module,
+    input=None,
+    shapes=None,
+    norm=lin_norm,
+    device="cpu",
+    *,
+    engine: str = "auto",
+    legacy: bool = False,
+    max_memory=None,
+) -> float:
     r"""Effective information of ``model``: ``degeneracy - determinism``.
 
     .. math:: \text{EI} = H\left(\langle P \rangle\right) - \langle H(P_{r,:}) \rangle
@@ -284,5 +341,14 @@ def ei(model: nn.Module, input=None, shapes=None, norm=lin_norm, device="cpu", *
     float
         Bits.
     """
-    return _report(model, input, shapes, norm, device, engine=engine, legacy=legacy,
-                   max_memory=max_memory, layers="seed").ei
+    return _report(
+        model,
+        input,
+        shapes,
+        norm,
+        device,
+        engine=engine,
+        legacy=legacy,
+        max_memory=max_memory,
+        layers="seed",
+    ).ei

@@ -42,8 +42,9 @@ def row_entropy(total: torch.Tensor, plogp: torch.Tensor) -> torch.Tensor:
     return torch.where(total > 0, torch.log2(safe) - plogp / safe, torch.zeros_like(total))
 
 
-def column_terms(v: torch.Tensor, add: float = 0.0,
-                 weights: torch.Tensor | None = None) -> torch.Tensor:
+def column_terms(
+    v: torch.Tensor, add: float = 0.0, weights: torch.Tensor | None = None
+) -> torch.Tensor:
     """Sufficient statistics of ``H(x / sum x)`` for ``x = v + add``, as float64 ``(4,)``.
 
     ``[sum x, sum x log2 x]`` over the positive entries and ``[sum x, sum |x| log2 |x|]``
@@ -60,8 +61,9 @@ def column_terms(v: torch.Tensor, add: float = 0.0,
     return column_terms_torch(v, add, weights)
 
 
-def column_terms_torch(v: torch.Tensor, add: float = 0.0,
-                       weights: torch.Tensor | None = None) -> torch.Tensor:
+def column_terms_torch(
+    v: torch.Tensor, add: float = 0.0, weights: torch.Tensor | None = None
+) -> torch.Tensor:
     """Torch form of :func:`column_terms` (CUDA; runs on CPU tensors too)."""
     x = v.to(torch.float64) + add
     pos, neg = x > 0, x < 0
@@ -71,8 +73,14 @@ def column_terms_torch(v: torch.Tensor, add: float = 0.0,
         w = weights.to(x.device, torch.float64)
         x, xlx = x * w, xlx * w
     zero = torch.zeros((), dtype=torch.float64, device=x.device)
-    return torch.stack([torch.where(pos, x, zero).sum(), torch.where(pos, xlx, zero).sum(),
-                        torch.where(neg, x, zero).sum(), torch.where(neg, xlx, zero).sum()]).cpu()
+    return torch.stack(
+        [
+            torch.where(pos, x, zero).sum(),
+            torch.where(pos, xlx, zero).sum(),
+            torch.where(neg, x, zero).sum(),
+            torch.where(neg, xlx, zero).sum(),
+        ]
+    ).cpu()
 
 
 def entropy_from_terms(terms) -> float:

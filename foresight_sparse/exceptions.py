@@ -104,7 +104,8 @@ def warn_caller(message: str, category: type[Warning] = UserWarning) -> None:
     level = 2  # stacklevel 2 is the caller of this function
     frame = sys._getframe(1)
     while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(
-            _PACKAGE_DIR + os.sep):
+        _PACKAGE_DIR + os.sep
+    ):
         frame = frame.f_back
         level += 1
     warnings.warn(message, category, stacklevel=level)

@@ -16,8 +16,16 @@ from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["PADDING_MODES", "AXIS_KINDS", "Axis", "AxisProduct", "AxisPairs", "AxisClasses",
-           "conv_output_size", "adaptive_windows"]
+__all__ = [
+    "PADDING_MODES",
+    "AXIS_KINDS",
+    "Axis",
+    "AxisProduct",
+    "AxisPairs",
+    "AxisClasses",
+    "conv_output_size",
+    "adaptive_windows",
+]
 
 PADDING_MODES = ("zeros", "reflect", "replicate", "circular")
 
@@ -34,8 +42,9 @@ def adaptive_windows(size_in: int, size_out: int) -> tuple[np.ndarray, np.ndarra
     return (i * size_in) // size_out, -((-(i + 1) * size_in) // size_out)
 
 
-def conv_output_size(size: int, kernel: int, stride: int, dilation: int, pad: int,
-                     ceil_mode: bool = False) -> int:
+def conv_output_size(
+    size: int, kernel: int, stride: int, dilation: int, pad: int, ceil_mode: bool = False
+) -> int:
     """Output length of a sliding window over ``size`` inputs with ``pad`` total padding."""
     span = size + pad - dilation * (kernel - 1) - 1
     if ceil_mode:
@@ -289,8 +298,14 @@ class AxisClasses:
         first, in_index, in_mult = _unique_rows(key)
         out_key = np.where(taps >= 0, in_index[np.maximum(taps, 0)], -1)
         out_first, out_index, out_mult = _unique_rows(out_key)
-        return cls(np.ascontiguousarray(profile[first]), pairs.counts[first].astype(np.int64),
-                   in_mult, out_key[out_first], out_mult, out_index)
+        return cls(
+            np.ascontiguousarray(profile[first]),
+            pairs.counts[first].astype(np.int64),
+            in_mult,
+            out_key[out_first],
+            out_mult,
+            out_index,
+        )
 
 
 def _unique_rows(a: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

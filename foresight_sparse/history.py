@@ -32,8 +32,7 @@ from typing import Any
 from .exceptions import HistoryFileError
 from .results import Report
 
-__all__ = ["NETWORK", "KINDS", "FIELDS", "Record", "History", "CSVAppender",
-           "records_from_report"]
+__all__ = ["NETWORK", "KINDS", "FIELDS", "Record", "History", "CSVAppender", "records_from_report"]
 
 #: The ``layer`` value of the records that hold network totals.
 NETWORK = "<network>"
@@ -99,8 +98,14 @@ _FLOATS = ("ei", "determinism", "degeneracy")
 _OPTIONAL_STR = ("file", "error")
 
 
-def records_from_report(report: Report, label: str, *, step: int | None = None,
-                        epoch: int | None = None, file: str | None = None) -> list[Record]:
+def records_from_report(
+    report: Report,
+    label: str,
+    *,
+    step: int | None = None,
+    epoch: int | None = None,
+    file: str | None = None,
+) -> list[Record]:
     """The network record and one record per layer of ``report``.
 
     Parameters
@@ -119,10 +124,35 @@ def records_from_report(report: Report, label: str, *, step: int | None = None,
     list of Record
         The network totals first, then the layers in forward order.
     """
-    out = [Record(label, "network", NETWORK, "", step, epoch, report.ei, report.determinism,
-                  report.degeneracy, file)]
-    out += [Record(label, "layer", lay.name, lay.type, step, epoch, lay.ei,
-                   lay.mean_row_entropy, lay.degeneracy, file) for lay in report.layers]
+    out = [
+        Record(
+            label,
+            "network",
+            NETWORK,
+            "",
+            step,
+            epoch,
+            report.ei,
+            report.determinism,
+            report.degeneracy,
+            file,
+        )
+    ]
+    out += [
+        Record(
+            label,
+            "layer",
+            lay.name,
+            lay.type,
+            step,
+            epoch,
+            lay.ei,
+            lay.mean_row_entropy,
+            lay.degeneracy,
+            file,
+        )
+        for lay in report.layers
+    ]
     return out
 
 
@@ -196,11 +226,11 @@ class CSVAppender:
         When ``append`` is True and the existing file's header row is not this format's.
     """
 
-    def __init__(self, path: str | os.PathLike, meta: dict[str, Any] | None = None, *,
-                 append: bool = True):
+    def __init__(
+        self, path: str | os.PathLike, meta: dict[str, Any] | None = None, *, append: bool = True
+    ):
         self.path = os.fspath(path)
-        fresh = not append or not os.path.exists(self.path) or \
-            os.path.getsize(self.path) == 0
+        fresh = not append or not os.path.exists(self.path) or os.path.getsize(self.path) == 0
         if not fresh:
             _read_csv(self.path)  # refuses a file of another format before adding to it
             _drop_cut_line(self.path)
@@ -265,8 +295,10 @@ def _read_csv(path: str) -> tuple[dict[str, Any], list[Record]]:
     reader = csv.reader(lines[i:])
     header = next(reader)
     if tuple(header) != FIELDS:
-        raise HistoryFileError(f"{path!r} is not a history CSV file: its columns are "
-                               f"{', '.join(header)}; a history has {', '.join(FIELDS)}")
+        raise HistoryFileError(
+            f"{path!r} is not a history CSV file: its columns are "
+            f"{', '.join(header)}; a history has {', '.join(FIELDS)}"
+        )
     records = []
     for n, cells in enumerate(reader, start=i + 2):
         if len(cells) != len(FIELDS):
@@ -324,8 +356,15 @@ class History:
         for rec in records:
             self.append(rec)
 
-    def add_report(self, report: Report, label: str, *, step: int | None = None,
-                   epoch: int | None = None, file: str | None = None) -> list[Record]:
+    def add_report(
+        self,
+        report: Report,
+        label: str,
+        *,
+        step: int | None = None,
+        epoch: int | None = None,
+        file: str | None = None,
+    ) -> list[Record]:
         """Add the network and layer records of ``report`` and return them.
 
         See :func:`records_from_report` for the parameters.
@@ -334,8 +373,15 @@ class History:
         self.extend(recs)
         return recs
 
-    def add_error(self, label: str, reason: str, *, file: str | None = None,
-                  step: int | None = None, epoch: int | None = None) -> Record:
+    def add_error(
+        self,
+        label: str,
+        reason: str,
+        *,
+        file: str | None = None,
+        step: int | None = None,
+        epoch: int | None = None,
+    ) -> Record:
         """Add an error record: ``label`` (from ``file``) could not be evaluated."""
         rec = Record(label, "error", step=step, epoch=epoch, file=file, error=reason)
         self.append(rec)
@@ -358,8 +404,10 @@ class History:
         return self.records == other.records and self.meta == other.meta
 
     def __repr__(self) -> str:
-        return (f"<History: {len(self.labels)} labels, {len(self.layers)} layers, "
-                f"{len(self.errors)} errors>")
+        return (
+            f"<History: {len(self.labels)} labels, {len(self.layers)} layers, "
+            f"{len(self.errors)} errors>"
+        )
 
     @property
     def labels(self) -> list[str]:
@@ -409,8 +457,10 @@ class History:
         if not recs:
             names = ", ".join([NETWORK, *self.layers][:12])
             raise KeyError(f"the history has no layer {layer!r}; it has {names}")
-        return {name: [getattr(r, name) for r in recs]
-                for name in ("label", "step", "epoch", "ei", "determinism", "degeneracy")}
+        return {
+            name: [getattr(r, name) for r in recs]
+            for name in ("label", "step", "epoch", "ei", "determinism", "degeneracy")
+        }
 
     def sorted(self, labels: Sequence[str]) -> History:
         """A copy with the records grouped by label in the order of ``labels``.
@@ -419,8 +469,9 @@ class History:
         kept (network totals, then the layers).
         """
         rank = {lab: i for i, lab in enumerate(labels)}
-        order = sorted(range(len(self.records)),
-                       key=lambda i: (rank.get(self.records[i].label, len(rank)), i))
+        order = sorted(
+            range(len(self.records)), key=lambda i: (rank.get(self.records[i].label, len(rank)), i)
+        )
         return History([self.records[i] for i in order], self.meta)
 
     # ------------------------------------------------------------------ files
@@ -430,6 +481,7 @@ class History:
 
         The file is replaced as a whole (written beside it, then renamed).
         """
+
         def write(tmp: str) -> None:
             with CSVAppender(tmp, self.meta, append=False) as out:
                 out.write(self.records)
@@ -478,12 +530,15 @@ class History:
             raise HistoryFileError(f"{where} is not JSON: {exc}") from None
         if not isinstance(data, dict) or not isinstance(data.get("records"), list):
             raise HistoryFileError(f"{where} is not a history: it needs a 'records' list")
-        return cls([_record_from_row(row, where) if isinstance(row, dict) else
-                    _not_a_row(row, where) for row in data["records"]],
-                   data.get("meta") or {})
+        return cls(
+            [
+                _record_from_row(row, where) if isinstance(row, dict) else _not_a_row(row, where)
+                for row in data["records"]
+            ],
+            data.get("meta") or {},
+        )
 
-    def plot(self, path: str | os.PathLike, kind: str = "layers",
-             title: str | None = None) -> None:
+    def plot(self, path: str | os.PathLike, kind: str = "layers", title: str | None = None) -> None:
         """Draw the history and write the chart to ``path`` (needs matplotlib).
 
         :func:`foresight_sparse.plotting.plot_history` draws it.
@@ -506,4 +561,3 @@ class History:
 
 def _not_a_row(row: Any, where: str) -> Record:
     raise HistoryFileError(f"{where}: a record is a {type(row).__name__}, not an object")
-

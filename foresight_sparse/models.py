@@ -67,9 +67,11 @@ def _torchvision_models():
     try:
         import torchvision.models as tvm
     except ImportError:
-        raise UsageError("torchvision is not installed, so MODEL cannot be a torchvision "
-                         "name; pip install 'foresight-sparse[vision]', or pass "
-                         "package.module:callable or a model file") from None
+        raise UsageError(
+            "torchvision is not installed, so MODEL cannot be a torchvision "
+            "name; pip install 'foresight-sparse[vision]', or pass "
+            "package.module:callable or a model file"
+        ) from None
     return tvm
 
 
@@ -85,10 +87,15 @@ def _from_torchvision(name: str, seed: int) -> tuple[nn.Module, tuple[int, ...] 
     known = tvm.list_models()
     if key not in known:
         close = difflib.get_close_matches(key, known, n=3)
-        hint = f"; did you mean {' or '.join(close)}?" if close else \
-            "; see torchvision.models.list_models()"
-        raise UsageError(f"unknown model {name!r}: not a file, not package.module:callable "
-                         f"and not a torchvision model name{hint}")
+        hint = (
+            f"; did you mean {' or '.join(close)}?"
+            if close
+            else "; see torchvision.models.list_models()"
+        )
+        raise UsageError(
+            f"unknown model {name!r}: not a file, not package.module:callable "
+            f"and not a torchvision model name{hint}"
+        )
     builder = tvm.get_model_builder(key)
     kwargs: dict[str, Any] = {"weights": None}
     # Never download anything: detection models would fetch a pretrained backbone.
@@ -113,8 +120,7 @@ def _from_callable(spec: str, seed: int) -> nn.Module:
             raise UsageError(f"cannot import module {mod_name!r} of {spec!r}: {exc}") from None
         raise ModelError(f"importing {mod_name!r} failed: {exc}") from exc
     except Exception as exc:
-        raise ModelError(f"importing {mod_name!r} failed: {type(exc).__name__}: {exc}") \
-            from exc
+        raise ModelError(f"importing {mod_name!r} failed: {type(exc).__name__}: {exc}") from exc
     finally:
         if added and cwd in sys.path:
             sys.path.remove(cwd)
@@ -127,8 +133,9 @@ def _from_callable(spec: str, seed: int) -> nn.Module:
     if isinstance(obj, nn.Module):
         return obj
     if not callable(obj):
-        raise UsageError(f"{spec!r} is a {type(obj).__name__}, not a callable returning an "
-                         "nn.Module")
+        raise UsageError(
+            f"{spec!r} is a {type(obj).__name__}, not a callable returning an nn.Module"
+        )
     torch.manual_seed(seed)
     try:
         model = obj()
@@ -149,7 +156,8 @@ def _main_class(path: str, name: str) -> UsageError:
         f"{path!r} holds a {name} whose class was defined in the script that saved it "
         "(__main__), so it cannot be imported here; define the class in a module, or save a "
         "state dict (torch.save(model.state_dict(), FILE)) and load it with weights= into "
-        "MODEL=package.module:callable")
+        "MODEL=package.module:callable"
+    )
 
 
 def _describe(path: str, obj: Any) -> UsageError:
@@ -157,14 +165,18 @@ def _describe(path: str, obj: Any) -> UsageError:
     what = type(obj).__name__
     article = "an" if what[:1].lower() in "aeiou" else "a"
     if isinstance(obj, dict) and obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
-        return UsageError(f"{path!r} holds {article} {what} (a state dict): pass it with "
-                          "weights= to a model (a torchvision name or "
-                          "package.module:callable), not as the model")
+        return UsageError(
+            f"{path!r} holds {article} {what} (a state dict): pass it with "
+            "weights= to a model (a torchvision name or "
+            "package.module:callable), not as the model"
+        )
     if isinstance(obj, dict):
         keys = ", ".join(repr(str(k)) for k in list(obj)[:5]) + (" ..." if len(obj) > 5 else "")
-        return UsageError(f"{path!r} holds a dict with keys {keys} (a training checkpoint?): "
-                          "pass it with weights= to a model (a torchvision name or "
-                          "package.module:callable), not as the model")
+        return UsageError(
+            f"{path!r} holds a dict with keys {keys} (a training checkpoint?): "
+            "pass it with weights= to a model (a torchvision name or "
+            "package.module:callable), not as the model"
+        )
     return UsageError(f"{path!r} holds {article} {what}, not a torch.nn.Module")
 
 
@@ -184,21 +196,24 @@ def _from_file(path: str, trust_pickle: bool) -> nn.Module:
     except pickle.UnpicklingError as exc:
         name = _pickled_global(exc)
         if name is None:
-            raise UsageError(f"cannot load {path!r} as a TorchScript file or a torch.save "
-                             f"file: {_first_line(exc)}") from None
+            raise UsageError(
+                f"cannot load {path!r} as a TorchScript file or a torch.save "
+                f"file: {_first_line(exc)}"
+            ) from None
         if name.startswith("__main__."):
-            raise _main_class(path, name[len("__main__."):]) from None
+            raise _main_class(path, name[len("__main__.") :]) from None
         if not trust_pickle:
             raise UsageError(
                 f"{path!r} holds a pickled {name} (saved with torch.save(model, FILE)), and "
                 "loading it runs code from the file; if you trust the file, pass "
                 "trust_pickle=True, or save a state dict (torch.save(model.state_dict(), "
-                "FILE)) and load it with weights= into MODEL=package.module:callable") \
-                from None
+                "FILE)) and load it with weights= into MODEL=package.module:callable"
+            ) from None
         obj = _unpickle(path)
     except Exception as exc:  # truncated, corrupt or not a torch file at all
-        raise UsageError(f"cannot load {path!r} as a TorchScript file or a torch.save file: "
-                         f"{_first_line(exc)}") from None
+        raise UsageError(
+            f"cannot load {path!r} as a TorchScript file or a torch.save file: {_first_line(exc)}"
+        ) from None
     if isinstance(obj, nn.Module):
         return obj
     raise _describe(path, obj)
@@ -241,25 +256,30 @@ def _rebuild(module, where: str, name: str) -> nn.Module:
     qual = module._c.qualified_name
     cls = getattr(nn, module.original_name, None)
     children = list(module.named_children())
-    supported = qual.startswith(_TORCH_NN) and isinstance(cls, type) and \
-        issubclass(cls, nn.Module)
+    supported = qual.startswith(_TORCH_NN) and isinstance(cls, type) and issubclass(cls, nn.Module)
     if supported and cls is nn.Sequential:
-        return nn.Sequential(OrderedDict(
-            (n, _rebuild(c, where, f"{name}.{n}" if name else n)) for n, c in children))
+        return nn.Sequential(
+            OrderedDict((n, _rebuild(c, where, f"{name}.{n}" if name else n)) for n, c in children)
+        )
     if not supported or children:
-        what = f"module {name!r} ({module.original_name})" if name else \
-            f"its top module ({module.original_name})"
+        what = (
+            f"module {name!r} ({module.original_name})"
+            if name
+            else f"its top module ({module.original_name})"
+        )
         raise UsageError(
             f"{where} is TorchScript, and {what} has compiled forward code that foresight-"
             "sparse cannot hook to find layer shapes (only nn.Sequential models of torch.nn "
             "layers are converted); save the eager model with torch.save(model, FILE) or "
-            "pass package.module:callable")
+            "pass package.module:callable"
+        )
     missing = [n for n in getattr(cls, "__constants__", ()) if not module._c.hasattr(n)]
     if missing:
         raise UsageError(
             f"{where} is TorchScript, and its {module.original_name} {name!r} does not keep "
             f"its settings ({', '.join(missing)}), as with torch.jit.trace; save the model "
-            "with torch.jit.script or torch.save(model, FILE), or pass package.module:callable")
+            "with torch.jit.script or torch.save(model, FILE), or pass package.module:callable"
+        )
     return _eager_leaf(module, cls)
 
 
@@ -293,9 +313,15 @@ def _eager_leaf(script, cls: type) -> nn.Module:
     return leaf
 
 
-def load_model(spec: str, *, seed: int = 0, weights: str | os.PathLike | None = None,
-               input_shape: tuple[int, ...] | None = None, weights_key: str | None = None,
-               trust_pickle: bool = False) -> tuple[nn.Module, tuple[int, ...]]:
+def load_model(
+    spec: str,
+    *,
+    seed: int = 0,
+    weights: str | os.PathLike | None = None,
+    input_shape: tuple[int, ...] | None = None,
+    weights_key: str | None = None,
+    trust_pickle: bool = False,
+) -> tuple[nn.Module, tuple[int, ...]]:
     """The model ``spec`` names, with ``weights`` loaded, and its input shape.
 
     Parameters
@@ -345,6 +371,8 @@ def load_model(spec: str, *, seed: int = 0, weights: str | os.PathLike | None = 
         model.load_state_dict(fit_state_dict(state, model, source=weights))
     shape = input_shape or default_shape
     if shape is None:
-        raise UsageError(f"input_shape= is required for {spec!r}: only torchvision image "
-                         "models have a default (e.g. 1,3,224,224)")
+        raise UsageError(
+            f"input_shape= is required for {spec!r}: only torchvision image "
+            "models have a default (e.g. 1,3,224,224)"
+        )
     return model, tuple(shape)

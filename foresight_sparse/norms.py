@@ -215,8 +215,7 @@ UNNORMALISED = Unnormalised()
 KERNEL_CODES: dict[type, int] = {LinNorm: 0, SoftNorm: 1, SigNorm: 2, Unnormalised: 3}
 
 #: Name -> norm, for the CLI and for ``norm='soft'`` style arguments.
-NORMS: dict[str, Norm] = {"lin": lin_norm, "soft": soft_norm, "sig": sig_norm,
-                          "none": UNNORMALISED}
+NORMS: dict[str, Norm] = {"lin": lin_norm, "soft": soft_norm, "sig": sig_norm, "none": UNNORMALISED}
 
 
 def get_norm(norm) -> Norm:
@@ -236,10 +235,14 @@ def get_norm(norm) -> Norm:
         try:
             return NORMS[norm.lower()]
         except KeyError:
-            raise UnknownNameError(f"unknown norm {norm!r}; valid names are "
-                                   f"{', '.join(sorted(NORMS))}, or pass a callable") from None
+            raise UnknownNameError(
+                f"unknown norm {norm!r}; valid names are "
+                f"{', '.join(sorted(NORMS))}, or pass a callable"
+            ) from None
     if callable(norm):
         return RowwiseNorm(norm)
-    raise TypeError(f"norm must be a norm such as foresight_sparse.ei.lin_norm, a name "
-                    f"({', '.join(sorted(NORMS))}), None or a callable, not "
-                    f"{type(norm).__name__}")
+    raise TypeError(
+        f"norm must be a norm such as foresight_sparse.ei.lin_norm, a name "
+        f"({', '.join(sorted(NORMS))}), None or a callable, not "
+        f"{type(norm).__name__}"
+    )

@@ -47,11 +47,12 @@ def resolve_device(device) -> torch.device:
     try:
         dev = torch.device(device)
     except (RuntimeError, TypeError) as exc:
-        raise UnknownNameError(f"device={device!r} is not a device; use 'cpu' or 'cuda'") \
-            from exc
+        raise UnknownNameError(f"device={device!r} is not a device; use 'cpu' or 'cuda'") from exc
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise DeviceError(f"device={device!r} asks for CUDA, but this torch has no CUDA "
-                               "device available; use device='cpu'")
+        raise DeviceError(
+            f"device={device!r} asks for CUDA, but this torch has no CUDA "
+            "device available; use device='cpu'"
+        )
     if dev.type not in ("cpu", "cuda"):
         raise UnknownNameError(f"device={device!r} is not supported; use 'cpu' or 'cuda'")
     return dev
@@ -133,9 +134,18 @@ class Plan:
         The ``layers=`` option the plan was made with (``'seed'``, ``'all'`` or types).
     """
 
-    def __init__(self, model: nn.Module, layers: list[PlannedLayer],
-                 skipped: list[tuple[str, str]], norm: Norm, device: torch.device,
-                 engine: str, legacy: bool, max_memory: int, layer_set="seed"):
+    def __init__(
+        self,
+        model: nn.Module,
+        layers: list[PlannedLayer],
+        skipped: list[tuple[str, str]],
+        norm: Norm,
+        device: torch.device,
+        engine: str,
+        legacy: bool,
+        max_memory: int,
+        layer_set="seed",
+    ):
         self.model = model
         self.layers = layers
         self.skipped = skipped
@@ -148,8 +158,9 @@ class Plan:
 
     # ------------------------------------------------------------------ evaluation
 
-    def report(self, weights: Mapping[str, torch.Tensor] | None = None, *,
-               progress: bool = False) -> Report:
+    def report(
+        self, weights: Mapping[str, torch.Tensor] | None = None, *, progress: bool = False
+    ) -> Report:
         """Determinism, degeneracy and EI, with a per-layer breakdown.
 
         Parameters
@@ -171,8 +182,10 @@ class Plan:
         """
         start = time.perf_counter()
         if weights is not None and not isinstance(weights, Mapping):
-            raise WeightsError(f"weights must be a state dict {{key: tensor}} as "
-                               f"model.state_dict() returns, not {type(weights).__name__}")
+            raise WeightsError(
+                f"weights must be a state dict {{key: tensor}} as "
+                f"model.state_dict() returns, not {type(weights).__name__}"
+            )
         layers = self.layers
         if progress:
             from tqdm.auto import tqdm
@@ -195,7 +208,8 @@ class Plan:
                 if weights is None:
                     raise
                 raise NonFiniteWeightsError(
-                    f"{exc} (state dict keys {', '.join(layer.keys)})") from None
+                    f"{exc} (state dict keys {', '.join(layer.keys)})"
+                ) from None
             layer_terms = column_terms(stats.col_sums, stats.col_offset, stats.col_weights)
             h_total += stats.h_sum
             n_total += stats.n_rows
@@ -203,26 +217,54 @@ class Plan:
             mean_h = stats.h_sum / stats.n_rows if stats.n_rows else 0.0
             deg = entropy_from_terms(layer_terms)
             seconds = time.perf_counter() - t0
-            rows.append(LayerReport(layer.name, layer.type, layer.in_shape, layer.out_shape,
-                                    layer.n_rows, layer.n_cols, layer.nnz, mean_h, deg,
-                                    deg - mean_h, stats.engine, seconds))
+            rows.append(
+                LayerReport(
+                    layer.name,
+                    layer.type,
+                    layer.in_shape,
+                    layer.out_shape,
+                    layer.n_rows,
+                    layer.n_cols,
+                    layer.nnz,
+                    mean_h,
+                    deg,
+                    deg - mean_h,
+                    stats.engine,
+                    seconds,
+                )
+            )
             log.debug("%s: %s engine, %.3f s", layer.label, stats.engine, seconds)
             del stats  # free the column sums before the next layer allocates its own
         determinism = h_total / n_total if n_total else 0.0
         degeneracy = entropy_from_terms(terms)
-        return Report(determinism, degeneracy, degeneracy - determinism, rows,
-                      list(self.skipped), norm=self.norm.name, engine=self.engine,
-                      device=str(self.device), legacy=self.legacy,
-                      seconds=time.perf_counter() - start, max_memory=self.max_memory)
+        return Report(
+            determinism,
+            degeneracy,
+            degeneracy - determinism,
+            rows,
+            list(self.skipped),
+            norm=self.norm.name,
+            engine=self.engine,
+            device=str(self.device),
+            legacy=self.legacy,
+            seconds=time.perf_counter() - start,
+            max_memory=self.max_memory,
+        )
 
     def _bind(self, layer: PlannedLayer, weights) -> Connectivity:
         """The layer's connectivity made of the given (or the model's current) weights."""
         conn = layer.conn
         if conn.weight_names is None:  # a user builder: rebuild it from the tensors
-            module = layer.module if weights is None else _module_with(
-                layer.module, self._tensors(layer, _own_tensor_names(layer.module), weights))
-            conn = connectivity(module, layer.in_shape, layer.out_shape, legacy=self.legacy,
-                                label=layer.label)
+            module = (
+                layer.module
+                if weights is None
+                else _module_with(
+                    layer.module, self._tensors(layer, _own_tensor_names(layer.module), weights)
+                )
+            )
+            conn = connectivity(
+                module, layer.in_shape, layer.out_shape, legacy=self.legacy, label=layer.label
+            )
         elif conn.weight_names:
             conn = conn.bind(self._tensors(layer, conn.weight_names, weights))
         return conn
@@ -239,16 +281,19 @@ class Plan:
                 raise WeightsError(
                     f"{layer.label}: the weights have no key {key!r} (a tensor of shape "
                     f"{tuple(own.shape)}). Pass a state dict of this architecture, as "
-                    "model.state_dict() returns")
+                    "model.state_dict() returns"
+                )
             t = weights[key]
             if not isinstance(t, torch.Tensor):
-                raise WeightsError(f"{layer.label}: weights[{key!r}] is a "
-                                   f"{type(t).__name__}, not a tensor")
+                raise WeightsError(
+                    f"{layer.label}: weights[{key!r}] is a {type(t).__name__}, not a tensor"
+                )
             if t.shape != own.shape:
                 raise WeightsError(
                     f"{layer.label}: weights[{key!r}] has shape {tuple(t.shape)}, but the "
                     f"planned layer's is {tuple(own.shape)}. Were the weights saved from "
-                    "another architecture?")
+                    "another architecture?"
+                )
             out[n] = t.detach()
         return out
 
@@ -262,25 +307,33 @@ class Plan:
     def table(self) -> str:
         """A fixed-width table of the planned layers (shapes, matrix sizes, engines and
         working memory), the skipped leaf modules by type, and the settings."""
-        head = (f"{'layer':<24} {'type':<12} {'in':>16} {'out':>16} {'rows':>10} "
-                f"{'cols':>10} {'entries':>14} {'engine':>8} {'memory':>11}")
+        head = (
+            f"{'layer':<24} {'type':<12} {'in':>16} {'out':>16} {'rows':>10} "
+            f"{'cols':>10} {'entries':>14} {'engine':>8} {'memory':>11}"
+        )
         lines = [head, "-" * len(head)]
         for lay in self.layers:
-            lines.append(f"{lay.name[:24]:<24} {lay.type[:12]:<12} {_dims(lay.in_shape):>16} "
-                         f"{_dims(lay.out_shape):>16} {lay.n_rows:>10} {lay.n_cols:>10} "
-                         f"{lay.nnz:>14} {lay.engine:>8} "
-                         f"{format_bytes(lay.working_bytes):>11}")
+            lines.append(
+                f"{lay.name[:24]:<24} {lay.type[:12]:<12} {_dims(lay.in_shape):>16} "
+                f"{_dims(lay.out_shape):>16} {lay.n_rows:>10} {lay.n_cols:>10} "
+                f"{lay.nnz:>14} {lay.engine:>8} "
+                f"{format_bytes(lay.working_bytes):>11}"
+            )
         lines.append("-" * len(head))
         if self.skipped:
             counts = Counter(t for _, t in self.skipped)
-            lines.append("skipped (no connectivity builder): " + ", ".join(
-                f"{n} {t}" for t, n in sorted(counts.items())))
-        lines.append(f"{len(self.layers)} layers, {self.nnz} entries; norm {self.norm.name}, "
-                     f"engine {self.engine}, device {self.device}"
-                     f"{', legacy' if self.legacy else ''}"
-                     f"{'' if self.layer_set == 'seed' else ', layers ' + self._layers_label}"
-                     f", max_memory "
-                     f"{format_bytes(self.max_memory)}")
+            lines.append(
+                "skipped (no connectivity builder): "
+                + ", ".join(f"{n} {t}" for t, n in sorted(counts.items()))
+            )
+        lines.append(
+            f"{len(self.layers)} layers, {self.nnz} entries; norm {self.norm.name}, "
+            f"engine {self.engine}, device {self.device}"
+            f"{', legacy' if self.legacy else ''}"
+            f"{'' if self.layer_set == 'seed' else ', layers ' + self._layers_label}"
+            f", max_memory "
+            f"{format_bytes(self.max_memory)}"
+        )
         return "\n".join(lines)
 
     @property
@@ -291,8 +344,10 @@ class Plan:
         return self.table()
 
     def __repr__(self) -> str:
-        return (f"<Plan of {type(self.model).__name__}: {len(self.layers)} layers, "
-                f"{self.nnz} entries, norm {self.norm.name}, engine {self.engine}>")
+        return (
+            f"<Plan of {type(self.model).__name__}: {len(self.layers)} layers, "
+            f"{self.nnz} entries, norm {self.norm.name}, engine {self.engine}>"
+        )
 
 
 def _dims(shape) -> str:
@@ -300,8 +355,9 @@ def _dims(shape) -> str:
 
 
 def _own_tensor_names(module: nn.Module) -> tuple[str, ...]:
-    return tuple(n for n, t in (*module._parameters.items(), *module._buffers.items())
-                 if t is not None)
+    return tuple(
+        n for n, t in (*module._parameters.items(), *module._buffers.items()) if t is not None
+    )
 
 
 def _module_with(module: nn.Module, tensors: dict[str, torch.Tensor]) -> nn.Module:
@@ -326,9 +382,18 @@ def _working_bytes(engine: str, conn: Connectivity, budget: int, device: torch.d
     return working_bytes(conn, budget, device)
 
 
-def plan(model: nn.Module, input=None, shapes=None, norm=lin_norm, device="cpu", *,
-         engine: str = "auto", legacy: bool = False, max_memory=None,
-         layers="seed") -> Plan:
+def plan(
+    model: nn.Module,
+    input=None,
+    shapes=None,
+    norm=lin_norm,
+    device="cpu",
+    *,
+    engine: str = "auto",
+    legacy: bool = False,
+    max_memory=None,
+    layers="seed",
+) -> Plan:
     """Plan the EI computation of ``model`` for one input shape.
 
     Traces the model once (on a meta-device copy where that works), builds each counted
@@ -376,26 +441,57 @@ def plan(model: nn.Module, input=None, shapes=None, norm=lin_norm, device="cpu",
     dev = resolve_device(device)
     budget = resolve_budget(max_memory, dev)
     if engine not in ENGINE_NAMES:
-        raise UnknownNameError(f"unknown engine {engine!r}; valid engines are "
-                               f"{', '.join(ENGINE_NAMES)}")
+        raise UnknownNameError(
+            f"unknown engine {engine!r}; valid engines are {', '.join(ENGINE_NAMES)}"
+        )
     selection = LayerSelection(layers)
     trace = resolve_layers(model, input, shapes, layers=selection)
     warn_skipped(trace, selection.refused)
-    return Plan(model, [_plan_layer(t, norm_obj, dev, engine, legacy, budget, selection)
-                        for t in trace.layers],
-                trace.skipped, norm_obj, dev, engine, legacy, budget, selection.layers)
+    return Plan(
+        model,
+        [_plan_layer(t, norm_obj, dev, engine, legacy, budget, selection) for t in trace.layers],
+        trace.skipped,
+        norm_obj,
+        dev,
+        engine,
+        legacy,
+        budget,
+        selection.layers,
+    )
 
 
-def _plan_layer(t: TracedLayer, norm: Norm, dev: torch.device, engine: str, legacy: bool,
-                budget: int, selection: LayerSelection) -> PlannedLayer:
-    conn = connectivity(t.module, t.in_shape, t.out_shape, legacy=legacy, label=t.label,
-                        adapter=selection.get(type(t.module)))
+def _plan_layer(
+    t: TracedLayer,
+    norm: Norm,
+    dev: torch.device,
+    engine: str,
+    legacy: bool,
+    budget: int,
+    selection: LayerSelection,
+) -> PlannedLayer:
+    conn = connectivity(
+        t.module,
+        t.in_shape,
+        t.out_shape,
+        legacy=legacy,
+        label=t.label,
+        adapter=selection.get(type(t.module)),
+    )
     conn.check_finite()
     name = pick_engine(engine, LayerJob(conn, norm, dev, budget))
-    names = conn.weight_names if conn.weight_names is not None else \
-        _own_tensor_names(t.module)
+    names = conn.weight_names if conn.weight_names is not None else _own_tensor_names(t.module)
     keys = tuple(f"{t.name}.{n}" if t.name else n for n in names)
-    return PlannedLayer(t.name, type(t.module).__name__, t.in_shape, t.out_shape, conn.n_rows,
-                        conn.n_cols, conn.nnz, name, _working_bytes(name, conn, budget, dev), keys,
-                        t.module, conn)
-
+    return PlannedLayer(
+        t.name,
+        type(t.module).__name__,
+        t.in_shape,
+        t.out_shape,
+        conn.n_rows,
+        conn.n_cols,
+        conn.nnz,
+        name,
+        _working_bytes(name, conn, budget, dev),
+        keys,
+        t.module,
+        conn,
+    )

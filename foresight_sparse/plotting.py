@@ -69,11 +69,14 @@ def check_plot_path(path: str | os.PathLike) -> str:
     ext = os.path.splitext(os.fspath(path))[1].lstrip(".").lower()
     choices = ", ".join(f".{e}" for e in formats)
     if not ext:
-        raise UnknownNameError(f"{os.fspath(path)!r} has no extension, which names the "
-                               f"chart's format; use one of {choices}")
+        raise UnknownNameError(
+            f"{os.fspath(path)!r} has no extension, which names the "
+            f"chart's format; use one of {choices}"
+        )
     if ext not in formats:
-        raise UnknownNameError(f"{os.fspath(path)!r}: matplotlib cannot write .{ext} files; use "
-                               f"one of {choices}")
+        raise UnknownNameError(
+            f"{os.fspath(path)!r}: matplotlib cannot write .{ext} files; use one of {choices}"
+        )
     return ext
 
 
@@ -113,19 +116,28 @@ def plot_report(report: Report, path: str | os.PathLike, title: str | None = Non
     width = 0.27
     fig = Figure(figsize=(max(6.0, 0.5 * len(names) + 2.0), 4.8), layout="constrained")
     ax = fig.subplots()
-    series = [("EI", [lay.ei for lay in report.layers]),
-              ("mean row entropy (determinism)", [lay.mean_row_entropy for lay in report.layers]),
-              ("degeneracy", [lay.degeneracy for lay in report.layers])]
+    series = [
+        ("EI", [lay.ei for lay in report.layers]),
+        ("mean row entropy (determinism)", [lay.mean_row_entropy for lay in report.layers]),
+        ("degeneracy", [lay.degeneracy for lay in report.layers]),
+    ]
     for i, (label, values) in enumerate(series):
         ax.bar([j + (i - 1) * width for j in x], values, width, label=label)
-    ax.axhline(report.ei, color="black", linestyle="--", linewidth=1,
-               label=f"network EI ({report.ei:.4f} bits)")
+    ax.axhline(
+        report.ei,
+        color="black",
+        linestyle="--",
+        linewidth=1,
+        label=f"network EI ({report.ei:.4f} bits)",
+    )
     ax.axhline(0.0, color="grey", linewidth=0.5)
     ax.set_xticks(x, names, rotation=60, ha="right", fontsize="small")
     ax.set_xlim(-0.5, len(names) - 0.5)
     ax.set_ylabel("bits")
-    totals = (f"EI {report.ei:.4f} bits (determinism {report.determinism:.4f}, degeneracy "
-              f"{report.degeneracy:.4f})")
+    totals = (
+        f"EI {report.ei:.4f} bits (determinism {report.determinism:.4f}, degeneracy "
+        f"{report.degeneracy:.4f})"
+    )
     ax.set_title(f"{title}\n{totals}" if title else totals, fontsize="medium")
     # Above the axes: a legend at the right would leave an empty band on a wide chart.
     fig.legend(loc="outside upper center", ncols=4, fontsize="small", frameon=False)
@@ -143,8 +155,7 @@ def _history_x(network: list) -> tuple[str, list[float], list[str] | None]:
     return "checkpoint", [float(i) for i in range(len(network))], [r.label for r in network]
 
 
-def plot_history(history, path: str | os.PathLike, kind: str = "layers",
-                 title: str | None = None):
+def plot_history(history, path: str | os.PathLike, kind: str = "layers", title: str | None = None):
     """Draw a :class:`~foresight_sparse.history.History` and write the chart to ``path``.
 
     Parameters
@@ -198,10 +209,22 @@ def plot_history(history, path: str | os.PathLike, kind: str = "layers",
         pos = {r.label: x for r, x in zip(network, xs)}
         for name, color in zip(names, colors):
             recs = [r for r in history.records if r.kind == "layer" and r.layer == name]
-            ax.plot([pos[r.label] for r in recs], [r.ei for r in recs], color=color,
-                    linewidth=1, marker="." if len(recs) < 30 else None, label=legend[name])
-        ax.plot(xs, [r.ei for r in network], color="black", linewidth=2.5,
-                marker="o" if len(network) < 30 else None, label="network")
+            ax.plot(
+                [pos[r.label] for r in recs],
+                [r.ei for r in recs],
+                color=color,
+                linewidth=1,
+                marker="." if len(recs) < 30 else None,
+                label=legend[name],
+            )
+        ax.plot(
+            xs,
+            [r.ei for r in network],
+            color="black",
+            linewidth=2.5,
+            marker="o" if len(network) < 30 else None,
+            label="network",
+        )
         if ticks is not None:
             ax.set_xticks(xs, ticks, rotation=60, ha="right", fontsize="small")
         ax.set_xlabel(axis)
@@ -213,13 +236,17 @@ def plot_history(history, path: str | os.PathLike, kind: str = "layers",
             x = [r.determinism for r in recs]
             y = [r.degeneracy for r in recs]
             width = 2.5 if name == NETWORK else 1
-            ax.plot(x, y, color=color, linewidth=width, label="network" if name == NETWORK
-                    else legend[name])
+            ax.plot(
+                x,
+                y,
+                color=color,
+                linewidth=width,
+                label="network" if name == NETWORK else legend[name],
+            )
             ax.plot(x[:1], y[:1], "o", color=color, markersize=4)
             ax.plot(x[-1:], y[-1:], "s", color=color, markersize=5)
         lo, hi = ax.get_xlim()
-        ax.axline((lo, lo), slope=1, color="grey", linestyle=":", linewidth=1,
-                  label="EI = 0")
+        ax.axline((lo, lo), slope=1, color="grey", linestyle=":", linewidth=1, label="EI = 0")
         ax.set_xlim(lo, hi)
         ax.set_xlabel("determinism: mean row entropy (bits)")
         ax.set_ylabel("degeneracy (bits)")

@@ -467,9 +467,15 @@ def convnd_create_matrix(
             for k in itertools.product(*(range(n) for n in kernel)):
                 x = []
                 for a in range(nd):
-                    x.append(_padded_index(o[a] * stride[a] + k[a] * dilation[a] - pads[a][0],
-                                           sizes[a], pads[a][0], pads[a][1],
-                                           module.padding_mode))
+                    x.append(
+                        _padded_index(
+                            o[a] * stride[a] + k[a] * dilation[a] - pads[a][0],
+                            sizes[a],
+                            pads[a][0],
+                            pads[a][1],
+                            module.padding_mode,
+                        )
+                    )
                 if any(v is None for v in x):
                     continue
                 for ci_l in range(cin_g):
@@ -546,14 +552,18 @@ def adaptive_avgpoolnd_create_matrix(
     """Connectivity matrix of an ``nn.AdaptiveAvgPool1d/2d/3d`` layer, per channel: output
     ``o`` averages, along each axis, inputs ``floor(o * In / Out)`` up to
     ``ceil((o + 1) * In / Out)`` (exclusive)."""
-    nd = {nn.AdaptiveAvgPool1d: 1, nn.AdaptiveAvgPool2d: 2, nn.AdaptiveAvgPool3d: 3}[
-        type(module)]
+    nd = {nn.AdaptiveAvgPool1d: 1, nn.AdaptiveAvgPool2d: 2, nn.AdaptiveAvgPool3d: 3}[type(module)]
     channels, sizes = _channels_and_sizes(module, in_shape, nd)
     _, out_sizes = _channels_and_sizes(module, out_shape, nd)
     A = _new_matrix(channels, sizes, channels, out_sizes, dtype)
     for o in itertools.product(*(range(n) for n in out_sizes)):
-        ranges = [range(math.floor(o[a] * sizes[a] / out_sizes[a]),
-                        math.ceil((o[a] + 1) * sizes[a] / out_sizes[a])) for a in range(nd)]
+        ranges = [
+            range(
+                math.floor(o[a] * sizes[a] / out_sizes[a]),
+                math.ceil((o[a] + 1) * sizes[a] / out_sizes[a]),
+            )
+            for a in range(nd)
+        ]
         count = math.prod(len(r) for r in ranges)
         for c in range(channels):
             col = _flat(c, o, out_sizes)

@@ -191,29 +191,35 @@ class Report:
         try:
             missing = [k for k in ("determinism", "degeneracy", "ei", "layers") if k not in data]
             if missing:
-                raise ReportFileError(f"a report needs {', '.join(missing)}; the data has "
-                                      f"only {', '.join(map(str, data)) or 'no keys'}")
+                raise ReportFileError(
+                    f"a report needs {', '.join(missing)}; the data has "
+                    f"only {', '.join(map(str, data)) or 'no keys'}"
+                )
             layers = []
             for i, row in enumerate(data["layers"]):
                 absent = [k for k in layer_names if k not in row]
                 if absent:
-                    raise ReportFileError(f"layer {i} ({row.get('name', '?')!r}) lacks "
-                                          f"{', '.join(absent)}")
+                    raise ReportFileError(
+                        f"layer {i} ({row.get('name', '?')!r}) lacks {', '.join(absent)}"
+                    )
                 values = {k: row[k] for k in layer_names}
                 values["in_shape"] = tuple(values["in_shape"])
                 values["out_shape"] = tuple(values["out_shape"])
                 layers.append(LayerReport(**values))
             kwargs = {k: v for k, v in data.items() if k in names}
             kwargs["layers"] = layers
-            kwargs["skipped"] = [(s["name"], s["type"]) if isinstance(s, dict) else tuple(s)
-                                 for s in data.get("skipped", [])]
+            kwargs["skipped"] = [
+                (s["name"], s["type"]) if isinstance(s, dict) else tuple(s)
+                for s in data.get("skipped", [])
+            ]
             kwargs["meta"] = dict(data.get("meta") or {})
             for k in ("version", "torch_version", "created"):
                 kwargs.setdefault(k, None)
             return cls(**kwargs)
         except (TypeError, KeyError, AttributeError) as exc:
-            raise ReportFileError(f"not a report as Report.to_dict writes it: "
-                                  f"{type(exc).__name__}: {exc}") from None
+            raise ReportFileError(
+                f"not a report as Report.to_dict writes it: {type(exc).__name__}: {exc}"
+            ) from None
 
     def save(self, path: str | os.PathLike) -> None:
         """Write :meth:`to_dict` as JSON (what the command line's ``--json`` writes)."""
@@ -236,8 +242,9 @@ class Report:
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise ReportFileError(f"{os.fspath(path)!r} is not JSON: {exc}") from None
         if not isinstance(data, dict):
-            raise ReportFileError(f"{os.fspath(path)!r} holds a JSON {type(data).__name__}, "
-                                  "not a report")
+            raise ReportFileError(
+                f"{os.fspath(path)!r} holds a JSON {type(data).__name__}, not a report"
+            )
         try:
             return cls.from_dict(data)
         except ReportFileError as exc:
@@ -248,9 +255,23 @@ class Report:
 
         The network totals, the settings, the versions and time, then the ``meta`` items.
         """
-        head = {k: getattr(self, k) for k in (
-            "determinism", "degeneracy", "ei", "norm", "engine", "device", "legacy",
-            "max_memory", "seconds", "version", "torch_version", "created")}
+        head = {
+            k: getattr(self, k)
+            for k in (
+                "determinism",
+                "degeneracy",
+                "ei",
+                "norm",
+                "engine",
+                "device",
+                "legacy",
+                "max_memory",
+                "seconds",
+                "version",
+                "torch_version",
+                "created",
+            )
+        }
         head["nnz"] = self.nnz
         head.update(self.meta)
         return head
@@ -277,19 +298,24 @@ class Report:
 
     def table(self) -> str:
         """A fixed-width text table of the layers and the totals."""
-        head = (f"{'layer':<24} {'type':<10} {'in':>10} {'out':>10} {'entries':>14} "
-                f"{'H(row)':>9} {'degen':>9} {'EI':>9} {'engine':>8} {'s':>7}")
+        head = (
+            f"{'layer':<24} {'type':<10} {'in':>10} {'out':>10} {'entries':>14} "
+            f"{'H(row)':>9} {'degen':>9} {'EI':>9} {'engine':>8} {'s':>7}"
+        )
         lines = [head, "-" * len(head)]
         for lay in self.layers:
-            h, deg, ei = (_unsigned(v, 4) for v in (lay.mean_row_entropy, lay.degeneracy,
-                                                   lay.ei))
-            lines.append(f"{lay.name[:24]:<24} {lay.type[:10]:<10} {lay.n_in:>10} "
-                         f"{lay.n_out:>10} {lay.nnz:>14} {h:>9.4f} {deg:>9.4f} {ei:>9.4f} "
-                         f"{lay.engine:>8} {lay.seconds:>7.3f}")
+            h, deg, ei = (_unsigned(v, 4) for v in (lay.mean_row_entropy, lay.degeneracy, lay.ei))
+            lines.append(
+                f"{lay.name[:24]:<24} {lay.type[:10]:<10} {lay.n_in:>10} "
+                f"{lay.n_out:>10} {lay.nnz:>14} {h:>9.4f} {deg:>9.4f} {ei:>9.4f} "
+                f"{lay.engine:>8} {lay.seconds:>7.3f}"
+            )
         lines.append("-" * len(head))
         det, deg, ei = (_unsigned(v, 6) for v in (self.determinism, self.degeneracy, self.ei))
-        lines.append(f"network: determinism {det:.6f}  degeneracy {deg:.6f}  EI {ei:.6f} bits  "
-                     f"({self.nnz} entries, {self.seconds:.2f} s)")
+        lines.append(
+            f"network: determinism {det:.6f}  degeneracy {deg:.6f}  EI {ei:.6f} bits  "
+            f"({self.nnz} entries, {self.seconds:.2f} s)"
+        )
         return "\n".join(lines)
 
     def __str__(self) -> str:

@@ -53,8 +53,15 @@ from .norms import lin_norm
 from .plans import Plan, plan
 from .results import Report
 
-__all__ = ["BACKENDS", "Checkpoint", "SweepResult", "sweep", "checkpoint_entries",
-           "natural_key", "RAY_HINT"]
+__all__ = [
+    "BACKENDS",
+    "Checkpoint",
+    "SweepResult",
+    "sweep",
+    "checkpoint_entries",
+    "natural_key",
+    "RAY_HINT",
+]
 
 log = logging.getLogger("foresight_sparse")
 
@@ -69,7 +76,8 @@ CHECKPOINT_SUFFIXES = (".pt", ".pth", ".ckpt", ".bin", ".safetensors", ".pkl", "
 
 _EPOCH_RE = re.compile(r"(?<![a-z])epoch[=_-]?(\d+)", re.IGNORECASE)
 _STEP_RE = re.compile(
-    r"(?<![a-z])(?:global_step|step|iteration|iter|ckpt|checkpoint)[=_-]?(\d+)", re.IGNORECASE)
+    r"(?<![a-z])(?:global_step|step|iteration|iter|ckpt|checkpoint)[=_-]?(\d+)", re.IGNORECASE
+)
 _NUMBER_RE = re.compile(r"\d+")
 
 
@@ -114,8 +122,9 @@ def _strip_suffix(name: str) -> str:
     return stem if ext else name
 
 
-def checkpoint_entries(checkpoints: Iterable[str | os.PathLike] | str | os.PathLike
-                       ) -> list[Checkpoint]:
+def checkpoint_entries(
+    checkpoints: Iterable[str | os.PathLike] | str | os.PathLike,
+) -> list[Checkpoint]:
     """The checkpoints of a sweep, labelled and sorted naturally.
 
     Parameters
@@ -140,8 +149,11 @@ def checkpoint_entries(checkpoints: Iterable[str | os.PathLike] | str | os.PathL
     for item in checkpoints:
         p = os.fspath(item)
         if os.path.isdir(p):
-            paths += [os.path.join(p, f) for f in sorted(os.listdir(p))
-                      if f.lower().endswith(CHECKPOINT_SUFFIXES)]
+            paths += [
+                os.path.join(p, f)
+                for f in sorted(os.listdir(p))
+                if f.lower().endswith(CHECKPOINT_SUFFIXES)
+            ]
         else:
             paths.append(p)
     seen: set[str] = set()
@@ -153,8 +165,10 @@ def checkpoint_entries(checkpoints: Iterable[str | os.PathLike] | str | os.PathL
     labels = [_strip_suffix(os.path.basename(p)) for p in paths]
     if len(set(labels)) < len(labels):  # same names in several folders: keep the folders
         base = os.path.commonpath([os.path.abspath(p) for p in paths])
-        labels = [_strip_suffix(os.path.relpath(os.path.abspath(p), base)).replace(os.sep, "/")
-                  for p in paths]
+        labels = [
+            _strip_suffix(os.path.relpath(os.path.abspath(p), base)).replace(os.sep, "/")
+            for p in paths
+        ]
     entries = []
     for p, lab in zip(paths, labels):
         step, epoch = _step_epoch(_strip_suffix(os.path.basename(p)))
@@ -196,6 +210,7 @@ class SweepResult:
 
 
 # --------------------------------------------------------------------------- one checkpoint
+
 
 def _evaluate(p: Plan, path: str, key: str | None, trust_pickle: bool) -> Report | str:
     """The report of one checkpoint, or why there is none (one line)."""
@@ -273,9 +288,14 @@ def _run_serial(p: Plan, todo: Sequence[Checkpoint], key, trust_pickle, done: Do
 
 def _worker_modules(model: nn.Module) -> list[str]:
     """Modules a worker imports to unpickle the plan and evaluate checkpoints."""
-    names = [__name__, "scipy.sparse", "foresight_sparse._kernels",
-             "foresight_sparse.engines.implicit", "foresight_sparse.engines.sparse",
-             "foresight_sparse.engines.dense"]
+    names = [
+        __name__,
+        "scipy.sparse",
+        "foresight_sparse._kernels",
+        "foresight_sparse.engines.implicit",
+        "foresight_sparse.engines.sparse",
+        "foresight_sparse.engines.dense",
+    ]
     for mod in model.modules():
         owner = type(mod).__module__
         if owner != "__main__" and owner not in names:  # __main__ is prepared separately
@@ -283,8 +303,9 @@ def _worker_modules(model: nn.Module) -> list[str]:
     return names
 
 
-def _run_processes(p: Plan, todo: Sequence[Checkpoint], key, trust_pickle, done: Done,
-                   workers: int) -> None:
+def _run_processes(
+    p: Plan, todo: Sequence[Checkpoint], key, trust_pickle, done: Done, workers: int
+) -> None:
     import multiprocessing
     from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 
@@ -300,8 +321,12 @@ def _run_processes(p: Plan, todo: Sequence[Checkpoint], key, trust_pickle, done:
     else:  # pragma: no cover - Windows
         ctx = multiprocessing.get_context("spawn")
     plan_bytes = pickle.dumps(p, protocol=pickle.HIGHEST_PROTOCOL)  # pickled once
-    pool = ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_init_worker,
-                               initargs=(plan_bytes, threads))
+    pool = ProcessPoolExecutor(
+        max_workers=workers,
+        mp_context=ctx,
+        initializer=_init_worker,
+        initargs=(plan_bytes, threads),
+    )
     queue = deque(todo)
     pending: dict[Any, Checkpoint] = {}
     used = False
@@ -310,14 +335,21 @@ def _run_processes(p: Plan, todo: Sequence[Checkpoint], key, trust_pickle, done:
     # The first submission blocks until the server has imported torch and numba and forked
     # the workers (seconds), so a thread makes it: an empty task per worker, which starts
     # the pool without committing a checkpoint to it.
-    starter = threading.Thread(target=_start_pool, args=(pool, workers, starting, failure),
-                               name="foresight-sparse-pool-start")
+    starter = threading.Thread(
+        target=_start_pool,
+        args=(pool, workers, starting, failure),
+        name="foresight-sparse-pool-start",
+    )
     try:
         starter.start()
         # Meanwhile this process evaluates checkpoints itself, so a pool never makes a
         # short sweep slower than a serial one.
-        while _HELP_WHILE_STARTING and queue and (
-                starter.is_alive() or not any(f.done() for f in starting)) and not failure:
+        while (
+            _HELP_WHILE_STARTING
+            and queue
+            and (starter.is_alive() or not any(f.done() for f in starting))
+            and not failure
+        ):
             entry = queue.popleft()
             done(entry, _evaluate(p, entry.path, key, trust_pickle))
         if queue:
@@ -339,8 +371,9 @@ def _run_processes(p: Plan, todo: Sequence[Checkpoint], key, trust_pickle, done:
             # Nothing was left for the pool, or an error: rather than wait for the pool to
             # finish starting, stop it from a thread once it has (not a daemon thread, so a
             # program ending now still closes the workers cleanly).
-            threading.Thread(target=_stop_pool, args=(pool, starter),
-                             name="foresight-sparse-pool-stop").start()
+            threading.Thread(
+                target=_stop_pool, args=(pool, starter), name="foresight-sparse-pool-stop"
+            ).start()
 
 
 def _stop_pool(pool, starter: threading.Thread) -> None:
@@ -365,8 +398,15 @@ def _import_ray():
     return ray
 
 
-def _run_ray(p: Plan, todo: Sequence[Checkpoint], key, trust_pickle, done: Done,
-             workers: int | None, address: str | None) -> None:
+def _run_ray(
+    p: Plan,
+    todo: Sequence[Checkpoint],
+    key,
+    trust_pickle,
+    done: Done,
+    workers: int | None,
+    address: str | None,
+) -> None:
     ray = _import_ray()
     started = False
     if not ray.is_initialized():
@@ -394,8 +434,10 @@ def _run_ray(p: Plan, todo: Sequence[Checkpoint], key, trust_pickle, done: Done,
 
 # --------------------------------------------------------------------------- resuming
 
-def _resume(output: str, meta: dict[str, Any], entries: Sequence[Checkpoint],
-            n_layers: int) -> History:
+
+def _resume(
+    output: str, meta: dict[str, Any], entries: Sequence[Checkpoint], n_layers: int
+) -> History:
     """The finished checkpoints recorded in ``output`` (error records are dropped: those
     checkpoints are tried again)."""
     old = History.from_csv(output)
@@ -403,7 +445,8 @@ def _resume(output: str, meta: dict[str, Any], entries: Sequence[Checkpoint],
         if k in old.meta and k in meta and old.meta[k] != meta[k]:
             raise HistoryFileError(
                 f"{output!r} was made with {k}={old.meta[k]!r}, but this sweep has "
-                f"{k}={meta[k]!r}; resume with the same settings, or write to a new file")
+                f"{k}={meta[k]!r}; resume with the same settings, or write to a new file"
+            )
     wanted = {e.label for e in entries}
     by_label: dict[str, list[Record]] = {}
     for rec in old.records:
@@ -412,20 +455,39 @@ def _resume(output: str, meta: dict[str, Any], entries: Sequence[Checkpoint],
     kept = History(meta=old.meta)
     for recs in by_label.values():
         # Complete: the network totals and every layer, each once.
-        if sum(r.kind == "network" for r in recs) == 1 and \
-                sum(r.kind == "layer" for r in recs) == n_layers:
+        if (
+            sum(r.kind == "network" for r in recs) == 1
+            and sum(r.kind == "layer" for r in recs) == n_layers
+        ):
             kept.extend(recs)
     return kept
 
 
 # --------------------------------------------------------------------------- the sweep
 
-def sweep(model: nn.Module, checkpoints, input=None, *, workers: int | None = None,
-          backend: str | None = None, norm=lin_norm, device="cpu", engine: str = "auto",
-          legacy: bool = False, max_memory=None, shapes=None, key: str | None = None,
-          trust_pickle: bool = False, output: str | os.PathLike | None = None,
-          resume: bool = False, progress: bool = False, ray_address: str | None = None,
-          meta: dict[str, Any] | None = None, layers="seed") -> SweepResult:
+
+def sweep(
+    model: nn.Module,
+    checkpoints,
+    input=None,
+    *,
+    workers: int | None = None,
+    backend: str | None = None,
+    norm=lin_norm,
+    device="cpu",
+    engine: str = "auto",
+    legacy: bool = False,
+    max_memory=None,
+    shapes=None,
+    key: str | None = None,
+    trust_pickle: bool = False,
+    output: str | os.PathLike | None = None,
+    resume: bool = False,
+    progress: bool = False,
+    ray_address: str | None = None,
+    meta: dict[str, Any] | None = None,
+    layers="seed",
+) -> SweepResult:
     """Determinism, degeneracy and EI of every checkpoint of one architecture.
 
     Parameters
@@ -494,14 +556,18 @@ def sweep(model: nn.Module, checkpoints, input=None, *, workers: int | None = No
     if backend is None:
         backend = "process" if workers is not None and workers > 1 else "serial"
     if backend not in BACKENDS:
-        raise UnknownNameError(f"unknown backend {backend!r}; valid backends are "
-                               f"{', '.join(BACKENDS)}")
-    if workers is not None and (isinstance(workers, bool) or not isinstance(workers, int)
-                                or workers < 1):
+        raise UnknownNameError(
+            f"unknown backend {backend!r}; valid backends are {', '.join(BACKENDS)}"
+        )
+    if workers is not None and (
+        isinstance(workers, bool) or not isinstance(workers, int) or workers < 1
+    ):
         raise ValueError(f"workers={workers!r} must be a positive int")
     if backend == "serial" and workers not in (None, 1):
-        raise UnknownNameError(f"workers={workers} needs backend='process' or 'ray'; the "
-                               "serial backend runs one checkpoint at a time")
+        raise UnknownNameError(
+            f"workers={workers} needs backend='process' or 'ray'; the "
+            "serial backend runs one checkpoint at a time"
+        )
     if ray_address is not None and backend != "ray":
         raise ValueError(f"ray_address={ray_address!r} is for backend='ray', not {backend!r}")
     if resume and output is None:
@@ -509,18 +575,38 @@ def sweep(model: nn.Module, checkpoints, input=None, *, workers: int | None = No
     if backend == "ray":
         _import_ray()  # fail before planning
     entries = checkpoint_entries(checkpoints)
-    p = plan(model, input, shapes, norm, device, engine=engine, legacy=legacy,
-             max_memory=max_memory, layers=layers)
+    p = plan(
+        model,
+        input,
+        shapes,
+        norm,
+        device,
+        engine=engine,
+        legacy=legacy,
+        max_memory=max_memory,
+        layers=layers,
+    )
     in_shape = list(p.layers[0].in_shape) if p.layers else []
-    info = {"model": type(model).__name__, "input_shape": in_shape, "norm": p.norm.name,
-            "engine": engine, "device": str(p.device), "legacy": legacy,
-            "layers": LayerSelection(layers).label,
-            "max_memory": p.max_memory, **(meta or {})}
+    info = {
+        "model": type(model).__name__,
+        "input_shape": in_shape,
+        "norm": p.norm.name,
+        "engine": engine,
+        "device": str(p.device),
+        "legacy": legacy,
+        "layers": LayerSelection(layers).label,
+        "max_memory": p.max_memory,
+        **(meta or {}),
+    }
     history = History(meta=info)
     resumed: list[str] = []
     out_path = os.fspath(output) if output is not None else None
-    if resume and out_path is not None and os.path.exists(out_path) and \
-            os.path.getsize(out_path) > 0:
+    if (
+        resume
+        and out_path is not None
+        and os.path.exists(out_path)
+        and os.path.getsize(out_path) > 0
+    ):
         kept = _resume(out_path, info, entries, len(p.layers))
         history.extend(kept.records)
         resumed = kept.labels
@@ -537,12 +623,21 @@ def sweep(model: nn.Module, checkpoints, input=None, *, workers: int | None = No
 
     def done(entry: Checkpoint, result: Report | str) -> None:
         if isinstance(result, Report):
-            recs = records_from_report(result, entry.label, step=entry.step,
-                                       epoch=entry.epoch, file=entry.path)
+            recs = records_from_report(
+                result, entry.label, step=entry.step, epoch=entry.epoch, file=entry.path
+            )
         else:
             log.warning("checkpoint %s: %s", entry.path, result)
-            recs = [Record(entry.label, "error", step=entry.step, epoch=entry.epoch,
-                           file=entry.path, error=result)]
+            recs = [
+                Record(
+                    entry.label,
+                    "error",
+                    step=entry.step,
+                    epoch=entry.epoch,
+                    file=entry.path,
+                    error=result,
+                )
+            ]
         history.extend(recs)
         if writer is not None:
             writer.write(recs)

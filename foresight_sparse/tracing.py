@@ -30,10 +30,33 @@ log = logging.getLogger("foresight_sparse")
 
 #: Leaf modules that act elementwise or only reshape: skipping them loses no connectivity
 #: the old module would have counted, so they are listed in reports but not warned about.
-_PASSIVE = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.PReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU,
-            nn.SiLU, nn.Mish, nn.Sigmoid, nn.Tanh, nn.Hardtanh, nn.Hardswish, nn.Hardsigmoid,
-            nn.Softplus, nn.Dropout, nn.Dropout2d, nn.Dropout1d, nn.AlphaDropout, nn.Identity,
-            nn.Flatten, nn.Unflatten, nn.Softmax, nn.LogSoftmax)
+_PASSIVE = (
+    nn.ReLU,
+    nn.ReLU6,
+    nn.LeakyReLU,
+    nn.PReLU,
+    nn.ELU,
+    nn.SELU,
+    nn.CELU,
+    nn.GELU,
+    nn.SiLU,
+    nn.Mish,
+    nn.Sigmoid,
+    nn.Tanh,
+    nn.Hardtanh,
+    nn.Hardswish,
+    nn.Hardsigmoid,
+    nn.Softplus,
+    nn.Dropout,
+    nn.Dropout2d,
+    nn.Dropout1d,
+    nn.AlphaDropout,
+    nn.Identity,
+    nn.Flatten,
+    nn.Unflatten,
+    nn.Softmax,
+    nn.LogSoftmax,
+)
 
 
 @dataclass
@@ -48,8 +71,11 @@ class TracedLayer:
     @property
     def label(self) -> str:
         """How messages name the layer: ``"features.0 (Conv2d)"``."""
-        return f"{self.name} ({type(self.module).__name__})" if self.name else \
-            type(self.module).__name__
+        return (
+            f"{self.name} ({type(self.module).__name__})"
+            if self.name
+            else type(self.module).__name__
+        )
 
 
 @dataclass
@@ -105,8 +131,8 @@ def _adapt_input(model: nn.Module, input):
     dtype = dtype or torch.get_default_dtype()
     if isinstance(input, torch.Tensor):
         cast = input.is_floating_point() or (
-            not input.is_complex()
-            and not any(isinstance(m, _INDEX_INPUT) for m in model.modules()))
+            not input.is_complex() and not any(isinstance(m, _INDEX_INPUT) for m in model.modules())
+        )
         if cast and input.dtype != dtype:
             input = input.to(dtype)
         return input if device is None else input.to(device)
@@ -162,10 +188,29 @@ def _meta_twin(model: nn.Module) -> tuple[nn.Module, dict[nn.Module, nn.Module]]
 #: Stock modules that map every element alone (the output has the input's shape): on the
 #: meta twin they return their input, skipping PyTorch's Python reference code (about
 #: 0.5 ms a call for hardswish on meta tensors).
-_ELEMENTWISE = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU,
-                nn.Mish, nn.Sigmoid, nn.Tanh, nn.Hardtanh, nn.Hardswish, nn.Hardsigmoid,
-                nn.Softplus, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d,
-                nn.AlphaDropout, nn.Identity)
+_ELEMENTWISE = (
+    nn.ReLU,
+    nn.ReLU6,
+    nn.LeakyReLU,
+    nn.ELU,
+    nn.SELU,
+    nn.CELU,
+    nn.GELU,
+    nn.SiLU,
+    nn.Mish,
+    nn.Sigmoid,
+    nn.Tanh,
+    nn.Hardtanh,
+    nn.Hardswish,
+    nn.Hardsigmoid,
+    nn.Softplus,
+    nn.Dropout,
+    nn.Dropout1d,
+    nn.Dropout2d,
+    nn.Dropout3d,
+    nn.AlphaDropout,
+    nn.Identity,
+)
 _ELEMENTWISE_FORWARDS = {c.forward for c in _ELEMENTWISE}
 
 
@@ -185,14 +230,18 @@ def _shallow_twin(module: nn.Module, memo: dict) -> nn.Module:
     twin = memo[id(module)] = copy.copy(module)
     for key, value in module.__dict__.items():
         if isinstance(value, dict):
-            twin.__dict__[key] = type(value)(value) if type(value) in (dict, OrderedDict) \
-                else copy.copy(value)
-    twin._parameters = {k: None if v is None else _meta_like(v, memo)
-                        for k, v in module._parameters.items()}
-    twin._buffers = {k: None if v is None else _meta_like(v, memo)
-                     for k, v in module._buffers.items()}
-    twin._modules = {k: None if v is None else _shallow_twin(v, memo)
-                     for k, v in module._modules.items()}
+            twin.__dict__[key] = (
+                type(value)(value) if type(value) in (dict, OrderedDict) else copy.copy(value)
+            )
+    twin._parameters = {
+        k: None if v is None else _meta_like(v, memo) for k, v in module._parameters.items()
+    }
+    twin._buffers = {
+        k: None if v is None else _meta_like(v, memo) for k, v in module._buffers.items()
+    }
+    twin._modules = {
+        k: None if v is None else _shallow_twin(v, memo) for k, v in module._modules.items()
+    }
     return twin
 
 
@@ -212,9 +261,11 @@ def _shape_only_batchnorm(module: _BatchNorm):
     def forward(x):
         module._check_input_dim(x)
         if x.dim() < 2 or x.shape[1] != module.num_features:
-            raise RuntimeError(f"{type(module).__name__}({module.num_features}) got an input "
-                               f"of shape {tuple(x.shape)}: expected {module.num_features} "
-                               "channels in dimension 1")
+            raise RuntimeError(
+                f"{type(module).__name__}({module.num_features}) got an input "
+                f"of shape {tuple(x.shape)}: expected {module.num_features} "
+                "channels in dimension 1"
+            )
         return x
 
     return forward
@@ -267,8 +318,10 @@ class _Recorder:
         self.running: list[nn.Module] = []
 
     def pre_hook(self, module, args):
-        if self.stop_at is not None and \
-                time.perf_counter() + _predicted_seconds(module, args) > self.stop_at:
+        if (
+            self.stop_at is not None
+            and time.perf_counter() + _predicted_seconds(module, args) > self.stop_at
+        ):
             raise _TooSlow
         self.running.append(self.twins.get(module, module))
 
@@ -287,8 +340,7 @@ class _Recorder:
         if self.running and self.running[-1] is module:
             self.running.pop()
         if type(module) in self.registry:
-            in_shape = tuple(args[0].shape) if args and isinstance(args[0], torch.Tensor) \
-                else ()
+            in_shape = tuple(args[0].shape) if args and isinstance(args[0], torch.Tensor) else ()
             out = output[0] if isinstance(output, (tuple, list)) else output
             self.shapes[module] = (in_shape, tuple(out.shape))
             self.seen_shapes.setdefault(module, set()).add(self.shapes[module])
@@ -318,7 +370,8 @@ TRACE_METHODS = ("auto", "meta", "real")
 def _forward_error(rec: _Recorder, exc: Exception) -> ForwardError:
     return ForwardError(
         f"the forward pass failed in module {rec.failed_in()} ({type(exc).__name__}: "
-        f"{exc}). Check that input has the shape, dtype and device the model expects")
+        f"{exc}). Check that input has the shape, dtype and device the model expects"
+    )
 
 
 def _meta_seconds(model: nn.Module) -> float:
@@ -327,13 +380,17 @@ def _meta_seconds(model: nn.Module) -> float:
     their input there) and 0.03 ms per module for the copy (2-core EPYC, torchvision
     models)."""
     modules = list(model.modules())
-    slow = sum(1 for m in modules if not m._modules and not isinstance(m, _BatchNorm)
-               and type(m) not in _ELEMENTWISE)
+    slow = sum(
+        1
+        for m in modules
+        if not m._modules and not isinstance(m, _BatchNorm) and type(m) not in _ELEMENTWISE
+    )
     return 3e-4 * slow + 3e-5 * len(modules)
 
 
-def trace(model: nn.Module, input, registry: LayerSelection | None = None,
-          method: str = "auto") -> Trace:
+def trace(
+    model: nn.Module, input, registry: LayerSelection | None = None, method: str = "auto"
+) -> Trace:
     """Run ``model(input)`` once and record every registered layer's input and output shape.
 
     The pass runs under ``torch.no_grad()`` in eval mode, either on the model itself
@@ -368,8 +425,9 @@ def trace(model: nn.Module, input, registry: LayerSelection | None = None,
     modes = {m: m.training for m in model.modules()}
     x = _adapt_input(model, input)
     if method not in TRACE_METHODS:
-        raise UnknownNameError(f"unknown trace method {method!r}; valid methods are "
-                               f"{', '.join(TRACE_METHODS)}")
+        raise UnknownNameError(
+            f"unknown trace method {method!r}; valid methods are {', '.join(TRACE_METHODS)}"
+        )
     rec = None
     if method == "auto":
         # The real pass, unless it turns out slower than the meta pass would be: then it
@@ -391,11 +449,14 @@ def trace(model: nn.Module, input, registry: LayerSelection | None = None,
             rec.run(twin[0], _to_meta(x))
         except Exception as exc:  # data-dependent or meta-unfriendly models: real pass
             if method == "meta":
-                raise ForwardError(f"the meta-device forward pass failed in module "
-                                   f"{rec.failed_in()} ({type(exc).__name__}: {exc}); use "
-                                   "the real forward pass (method='real' or 'auto')") from exc
-            log.debug("meta trace failed (%s: %s); running the real forward pass",
-                      type(exc).__name__, exc)
+                raise ForwardError(
+                    f"the meta-device forward pass failed in module "
+                    f"{rec.failed_in()} ({type(exc).__name__}: {exc}); use "
+                    "the real forward pass (method='real' or 'auto')"
+                ) from exc
+            log.debug(
+                "meta trace failed (%s: %s); running the real forward pass", type(exc).__name__, exc
+            )
             rec = None
     if rec is None:
         rec = _Recorder(registry, names, {})
@@ -411,16 +472,19 @@ def trace(model: nn.Module, input, registry: LayerSelection | None = None,
     layers = [TracedLayer(names.get(m, ""), m, *s) for m, s in shapes.items()]
     for layer in layers:
         if len(seen_shapes[layer.module]) > 1:
-            warn_caller(f"{layer.label} was called with several shapes "
-                        f"{sorted(seen_shapes[layer.module])}; it counts once, with the "
-                        "shapes of its last call")
+            warn_caller(
+                f"{layer.label} was called with several shapes "
+                f"{sorted(seen_shapes[layer.module])}; it counts once, with the "
+                "shapes of its last call"
+            )
     if not layers:
         found = Counter(type(m).__name__ for m in skipped)
         raise NoSupportedLayersError(
             f"{type(model).__name__} has no layer of a supported type "
             f"({', '.join(sorted(t.__name__ for t in registry))}); its forward pass ran "
             f"{dict(found) or 'no leaf modules'}. Register a builder for your layer type "
-            "with foresight_sparse.register")
+            "with foresight_sparse.register"
+        )
     skipped_list = [(names.get(m, ""), type(m).__name__) for m in skipped]
     return Trace(layers, skipped_list)
 
@@ -438,17 +502,21 @@ def warn_skipped(tr: Trace, refused: Mapping[type, type] | None = None) -> None:
     if refused:
         what = ", ".join(f"{t.__name__} (a {b.__name__} subclass)" for t, b in refused.items())
         first = next(iter(refused)).__name__
-        warn_caller(f"skipped {what}: it defines its own forward pass, which may transform "
-                    "its weight (standardisation, scaling, dynamic padding), so .weight is not "
-                    "read as its connectivity. If the forward pass computes with the weight as "
-                    f"stored, count it with foresight_sparse.register({first}, "
-                    "builder) (e.g. the built-in builder of its base type)")
+        warn_caller(
+            f"skipped {what}: it defines its own forward pass, which may transform "
+            "its weight (standardisation, scaling, dynamic padding), so .weight is not "
+            "read as its connectivity. If the forward pass computes with the weight as "
+            f"stored, count it with foresight_sparse.register({first}, "
+            "builder) (e.g. the built-in builder of its base type)"
+        )
     own = {t.__name__ for t in refused} | {c.__name__ for c in _PASSIVE}
     counts = Counter(t for _, t in tr.skipped if t not in own)
     if counts:
         what = ", ".join(f"{n} {t}" for t, n in sorted(counts.items()))
-        warn_caller(f"skipped layers with no connectivity builder: {what}. They do not "
-                    f"count towards EI, as in the old module; {SKIPPED_HINT}")
+        warn_caller(
+            f"skipped layers with no connectivity builder: {what}. They do not "
+            f"count towards EI, as in the old module; {SKIPPED_HINT}"
+        )
 
 
 def get_shapes(model: nn.Module, input) -> dict[nn.Module, tuple[tuple, tuple]]:
@@ -457,26 +525,26 @@ def get_shapes(model: nn.Module, input) -> dict[nn.Module, tuple[tuple, tuple]]:
     The drop-in form of :func:`trace`: one forward pass with ``input``, modules in forward
     order.
     """
-    return {layer.module: (layer.in_shape, layer.out_shape)
-            for layer in trace(model, input).layers}
+    return {layer.module: (layer.in_shape, layer.out_shape) for layer in trace(model, input).layers}
 
 
 def _checked_shape(shape, where: str, what: str) -> tuple[int, ...]:
     """A shape from a ``shapes`` dict as a tuple of non-negative ints, or a precise error."""
     try:
-        dims = None if isinstance(shape, (str, bytes)) else \
-            tuple(operator.index(d) for d in shape)
+        dims = None if isinstance(shape, (str, bytes)) else tuple(operator.index(d) for d in shape)
     except TypeError:
         dims = None
     if dims is None or any(d < 0 for d in dims):
         raise ShapeMismatchError(
             f"{where}: {what} must be a tuple of non-negative ints such as (1, 3, 32, 32), "
-            f"got {shape!r}. Recompute the shapes with get_shapes(model, input)")
+            f"got {shape!r}. Recompute the shapes with get_shapes(model, input)"
+        )
     return dims
 
 
-def layers_from_shapes(model: nn.Module, shapes: dict,
-                       registry: LayerSelection | None = None) -> Trace:
+def layers_from_shapes(
+    model: nn.Module, shapes: dict, registry: LayerSelection | None = None
+) -> Trace:
     """Turn a ``shapes`` dict (as :func:`get_shapes` returns) into a :class:`Trace`.
 
     Every in/out shape must be a sequence of non-negative ints (a ``torch.Size``, tuple or
@@ -497,38 +565,48 @@ def layers_from_shapes(model: nn.Module, shapes: dict,
     model = _unwrap(model)
     names = _names(model)
     if not isinstance(shapes, Mapping):
-        raise TypeError(f"shapes must be a dict {{module: (in_shape, out_shape)}} as "
-                        f"get_shapes(model, input) returns, not {type(shapes).__name__}")
+        raise TypeError(
+            f"shapes must be a dict {{module: (in_shape, out_shape)}} as "
+            f"get_shapes(model, input) returns, not {type(shapes).__name__}"
+        )
     layers = []
     for module, value in shapes.items():
         if not isinstance(module, nn.Module):
             raise ShapeMismatchError(
                 f"shapes is keyed by modules of the model, got the key {module!r}; build it "
-                "with get_shapes(model, input)")
+                "with get_shapes(model, input)"
+            )
         if module not in names:
             raise ShapeMismatchError(
                 f"shapes holds a {type(module).__name__} that is not part of "
                 f"{type(model).__name__}; were the shapes traced from another model? "
-                "Recompute them with get_shapes(model, input)")
+                "Recompute them with get_shapes(model, input)"
+            )
         try:
             in_shape, out_shape = value
         except (TypeError, ValueError):
             raise ShapeMismatchError(
-                f"shapes[{names[module]!r}] must be (in_shape, out_shape), got {value!r}") \
-                from None
+                f"shapes[{names[module]!r}] must be (in_shape, out_shape), got {value!r}"
+            ) from None
         where = f"shapes[{names[module]!r}] ({type(module).__name__})"
         in_shape = _checked_shape(in_shape, where, "in_shape")
         out_shape = _checked_shape(out_shape, where, "out_shape")
         if type(module) in registry:
             layers.append(TracedLayer(names[module], module, in_shape, out_shape))
     if not layers:
-        raise NoSupportedLayersError(f"shapes holds no module of a supported type for "
-                                     f"{type(model).__name__}")
+        raise NoSupportedLayersError(
+            f"shapes holds no module of a supported type for {type(model).__name__}"
+        )
     return Trace(layers)
 
 
-def resolve_layers(model: nn.Module, input=None, shapes=None, method: str = "auto",
-                   layers: LayerSelection | None = None) -> Trace:
+def resolve_layers(
+    model: nn.Module,
+    input=None,
+    shapes=None,
+    method: str = "auto",
+    layers: LayerSelection | None = None,
+) -> Trace:
     """The layers to analyse: from ``shapes`` if given, else traced with ``input``; the
     types that count are ``layers``' (the old module's by default)."""
     if shapes is not None:
@@ -536,5 +614,6 @@ def resolve_layers(model: nn.Module, input=None, shapes=None, method: str = "aut
     if input is None:
         raise MissingInputError(
             f"cannot find the layers of {type(model).__name__}: pass input (an example "
-            "batch, e.g. torch.zeros(1, 3, 224, 224)) or shapes (from get_shapes)")
+            "batch, e.g. torch.zeros(1, 3, 224, 224)) or shapes (from get_shapes)"
+        )
     return trace(model, input, layers, method=method)

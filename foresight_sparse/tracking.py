@@ -93,23 +93,48 @@ class Tracker:
     >>> tracker.history.plot("ei.png")                                  # doctest: +SKIP
     """
 
-    def __init__(self, model: nn.Module, input, every: int = 100, norm="lin", device=None,
-                 engine: str = "auto", legacy: bool = False, max_memory=None,
-                 layers="seed"):
+    def __init__(
+        self,
+        model: nn.Module,
+        input,
+        every: int = 100,
+        norm="lin",
+        device=None,
+        engine: str = "auto",
+        legacy: bool = False,
+        max_memory=None,
+        layers="seed",
+    ):
         if isinstance(every, bool) or not isinstance(every, int) or every < 1:
-            raise ValueError(f"every={every!r} must be a positive int: the tracker evaluates "
-                             "when step % every == 0")
+            raise ValueError(
+                f"every={every!r} must be a positive int: the tracker evaluates "
+                "when step % every == 0"
+            )
         self.model = model
         self.every = every
         dev = _model_device(model) if device is None else device
         with preserved_rng():  # a real forward pass (the trace's fallback) may draw numbers
-            self.plan: Plan = plan(model, input, norm=norm, device=dev, engine=engine,
-                                   legacy=legacy, max_memory=max_memory, layers=layers)
-        self.history = History(meta={
-            "model": type(model).__name__, "norm": self.plan.norm.name, "engine": engine,
-            "device": str(self.plan.device), "legacy": legacy,
-            "layers": LayerSelection(layers).label,
-            "max_memory": self.plan.max_memory})
+            self.plan: Plan = plan(
+                model,
+                input,
+                norm=norm,
+                device=dev,
+                engine=engine,
+                legacy=legacy,
+                max_memory=max_memory,
+                layers=layers,
+            )
+        self.history = History(
+            meta={
+                "model": type(model).__name__,
+                "norm": self.plan.norm.name,
+                "engine": engine,
+                "device": str(self.plan.device),
+                "legacy": legacy,
+                "layers": LayerSelection(layers).label,
+                "max_memory": self.plan.max_memory,
+            }
+        )
         self.last: Report | None = None
 
     def step(self, step: int, *, epoch: int | None = None) -> Report | None:
@@ -131,8 +156,7 @@ class Tracker:
             return None
         return self.record(step, epoch=epoch)
 
-    def record(self, step: int, *, epoch: int | None = None,
-               label: str | None = None) -> Report:
+    def record(self, step: int, *, epoch: int | None = None, label: str | None = None) -> Report:
         """Evaluate the current weights now, whatever the step, and add them to
         :attr:`history`.
 
@@ -153,11 +177,14 @@ class Tracker:
         # backward pass are left alone; the plan reads the parameters in place.
         with preserved_rng(), torch.no_grad():
             rep = self.plan.report()
-        self.history.add_report(rep, label if label is not None else f"step={step}",
-                                step=step, epoch=epoch)
+        self.history.add_report(
+            rep, label if label is not None else f"step={step}", step=step, epoch=epoch
+        )
         self.last = rep
         return rep
 
     def __repr__(self) -> str:
-        return (f"<Tracker of {type(self.model).__name__} every {self.every} steps: "
-                f"{len(self.history.labels)} evaluations>")
+        return (
+            f"<Tracker of {type(self.model).__name__} every {self.every} steps: "
+            f"{len(self.history.labels)} evaluations>"
+        )

@@ -42,8 +42,9 @@ settings.register_profile(
     print_blob=True,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.differing_executors],
 )
-settings.register_profile("dev", deadline=None, max_examples=300,
-                          suppress_health_check=[HealthCheck.too_slow])
+settings.register_profile(
+    "dev", deadline=None, max_examples=300, suppress_health_check=[HealthCheck.too_slow]
+)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 
@@ -75,14 +76,17 @@ def densify(matrix) -> torch.Tensor:
     return matrix.detach().to("cpu", F64)
 
 
-def assert_close(actual: float, expected: float, rel: float, abs_: float = ABS_FLOOR,
-                 what: str = "") -> None:
+def assert_close(
+    actual: float, expected: float, rel: float, abs_: float = ABS_FLOOR, what: str = ""
+) -> None:
     """``|actual - expected| <= max(rel * |expected|, abs_)``, with a readable failure."""
     err = abs(actual - expected)
     bound = max(rel * abs(expected), abs_)
-    assert err <= bound, (f"{what}: {actual!r} vs reference {expected!r} "
-                          f"(error {err:.3e}, relative {err / max(abs(expected), 1e-300):.3e},"
-                          f" allowed {bound:.3e})")
+    assert err <= bound, (
+        f"{what}: {actual!r} vs reference {expected!r} "
+        f"(error {err:.3e}, relative {err / max(abs(expected), 1e-300):.3e},"
+        f" allowed {bound:.3e})"
+    )
 
 
 def out_shape_of(module: nn.Module, in_shape: tuple[int, ...]) -> tuple[int, ...]:
@@ -166,8 +170,17 @@ def conv2d_cases(draw, max_extra: int = 5) -> LayerCase:
         elif mode == "circular":
             lo = max(lo, max(pb, pa))
         sizes.append(draw(st.integers(lo, lo + max_extra)))
-    module = nn.Conv2d(c_in, c_out, kernel, stride=stride, padding=padding, dilation=dilation,
-                       groups=groups, padding_mode=mode, bias=draw(st.booleans())).double()
+    module = nn.Conv2d(
+        c_in,
+        c_out,
+        kernel,
+        stride=stride,
+        padding=padding,
+        dilation=dilation,
+        groups=groups,
+        padding_mode=mode,
+        bias=draw(st.booleans()),
+    ).double()
     randomize_(module, draw(st.integers(0, 2**16)), zero_frac=draw(st.sampled_from([0, 0.3])))
     in_shape = (1, c_in, *sizes)
     return LayerCase(module, in_shape, out_shape_of(module, in_shape))
@@ -178,19 +191,26 @@ def avgpool2d_cases(draw, max_extra: int = 5) -> LayerCase:
     """An AvgPool2d with any kernel, stride (None included), padding up to half the kernel,
     ceil_mode, count_include_pad and divisor_override, on an input it accepts."""
     kernel = (draw(st.integers(1, 4)), draw(st.integers(1, 4)))
-    stride = draw(st.one_of(st.none(), st.integers(1, 3),
-                            st.tuples(st.integers(1, 3), st.integers(1, 3))))
+    stride = draw(
+        st.one_of(st.none(), st.integers(1, 3), st.tuples(st.integers(1, 3), st.integers(1, 3)))
+    )
     padding = (draw(st.integers(0, kernel[0] // 2)), draw(st.integers(0, kernel[1] // 2)))
     if draw(st.booleans()) and padding[0] == padding[1]:
         padding = padding[0]
     pads = padding if isinstance(padding, tuple) else (padding, padding)
-    sizes = [draw(st.integers(max(1, k - 2 * p), max(1, k - 2 * p) + max_extra))
-             for k, p in zip(kernel, pads)]
+    sizes = [
+        draw(st.integers(max(1, k - 2 * p), max(1, k - 2 * p) + max_extra))
+        for k, p in zip(kernel, pads)
+    ]
     channels = draw(st.integers(1, 3))
-    module = nn.AvgPool2d(kernel, stride=stride, padding=padding,
-                          ceil_mode=draw(st.booleans()),
-                          count_include_pad=draw(st.booleans()),
-                          divisor_override=draw(st.one_of(st.none(), st.integers(1, 5))))
+    module = nn.AvgPool2d(
+        kernel,
+        stride=stride,
+        padding=padding,
+        ceil_mode=draw(st.booleans()),
+        count_include_pad=draw(st.booleans()),
+        divisor_override=draw(st.one_of(st.none(), st.integers(1, 5))),
+    )
     in_shape = (1, channels, *sizes)
     return LayerCase(module, in_shape, out_shape_of(module, in_shape))
 
@@ -216,8 +236,9 @@ class NetCase:
         return f"NetCase({self.model!r}, input={tuple(self.input.shape)})"
 
 
-def _conv_for(draw, c_in: int, h: int, w: int, modes=PADDING_MODES,
-              plain: bool = False) -> nn.Conv2d:
+def _conv_for(
+    draw, c_in: int, h: int, w: int, modes=PADDING_MODES, plain: bool = False
+) -> nn.Conv2d:
     """A Conv2d that accepts a (c_in, h, w) input, drawn constructively; ``plain``: no groups,
     no dilation (what the old module handled)."""
     groups = 1 if plain else draw(st.sampled_from([g for g in (1, 2) if c_in % g == 0]))
@@ -232,23 +253,45 @@ def _conv_for(draw, c_in: int, h: int, w: int, modes=PADDING_MODES,
         dilation.append(d)
         padding.append(p)
         stride.append(draw(st.integers(1, 2)))
-    return nn.Conv2d(c_in, c_out, tuple(kernel), stride=tuple(stride), padding=tuple(padding),
-                     dilation=tuple(dilation), groups=groups, padding_mode=mode)
+    return nn.Conv2d(
+        c_in,
+        c_out,
+        tuple(kernel),
+        stride=tuple(stride),
+        padding=tuple(padding),
+        dilation=tuple(dilation),
+        groups=groups,
+        padding_mode=mode,
+    )
 
 
 def _pool_for(draw, h: int, w: int, padded: bool) -> nn.AvgPool2d:
     kernel = (draw(st.integers(1, min(3, h))), draw(st.integers(1, min(3, w))))
-    padding = (draw(st.integers(0, kernel[0] // 2)), draw(st.integers(0, kernel[1] // 2))) \
-        if padded else 0
-    return nn.AvgPool2d(kernel, stride=draw(st.one_of(st.none(), st.integers(1, 2))),
-                        padding=padding, ceil_mode=draw(st.booleans()),
-                        count_include_pad=draw(st.booleans()),
-                        divisor_override=draw(st.one_of(st.none(), st.integers(1, 4))))
+    padding = (
+        (draw(st.integers(0, kernel[0] // 2)), draw(st.integers(0, kernel[1] // 2)))
+        if padded
+        else 0
+    )
+    return nn.AvgPool2d(
+        kernel,
+        stride=draw(st.one_of(st.none(), st.integers(1, 2))),
+        padding=padding,
+        ceil_mode=draw(st.booleans()),
+        count_include_pad=draw(st.booleans()),
+        divisor_override=draw(st.one_of(st.none(), st.integers(1, 4))),
+    )
 
 
 @st.composite
-def random_nets(draw, max_spatial: int = 3, max_linear: int = 2, weight_scale=None,
-                seed_compatible: bool = False, dtype=F64, big_weights: bool = False) -> NetCase:
+def random_nets(
+    draw,
+    max_spatial: int = 3,
+    max_linear: int = 2,
+    weight_scale=None,
+    seed_compatible: bool = False,
+    dtype=F64,
+    big_weights: bool = False,
+) -> NetCase:
     """A small ``nn.Sequential`` of Conv2d / AvgPool2d (ReLU between), then Flatten and
     Linear layers, with a matching input. Weights are seeded normal values scaled by a drawn
     factor, some exactly zero. ``seed_compatible``: only what the old module computed
@@ -279,8 +322,9 @@ def random_nets(draw, max_spatial: int = 3, max_linear: int = 2, weight_scale=No
     model = nn.Sequential(*layers[:-1]).to(dtype)
     scales = [0.3, 1.0, 4.0, 300.0] if big_weights else [0.3, 1.0, 4.0]
     scale = draw(st.sampled_from(scales)) if weight_scale is None else weight_scale
-    randomize_(model, draw(st.integers(0, 2**16)), scale=scale,
-               zero_frac=draw(st.sampled_from([0, 0.2])))
+    randomize_(
+        model, draw(st.integers(0, 2**16)), scale=scale, zero_frac=draw(st.sampled_from([0, 0.2]))
+    )
     return NetCase(model, torch.zeros((1, c, h, w), dtype=dtype), pools_unpadded, scale)
 
 

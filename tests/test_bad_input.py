@@ -89,11 +89,14 @@ def no_hooks_left(model: nn.Module) -> bool:
 # --------------------------------------------------------------------------- arguments
 
 
-@pytest.mark.parametrize("norm, exc, pattern", [
-    (3, TypeError, r"norm must be .* not int"),
-    (1.5, TypeError, r"norm must be .* not float"),
-    ("foo", UnknownNameError, r"unknown norm 'foo'; valid names are lin, none, sig, soft"),
-])
+@pytest.mark.parametrize(
+    "norm, exc, pattern",
+    [
+        (3, TypeError, r"norm must be .* not int"),
+        (1.5, TypeError, r"norm must be .* not float"),
+        ("foo", UnknownNameError, r"unknown norm 'foo'; valid names are lin, none, sig, soft"),
+    ],
+)
 def test_bad_norm_is_refused(norm, exc, pattern):
     with pytest.raises(exc, match=pattern):
         ei.ei(small_net(), X, norm=norm)
@@ -127,16 +130,19 @@ def test_neither_input_nor_shapes():
         ei.determinism(small_net())
 
 
-@pytest.mark.parametrize("max_memory, exc, pattern", [
-    ("junk", ValueError, r"max_memory='junk' is not a byte count"),
-    ("2 parsecs", ValueError, r"max_memory='2 parsecs'"),
-    (-1, ValueError, r"max_memory must be positive"),
-    (0, ValueError, r"max_memory must be positive"),
-    (float("nan"), ValueError, r"max_memory must be a finite number"),
-    (float("inf"), ValueError, r"max_memory must be a finite number"),
-    ([1], TypeError, r"max_memory must be a number of bytes .* not list"),
-    (True, TypeError, r"max_memory must be a number of bytes .* not bool"),
-])
+@pytest.mark.parametrize(
+    "max_memory, exc, pattern",
+    [
+        ("junk", ValueError, r"max_memory='junk' is not a byte count"),
+        ("2 parsecs", ValueError, r"max_memory='2 parsecs'"),
+        (-1, ValueError, r"max_memory must be positive"),
+        (0, ValueError, r"max_memory must be positive"),
+        (float("nan"), ValueError, r"max_memory must be a finite number"),
+        (float("inf"), ValueError, r"max_memory must be a finite number"),
+        ([1], TypeError, r"max_memory must be a number of bytes .* not list"),
+        (True, TypeError, r"max_memory must be a number of bytes .* not bool"),
+    ],
+)
 def test_bad_max_memory_names_max_memory(max_memory, exc, pattern):
     with pytest.raises(exc, match=pattern):
         ei.ei(small_net(), X, max_memory=max_memory)
@@ -178,8 +184,9 @@ def test_input_of_wrong_type_names_the_layer():
         ei.ei(small_net(), np.zeros((1, 1, 4, 4), dtype=np.float32))
 
 
-@pytest.mark.parametrize("dtype", [torch.int64, torch.int32, torch.uint8, torch.bool,
-                                   torch.float16, torch.float64])
+@pytest.mark.parametrize(
+    "dtype", [torch.int64, torch.int32, torch.uint8, torch.bool, torch.float16, torch.float64]
+)
 def test_input_dtype_is_cast_to_the_models_floating_dtype(dtype):
     model = small_net()
     expected = quiet(fs.report, model, X)
@@ -228,24 +235,36 @@ def test_tuple_and_dict_inputs():
 
 def test_shapes_from_another_model():
     other = small_net()
-    with pytest.raises(ShapeMismatchError, match=r"Conv2d that is not part of Sequential.*"
-                                                 r"get_shapes"):
+    with pytest.raises(
+        ShapeMismatchError,
+        match=r"Conv2d that is not part of Sequential.*"
+        r"get_shapes",
+    ):
         ei.ei(small_net(), shapes=ei.get_shapes(other, X))
 
 
-@pytest.mark.parametrize("value, pattern", [
-    ((1, 2, 3), r"shapes\['0'\] must be \(in_shape, out_shape\)"),
-    (None, r"shapes\['0'\] must be \(in_shape, out_shape\)"),
-    (((1, 1, 4, 4), "ab"), r"shapes\['0'\] \(Conv2d\): out_shape must be a tuple of "
-                           r"non-negative ints"),
-    (((1, 1, 4, 4), (1, 2, "a", 2)), r"shapes\['0'\] \(Conv2d\): out_shape"),
-    (((1, 1, 4.0, 4), (1, 2, 2, 2)), r"shapes\['0'\] \(Conv2d\): in_shape"),
-    ((5, (1, 2, 2, 2)), r"shapes\['0'\] \(Conv2d\): in_shape .* got 5"),
-    (((1, 1, 4, 4), (1, 2, -2, 2)), r"shapes\['0'\] \(Conv2d\): out_shape .* -2"),
-    (((1, 1, 4, 4), (1, 2, 3, 3)), r"0 \(Conv2d\): Conv2d\(1, 2.*maps input \(1, 1, 4, 4\) to "
-                                   r"\(N, 2, 2, 2\)"),
-    (((1, 1, 4, 4), (1, 3, 2, 2)), r"0 \(Conv2d\).*shapes say output \(1, 3, 2, 2\)"),
-])
+@pytest.mark.parametrize(
+    "value, pattern",
+    [
+        ((1, 2, 3), r"shapes\['0'\] must be \(in_shape, out_shape\)"),
+        (None, r"shapes\['0'\] must be \(in_shape, out_shape\)"),
+        (
+            ((1, 1, 4, 4), "ab"),
+            r"shapes\['0'\] \(Conv2d\): out_shape must be a tuple of "
+            r"non-negative ints",
+        ),
+        (((1, 1, 4, 4), (1, 2, "a", 2)), r"shapes\['0'\] \(Conv2d\): out_shape"),
+        (((1, 1, 4.0, 4), (1, 2, 2, 2)), r"shapes\['0'\] \(Conv2d\): in_shape"),
+        ((5, (1, 2, 2, 2)), r"shapes\['0'\] \(Conv2d\): in_shape .* got 5"),
+        (((1, 1, 4, 4), (1, 2, -2, 2)), r"shapes\['0'\] \(Conv2d\): out_shape .* -2"),
+        (
+            ((1, 1, 4, 4), (1, 2, 3, 3)),
+            r"0 \(Conv2d\): Conv2d\(1, 2.*maps input \(1, 1, 4, 4\) to "
+            r"\(N, 2, 2, 2\)",
+        ),
+        (((1, 1, 4, 4), (1, 3, 2, 2)), r"0 \(Conv2d\).*shapes say output \(1, 3, 2, 2\)"),
+    ],
+)
 def test_malformed_shapes_name_the_layer(value, pattern):
     model = small_net()
     with pytest.raises(ShapeMismatchError, match=pattern):
@@ -264,8 +283,9 @@ def test_shapes_as_torch_size_and_lists_are_accepted():
     traced = ei.get_shapes(model, X)
     as_lists = {m: (list(i), list(o)) for m, (i, o) in traced.items()}
     as_size = {m: (torch.Size(i), torch.Size(o)) for m, (i, o) in traced.items()}
-    assert ei.ei(model, shapes=as_lists) == ei.ei(model, shapes=as_size) == ei.ei(
-        model, shapes=traced)
+    assert (
+        ei.ei(model, shapes=as_lists) == ei.ei(model, shapes=as_size) == ei.ei(model, shapes=traced)
+    )
 
 
 def test_linear_with_mismatched_shapes():
@@ -275,25 +295,37 @@ def test_linear_with_mismatched_shapes():
     with pytest.raises(ShapeMismatchError, match=r"Linear: the input shape .* got 4"):
         ei.linear_create_matrix(lin, 4, (1, 3))
     model = nn.Sequential(lin)
-    with pytest.raises(ShapeMismatchError, match=r"0 \(Linear\): Linear\(4, 3\).*output "
-                                                 r"\(1, 2\)"):
+    with pytest.raises(
+        ShapeMismatchError,
+        match=r"0 \(Linear\): Linear\(4, 3\).*output "
+        r"\(1, 2\)",
+    ):
         ei.ei(model, shapes={lin: ((1, 4), (1, 2))})
 
 
 def test_conv2d_given_2d_shapes():
     conv = nn.Conv2d(1, 2, 3)
-    with pytest.raises(ShapeMismatchError, match=r"Conv2d needs a 4-d \(N, C, H, W\) or 3-d.*"
-                                                 r"input shape, got \(1, 16\)"):
+    with pytest.raises(
+        ShapeMismatchError,
+        match=r"Conv2d needs a 4-d \(N, C, H, W\) or 3-d.*"
+        r"input shape, got \(1, 16\)",
+    ):
         ei.conv2d_create_matrix(conv, (1, 16), (1, 8))
-    with pytest.raises(ShapeMismatchError, match=r"Conv2d: the input shape of Conv2d must be "
-                                                 r"a tuple of ints, got 'abcd'"):
+    with pytest.raises(
+        ShapeMismatchError,
+        match=r"Conv2d: the input shape of Conv2d must be "
+        r"a tuple of ints, got 'abcd'",
+    ):
         ei.conv2d_create_matrix(conv, "abcd", (1, 2, 2, 2))
 
 
 def test_legacy_pool_with_padding_suggests_legacy_false():
     model = nn.Sequential(nn.AvgPool2d(2, padding=1))
-    with pytest.raises(UnsupportedLayerError, match=r"0 \(AvgPool2d\): legacy=True .*padding"
-                                                    r".*use legacy=False"):
+    with pytest.raises(
+        UnsupportedLayerError,
+        match=r"0 \(AvgPool2d\): legacy=True .*padding"
+        r".*use legacy=False",
+    ):
         ei.ei(model, X, legacy=True)
     assert math.isfinite(ei.ei(model, X))  # legacy=False takes it
 
@@ -312,8 +344,11 @@ def test_non_finite_weights_name_the_layer(value, engine):
     model = small_net()
     with torch.no_grad():
         model[0].weight[1, 0, 2, 2] = value
-    with pytest.raises(NonFiniteWeightsError, match=r"0 \(Conv2d\): 1 of 18 weights are NaN "
-                                                    r"or infinite"):
+    with pytest.raises(
+        NonFiniteWeightsError,
+        match=r"0 \(Conv2d\): 1 of 18 weights are NaN "
+        r"or infinite",
+    ):
         ei.ei(model, X, engine=engine)
     model = small_net()
     with torch.no_grad():
@@ -359,15 +394,21 @@ def test_soft_norm_conv_with_one_huge_weight():
 
 
 def test_empty_sequential():
-    with pytest.raises(NoSupportedLayersError, match=r"Sequential has no layer of a supported "
-                                                     r"type \(AvgPool2d, Conv2d, Linear\)"):
+    with pytest.raises(
+        NoSupportedLayersError,
+        match=r"Sequential has no layer of a supported "
+        r"type \(AvgPool2d, Conv2d, Linear\)",
+    ):
         ei.ei(nn.Sequential(), X)
 
 
 def test_model_with_no_supported_layer_names_what_ran():
     model = nn.Sequential(nn.ReLU(), nn.MaxPool2d(2))
-    with pytest.raises(NoSupportedLayersError, match=r"'ReLU': 1, 'MaxPool2d': 1.*"
-                                                     r"foresight_sparse.register"):
+    with pytest.raises(
+        NoSupportedLayersError,
+        match=r"'ReLU': 1, 'MaxPool2d': 1.*"
+        r"foresight_sparse.register",
+    ):
         ei.ei(model, X)
 
 
@@ -381,14 +422,26 @@ def test_model_without_parameters():
 
 
 def test_skipped_layers_are_listed_and_warned_about_once():
-    model = nn.Sequential(nn.Conv2d(1, 2, 3, padding=1), nn.BatchNorm2d(2), nn.ReLU(),
-                          nn.MaxPool2d(2), nn.Conv2d(2, 2, 1), nn.MaxPool2d(2), nn.Flatten(),
-                          nn.Linear(2, 2))
+    model = nn.Sequential(
+        nn.Conv2d(1, 2, 3, padding=1),
+        nn.BatchNorm2d(2),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Conv2d(2, 2, 1),
+        nn.MaxPool2d(2),
+        nn.Flatten(),
+        nn.Linear(2, 2),
+    )
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         rep = fs.report(model, torch.zeros(1, 1, 4, 4))
-    assert rep.skipped == [("1", "BatchNorm2d"), ("2", "ReLU"), ("3", "MaxPool2d"),
-                           ("5", "MaxPool2d"), ("6", "Flatten")]
+    assert rep.skipped == [
+        ("1", "BatchNorm2d"),
+        ("2", "ReLU"),
+        ("3", "MaxPool2d"),
+        ("5", "MaxPool2d"),
+        ("6", "Flatten"),
+    ]
     messages = [str(w.message) for w in caught]
     assert len(messages) == 1, messages
     assert "1 BatchNorm2d, 2 MaxPool2d" in messages[0]
@@ -430,7 +483,10 @@ def test_subclasses_are_skipped_until_registered():
         fs.unregister(SubConv)
         fs.unregister(SubLinear)
     assert [(lay.name, lay.type) for lay in rep.layers] == [
-        ("0", "SubConv"), ("2", "SubLinear"), ("3", "Linear")]
+        ("0", "SubConv"),
+        ("2", "SubLinear"),
+        ("3", "Linear"),
+    ]
     plain = nn.Sequential(nn.Conv2d(1, 2, 3), nn.Flatten(), nn.Linear(8, 3), nn.Linear(3, 2))
     plain.load_state_dict(model.state_dict())
     assert quiet(ei.ei, plain, X) == rep.ei
@@ -460,11 +516,16 @@ def test_shared_module_same_shapes_counts_once_without_warning():
 
 def test_shared_module_different_shapes_uses_last_call_and_warns():
     model = Shared(pool=True)
-    with pytest.warns(UserWarning, match=r"conv \(Conv2d\) was called with several shapes.*"
-                                         r"shapes of its last call"):
+    with pytest.warns(
+        UserWarning,
+        match=r"conv \(Conv2d\) was called with several shapes.*"
+        r"shapes of its last call",
+    ):
         rep = fs.report(model, torch.zeros(1, 1, 6, 6))
     assert [(lay.name, lay.in_shape) for lay in rep.layers] == [
-        ("conv", (1, 1, 3, 3)), ("pool", (1, 1, 6, 6))]
+        ("conv", (1, 1, 3, 3)),
+        ("pool", (1, 1, 6, 6)),
+    ]
     # as in the old module (the reference): first position, last shapes
     ref_shapes = R.get_shapes(model, torch.zeros(1, 1, 6, 6))
     assert list(ref_shapes.values())[0] == ((1, 1, 3, 3), (1, 1, 3, 3))
@@ -487,10 +548,13 @@ class Block(nn.Module):
         raise ValueError("inside the block")
 
 
-@pytest.mark.parametrize("bad, pattern", [
-    (Boom(), r"failed in module '1' \(Boom\) \(RuntimeError: boom\)"),
-    (Block(), r"failed in module '1' \(Block\) \(ValueError: inside the block\)"),
-])
+@pytest.mark.parametrize(
+    "bad, pattern",
+    [
+        (Boom(), r"failed in module '1' \(Boom\) \(RuntimeError: boom\)"),
+        (Block(), r"failed in module '1' \(Block\) \(ValueError: inside the block\)"),
+    ],
+)
 def test_failing_forward_names_the_layer_and_removes_hooks(bad, pattern):
     model = nn.Sequential(nn.Conv2d(1, 1, 1), bad).train()
     with pytest.raises(ForwardError, match=pattern):
@@ -502,8 +566,9 @@ def test_failing_forward_names_the_layer_and_removes_hooks(bad, pattern):
 
 
 def test_one_by_one_inputs():
-    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.Conv2d(4, 2, 1), nn.Flatten(),
-                          nn.Linear(2, 1)).double()
+    model = nn.Sequential(
+        nn.Conv2d(3, 4, 3, padding=1), nn.Conv2d(4, 2, 1), nn.Flatten(), nn.Linear(2, 1)
+    ).double()
     exact_weights_(model)
     x = torch.zeros(1, 3, 1, 1, dtype=F64)
     for norm, ref_norm in REF_NORMS.items():
@@ -514,8 +579,11 @@ def test_one_by_one_inputs():
     assert rep.layers[-1].n_out == 1
 
 
-@pytest.mark.parametrize("layer", [nn.Conv2d(1, 2, 1, stride=3), nn.Conv2d(2, 2, 2, stride=3),
-                                   nn.AvgPool2d(1, stride=3)], ids=["conv1", "conv2", "pool"])
+@pytest.mark.parametrize(
+    "layer",
+    [nn.Conv2d(1, 2, 1, stride=3), nn.Conv2d(2, 2, 2, stride=3), nn.AvgPool2d(1, stride=3)],
+    ids=["conv1", "conv2", "pool"],
+)
 @pytest.mark.parametrize("norm", ["lin", "soft", "sig"])
 def test_stride_larger_than_kernel_leaves_rows_unconnected(layer, norm):
     c_in = getattr(layer, "in_channels", 2)
@@ -568,10 +636,14 @@ class DataDependent(nn.Module):
         return y if float(y.sum()) > -1e30 else -y
 
 
-@pytest.mark.parametrize("make", [
-    lambda: nn.Sequential(nn.Conv2d(1, 2, 3), nn.BatchNorm2d(2), nn.Dropout(0.5)),
-    DataDependent,
-], ids=["meta-trace", "real-forward"])
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: nn.Sequential(nn.Conv2d(1, 2, 3), nn.BatchNorm2d(2), nn.Dropout(0.5)),
+        DataDependent,
+    ],
+    ids=["meta-trace", "real-forward"],
+)
 def test_train_mode_and_batchnorm_stats_are_left_alone(make):
     model = make().train()  # BatchNorm in train mode would update its running stats
     (model[2] if isinstance(model, nn.Sequential) else model.drop).eval()  # mixed modes
@@ -611,7 +683,8 @@ def test_requires_grad_builds_no_graph_and_leaks_nothing():
         assert torch.is_grad_enabled()
     assert tensors() <= before
     values = [rep.determinism, rep.degeneracy, rep.ei] + [
-        v for lay in rep.layers for v in (lay.mean_row_entropy, lay.degeneracy, lay.ei)]
+        v for lay in rep.layers for v in (lay.mean_row_entropy, lay.degeneracy, lay.ei)
+    ]
     assert all(type(v) is float for v in values)
     assert all(p.grad is None for p in model.parameters())
     with torch.no_grad():
@@ -623,9 +696,15 @@ def test_requires_grad_builds_no_graph_and_leaks_nothing():
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
 @pytest.mark.parametrize("engine", ["auto", "sparse"])
 def test_low_and_high_precision_models_match_the_reference(dtype, engine):
-    base = exact_weights_(nn.Sequential(nn.Conv2d(2, 3, 3, padding=1), nn.ReLU(),
-                                        nn.AvgPool2d(2), nn.Flatten(),
-                                        nn.Linear(3 * 4 * 4, 5)).double())
+    base = exact_weights_(
+        nn.Sequential(
+            nn.Conv2d(2, 3, 3, padding=1),
+            nn.ReLU(),
+            nn.AvgPool2d(2),
+            nn.Flatten(),
+            nn.Linear(3 * 4 * 4, 5),
+        ).double()
+    )
     x = torch.randn(1, 2, 8, 8)
     model = copy.deepcopy(base).to(dtype)
     for norm, ref_norm in REF_NORMS.items():
@@ -649,8 +728,9 @@ def test_int64_indices_are_counted_for_layers_over_2_31_entries():
     assert nnz >= 2**31
     assert conn.sparse_bytes("csr") == nnz * (8 + 4) + (conn.n_rows + 1) * 8
     assert conn.sparse_bytes("coo") == nnz * (16 + 4)
-    vgg = C.conv2d(nn.Conv2d(64, 64, 3, padding=1, device="meta"), (1, 64, 224, 224),
-                   (1, 64, 224, 224))
+    vgg = C.conv2d(
+        nn.Conv2d(64, 64, 3, padding=1, device="meta"), (1, 64, 224, 224), (1, 64, 224, 224)
+    )
     assert vgg.nnz < 2**31  # int32 indices still fit the largest VGG-16 layer
     assert vgg.sparse_bytes("csr") == vgg.nnz * (4 + 4) + (vgg.n_rows + 1) * 4
 
@@ -658,11 +738,15 @@ def test_int64_indices_are_counted_for_layers_over_2_31_entries():
 @pytest.mark.parametrize("max_memory", ["64GiB", None])
 def test_csr_over_2_31_entries_is_refused_before_allocating(max_memory, no_blocks):
     conv = nn.Conv2d(**BIG_CONV)
-    with pytest.raises(MemoryBudgetError, match=r"Conv2d: the 25690112 x 25690112 "
-                                                r"connectivity matrix .* csr\) needs about "
-                                                r"1\.\d+ TiB") as info:
-        ei.conv2d_create_matrix(conv, BIG_SHAPE, BIG_SHAPE, layout=torch.sparse_csr,
-                                max_memory=max_memory)
+    with pytest.raises(
+        MemoryBudgetError,
+        match=r"Conv2d: the 25690112 x 25690112 "
+        r"connectivity matrix .* csr\) needs about "
+        r"1\.\d+ TiB",
+    ) as info:
+        ei.conv2d_create_matrix(
+            conv, BIG_SHAPE, BIG_SHAPE, layout=torch.sparse_csr, max_memory=max_memory
+        )
     assert info.value.needed > info.value.budget
 
 
@@ -682,9 +766,12 @@ def test_csr_switches_to_int64_indices_past_int32(monkeypatch):
 def test_a_request_for_terabytes_is_refused_fast(no_blocks):
     conv = nn.Conv2d(64, 64, 3, padding=1)  # a VGG-16 layer, at 10x the resolution
     shape = (1, 64, 2240, 2240)
-    with pytest.raises(MemoryBudgetError, match=r"Conv2d: the 321126400 x 321126400 "
-                                                r"connectivity matrix \(184858722304 entries, "
-                                                r"coo\) needs about 3\.36 TiB") as info:
+    with pytest.raises(
+        MemoryBudgetError,
+        match=r"Conv2d: the 321126400 x 321126400 "
+        r"connectivity matrix \(184858722304 entries, "
+        r"coo\) needs about 3\.36 TiB",
+    ) as info:
         ei.conv2d_create_matrix(conv, shape, shape, max_memory="100GiB")
     assert info.value.needed == 184858722304 * 20
     assert info.value.budget == 100 * 2**30
@@ -692,8 +779,11 @@ def test_a_request_for_terabytes_is_refused_fast(no_blocks):
 
 @pytest.mark.parametrize("engine", ["auto", "implicit", "sparse", "dense"])
 def test_budget_too_small_names_the_layer_and_the_size(engine):
-    with pytest.raises(MemoryBudgetError, match=r"0 \(Conv2d\): .* needs about [\d.]+ K?i?B "
-                                                r"but max_memory is") as info:
+    with pytest.raises(
+        MemoryBudgetError,
+        match=r"0 \(Conv2d\): .* needs about [\d.]+ K?i?B "
+        r"but max_memory is",
+    ) as info:
         quiet(ei.ei, small_net(), X, engine=engine, max_memory=10)
     assert isinstance(info.value, MemoryError)
     assert info.value.needed > info.value.budget

@@ -36,8 +36,11 @@ from foresight_sparse.budget import format_bytes
 #: One strategy per registered module type: adding a builder without a strategy fails
 #: test_every_registered_type_is_drawn.
 CASES = {nn.Linear: linear_cases(), nn.Conv2d: conv2d_cases(), nn.AvgPool2d: avgpool2d_cases()}
-BUILTIN = {nn.Linear: ei.linear_create_matrix, nn.Conv2d: ei.conv2d_create_matrix,
-           nn.AvgPool2d: ei.avgpool2d_create_matrix}
+BUILTIN = {
+    nn.Linear: ei.linear_create_matrix,
+    nn.Conv2d: ei.conv2d_create_matrix,
+    nn.AvgPool2d: ei.avgpool2d_create_matrix,
+}
 ADAPTERS = {nn.Linear: C.linear, nn.Conv2d: C.conv2d, nn.AvgPool2d: C.avgpool2d}
 TYPES = pytest.mark.parametrize("kind", list(CASES), ids=lambda t: t.__name__)
 
@@ -107,8 +110,7 @@ def test_legacy_pool_equals_reference_legacy(case):
             ei.avgpool2d_create_matrix(case.module, case.in_shape, case.out_shape, legacy=True)
         return
     A = ei.avgpool2d_create_matrix(case.module, case.in_shape, case.out_shape, legacy=True)
-    expected = R.avgpool2d_create_matrix(case.module, case.in_shape, case.out_shape,
-                                         legacy=True)
+    expected = R.avgpool2d_create_matrix(case.module, case.in_shape, case.out_shape, legacy=True)
     torch.testing.assert_close(densify(A), expected, rtol=1e-6, atol=1e-7)
 
 
@@ -164,10 +166,10 @@ def test_csr_and_scipy_layouts(kind, data):
         assert sp.dtype == torch.empty((), dtype=weight.dtype).numpy().dtype
 
 
-@pytest.mark.parametrize("layout", [torch.sparse_coo, torch.sparse_csr],
-                         ids=["coo", "csr"])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16,
-                                   torch.bfloat16], ids=str)
+@pytest.mark.parametrize("layout", [torch.sparse_coo, torch.sparse_csr], ids=["coo", "csr"])
+@pytest.mark.parametrize(
+    "dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16], ids=str
+)
 def test_conv_layout_dtype_follows_weight(dtype, layout):
     # Regression: float16 and bfloat16 kernels once crashed the numba block kernel.
     torch.manual_seed(0)
@@ -178,8 +180,9 @@ def test_conv_layout_dtype_follows_weight(dtype, layout):
     assert torch.equal(densify(A), expected)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16,
-                                   torch.bfloat16], ids=str)
+@pytest.mark.parametrize(
+    "dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16], ids=str
+)
 def test_linear_layout_dtype_follows_weight(dtype):
     layer = nn.Linear(3, 2).to(dtype)
     for layout in (torch.sparse_coo, torch.sparse_csr):
@@ -203,10 +206,10 @@ def test_block_torch_equals_numba_block(case, data):
     r0 = data.draw(st.integers(0, n), label="r0")
     r1 = data.draw(st.integers(r0, n), label="r1")
     for dtype, index_dtype in ((F64, torch.int64), (torch.float32, torch.int32)):
-        a = conn.block(r0, r1, dtype=dtype, device="cpu", with_rows=True,
-                       index_dtype=index_dtype)
-        b = conn.block_torch(r0, r1, dtype=dtype, device="cpu", with_rows=True,
-                             index_dtype=index_dtype)
+        a = conn.block(r0, r1, dtype=dtype, device="cpu", with_rows=True, index_dtype=index_dtype)
+        b = conn.block_torch(
+            r0, r1, dtype=dtype, device="cpu", with_rows=True, index_dtype=index_dtype
+        )
         assert a.r0 == b.r0 == r0
         assert torch.equal(a.rowptr.to(torch.int64), b.rowptr.to(torch.int64))
         assert a.cols.dtype == b.cols.dtype == index_dtype
@@ -339,8 +342,11 @@ def test_custom_create_matrix_is_used(engine, norm):
     x = torch.zeros(1, 4, dtype=F64)
     ref_norm = {"lin": R.lin_norm, "soft": R.soft_norm}[norm]
     lib_norm = {"lin": ei.lin_norm, "soft": ei.soft_norm}[norm]
-    mats = [model[0].weight.detach().t(), torch.diag(model[1].w.detach()),
-            model[2].weight.detach().t()]
+    mats = [
+        model[0].weight.detach().t(),
+        torch.diag(model[1].w.detach()),
+        model[2].weight.detach().t(),
+    ]
     det, deg = measures_from_matrices(mats, ref_norm)
     assert Scale not in ei.VALID_MODULES
     ei.VALID_MODULES[Scale] = scale_create_matrix
@@ -352,8 +358,7 @@ def test_custom_create_matrix_is_used(engine, norm):
         assert rep.layers[1].nnz == 4  # the diagonal's zero entry is not stored
         assert rep.determinism == pytest.approx(det, rel=1e-12)
         assert rep.degeneracy == pytest.approx(deg, rel=1e-12)
-        assert ei.ei(model, x, norm=lib_norm, engine=engine) == pytest.approx(deg - det,
-                                                                             rel=1e-12)
+        assert ei.ei(model, x, norm=lib_norm, engine=engine) == pytest.approx(deg - det, rel=1e-12)
     finally:
         del ei.VALID_MODULES[Scale]
     assert Scale not in ei.VALID_MODULES and Scale not in C.REGISTRY

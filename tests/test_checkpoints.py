@@ -47,8 +47,7 @@ def test_training_checkpoint_under_model(tmp_path, trained):
     loss.backward()
     opt.step()  # the optimizer state now holds momentum tensors
     path = tmp_path / "ckpt.pt"
-    torch.save({"model": trained.state_dict(), "epoch": 3, "optimizer": opt.state_dict()},
-               path)
+    torch.save({"model": trained.state_dict(), "epoch": 3, "optimizer": opt.state_dict()}, path)
     model = load_weights(seeded(tiny_cnn), path)
     assert_same_weights(model.state_dict(), trained)
 
@@ -83,10 +82,20 @@ def test_lightning_ckpt(tmp_path):
     # A LightningModule's other attributes (here a weighted loss) are saved beside the model.
     state["loss_fn.weight"] = torch.ones(10)
     path = tmp_path / "epoch=2-step=30.ckpt"
-    torch.save({"epoch": 2, "global_step": 30, "pytorch-lightning_version": "2.4.0",
-                "state_dict": state, "loops": {"fit_loop": {"epoch_progress": {"total": 3}}},
-                "callbacks": {}, "optimizer_states": [{"state": {}, "param_groups": []}],
-                "lr_schedulers": [], "hyper_parameters": {"lr": 0.01}}, path)
+    torch.save(
+        {
+            "epoch": 2,
+            "global_step": 30,
+            "pytorch-lightning_version": "2.4.0",
+            "state_dict": state,
+            "loops": {"fit_loop": {"epoch_progress": {"total": 3}}},
+            "callbacks": {},
+            "optimizer_states": [{"state": {}, "param_groups": []}],
+            "lr_schedulers": [],
+            "hyper_parameters": {"lr": 0.01},
+        },
+        path,
+    )
     model = load_weights(seeded(TinyNet), path)
     assert_same_weights(model.state_dict(), net)
 
@@ -97,8 +106,7 @@ def test_ddp_wrapped_lightning_prefix(trained):
 
 
 def test_two_copies_of_the_model_are_ambiguous(trained):
-    state = {f"{p}.{k}": v for p in ("student", "teacher")
-             for k, v in trained.state_dict().items()}
+    state = {f"{p}.{k}": v for p in ("student", "teacher") for k, v in trained.state_dict().items()}
     with pytest.raises(CheckpointError, match="several times.*'student.'.*'teacher.'"):
         fit_state_dict(state, seeded(tiny_cnn))
 
@@ -152,8 +160,7 @@ def test_missing_file(tmp_path):
 
 def test_wrong_key_names_the_candidates(tmp_path, trained):
     path = tmp_path / "ckpt.pt"
-    torch.save({"ema": trained.state_dict(), "student": trained.state_dict(), "epoch": 3},
-               path)
+    torch.save({"ema": trained.state_dict(), "student": trained.state_dict(), "epoch": 3}, path)
     with pytest.raises(CheckpointError) as info:
         load_state_dict(path, key="modle")
     assert "no key 'modle'" in str(info.value) and "'ema', 'student'" in str(info.value)

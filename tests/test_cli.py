@@ -82,8 +82,7 @@ def assert_usage_error(rc: int, err: str, *fragments: str, status: int = 2) -> N
 def test_torchvision_name_matches_report(capsys, tmp_path):
     torchvision = pytest.importorskip("torchvision")
     out_json = tmp_path / "alexnet.json"
-    rc, out, err = run(capsys, "ei", "alexnet", "--input-shape", SMALL_IMAGE, "--json",
-                       out_json)
+    rc, out, err = run(capsys, "ei", "alexnet", "--input-shape", SMALL_IMAGE, "--json", out_json)
     assert rc == 0, err
     model = seeded(lambda: torchvision.models.get_model("alexnet", weights=None))
     assert read_json(out_json) == expected(model, (1, 3, 64, 64))
@@ -95,8 +94,9 @@ def test_torchvision_name_matches_report(capsys, tmp_path):
 
 def test_callable_matches_report(capsys, tmp_path):
     out_json = tmp_path / "r.json"
-    rc, out, err = run(capsys, "ei", "_cli_models:tiny_cnn", "--input-shape", SHAPE_ARG,
-                       "--json", out_json)
+    rc, out, err = run(
+        capsys, "ei", "_cli_models:tiny_cnn", "--input-shape", SHAPE_ARG, "--json", out_json
+    )
     assert rc == 0, err
     assert err == ""  # no progress bar when stderr is not a terminal, nothing skipped
     got = read_json(out_json)
@@ -109,8 +109,9 @@ def test_callable_may_name_a_module_instance(capsys, tmp_path):
     import _cli_models
 
     out_json = tmp_path / "r.json"
-    rc, _, err = run(capsys, "ei", "_cli_models:INSTANCE", "--input-shape", SHAPE_ARG,
-                     "--json", out_json)
+    rc, _, err = run(
+        capsys, "ei", "_cli_models:INSTANCE", "--input-shape", SHAPE_ARG, "--json", out_json
+    )
     assert rc == 0, err
     assert read_json(out_json) == expected(_cli_models.INSTANCE)
 
@@ -118,8 +119,17 @@ def test_callable_may_name_a_module_instance(capsys, tmp_path):
 def test_seed_changes_the_random_weights(capsys, tmp_path):
     a, b = tmp_path / "a.json", tmp_path / "b.json"
     for seed, path in ((0, a), (1, b)):
-        rc, _, err = run(capsys, "ei", "_cli_models:tiny_cnn", "--input-shape", SHAPE_ARG,
-                         "--seed", seed, "--json", path)
+        rc, _, err = run(
+            capsys,
+            "ei",
+            "_cli_models:tiny_cnn",
+            "--input-shape",
+            SHAPE_ARG,
+            "--seed",
+            seed,
+            "--json",
+            path,
+        )
         assert rc == 0, err
     assert read_json(b) == expected(seeded(tiny_cnn, 1))
     assert read_json(a)["ei"] != read_json(b)["ei"]
@@ -128,8 +138,11 @@ def test_seed_changes_the_random_weights(capsys, tmp_path):
 def _save_torchscript(model: nn.Module, path, how: str = "script") -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)  # torch.jit is deprecated
-        scripted = torch.jit.script(model) if how == "script" else \
-            torch.jit.trace(model, torch.zeros(SHAPE))
+        scripted = (
+            torch.jit.script(model)
+            if how == "script"
+            else torch.jit.trace(model, torch.zeros(SHAPE))
+        )
         torch.jit.save(scripted, str(path))
 
 
@@ -163,11 +176,20 @@ def test_torch_save_file_needs_trust_pickle(capsys, tmp_path):
     path = tmp_path / "net.pt"
     torch.save(model, path)
     rc, _, err = run(capsys, "ei", path, "--input-shape", SHAPE_ARG)
-    assert_usage_error(rc, err, "net.pt", "pickled", "TinyNet", "runs code from the file",
-                       "--trust-pickle", "--weights")
+    assert_usage_error(
+        rc,
+        err,
+        "net.pt",
+        "pickled",
+        "TinyNet",
+        "runs code from the file",
+        "--trust-pickle",
+        "--weights",
+    )
     out_json = tmp_path / "r.json"
-    rc, _, err = run(capsys, "ei", path, "--input-shape", SHAPE_ARG, "--json", out_json,
-                     "--trust-pickle")
+    rc, _, err = run(
+        capsys, "ei", path, "--input-shape", SHAPE_ARG, "--json", out_json, "--trust-pickle"
+    )
     assert rc == 0, err
     assert read_json(out_json) == expected(model)
 
@@ -182,8 +204,16 @@ def test_torch_save_of_a_main_class_explains(capsys, tmp_path, monkeypatch, trus
     torch.save(cls(nn.Linear(4, 2)), path)
     monkeypatch.delattr(main_module, "ScriptNet")
     rc, _, err = run(capsys, "ei", path, "--input-shape", "1,4", *trust)
-    assert_usage_error(rc, err, "ScriptNet", "__main__", "define the class in a module",
-                       "state dict", "package.module:callable", "--weights")
+    assert_usage_error(
+        rc,
+        err,
+        "ScriptNet",
+        "__main__",
+        "define the class in a module",
+        "state dict",
+        "package.module:callable",
+        "--weights",
+    )
 
 
 def _save_weights(tmp_path, name: str, obj) -> str:
@@ -200,23 +230,42 @@ def test_weights_file_layouts(capsys, tmp_path, layout):
     if layout == "bare":
         path = _save_weights(tmp_path, "w.pt", sd)
     elif layout == "checkpoint":
-        path = _save_weights(tmp_path, "ckpt.pt", {"model": sd, "epoch": 3,
-                                                   "optimizer": opt.state_dict()})
+        path = _save_weights(
+            tmp_path, "ckpt.pt", {"model": sd, "epoch": 3, "optimizer": opt.state_dict()}
+        )
     elif layout == "ddp":
         path = _save_weights(tmp_path, "ddp.pth", {f"module.{k}": v for k, v in sd.items()})
     elif layout == "lightning":
-        path = _save_weights(tmp_path, "last.ckpt", {
-            "epoch": 3, "global_step": 120, "pytorch-lightning_version": "2.4.0",
-            "state_dict": {f"model.{k}": v for k, v in sd.items()},
-            "optimizer_states": [opt.state_dict()], "lr_schedulers": [], "callbacks": {},
-            "hyper_parameters": {"lr": 0.1}})
+        path = _save_weights(
+            tmp_path,
+            "last.ckpt",
+            {
+                "epoch": 3,
+                "global_step": 120,
+                "pytorch-lightning_version": "2.4.0",
+                "state_dict": {f"model.{k}": v for k, v in sd.items()},
+                "optimizer_states": [opt.state_dict()],
+                "lr_schedulers": [],
+                "callbacks": {},
+                "hyper_parameters": {"lr": 0.1},
+            },
+        )
     else:
         safetensors_torch = pytest.importorskip("safetensors.torch")
         path = str(tmp_path / "w.safetensors")
         safetensors_torch.save_file(sd, path)
     out_json = tmp_path / "r.json"
-    rc, _, err = run(capsys, "ei", "_cli_models:tiny_cnn", "--input-shape", SHAPE_ARG,
-                     "--json", out_json, "--weights", path)
+    rc, _, err = run(
+        capsys,
+        "ei",
+        "_cli_models:tiny_cnn",
+        "--input-shape",
+        SHAPE_ARG,
+        "--json",
+        out_json,
+        "--weights",
+        path,
+    )
     assert rc == 0, err
     assert read_json(out_json) == expected(trained)
     assert Report.load(out_json).meta["weights"] == path
@@ -225,15 +274,36 @@ def test_weights_file_layouts(capsys, tmp_path, layout):
 def test_weights_key_chooses_and_a_wrong_key_names_candidates(capsys, tmp_path):
     trained = seeded(tiny_cnn, 7)
     path = _save_weights(tmp_path, "ckpt.pt", {"ema": trained.state_dict(), "epoch": 3})
-    rc, _, err = run(capsys, "ei", "_cli_models:tiny_cnn", "--input-shape", SHAPE_ARG,
-                     "--weights", path)
+    rc, _, err = run(
+        capsys, "ei", "_cli_models:tiny_cnn", "--input-shape", SHAPE_ARG, "--weights", path
+    )
     assert_usage_error(rc, err, "--weights", "'ema'", "--weights-key NAME")
-    rc, _, err = run(capsys, "ei", "_cli_models:tiny_cnn", "--input-shape", SHAPE_ARG,
-                     "--weights", path, "--weights-key", "emma")
+    rc, _, err = run(
+        capsys,
+        "ei",
+        "_cli_models:tiny_cnn",
+        "--input-shape",
+        SHAPE_ARG,
+        "--weights",
+        path,
+        "--weights-key",
+        "emma",
+    )
     assert_usage_error(rc, err, "no key 'emma'", "'ema'")
     out_json = tmp_path / "r.json"
-    rc, _, err = run(capsys, "ei", "_cli_models:tiny_cnn", "--input-shape", SHAPE_ARG,
-                     "--weights", path, "--weights-key", "ema", "--json", out_json)
+    rc, _, err = run(
+        capsys,
+        "ei",
+        "_cli_models:tiny_cnn",
+        "--input-shape",
+        SHAPE_ARG,
+        "--weights",
+        path,
+        "--weights-key",
+        "ema",
+        "--json",
+        out_json,
+    )
     assert rc == 0, err
     assert read_json(out_json) == expected(trained)
     assert Report.load(out_json).meta["weights_key"] == "ema"
@@ -242,12 +312,23 @@ def test_weights_key_chooses_and_a_wrong_key_names_candidates(capsys, tmp_path):
 def test_weights_holding_a_pickled_module_need_trust(capsys, tmp_path):
     trained = seeded(tiny_cnn, 7)
     path = _save_weights(tmp_path, "whole.pt", trained)
-    rc, _, err = run(capsys, "ei", "_cli_models:tiny_cnn", "--input-shape", SHAPE_ARG,
-                     "--weights", path)
+    rc, _, err = run(
+        capsys, "ei", "_cli_models:tiny_cnn", "--input-shape", SHAPE_ARG, "--weights", path
+    )
     assert_usage_error(rc, err, "--weights", "pickled code", "--trust-pickle")
     out_json = tmp_path / "r.json"
-    rc, _, err = run(capsys, "ei", "_cli_models:tiny_cnn", "--input-shape", SHAPE_ARG,
-                     "--weights", path, "--trust-pickle", "--json", out_json)
+    rc, _, err = run(
+        capsys,
+        "ei",
+        "_cli_models:tiny_cnn",
+        "--input-shape",
+        SHAPE_ARG,
+        "--weights",
+        path,
+        "--trust-pickle",
+        "--json",
+        out_json,
+    )
     assert rc == 0, err
     assert read_json(out_json) == expected(trained)
 
@@ -258,8 +339,9 @@ def test_weights_state_dict_round_trip(capsys, tmp_path):
     torch.save(trained.state_dict(), weights)
     with_w, without = tmp_path / "with.json", tmp_path / "without.json"
     for path, extra in ((with_w, ["--weights", weights]), (without, [])):
-        rc, _, err = run(capsys, "ei", "_cli_models:tiny_cnn", "--input-shape", SHAPE_ARG,
-                         "--json", path, *extra)
+        rc, _, err = run(
+            capsys, "ei", "_cli_models:tiny_cnn", "--input-shape", SHAPE_ARG, "--json", path, *extra
+        )
         assert rc == 0, err
     assert read_json(with_w) == expected(trained)
     assert read_json(with_w)["ei"] != read_json(without)["ei"]
@@ -268,18 +350,26 @@ def test_weights_state_dict_round_trip(capsys, tmp_path):
 def test_weights_that_do_not_fit(capsys, tmp_path):
     weights = tmp_path / "w.pt"
     torch.save(TinyNet().state_dict(), weights)
-    rc, _, err = run(capsys, "ei", "_cli_models:tiny_cnn", "--input-shape", SHAPE_ARG,
-                     "--weights", weights)
-    assert_usage_error(rc, err, "does not fit the model", "missing", "unexpected",
-                       "closest match of '0.weight' is 'features.0.weight'")
+    rc, _, err = run(
+        capsys, "ei", "_cli_models:tiny_cnn", "--input-shape", SHAPE_ARG, "--weights", weights
+    )
+    assert_usage_error(
+        rc,
+        err,
+        "does not fit the model",
+        "missing",
+        "unexpected",
+        "closest match of '0.weight' is 'features.0.weight'",
+    )
 
 
 def test_state_dict_given_as_model(capsys, tmp_path):
     path = tmp_path / "w.pt"
     torch.save(tiny_cnn().state_dict(), path)
     rc, _, err = run(capsys, "ei", path, "--input-shape", SHAPE_ARG)
-    assert_usage_error(rc, err, "holds an OrderedDict (a state dict): pass it with --weights "
-                                "to a model")
+    assert_usage_error(
+        rc, err, "holds an OrderedDict (a state dict): pass it with --weights to a model"
+    )
 
 
 def test_checkpoint_given_as_model(capsys, tmp_path):
@@ -293,21 +383,38 @@ def test_checkpoint_given_as_model(capsys, tmp_path):
 
 def test_options_reach_the_library(capsys, tmp_path):
     out_json = tmp_path / "r.json"
-    rc, out, err = run(capsys, "ei", "_cli_models:tiny_cnn", "--input-shape", SHAPE_ARG,
-                       "--norm", "soft", "--engine", "sparse", "--legacy", "--max-memory",
-                       "1MiB", "--device", "cpu", "--json", out_json)
+    rc, out, err = run(
+        capsys,
+        "ei",
+        "_cli_models:tiny_cnn",
+        "--input-shape",
+        SHAPE_ARG,
+        "--norm",
+        "soft",
+        "--engine",
+        "sparse",
+        "--legacy",
+        "--max-memory",
+        "1MiB",
+        "--device",
+        "cpu",
+        "--json",
+        out_json,
+    )
     assert rc == 0, err
     got = read_json(out_json)
-    assert got == expected(seeded(tiny_cnn), norm="soft", engine="sparse", legacy=True,
-                           max_memory="1MiB")
+    assert got == expected(
+        seeded(tiny_cnn), norm="soft", engine="sparse", legacy=True, max_memory="1MiB"
+    )
     assert (got["norm"], got["engine"], got["legacy"]) == ("soft", "sparse", True)
     assert "norm soft, engine sparse, device cpu, legacy" in out
 
 
 def test_csv_has_one_row_per_layer(capsys, tmp_path):
     out_csv = tmp_path / "r.csv"
-    rc, _, err = run(capsys, "ei", "_cli_models:tiny_cnn", "--input-shape", SHAPE_ARG,
-                     "--csv", out_csv)
+    rc, _, err = run(
+        capsys, "ei", "_cli_models:tiny_cnn", "--input-shape", SHAPE_ARG, "--csv", out_csv
+    )
     assert rc == 0, err
     with open(out_csv, newline="", encoding="utf-8") as fh:
         rows = list(csv.DictReader(line for line in fh if not line.startswith("#")))
@@ -320,47 +427,76 @@ def test_csv_has_one_row_per_layer(capsys, tmp_path):
         assert float(row["mean_row_entropy"]) == layer["mean_row_entropy"]
 
 
-@pytest.mark.parametrize("name, magic", [("r.png", b"\x89PNG\r\n\x1a\n"), ("r.pdf", b"%PDF"),
-                                         ("r.SVG", b"<?xml")])
+@pytest.mark.parametrize(
+    "name, magic", [("r.png", b"\x89PNG\r\n\x1a\n"), ("r.pdf", b"%PDF"), ("r.SVG", b"<?xml")]
+)
 def test_plot_writes_exactly_the_file(capsys, tmp_path, name, magic):
     pytest.importorskip("matplotlib")
     out = tmp_path / name
-    rc, _, err = run(capsys, "ei", "_cli_models:tiny_cnn", "--input-shape", SHAPE_ARG,
-                     "--plot", out)
+    rc, _, err = run(
+        capsys, "ei", "_cli_models:tiny_cnn", "--input-shape", SHAPE_ARG, "--plot", out
+    )
     assert rc == 0, err
     assert out.read_bytes().startswith(magic)
     assert [p.name for p in tmp_path.iterdir()] == [name]
 
 
-@pytest.mark.parametrize("name, fragments", [
-    ("out", ["has no extension", ".png", ".pdf", ".svg"]),
-    ("out.xyz", ["cannot write .xyz", ".png", ".svg"]),
-])
+@pytest.mark.parametrize(
+    "name, fragments",
+    [
+        ("out", ["has no extension", ".png", ".pdf", ".svg"]),
+        ("out.xyz", ["cannot write .xyz", ".png", ".svg"]),
+    ],
+)
 def test_plot_refuses_unknown_formats(capsys, tmp_path, name, fragments):
     pytest.importorskip("matplotlib")
-    rc, out, err = run(capsys, "ei", "_cli_models:tiny_cnn", "--input-shape", SHAPE_ARG,
-                       "--plot", tmp_path / name)
+    rc, out, err = run(
+        capsys, "ei", "_cli_models:tiny_cnn", "--input-shape", SHAPE_ARG, "--plot", tmp_path / name
+    )
     assert_usage_error(rc, err, "--plot", *fragments)
     assert out == "" and list(tmp_path.iterdir()) == []
 
 
 def test_plot_without_matplotlib_is_a_usage_error(capsys, tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # makes `import matplotlib` fail
-    rc, _, err = run(capsys, "ei", "_cli_models:tiny_cnn", "--input-shape", SHAPE_ARG,
-                     "--plot", tmp_path / "r.png")
+    rc, _, err = run(
+        capsys,
+        "ei",
+        "_cli_models:tiny_cnn",
+        "--input-shape",
+        SHAPE_ARG,
+        "--plot",
+        tmp_path / "r.png",
+    )
     assert_usage_error(rc, err, "pip install 'foresight-sparse[plot]'")
     assert not (tmp_path / "r.png").exists()
 
 
 def test_json_describes_itself_and_loads_back(capsys, tmp_path):
     out_json = tmp_path / "r.json"
-    rc, _, err = run(capsys, "ei", "_cli_models:tiny_cnn", "--input-shape", SHAPE_ARG,
-                     "--seed", "3", "--norm", "soft", "--json", out_json)
+    rc, _, err = run(
+        capsys,
+        "ei",
+        "_cli_models:tiny_cnn",
+        "--input-shape",
+        SHAPE_ARG,
+        "--seed",
+        "3",
+        "--norm",
+        "soft",
+        "--json",
+        out_json,
+    )
     assert rc == 0, err
     with open(out_json, encoding="utf-8") as fh:
         data = json.load(fh)
-    assert data["meta"] == {"model": "_cli_models:tiny_cnn", "input_shape": list(SHAPE),
-                            "seed": 3, "weights": None, "weights_key": None}
+    assert data["meta"] == {
+        "model": "_cli_models:tiny_cnn",
+        "input_shape": list(SHAPE),
+        "seed": 3,
+        "weights": None,
+        "weights_key": None,
+    }
     assert data["version"] == foresight_sparse.__version__
     assert data["torch_version"] == torch.__version__
     assert (data["norm"], data["engine"], data["device"]) == ("soft", "auto", "cpu")
@@ -372,8 +508,17 @@ def test_json_describes_itself_and_loads_back(capsys, tmp_path):
 def test_csv_leads_with_metadata(capsys, tmp_path):
     out_csv = tmp_path / "r.csv"
     out_json = tmp_path / "r.json"
-    rc, _, err = run(capsys, "ei", "_cli_models:tiny_cnn", "--input-shape", SHAPE_ARG,
-                     "--csv", out_csv, "--json", out_json)
+    rc, _, err = run(
+        capsys,
+        "ei",
+        "_cli_models:tiny_cnn",
+        "--input-shape",
+        SHAPE_ARG,
+        "--csv",
+        out_csv,
+        "--json",
+        out_json,
+    )
     assert rc == 0, err
     lines = out_csv.read_text(encoding="utf-8").splitlines()
     comments = dict(line[2:].split(": ", 1) for line in lines if line.startswith("# "))
@@ -389,8 +534,7 @@ def test_csv_leads_with_metadata(capsys, tmp_path):
 
 
 def test_quiet_prints_only_the_totals(capsys):
-    rc, out, err = run(capsys, "ei", "_cli_models:tiny_cnn", "--input-shape", SHAPE_ARG,
-                       "--quiet")
+    rc, out, err = run(capsys, "ei", "_cli_models:tiny_cnn", "--input-shape", SHAPE_ARG, "--quiet")
     assert rc == 0, err
     rep = expected(seeded(tiny_cnn))
     assert out.count("\n") == 1
@@ -409,9 +553,8 @@ def test_layers_lists_entries_without_computing(capsys):
     rc, out, err = run(capsys, "layers", "_cli_models:tiny_cnn", "--input-shape", SHAPE_ARG)
     assert rc == 0, err
     tr = trace(seeded(tiny_cnn), torch.zeros(SHAPE))
-    nnz = [connectivity(layer.module, layer.in_shape, layer.out_shape).nnz
-           for layer in tr.layers]
-    body = out.splitlines()[3:3 + len(nnz)]
+    nnz = [connectivity(layer.module, layer.in_shape, layer.out_shape).nnz for layer in tr.layers]
+    body = out.splitlines()[3 : 3 + len(nnz)]
     assert [line.split()[0] for line in body] == [layer.name for layer in tr.layers]
     assert [int(line.split()[6]) for line in body] == nnz
     assert out.splitlines()[-1].startswith(f"{len(nnz)} layers, {sum(nnz)} entries; norm lin")
@@ -431,26 +574,38 @@ def test_help_and_version_exit_zero(capsys):
 # --------------------------------------------------------------------------- exit statuses
 
 
-@pytest.mark.parametrize("argv, fragments", [
-    (["ei", "alexnetx"], ["unknown model 'alexnetx'", "did you mean alexnet"]),
-    (["ei", "_cli_models:tiny_cnn"], ["--input-shape is required"]),
-    (["ei", "alexnet", "--input-shape", "1,3,x"], ["--input-shape", "1,3,224,224"]),
-    (["ei", "alexnet", "--input-shape", "1,0,8,8"], ["--input-shape"]),
-    (["ei", "alexnet", "--input-shape", ""], ["--input-shape"]),
-    (["ei", "alexnet", "--norm", "max"], ["--norm", "invalid choice"]),
-    (["ei", "alexnet", "--engine", "magic"], ["--engine", "invalid choice"]),
-    (["ei", "alexnet", "--max-memory", "lots"], ["--max-memory", "GiB"]),
-    (["ei", "alexnet", "--device", "tpu"], ["--device"]),
-    (["ei", "missing.pt", "--input-shape", SHAPE_ARG], ["'missing.pt' does not exist"]),
-    (["ei", "alexnet", "--weights", "missing.pt"], ["--weights", "does not exist"]),
-    (["ei", "no_such_module_xyz:f", "--input-shape", "1,2"], ["cannot import"]),
-    (["ei", "_cli_models:nope", "--input-shape", "1,2"], ["no attribute 'nope'"]),
-    (["ei", "_cli_models:not_a_module", "--input-shape", "1,2"], ["not a torch.nn.Module"]),
-    (["ei", "_cli_models:tiny_cnn", "--input-shape", SHAPE_ARG, "--json", "/no/such/d/r.json"],
-     ["--json", "does not exist"]),
-    (["frobnicate"], ["invalid choice"]),
-    ([], ["choose a command"]),
-])
+@pytest.mark.parametrize(
+    "argv, fragments",
+    [
+        (["ei", "alexnetx"], ["unknown model 'alexnetx'", "did you mean alexnet"]),
+        (["ei", "_cli_models:tiny_cnn"], ["--input-shape is required"]),
+        (["ei", "alexnet", "--input-shape", "1,3,x"], ["--input-shape", "1,3,224,224"]),
+        (["ei", "alexnet", "--input-shape", "1,0,8,8"], ["--input-shape"]),
+        (["ei", "alexnet", "--input-shape", ""], ["--input-shape"]),
+        (["ei", "alexnet", "--norm", "max"], ["--norm", "invalid choice"]),
+        (["ei", "alexnet", "--engine", "magic"], ["--engine", "invalid choice"]),
+        (["ei", "alexnet", "--max-memory", "lots"], ["--max-memory", "GiB"]),
+        (["ei", "alexnet", "--device", "tpu"], ["--device"]),
+        (["ei", "missing.pt", "--input-shape", SHAPE_ARG], ["'missing.pt' does not exist"]),
+        (["ei", "alexnet", "--weights", "missing.pt"], ["--weights", "does not exist"]),
+        (["ei", "no_such_module_xyz:f", "--input-shape", "1,2"], ["cannot import"]),
+        (["ei", "_cli_models:nope", "--input-shape", "1,2"], ["no attribute 'nope'"]),
+        (["ei", "_cli_models:not_a_module", "--input-shape", "1,2"], ["not a torch.nn.Module"]),
+        (
+            [
+                "ei",
+                "_cli_models:tiny_cnn",
+                "--input-shape",
+                SHAPE_ARG,
+                "--json",
+                "/no/such/d/r.json",
+            ],
+            ["--json", "does not exist"],
+        ),
+        (["frobnicate"], ["invalid choice"]),
+        ([], ["choose a command"]),
+    ],
+)
 def test_usage_errors_exit_2(capsys, argv, fragments):
     rc, out, err = run(capsys, *argv)
     assert_usage_error(rc, err, *fragments)
@@ -459,49 +614,62 @@ def test_usage_errors_exit_2(capsys, argv, fragments):
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA is available here")
 def test_cuda_without_cuda_exits_2(capsys):
-    rc, _, err = run(capsys, "ei", "_cli_models:tiny_cnn", "--input-shape", SHAPE_ARG,
-                     "--device", "cuda")
+    rc, _, err = run(
+        capsys, "ei", "_cli_models:tiny_cnn", "--input-shape", SHAPE_ARG, "--device", "cuda"
+    )
     assert_usage_error(rc, err, "--device cuda", "CUDA is not available", "--device cpu")
 
 
 def test_forward_failure_in_the_top_module_names_its_class(capsys):
     rc, _, err = run(capsys, "ei", "_cli_models:FlattensWrongly", "--input-shape", SHAPE_ARG)
-    assert_usage_error(rc, err, "forward pass failed", "FlattensWrongly (the top-level module)",
-                       status=1)
+    assert_usage_error(
+        rc, err, "forward pass failed", "FlattensWrongly (the top-level module)", status=1
+    )
     assert "''" not in err
 
 
-@pytest.mark.parametrize("library, cli", [
-    ("use engine='sparse' or 'implicit', or raise max_memory",
-     "use --engine sparse or implicit, or raise --max-memory"),
-    ("max_memory='lots' is not a byte count", "--max-memory lots is not a byte count"),
-    ("no CUDA device available; use device='cpu'", "no CUDA device available; use --device cpu"),
-    ("norm=None keeps the raw weights", "--norm none keeps the raw weights"),
-    ("pass norm='soft'", "pass --norm soft"),
-    ("legacy=True reproduces the old module", "--legacy reproduces the old module"),
-    ("if you trust the file, pass trust_pickle=True", "if you trust the file, pass --trust-pickle"),
-    ("choose one with key=NAME", "choose one with --weights-key NAME"),
-    ("pass it with weights= to a model", "pass it with --weights to a model"),
-    ("input_shape= is required", "--input-shape is required"),
-    # Not arguments: left alone.
-    ("weights_only=True refused it", "weights_only=True refused it"),
-    ("the engine reduced the norm of the device", "the engine reduced the norm of the device"),
-    ("--engine sparse", "--engine sparse"),
-])
+@pytest.mark.parametrize(
+    "library, cli",
+    [
+        (
+            "use engine='sparse' or 'implicit', or raise max_memory",
+            "use --engine sparse or implicit, or raise --max-memory",
+        ),
+        ("max_memory='lots' is not a byte count", "--max-memory lots is not a byte count"),
+        (
+            "no CUDA device available; use device='cpu'",
+            "no CUDA device available; use --device cpu",
+        ),
+        ("norm=None keeps the raw weights", "--norm none keeps the raw weights"),
+        ("pass norm='soft'", "pass --norm soft"),
+        ("legacy=True reproduces the old module", "--legacy reproduces the old module"),
+        (
+            "if you trust the file, pass trust_pickle=True",
+            "if you trust the file, pass --trust-pickle",
+        ),
+        ("choose one with key=NAME", "choose one with --weights-key NAME"),
+        ("pass it with weights= to a model", "pass it with --weights to a model"),
+        ("input_shape= is required", "--input-shape is required"),
+        # Not arguments: left alone.
+        ("weights_only=True refused it", "weights_only=True refused it"),
+        ("the engine reduced the norm of the device", "the engine reduced the norm of the device"),
+        ("--engine sparse", "--engine sparse"),
+    ],
+)
 def test_cli_message_names_flags(library, cli):
     assert cli_message(library) == cli
 
 
 def test_forward_failure_exits_1(capsys):
     rc, out, err = run(capsys, "ei", "_cli_models:tiny_cnn", "--input-shape", "1,5,8,8")
-    assert_usage_error(rc, err, "forward pass failed", "'0'", "1,5,8,8", "--input-shape",
-                       status=1)
+    assert_usage_error(rc, err, "forward pass failed", "'0'", "1,5,8,8", "--input-shape", status=1)
     assert out == ""
 
 
 def test_unwritable_output_exits_1(capsys, tmp_path):
-    rc, _, err = run(capsys, "ei", "_cli_models:tiny_cnn", "--input-shape", SHAPE_ARG,
-                     "--json", tmp_path)  # a folder, not a file
+    rc, _, err = run(
+        capsys, "ei", "_cli_models:tiny_cnn", "--input-shape", SHAPE_ARG, "--json", tmp_path
+    )  # a folder, not a file
     assert_usage_error(rc, err, "IsADirectoryError", status=1)
 
 
@@ -511,8 +679,17 @@ def test_failing_factory_exits_1(capsys):
 
 
 def test_memory_budget_error_exits_1(capsys):
-    rc, _, err = run(capsys, "ei", "_cli_models:tiny_cnn", "--input-shape", SHAPE_ARG,
-                     "--engine", "sparse", "--max-memory", "16")
+    rc, _, err = run(
+        capsys,
+        "ei",
+        "_cli_models:tiny_cnn",
+        "--input-shape",
+        SHAPE_ARG,
+        "--engine",
+        "sparse",
+        "--max-memory",
+        "16",
+    )
     assert_usage_error(rc, err, "--max-memory", status=1)
     assert "max_memory" not in err
 
@@ -521,20 +698,31 @@ def test_memory_budget_error_exits_1(capsys):
 
 
 def test_python_m_version():
-    proc = subprocess.run([sys.executable, "-m", "foresight_sparse", "--version"],
-                          capture_output=True, text=True, timeout=120, check=False)
+    proc = subprocess.run(
+        [sys.executable, "-m", "foresight_sparse", "--version"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip().startswith(f"foresight-sparse {foresight_sparse.__version__}")
 
 
 def test_console_script_alexnet(tmp_path):
     pytest.importorskip("torchvision")
-    exe = shutil.which("foresight-sparse", path=os.path.dirname(sys.executable)) or \
-        shutil.which("foresight-sparse")
+    exe = shutil.which("foresight-sparse", path=os.path.dirname(sys.executable)) or shutil.which(
+        "foresight-sparse"
+    )
     assert exe, "the foresight-sparse console script is not installed (pip install -e .)"
-    proc = subprocess.run([exe, "ei", "alexnet", "--input-shape", SMALL_IMAGE, "--json",
-                           "out.json"], cwd=tmp_path, capture_output=True, text=True,
-                          timeout=300, check=False)
+    proc = subprocess.run(
+        [exe, "ei", "alexnet", "--input-shape", SMALL_IMAGE, "--json", "out.json"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
     assert proc.returncode == 0, proc.stderr
     data = json.loads((tmp_path / "out.json").read_text(encoding="utf-8"))
     assert len(data["layers"]) == 8 and math.isfinite(data["ei"])

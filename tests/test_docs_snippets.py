@@ -31,8 +31,11 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.rst")),
-         *sorted((ROOT / "docs").glob("*.md"))]
+PAGES = [
+    ROOT / "README.md",
+    *sorted((ROOT / "docs").glob("*.rst")),
+    *sorted((ROOT / "docs").glob("*.md")),
+]
 
 _RST_DIRECTIVE = re.compile(r"^(\s*)\.\. code-block::\s*(\w+)\s*$")
 _RST_MARK = re.compile(r"^\s*\.\. snippet:\s*(\w+)\s*$")
@@ -68,13 +71,16 @@ def _rst_blocks(lines: list[str]) -> list[Block]:
         indent = len(found.group(1))
         j = i + 1
         # directive options (":linenos:") and the blank line before the body
-        while j < len(lines) and (not lines[j].strip() or
-                                  lines[j].strip().startswith(":") and
-                                  len(lines[j]) - len(lines[j].lstrip()) > indent):
+        while j < len(lines) and (
+            not lines[j].strip()
+            or lines[j].strip().startswith(":")
+            and len(lines[j]) - len(lines[j].lstrip()) > indent
+        ):
             j += 1
         body = []
-        while j < len(lines) and (not lines[j].strip() or
-                                  len(lines[j]) - len(lines[j].lstrip()) > indent):
+        while j < len(lines) and (
+            not lines[j].strip() or len(lines[j]) - len(lines[j].lstrip()) > indent
+        ):
             body.append(lines[j])
             j += 1
         code = textwrap.dedent("\n".join(body)).strip("\n") + "\n"
@@ -93,9 +99,10 @@ def _md_blocks(lines: list[str]) -> list[Block]:
         j = i + 1
         while j < len(lines) and not lines[j].strip().startswith("```"):
             j += 1
-        code = textwrap.dedent("\n".join(lines[i + 1:j])).strip("\n") + "\n"
-        blocks.append(Block(found.group(2) or "text", code, i + 1,
-                            _mark_before(lines, i, _MD_MARK)))
+        code = textwrap.dedent("\n".join(lines[i + 1 : j])).strip("\n") + "\n"
+        blocks.append(
+            Block(found.group(2) or "text", code, i + 1, _mark_before(lines, i, _MD_MARK))
+        )
         i = j + 1
     return blocks
 
@@ -106,8 +113,10 @@ def page_blocks(page: Path) -> list[Block]:
     blocks = _md_blocks(lines) if page.suffix == ".md" else _rst_blocks(lines)
     for block in blocks:
         if block.mark not in (None, "skip", "output"):
-            raise ValueError(f"{page.name}:{block.line}: unknown snippet marker {block.mark!r}; "
-                             "use skip or output")
+            raise ValueError(
+                f"{page.name}:{block.line}: unknown snippet marker {block.mark!r}; "
+                "use skip or output"
+            )
     return blocks
 
 
@@ -132,8 +141,9 @@ def mask_timings(text: str) -> list[str]:
 
 def _snippet_pages() -> list[Path]:
     """Pages with at least one Python block to run."""
-    return [p for p in PAGES
-            if any(b.lang == "python" and b.mark != "skip" for b in page_blocks(p))]
+    return [
+        p for p in PAGES if any(b.lang == "python" and b.mark != "skip" for b in page_blocks(p))
+    ]
 
 
 @pytest.fixture
@@ -153,8 +163,9 @@ def state_restored():
 
 
 @pytest.mark.parametrize("page", _snippet_pages(), ids=lambda p: p.name)
-def test_page_snippets_run_and_print_what_the_page_shows(page, tmp_path, monkeypatch,
-                                                         state_restored):
+def test_page_snippets_run_and_print_what_the_page_shows(
+    page, tmp_path, monkeypatch, state_restored
+):
     pytest.importorskip("torchvision")
     monkeypatch.chdir(tmp_path)  # files the snippets write land here
     namespace: dict = {"__name__": "__snippet__"}
@@ -170,14 +181,16 @@ def test_page_snippets_run_and_print_what_the_page_shows(page, tmp_path, monkeyp
                 try:
                     exec(compile(block.code, where, "exec"), namespace)
                 except Exception as exc:
-                    raise AssertionError(f"the snippet at {where} failed: "
-                                         f"{type(exc).__name__}: {exc}") from exc
+                    raise AssertionError(
+                        f"the snippet at {where} failed: {type(exc).__name__}: {exc}"
+                    ) from exc
             printed = out.getvalue()
             ran += 1
         elif block.mark == "output":
             assert printed is not None, f"{where}: an output block with no Python block before it"
-            assert mask_timings(printed) == mask_timings(block.code), \
+            assert mask_timings(printed) == mask_timings(block.code), (
                 f"{where}: the snippet before it printed\n{printed}"
+            )
     assert ran
 
 
@@ -186,7 +199,8 @@ def test_page_snippets_run_and_print_what_the_page_shows(page, tmp_path, monkeyp
 
 def test_parser_finds_the_blocks_and_markers(tmp_path):
     rst = tmp_path / "page.rst"
-    rst.write_text(textwrap.dedent("""\
+    rst.write_text(
+        textwrap.dedent("""\
         Title
         =====
 
@@ -208,28 +222,39 @@ def test_parser_finds_the_blocks_and_markers(tmp_path):
            :caption: not run
 
            import foresight
-        """), encoding="utf-8")
+        """),
+        encoding="utf-8",
+    )
     blocks = page_blocks(rst)
-    assert [(b.lang, b.mark, b.line) for b in blocks] == [("python", None, 4),
-                                                          ("text", "output", 12),
-                                                          ("python", "skip", 18)]
+    assert [(b.lang, b.mark, b.line) for b in blocks] == [
+        ("python", None, 4),
+        ("text", "output", 12),
+        ("python", "skip", 18),
+    ]
     assert blocks[0].code == 'x = 1\nif x:\n    print("a")\n'
     assert blocks[2].code == "import foresight\n"
 
     md = tmp_path / "page.md"
-    md.write_text('```python\nprint(1)\n```\n\n<!-- snippet: output -->\n```text\n1\n```\n',
-                  encoding="utf-8")
+    md.write_text(
+        "```python\nprint(1)\n```\n\n<!-- snippet: output -->\n```text\n1\n```\n", encoding="utf-8"
+    )
     assert [(b.lang, b.code, b.mark) for b in page_blocks(md)] == [
-        ("python", "print(1)\n", None), ("text", "1\n", "output")]
+        ("python", "print(1)\n", None),
+        ("text", "1\n", "output"),
+    ]
 
 
 def test_timings_are_masked_and_nothing_else():
-    shown = ("layer   type   EI   engine   s\n"
-             "fc      Linear 1.2790 implicit 0.009\n"
-             "network: EI 9.719269 bits  (4096000 entries, 0.60 s)\n")
-    run = ("layer   type   EI   engine   s\n"
-           "fc      Linear 1.2790 implicit 1.234\n"
-           "network: EI 9.719269 bits  (4096000 entries, 12.31 s)\n")
+    shown = (
+        "layer   type   EI   engine   s\n"
+        "fc      Linear 1.2790 implicit 0.009\n"
+        "network: EI 9.719269 bits  (4096000 entries, 0.60 s)\n"
+    )
+    run = (
+        "layer   type   EI   engine   s\n"
+        "fc      Linear 1.2790 implicit 1.234\n"
+        "network: EI 9.719269 bits  (4096000 entries, 12.31 s)\n"
+    )
     assert mask_timings(shown) == mask_timings(run)
     assert mask_timings(shown) != mask_timings(run.replace("1.2790", "1.2791"))
     assert mask_timings(shown) != mask_timings(run.replace("9.719269", "9.719268"))

@@ -36,8 +36,16 @@ OLD_SIGNATURES = {
     "conv2d_create_matrix": [("module", EMPTY), ("in_shape", EMPTY), ("out_shape", EMPTY)],
     "avgpool2d_create_matrix": [("module", EMPTY), ("in_shape", EMPTY), ("out_shape", EMPTY)],
     "get_shapes": [("model", EMPTY), ("input", EMPTY)],
-    **{name: [("model", EMPTY), ("input", None), ("shapes", None), ("norm", "lin_norm"),
-              ("device", "cpu")] for name in ("determinism", "degeneracy", "ei")},
+    **{
+        name: [
+            ("model", EMPTY),
+            ("input", None),
+            ("shapes", None),
+            ("norm", "lin_norm"),
+            ("device", "cpu"),
+        ]
+        for name in ("determinism", "degeneracy", "ei")
+    },
 }
 POSITIONAL = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
 
@@ -59,9 +67,8 @@ def test_old_signature(name):
             assert p.default is ei.lin_norm
         else:
             assert p.default is default or p.default == default, (p.name, p.default)
-    for p in params[len(positional):]:
-        assert p.kind == inspect.Parameter.KEYWORD_ONLY, f"new option {p.name} must be " \
-            "keyword-only"
+    for p in params[len(positional) :]:
+        assert p.kind == inspect.Parameter.KEYWORD_ONLY, f"new option {p.name} must be keyword-only"
         assert p.default is not EMPTY, f"new option {p.name} needs a default"
 
 
@@ -71,8 +78,7 @@ def test_new_options_are_keyword_only():
     with pytest.raises(TypeError):
         ei.ei(model, x, None, ei.lin_norm, "cpu", "sparse")
     with pytest.raises(TypeError):
-        ei.conv2d_create_matrix(nn.Conv2d(1, 1, 1), (1, 1, 2, 2), (1, 1, 2, 2),
-                                torch.sparse_csr)
+        ei.conv2d_create_matrix(nn.Conv2d(1, 1, 1), (1, 1, 2, 2), (1, 1, 2, 2), torch.sparse_csr)
 
 
 def test_valid_modules_has_the_old_keys():
@@ -130,9 +136,10 @@ def old_conv2d_matrix(module, in_shape, out_shape):
     for c_out in range(out_shape[1]):
         for oh in range(out_shape[2]):
             for ow in range(out_shape[3]):
-                W[c_out, oh, ow, :, oh * s_h:oh * s_h + k_h, ow * s_w:ow * s_w + k_w] = \
+                W[c_out, oh, ow, :, oh * s_h : oh * s_h + k_h, ow * s_w : ow * s_w + k_w] = (
                     module.weight.detach()[c_out]
-    W = W[..., p_h:p_h + h, p_w:p_w + w]
+                )
+    W = W[..., p_h : p_h + h, p_w : p_w + w]
     return W.reshape(math.prod(out_shape[1:]), math.prod(in_shape[1:])).t()
 
 
@@ -140,19 +147,24 @@ def old_avgpool2d_matrix(module, in_shape, out_shape):
     # every output connects to its window in *all* input channels, 1/(kh*kw), windows clipped
     assert module.padding == 0
     s_h, s_w = module.stride if isinstance(module.stride, tuple) else (module.stride,) * 2
-    k_h, k_w = module.kernel_size if isinstance(module.kernel_size, tuple) \
-        else (module.kernel_size,) * 2
+    k_h, k_w = (
+        module.kernel_size if isinstance(module.kernel_size, tuple) else (module.kernel_size,) * 2
+    )
     W = torch.zeros(tuple(out_shape[1:]) + tuple(in_shape[1:]))
     for c_out in range(out_shape[1]):
         for oh in range(out_shape[2]):
             for ow in range(out_shape[3]):
-                W[c_out, oh, ow, :, oh * s_h:oh * s_h + k_h, ow * s_w:ow * s_w + k_w] = \
-                    1 / (k_h * k_w)
+                W[c_out, oh, ow, :, oh * s_h : oh * s_h + k_h, ow * s_w : ow * s_w + k_w] = 1 / (
+                    k_h * k_w
+                )
     return W.reshape(math.prod(out_shape[1:]), math.prod(in_shape[1:])).t()
 
 
-OLD_BUILDERS = {nn.Linear: old_linear_matrix, nn.Conv2d: old_conv2d_matrix,
-                nn.AvgPool2d: old_avgpool2d_matrix}
+OLD_BUILDERS = {
+    nn.Linear: old_linear_matrix,
+    nn.Conv2d: old_conv2d_matrix,
+    nn.AvgPool2d: old_avgpool2d_matrix,
+}
 
 
 def old_H(x, dim=0):
@@ -173,16 +185,24 @@ def old_sig_norm(W):
     return W / W.sum(dim=1).reshape(-1, 1)
 
 
-OLD_NORMS = {"lin": old_lin_norm, "soft": lambda W: F.softmax(W, dim=1), "sig": old_sig_norm,
-             "none": None}
+OLD_NORMS = {
+    "lin": old_lin_norm,
+    "soft": lambda W: F.softmax(W, dim=1),
+    "sig": old_sig_norm,
+    "none": None,
+}
 NEW_NORMS = {"lin": ei.lin_norm, "soft": ei.soft_norm, "sig": ei.sig_norm, "none": None}
 
 
 def old_measures(model, input, norm):
     shapes = {}
-    hooks = [m.register_forward_hook(
-        lambda mod, args, out: shapes.__setitem__(mod, (tuple(args[0].shape), tuple(out.shape))))
-        for m in model.modules() if type(m) in OLD_BUILDERS]
+    hooks = [
+        m.register_forward_hook(
+            lambda mod, args, out: shapes.__setitem__(mod, (tuple(args[0].shape), tuple(out.shape)))
+        )
+        for m in model.modules()
+        if type(m) in OLD_BUILDERS
+    ]
     with torch.no_grad():
         model(input)
     for h in hooks:
@@ -219,12 +239,18 @@ def test_equals_the_old_module(norm, net):
 def test_old_module_reimplementation_is_the_reference_legacy():
     # the re-implementation above agrees with the oracle on a network with every layer type
     torch.manual_seed(3)
-    model = nn.Sequential(nn.Conv2d(2, 3, (2, 3), stride=(1, 2), padding=(1, 0)), nn.ReLU(),
-                          nn.AvgPool2d(2, ceil_mode=True), nn.Flatten(), nn.Linear(9, 4))
+    model = nn.Sequential(
+        nn.Conv2d(2, 3, (2, 3), stride=(1, 2), padding=(1, 0)),
+        nn.ReLU(),
+        nn.AvgPool2d(2, ceil_mode=True),
+        nn.Flatten(),
+        nn.Linear(9, 4),
+    )
     x = torch.zeros(1, 2, 4, 5)
     det, deg, _ = old_measures(model, x, old_lin_norm)
     assert R.determinism(model, x, legacy=True) == pytest.approx(det, rel=1e-6)
     assert R.degeneracy(model, x, legacy=True) == pytest.approx(deg, rel=1e-6)
     md = model.to(F64)
     assert ei.ei(md, x.to(F64), legacy=True) == pytest.approx(
-        R.ei(md, x.to(F64), legacy=True), rel=1e-12)
+        R.ei(md, x.to(F64), legacy=True), rel=1e-12
+    )

@@ -44,8 +44,12 @@ from foresight_sparse.tracing import trace
 ALL_ENGINES = [*ENGINES_UNDER_TEST, "dense"]
 
 #: Library norm and the reference norm it must reproduce.
-NORMS = {"lin": (ei.lin_norm, R.lin_norm), "soft": (ei.soft_norm, R.soft_norm),
-         "sig": (ei.sig_norm, R.sig_norm), "none": (None, None)}
+NORMS = {
+    "lin": (ei.lin_norm, R.lin_norm),
+    "soft": (ei.soft_norm, R.soft_norm),
+    "sig": (ei.sig_norm, R.sig_norm),
+    "none": (None, None),
+}
 
 
 def quiet_report(*args, **kwargs) -> fs.Report:
@@ -73,8 +77,10 @@ def reference(model, x, norm, legacy=False) -> tuple[float, float]:
     the same networks for every engine parameter."""
     key = (_fingerprint(model), tuple(x.shape), getattr(norm, "__name__", repr(norm)), legacy)
     if key not in _REF_CACHE:
-        _REF_CACHE[key] = (R.determinism(model, x, norm=norm, legacy=legacy),
-                           R.degeneracy(model, x, norm=norm, legacy=legacy))
+        _REF_CACHE[key] = (
+            R.determinism(model, x, norm=norm, legacy=legacy),
+            R.degeneracy(model, x, norm=norm, legacy=legacy),
+        )
     return _REF_CACHE[key]
 
 
@@ -97,8 +103,9 @@ def test_engine_equals_reference(engine, net):
         for legacy in (False, True) if net.pools_unpadded else (False,):
             det, deg = reference(net.model, net.input, ref, legacy)
             rep = quiet_report(net.model, net.input, norm=ours, engine=engine, legacy=legacy)
-            check_against_reference(rep, det, deg, ENGINE_RTOL[engine],
-                                    f"{engine}/{norm}/legacy={legacy}")
+            check_against_reference(
+                rep, det, deg, ENGINE_RTOL[engine], f"{engine}/{norm}/legacy={legacy}"
+            )
 
 
 @pytest.mark.parametrize("engine", ALL_ENGINES)
@@ -121,8 +128,9 @@ def test_all_negative_and_all_zero_weights(engine):
     assert rep.determinism == 0.0 and rep.degeneracy == 0.0 and rep.ei == 0.0
     for norm in ("soft", "sig"):
         det, deg = reference(model, x, NORMS[norm][1])
-        check_against_reference(quiet_report(model, x, norm=norm, engine=engine), det, deg,
-                                ENGINE_RTOL[engine], norm)
+        check_against_reference(
+            quiet_report(model, x, norm=norm, engine=engine), det, deg, ENGINE_RTOL[engine], norm
+        )
 
 
 @pytest.mark.parametrize("norm", ["sig", "soft"])
@@ -136,39 +144,50 @@ def test_rows_without_absent_entries_and_very_negative_weights(norm, engine):
         layer.weight.copy_(torch.tensor([[-30.0, 1.0], [-35.0, 2.0]], dtype=F64))
     x = torch.zeros(1, 2, dtype=F64)
     det, deg = reference(layer, x, NORMS[norm][1])
-    check_against_reference(quiet_report(layer, x, norm=norm, engine=engine), det, deg,
-                            ENGINE_RTOL[engine], f"{norm}/{engine}")
+    check_against_reference(
+        quiet_report(layer, x, norm=norm, engine=engine),
+        det,
+        deg,
+        ENGINE_RTOL[engine],
+        f"{norm}/{engine}",
+    )
 
 
 # --------------------------------------------------------------------------- report
 
 
 @settings(max_examples=examples(10))
-@given(net=random_nets(), norm=st.sampled_from(["lin", "soft", "sig"]),
-       engine=st.sampled_from(ALL_ENGINES))
+@given(
+    net=random_nets(),
+    norm=st.sampled_from(["lin", "soft", "sig"]),
+    engine=st.sampled_from(ALL_ENGINES),
+)
 def test_report_rows_and_functions_agree(net, norm, engine):
     ours, ref = NORMS[norm]
     rep = quiet_report(net.model, net.input, norm=ours, engine=engine)
     kwargs = dict(norm=ours, engine=engine)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
-        funcs = (ei.determinism(net.model, net.input, **kwargs),
-                 ei.degeneracy(net.model, net.input, **kwargs),
-                 ei.ei(net.model, net.input, **kwargs))
+        funcs = (
+            ei.determinism(net.model, net.input, **kwargs),
+            ei.degeneracy(net.model, net.input, **kwargs),
+            ei.ei(net.model, net.input, **kwargs),
+        )
     assert all(type(v) is float for v in funcs)
-    assert funcs == pytest.approx((rep.determinism, rep.degeneracy, rep.ei), rel=1e-14,
-                                  abs=1e-14)
+    assert funcs == pytest.approx((rep.determinism, rep.degeneracy, rep.ei), rel=1e-14, abs=1e-14)
     assert rep.ei == rep.degeneracy - rep.determinism
 
     supported = [m for m in net.model if type(m) in C.REGISTRY]
     assert [layer.type for layer in rep.layers] == [type(m).__name__ for m in supported]
     assert [layer.name for layer in rep.layers] == [
-        str(i) for i, m in enumerate(net.model) if type(m) in C.REGISTRY]
+        str(i) for i, m in enumerate(net.model) if type(m) in C.REGISTRY
+    ]
     n_total = 0
     h_total = 0.0
     for layer, module in zip(rep.layers, supported):
-        per_neuron = (lambda s: s[-1]) if isinstance(module, nn.Linear) else \
-            (lambda s: math.prod(s[1:]))
+        per_neuron = (
+            (lambda s: s[-1]) if isinstance(module, nn.Linear) else (lambda s: math.prod(s[1:]))
+        )
         assert layer.n_in == per_neuron(layer.in_shape)
         assert layer.n_out == per_neuron(layer.out_shape)
         conn = C.connectivity(module, layer.in_shape, layer.out_shape)
@@ -184,11 +203,19 @@ def test_report_rows_and_functions_agree(net, norm, engine):
         # the layer's own numbers, from its dense reference matrix
         A = R.VALID_MODULES[type(module)](module, layer.in_shape, layer.out_shape)
         P = ref(A)
-        assert_close(layer.mean_row_entropy, float(R.H(P, dim=1).mean()),
-                     ENGINE_RTOL[engine], what=f"{layer.name} mean row entropy")
+        assert_close(
+            layer.mean_row_entropy,
+            float(R.H(P, dim=1).mean()),
+            ENGINE_RTOL[engine],
+            what=f"{layer.name} mean row entropy",
+        )
         v = P.sum(0)
-        assert_close(layer.degeneracy, float(R.H(v / v.sum())), ENGINE_RTOL[engine],
-                     what=f"{layer.name} degeneracy")
+        assert_close(
+            layer.degeneracy,
+            float(R.H(v / v.sum())),
+            ENGINE_RTOL[engine],
+            what=f"{layer.name} degeneracy",
+        )
         n_total += layer.n_in
         h_total += layer.mean_row_entropy * layer.n_in
     assert_close(rep.determinism, h_total / n_total, 1e-12, what="determinism from rows")
@@ -216,8 +243,9 @@ def test_report_progress_bar_changes_nothing(capsys):
 
 
 def test_report_skipped_and_errors():
-    model = nn.Sequential(nn.Conv2d(1, 2, 3), nn.MaxPool2d(2), nn.ReLU(), nn.Flatten(),
-                          nn.Linear(2, 3))
+    model = nn.Sequential(
+        nn.Conv2d(1, 2, 3), nn.MaxPool2d(2), nn.ReLU(), nn.Flatten(), nn.Linear(2, 3)
+    )
     x = torch.zeros(1, 1, 4, 4)
     with pytest.warns(UserWarning, match="MaxPool2d"):
         rep = fs.report(model, x)
@@ -267,8 +295,7 @@ def test_streaming_equals_one_block(net, norm):
     ours = R.lin_norm if norm == "custom" else NORMS[norm][0]
     budget = _streaming_budget(net.model, net.input)
     whole = quiet_report(net.model, net.input, norm=ours, engine="sparse")
-    streamed = quiet_report(net.model, net.input, norm=ours, engine="sparse",
-                            max_memory=budget)
+    streamed = quiet_report(net.model, net.input, norm=ours, engine="sparse", max_memory=budget)
     for name in ("determinism", "degeneracy", "ei"):
         assert_close(getattr(streamed, name), getattr(whole, name), 1e-12, what=name)
 
@@ -296,8 +323,9 @@ class _CountBlocks:
 
 def test_streaming_small_fixed_budget():
     torch.manual_seed(3)
-    model = nn.Sequential(nn.Conv2d(2, 3, 3, padding=1), nn.ReLU(), nn.AvgPool2d(2),
-                          nn.Flatten(), nn.Linear(27, 10)).double()
+    model = nn.Sequential(
+        nn.Conv2d(2, 3, 3, padding=1), nn.ReLU(), nn.AvgPool2d(2), nn.Flatten(), nn.Linear(27, 10)
+    ).double()
     x = torch.zeros(1, 2, 6, 6, dtype=F64)
     budget = _streaming_budget(model, x)
     for norm in (ei.lin_norm, ei.soft_norm, ei.sig_norm, None, R.lin_norm):
@@ -368,8 +396,7 @@ def test_custom_norm_that_is_not_elementwise():
 def _layer_jobs(net, norm):
     tr = trace(net.model, net.input)
     for layer in tr.layers:
-        conn = C.connectivity(layer.module, layer.in_shape, layer.out_shape,
-                              label=layer.label)
+        conn = C.connectivity(layer.module, layer.in_shape, layer.out_shape, label=layer.label)
         yield LayerJob(conn, norm, torch.device("cpu"), fs.DEFAULT_MAX_MEMORY)
 
 
@@ -390,11 +417,11 @@ def test_torch_reduction_equals_numba(net, data):
             col = torch.zeros(conn.n_cols, dtype=F64)
             h_sum = offset = 0.0
             for r0, r1 in ((0, cut), (cut, conn.n_rows)):
-                b = conn.block_torch(r0, r1) if isinstance(conn, C.Stencil) \
-                    else conn.block(r0, r1)
+                b = conn.block_torch(r0, r1) if isinstance(conn, C.Stencil) else conn.block(r0, r1)
                 # returns (sum of row entropies, sum of c/Z): the latter reaches every column
-                h, off = sparse_engine.reduce_block_torch(b.rowptr, b.cols, b.vals, norm,
-                                                          shift, conn.n_cols, col)
+                h, off = sparse_engine.reduce_block_torch(
+                    b.rowptr, b.cols, b.vals, norm, shift, conn.n_cols, col
+                )
                 h_sum += float(h)
                 offset += float(off)
             col += offset
@@ -409,11 +436,21 @@ def test_torch_block_path_in_full_pipeline(net, norm):
     det, deg = reference(net.model, net.input, ref)
     real = C.Stencil.block
 
-    def torch_block(self, r0, r1, *, dtype=F64, device=None, with_rows=False,
-                    index_dtype=torch.int64, **_buffers):
+    def torch_block(
+        self,
+        r0,
+        r1,
+        *,
+        dtype=F64,
+        device=None,
+        with_rows=False,
+        index_dtype=torch.int64,
+        **_buffers,
+    ):
         # what CUDA runs, here on CPU tensors
-        return self.block_torch(r0, r1, dtype=dtype, device=device, with_rows=with_rows,
-                                index_dtype=index_dtype)
+        return self.block_torch(
+            r0, r1, dtype=dtype, device=device, with_rows=with_rows, index_dtype=index_dtype
+        )
 
     C.Stencil.block = torch_block
     try:
@@ -445,9 +482,14 @@ def test_torch_implicit_path_in_full_pipeline(net, norm):
 
 def _half_exact_net(dtype) -> tuple[nn.Module, nn.Module]:
     """A CNN whose float32 weights are exactly representable in ``dtype``, and its copy."""
-    model = nn.Sequential(nn.Conv2d(2, 3, 3, padding=1), nn.ReLU(), nn.AvgPool2d(2),
-                          nn.Conv2d(3, 2, 2, stride=2, groups=1), nn.Flatten(),
-                          nn.Linear(2, 4))
+    model = nn.Sequential(
+        nn.Conv2d(2, 3, 3, padding=1),
+        nn.ReLU(),
+        nn.AvgPool2d(2),
+        nn.Conv2d(3, 2, 2, stride=2, groups=1),
+        nn.Flatten(),
+        nn.Linear(2, 4),
+    )
     randomize_(model, 11)
     with torch.no_grad():
         for p in model.parameters():
@@ -497,8 +539,7 @@ def test_cuda_equals_cpu(engine, norm, net):
     for name in ("determinism", "degeneracy"):
         assert_close(getattr(on_gpu, name), getattr(cpu, name), 1e-9, what=name)
     model_gpu = copy.deepcopy(net.model).cuda()
-    moved = quiet_report(model_gpu, net.input.cuda(), norm=ours, engine=engine,
-                         device="cuda")
+    moved = quiet_report(model_gpu, net.input.cuda(), norm=ours, engine=engine, device="cuda")
     assert_close(moved.ei, cpu.ei, 1e-9, abs_=1e-9, what="model on cuda")
     det, deg = reference(net.model, net.input, ref)
     check_against_reference(on_gpu, det, deg, ENGINE_RTOL[engine], f"cuda {engine}")
@@ -507,9 +548,17 @@ def test_cuda_equals_cpu(engine, norm, net):
 @pytest.mark.cuda
 def test_cuda_streaming_and_builders():
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Conv2d(2, 3, 3, padding=1, padding_mode="reflect"), nn.ReLU(),
-                          nn.AvgPool2d(2, ceil_mode=True), nn.Flatten(),
-                          nn.Linear(27, 5)).double().cuda()
+    model = (
+        nn.Sequential(
+            nn.Conv2d(2, 3, 3, padding=1, padding_mode="reflect"),
+            nn.ReLU(),
+            nn.AvgPool2d(2, ceil_mode=True),
+            nn.Flatten(),
+            nn.Linear(27, 5),
+        )
+        .double()
+        .cuda()
+    )
     x = torch.zeros(1, 2, 6, 6, dtype=F64, device="cuda")
     whole = quiet_report(model, x, engine="sparse", device="cuda")
     small = quiet_report(model, x, engine="sparse", device="cuda", max_memory=20_000)
@@ -545,8 +594,9 @@ def test_alexnet_at_imagenet_scale():
         if isinstance(module, nn.Conv2d):
             (_, c_in, h, w) = layer.in_shape
             kh, kw = module.kernel_size
-            pairs = _axis_pairs(h, kh, module.stride[0], module.padding[0]) * \
-                _axis_pairs(w, kw, module.stride[1], module.padding[1])
+            pairs = _axis_pairs(h, kh, module.stride[0], module.padding[0]) * _axis_pairs(
+                w, kw, module.stride[1], module.padding[1]
+            )
             expected_nnz.append(c_in * module.out_channels // module.groups * pairs)
         else:
             expected_nnz.append(module.in_features * module.out_features)
@@ -560,7 +610,6 @@ def test_alexnet_at_imagenet_scale():
     auto = quiet_report(model, x, engine="auto")
     for name in ("determinism", "degeneracy", "ei"):
         assert_close(getattr(auto, name), getattr(rep, name), 1e-9, what=f"auto {name}")
-
 
 
 @pytest.mark.imagenet
@@ -580,6 +629,7 @@ def test_resnet50_implicit_equals_sparse_at_imagenet_scale():
         assert_close(a.degeneracy, b.degeneracy, 1e-9, what=f"{a.name} degeneracy")
     for name in ("determinism", "degeneracy", "ei"):
         assert_close(getattr(auto, name), getattr(sparse, name), 1e-9, what=f"auto {name}")
+
 
 def test_numba_threads_do_not_change_the_result():
     # per-thread column accumulators must not make the result depend on the thread count
@@ -623,7 +673,8 @@ def test_serial_twins_do_not_share_the_parallel_kernels_cache(tmp_path):
         "    got = K.column_terms(v)\n"
         "    p, n = v[v > 0], -v[v < 0]\n"
         "    want = [p.sum(), (p * np.log2(p)).sum(), -n.sum(), (n * np.log2(n)).sum()]\n"
-        "    assert np.allclose(got, want, rtol=1e-12), (got, want)\n")
+        "    assert np.allclose(got, want, rtol=1e-12), (got, want)\n"
+    )
     env = {**os.environ, "NUMBA_CACHE_DIR": str(tmp_path)}
     for _ in range(2):  # the second run loads both from the cache
         subprocess.run([sys.executable, "-c", script], env=env, check=True, timeout=300)

@@ -16,7 +16,7 @@ from foresight_sparse.history import FIELDS, NETWORK, CSVAppender, History, Reco
 def _history() -> History:
     """Two steps of a two-layer network, then an error, with awkward floats."""
     h = History(meta={"norm": "lin", "input_shape": [1, 3, 8, 8], "legacy": False})
-    values = [0.1 + 0.2, 1e-300, 2.0 ** -1074, 123456789.123456789, -0.0, 1 / 3]
+    values = [0.1 + 0.2, 1e-300, 2.0**-1074, 123456789.123456789, -0.0, 1 / 3]
     for i, step in enumerate((0, 50)):
         a, b, c = values[i], values[i + 2], values[i + 3]
         h.append(Record(f"step={step}", "network", NETWORK, "", step, None, b - a, a, b))
@@ -121,11 +121,12 @@ def test_add_report_matches_the_report():
     rep = foresight_sparse.report(model, torch.zeros(1, 2, 6, 6))
     h = History()
     recs = h.add_report(rep, "step=3", step=3)
-    assert recs[0] == Record("step=3", "network", NETWORK, "", 3, None, rep.ei,
-                             rep.determinism, rep.degeneracy)
+    assert recs[0] == Record(
+        "step=3", "network", NETWORK, "", 3, None, rep.ei, rep.determinism, rep.degeneracy
+    )
     assert [(r.layer, r.type, r.ei, r.determinism, r.degeneracy) for r in recs[1:]] == [
-        (lay.name, lay.type, lay.ei, lay.mean_row_entropy, lay.degeneracy)
-        for lay in rep.layers]
+        (lay.name, lay.type, lay.ei, lay.mean_row_entropy, lay.degeneracy) for lay in rep.layers
+    ]
 
 
 @pytest.mark.parametrize("kind", ["layers", "plane"])

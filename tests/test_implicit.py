@@ -96,9 +96,16 @@ def test_classes_collapse_the_interior():
     assert len(cls.out_mult) == 1 and len(cls.in_mult) == 2  # odd inputs feed nothing
 
 
-@pytest.mark.parametrize("axis", [(9, 9, 3, 1, 1, 1, 1), (9, 4, 2, 2, 2, 1, 2),
-                                  (17, 5, 5, 3, 1, 2, 0), (8, 8, 4, 1, 1, 1, 2),
-                                  (6, 6, 3, 1, 1, 1, 1, "circular")])
+@pytest.mark.parametrize(
+    "axis",
+    [
+        (9, 9, 3, 1, 1, 1, 1),
+        (9, 4, 2, 2, 2, 1, 2),
+        (17, 5, 5, 3, 1, 2, 0),
+        (8, 8, 4, 1, 1, 1, 2),
+        (6, 6, 3, 1, 1, 1, 1, "circular"),
+    ],
+)
 def test_axis_classes_are_consistent(axis):
     """Inputs of one class share their tap-matrix row; outputs of one class read inputs of
     the same classes through every tap."""
@@ -111,9 +118,12 @@ def test_axis_classes_are_consistent(axis):
     profile = pairs.tap_matrix(ax.kernel)
     taps = ax.taps()
     # recover each input's class from its profile and check the output tables
-    in_class = np.array([np.flatnonzero((cls.in_profile == row).all(1)
-                                        & (cls.in_counts == n))[0]
-                         for row, n in zip(profile, pairs.counts)])
+    in_class = np.array(
+        [
+            np.flatnonzero((cls.in_profile == row).all(1) & (cls.in_counts == n))[0]
+            for row, n in zip(profile, pairs.counts)
+        ]
+    )
     assert np.bincount(in_class, minlength=len(cls.in_mult)).tolist() == cls.in_mult.tolist()
     want = np.where(taps >= 0, in_class[np.maximum(taps, 0)], -1)
     np.testing.assert_array_equal(cls.out_taps[cls.out_index], want)
@@ -138,6 +148,8 @@ def test_kernel_terms_numba_equals_torch(case, norm_name, dtype):
     torch_terms = implicit.kernel_terms_torch(conn, norm, shift, cpu)
     for a, b in zip(numba_terms, torch_terms):
         torch.testing.assert_close(a, b, rtol=1e-13, atol=1e-15)
+
+
 @pytest.mark.parametrize("norm_name", NORM_NAMES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_linear_numba_equals_torch(norm_name, dtype):
@@ -161,8 +173,9 @@ def test_linear_numba_equals_torch(norm_name, dtype):
 
 def test_fast_log2_of_float32_bits_is_exact_to_float64_rounding():
     rng = np.random.default_rng(0)
-    x = np.abs(rng.standard_normal(200_000)).astype(np.float32) * np.float32(10.0) ** \
-        rng.integers(-37, 38, 200_000).astype(np.float32)
+    x = np.abs(rng.standard_normal(200_000)).astype(np.float32) * np.float32(10.0) ** rng.integers(
+        -37, 38, 200_000
+    ).astype(np.float32)
     x = x[(x > np.finfo(np.float32).tiny) & np.isfinite(x)]
     x = np.concatenate([x, np.float32([1.0, 2.0, 0.5, 1.9999999, 3.4e38])])
 
@@ -177,18 +190,22 @@ def test_fast_log2_of_float32_bits_is_exact_to_float64_rounding():
     want = np.log2(x.astype(np.float64))
     np.testing.assert_allclose(got, want, rtol=0, atol=2e-14)
     # near 1 the error is relative: log2 of 1 + 2**-23 is 1.7e-7
-    near_one = np.float32(1.0) + np.arange(1, 2000, dtype=np.float32) * np.float32(2.0 ** -23)
-    np.testing.assert_allclose(fast(near_one.view(np.int32)),
-                               np.log2(near_one.astype(np.float64)), rtol=1e-13, atol=0)
+    near_one = np.float32(1.0) + np.arange(1, 2000, dtype=np.float32) * np.float32(2.0**-23)
+    np.testing.assert_allclose(
+        fast(near_one.view(np.int32)), np.log2(near_one.astype(np.float64)), rtol=1e-13, atol=0
+    )
 
 
-@pytest.mark.parametrize("values", [
-    [0.5, 0.25, 0.25, 0.0],
-    [3.0, -1.0, 2.0, 0.0, 1e-300],
-    [-1.0, -3.0, 2.0],
-    [0.0, 0.0],
-    [1.0],
-])
+@pytest.mark.parametrize(
+    "values",
+    [
+        [0.5, 0.25, 0.25, 0.0],
+        [3.0, -1.0, 2.0, 0.0, 1e-300],
+        [-1.0, -3.0, 2.0],
+        [0.0, 0.0],
+        [1.0],
+    ],
+)
 def test_entropy_from_terms_equals_dense_H(values):
     v = torch.tensor(values, dtype=torch.float64)
     want = float(H(v / v.sum()))
@@ -201,8 +218,14 @@ def test_column_terms_torch_path_equals_numba():
     numba_terms = column_terms(v, 0.25)
     x = v + 0.25
     pos, neg = x > 0, x < 0
-    want = torch.stack([x[pos].sum(), (x[pos] * torch.log2(x[pos])).sum(), x[neg].sum(),
-                        (-x[neg] * torch.log2(-x[neg])).sum()])
+    want = torch.stack(
+        [
+            x[pos].sum(),
+            (x[pos] * torch.log2(x[pos])).sum(),
+            x[neg].sum(),
+            (-x[neg] * torch.log2(-x[neg])).sum(),
+        ]
+    )
     torch.testing.assert_close(numba_terms, want, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(column_terms_torch(v, 0.25), want, rtol=1e-12, atol=1e-12)
 
@@ -229,15 +252,18 @@ def test_supports_only_exact_layers():
         return LayerJob(conn, get_norm(norm), torch.device("cpu"), 1 << 30)
 
     assert implicit.supports(job(nn.Conv2d(2, 2, 3, padding=1), (1, 2, 5, 5)))
-    assert not implicit.supports(job(nn.Conv2d(2, 2, 3, padding=1, padding_mode="reflect"),
-                                     (1, 2, 5, 5)))
+    assert not implicit.supports(
+        job(nn.Conv2d(2, 2, 3, padding=1, padding_mode="reflect"), (1, 2, 5, 5))
+    )
     assert not implicit.supports(job(nn.Conv2d(2, 2, 3), (1, 2, 5, 5), norm=lambda w: w))
     # circular padding narrower than the input never folds two taps onto one input
-    assert implicit.supports(job(nn.Conv2d(2, 2, 3, padding=1, padding_mode="circular"),
-                                 (1, 2, 5, 5)))
+    assert implicit.supports(
+        job(nn.Conv2d(2, 2, 3, padding=1, padding_mode="circular"), (1, 2, 5, 5))
+    )
     with pytest.raises(UnsupportedEngineError, match="implicit engine cannot express"):
-        implicit.layer_stats(job(nn.Conv2d(2, 2, 3, padding=1, padding_mode="replicate"),
-                                 (1, 2, 5, 5)))
+        implicit.layer_stats(
+            job(nn.Conv2d(2, 2, 3, padding=1, padding_mode="replicate"), (1, 2, 5, 5))
+        )
 
 
 @pytest.mark.parametrize("mode", ["zeros", "reflect", "replicate", "circular"])
@@ -245,10 +271,11 @@ def test_supports_only_exact_layers():
 def test_padding_modes_implicit_equals_sparse(mode, norm_name):
     torch.manual_seed(5)
     # stride 3 and dilation 2 keep some reflect/replicate layers free of folded taps
-    for module, size in [(nn.Conv2d(2, 3, 3, padding=1, padding_mode=mode), 6),
-                         (nn.Conv2d(2, 3, 3, padding=2, stride=3, dilation=2,
-                                    padding_mode=mode), 7),
-                         (nn.Conv2d(2, 2, 5, padding=2, padding_mode=mode, groups=2), 5)]:
+    for module, size in [
+        (nn.Conv2d(2, 3, 3, padding=1, padding_mode=mode), 6),
+        (nn.Conv2d(2, 3, 3, padding=2, stride=3, dilation=2, padding_mode=mode), 7),
+        (nn.Conv2d(2, 2, 5, padding=2, padding_mode=mode, groups=2), 5),
+    ]:
         net = nn.Sequential(module)
         x = torch.zeros(1, 2, size, size)
         a = report(net, x, norm=NORMS[norm_name], engine="implicit")
@@ -259,12 +286,15 @@ def test_padding_modes_implicit_equals_sparse(mode, norm_name):
 
 def test_auto_reports_which_engine_served_each_layer():
     torch.manual_seed(0)
-    net = nn.Sequential(nn.Conv2d(2, 3, 3, padding=1, padding_mode="reflect"),
-                        nn.Conv2d(3, 3, 3, padding=1), nn.AvgPool2d(2), nn.Flatten(),
-                        nn.Linear(12, 4))
+    net = nn.Sequential(
+        nn.Conv2d(2, 3, 3, padding=1, padding_mode="reflect"),
+        nn.Conv2d(3, 3, 3, padding=1),
+        nn.AvgPool2d(2),
+        nn.Flatten(),
+        nn.Linear(12, 4),
+    )
     r = report(net, torch.zeros(1, 2, 4, 4))
-    assert [layer.engine for layer in r.layers] == ["sparse", "implicit", "implicit",
-                                                    "implicit"]
+    assert [layer.engine for layer in r.layers] == ["sparse", "implicit", "implicit", "implicit"]
     s = report(net, torch.zeros(1, 2, 4, 4), engine="sparse")
     assert r.ei == pytest.approx(s.ei, rel=1e-10)
 
@@ -297,5 +327,4 @@ def test_conv_rows_without_absent_entries_take_c_zero(weight, norm_name):
     r = report(net, x, norm=NORMS[norm_name], engine="implicit")
     assert [layer.engine for layer in r.layers] == ["implicit", "implicit"]
     assert r.degeneracy == pytest.approx(reference.degeneracy(net, x, norm=ref_norm), rel=1e-12)
-    assert r.determinism == pytest.approx(reference.determinism(net, x, norm=ref_norm),
-                                          rel=1e-12)
+    assert r.determinism == pytest.approx(reference.determinism(net, x, norm=ref_norm), rel=1e-12)

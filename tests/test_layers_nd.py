@@ -46,8 +46,12 @@ MAX_SIZE = {1: 9, 2: 6, 3: 4}
 
 def _weights(draw, module: nn.Module) -> nn.Module:
     module = module.double()
-    randomize_(module, draw(st.integers(0, 2**16)), scale=draw(st.sampled_from([0.3, 1.0, 4.0])),
-               zero_frac=draw(st.sampled_from([0, 0.3])))
+    randomize_(
+        module,
+        draw(st.integers(0, 2**16)),
+        scale=draw(st.sampled_from([0.3, 1.0, 4.0])),
+        zero_frac=draw(st.sampled_from([0, 0.3])),
+    )
     return module
 
 
@@ -68,8 +72,9 @@ def convnd_cases(draw, nd: int) -> LayerCase:
     kind = draw(st.sampled_from(["tuple", "same", "valid"]))
     if kind == "same":
         stride, padding = (1,) * nd, "same"
-        pads = [(d * (k - 1) // 2, d * (k - 1) - d * (k - 1) // 2)
-                for k, d in zip(kernel, dilation)]
+        pads = [
+            (d * (k - 1) // 2, d * (k - 1) - d * (k - 1) // 2) for k, d in zip(kernel, dilation)
+        ]
     else:
         stride = tuple(draw(st.integers(1, 2)) for _ in range(nd))
         if kind == "valid":
@@ -85,8 +90,17 @@ def convnd_cases(draw, nd: int) -> LayerCase:
         elif mode == "circular":
             lo = max(lo, max(pb, pa))
         sizes.append(draw(st.integers(lo, max(lo, MAX_SIZE[nd]))))
-    module = CONV[nd](c_in, c_out, kernel, stride=stride, padding=padding, dilation=dilation,
-                      groups=groups, padding_mode=mode, bias=draw(st.booleans()))
+    module = CONV[nd](
+        c_in,
+        c_out,
+        kernel,
+        stride=stride,
+        padding=padding,
+        dilation=dilation,
+        groups=groups,
+        padding_mode=mode,
+        bias=draw(st.booleans()),
+    )
     return _case(_weights(draw, module), (1, c_in, *sizes))
 
 
@@ -109,9 +123,17 @@ def conv_transposend_cases(draw, nd: int) -> LayerCase:
         padding.append(p)
         out_pad.append(op)
         sizes.append(draw(st.integers(lo, max(lo, MAX_SIZE[nd] - 2))))
-    module = CONV_T[nd](c_in, c_out, tuple(kernel), stride=tuple(stride),
-                        padding=tuple(padding), output_padding=tuple(out_pad),
-                        dilation=tuple(dilation), groups=groups, bias=draw(st.booleans()))
+    module = CONV_T[nd](
+        c_in,
+        c_out,
+        tuple(kernel),
+        stride=tuple(stride),
+        padding=tuple(padding),
+        output_padding=tuple(out_pad),
+        dilation=tuple(dilation),
+        groups=groups,
+        bias=draw(st.booleans()),
+    )
     return _case(_weights(draw, module), (1, c_in, *sizes))
 
 
@@ -122,10 +144,16 @@ def avgpoolnd_cases(draw, nd: int) -> LayerCase:
     stride = draw(st.one_of(st.none(), st.tuples(*[st.integers(1, 2)] * nd)))
     padding = tuple(draw(st.integers(0, k // 2)) for k in kernel)
     # avg_pool3d also wants every input axis at least as long as the kernel
-    sizes = [draw(st.integers(k if nd == 3 else max(1, k - 2 * p), MAX_SIZE[nd]))
-             for k, p in zip(kernel, padding)]
-    kwargs = dict(stride=stride, padding=padding, ceil_mode=draw(st.booleans()),
-                  count_include_pad=draw(st.booleans()))
+    sizes = [
+        draw(st.integers(k if nd == 3 else max(1, k - 2 * p), MAX_SIZE[nd]))
+        for k, p in zip(kernel, padding)
+    ]
+    kwargs = dict(
+        stride=stride,
+        padding=padding,
+        ceil_mode=draw(st.booleans()),
+        count_include_pad=draw(st.booleans()),
+    )
     if nd > 1:
         kwargs["divisor_override"] = draw(st.one_of(st.none(), st.integers(1, 5)))
     module = POOL[nd](kernel, **kwargs)
@@ -222,16 +250,20 @@ def test_every_engine_and_norm_matches_the_reference(kind, data):
             assert_close(rep.ei, deg - det, ENGINE_RTOL[engine], ABS_FLOOR, what)
 
 
-@pytest.mark.parametrize("module, in_shape", [
-    (nn.Conv1d(2, 4, 3, padding=1), (1, 2, 9)),
-    (nn.Conv3d(2, 4, 3, stride=(1, 2, 2), padding=1, groups=2), (1, 2, 4, 6, 6)),
-    (nn.ConvTranspose2d(2, 3, 3, stride=2, padding=1, output_padding=1), (1, 2, 4, 4)),
-    (nn.ConvTranspose3d(2, 2, 2, stride=2, groups=2), (1, 2, 2, 3, 3)),
-    (nn.AvgPool3d(2, padding=1), (1, 2, 4, 4, 4)),
-    (nn.AvgPool1d(3, stride=2), (1, 2, 9)),
-    (nn.AdaptiveAvgPool2d((1, 1)), (1, 3, 5, 5)),
-    (nn.AdaptiveAvgPool3d((2, 3, 2)), (1, 2, 5, 5, 3)),
-], ids=lambda v: type(v).__name__ if isinstance(v, nn.Module) else "")
+@pytest.mark.parametrize(
+    "module, in_shape",
+    [
+        (nn.Conv1d(2, 4, 3, padding=1), (1, 2, 9)),
+        (nn.Conv3d(2, 4, 3, stride=(1, 2, 2), padding=1, groups=2), (1, 2, 4, 6, 6)),
+        (nn.ConvTranspose2d(2, 3, 3, stride=2, padding=1, output_padding=1), (1, 2, 4, 4)),
+        (nn.ConvTranspose3d(2, 2, 2, stride=2, groups=2), (1, 2, 2, 3, 3)),
+        (nn.AvgPool3d(2, padding=1), (1, 2, 4, 4, 4)),
+        (nn.AvgPool1d(3, stride=2), (1, 2, 9)),
+        (nn.AdaptiveAvgPool2d((1, 1)), (1, 3, 5, 5)),
+        (nn.AdaptiveAvgPool3d((2, 3, 2)), (1, 2, 5, 5, 3)),
+    ],
+    ids=lambda v: type(v).__name__ if isinstance(v, nn.Module) else "",
+)
 def test_implicit_engine_serves_single_tap_layers(module, in_shape):
     module = randomize_(module.double(), 3)
     model = nn.Sequential(module)
@@ -268,13 +300,17 @@ def test_seed_selection_skips_the_new_types():
     assert_close(rep_all.ei, R.ei(model, x, layers="all"), 1e-9)
 
 
-@pytest.mark.parametrize("module, in_shape, out_shape, match", [
-    (nn.Conv3d(2, 3, 3), (2, 5, 5), (1, 3, 3, 3), r"5-d \(N, C, D, H, W\)"),
-    (nn.Conv1d(2, 3, 3), (1, 2, 5), (1, 3, 4), r"maps input \(1, 2, 5\) to \(N, 3, 3\)"),
-    (nn.ConvTranspose1d(2, 3, 3, stride=2), (1, 2, 5), (1, 3, 4), "output_padding"),
-    (nn.AvgPool3d(2), (1, 2, 4, 4, 4), (1, 2, 3, 2, 2), r"\(N, 2, 2, 2, 2\)"),
-    (nn.AdaptiveAvgPool2d(3), (1, 2, 5, 5), (1, 2, 2, 2), "output_size=3"),
-], ids=["conv3d-rank", "conv1d-size", "convT-size", "pool3d-size", "adaptive-size"])
+@pytest.mark.parametrize(
+    "module, in_shape, out_shape, match",
+    [
+        (nn.Conv3d(2, 3, 3), (2, 5, 5), (1, 3, 3, 3), r"5-d \(N, C, D, H, W\)"),
+        (nn.Conv1d(2, 3, 3), (1, 2, 5), (1, 3, 4), r"maps input \(1, 2, 5\) to \(N, 3, 3\)"),
+        (nn.ConvTranspose1d(2, 3, 3, stride=2), (1, 2, 5), (1, 3, 4), "output_padding"),
+        (nn.AvgPool3d(2), (1, 2, 4, 4, 4), (1, 2, 3, 2, 2), r"\(N, 2, 2, 2, 2\)"),
+        (nn.AdaptiveAvgPool2d(3), (1, 2, 5, 5), (1, 2, 2, 2), "output_size=3"),
+    ],
+    ids=["conv3d-rank", "conv1d-size", "convT-size", "pool3d-size", "adaptive-size"],
+)
 def test_shape_errors_name_the_layer_and_shapes(module, in_shape, out_shape, match):
     with pytest.raises(fs.ShapeMismatchError, match=match):
         C.connectivity(module, in_shape, out_shape, label="net.0")

@@ -42,8 +42,15 @@ class StandardisedConv(nn.Conv2d):
 def sub_model() -> nn.Sequential:
     """Conv2d, a ScaledConv, a MyLinear and a Linear (also used by the CLI test)."""
     torch.manual_seed(0)
-    return nn.Sequential(nn.Conv2d(1, 2, 3, padding=1), nn.ReLU(), ScaledConv(2, 2, 3),
-                         nn.Flatten(), MyLinear(18, 4), nn.ReLU(), nn.Linear(4, 3)).double()
+    return nn.Sequential(
+        nn.Conv2d(1, 2, 3, padding=1),
+        nn.ReLU(),
+        ScaledConv(2, 2, 3),
+        nn.Flatten(),
+        MyLinear(18, 4),
+        nn.ReLU(),
+        nn.Linear(4, 3),
+    ).double()
 
 
 def plain_twin(model: nn.Sequential, keep) -> nn.Sequential:
@@ -202,8 +209,7 @@ def test_cli_layers_option(capsys):
 def test_layer_selection_is_picklable():
     import pickle
 
-    p = fs.plan(randomize_(nn.Sequential(MyLinear(3, 2)), 0), torch.zeros(1, 3),
-                layers="all")
+    p = fs.plan(randomize_(nn.Sequential(MyLinear(3, 2)), 0), torch.zeros(1, 3), layers="all")
     q = pickle.loads(pickle.dumps(p))
     assert q.layer_set == "all"
     assert q.report().ei == p.report().ei
@@ -243,9 +249,11 @@ def test_sweep_counts_what_layers_selects_and_resume_checks_it(tmp_path):
         expected = quiet_report(m, X, layers="all").ei
         assert abs(rec.ei - expected) <= 1e-12 * max(1.0, abs(expected))
     assert {r.type for r in res.history.records if r.kind == "layer"} == {
-        "Conv2d", "MyLinear", "Linear"}
-    with pytest.raises(fs.exceptions.HistoryFileError, match="layers"), \
-            warnings.catch_warnings():
+        "Conv2d",
+        "MyLinear",
+        "Linear",
+    }
+    with pytest.raises(fs.exceptions.HistoryFileError, match="layers"), warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
         fs.sweep(sub_model(), [p for p, _ in paths], X, output=out, resume=True)
 
@@ -255,9 +263,23 @@ def test_cli_sweep_layers_option(tmp_path, capsys):
     torch.save(m.state_dict(), tmp_path / "step=1.pt")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
-        assert main(["sweep", "test_layers_option:sub_model", str(tmp_path / "step=1.pt"),
-                     "--input-shape", "1,1,5,5", "--layers", "all", "--no-progress",
-                     "--csv", str(tmp_path / "ei.csv")]) == 0
+        assert (
+            main(
+                [
+                    "sweep",
+                    "test_layers_option:sub_model",
+                    str(tmp_path / "step=1.pt"),
+                    "--input-shape",
+                    "1,1,5,5",
+                    "--layers",
+                    "all",
+                    "--no-progress",
+                    "--csv",
+                    str(tmp_path / "ei.csv"),
+                ]
+            )
+            == 0
+        )
     out = capsys.readouterr().out
     expected = quiet_report(m, X, layers="all").ei
     assert f"{expected:.4f}"[:5] in out

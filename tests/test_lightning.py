@@ -18,8 +18,13 @@ from foresight_sparse.integrations.lightning import EICallback  # noqa: E402
 class TinyModule(pl.LightningModule):
     def __init__(self):
         super().__init__()
-        self.net = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.AvgPool2d(2),
-                                 nn.Flatten(), nn.Linear(4 * 4 * 4, 5))
+        self.net = nn.Sequential(
+            nn.Conv2d(3, 4, 3, padding=1),
+            nn.ReLU(),
+            nn.AvgPool2d(2),
+            nn.Flatten(),
+            nn.Linear(4 * 4 * 4, 5),
+        )
         self.example_input_array = torch.zeros(1, 3, 8, 8)
 
     def forward(self, x):
@@ -35,8 +40,9 @@ class TinyModule(pl.LightningModule):
 
 def _loader():
     gen = torch.Generator().manual_seed(0)
-    data = torch.utils.data.TensorDataset(torch.randn(32, 3, 8, 8, generator=gen),
-                                          torch.randint(0, 5, (32,), generator=gen))
+    data = torch.utils.data.TensorDataset(
+        torch.randn(32, 3, 8, 8, generator=gen), torch.randint(0, 5, (32,), generator=gen)
+    )
     return torch.utils.data.DataLoader(data, batch_size=4)
 
 
@@ -45,9 +51,16 @@ def _fit(tmp_path, callback, **kwargs):
 
     torch.manual_seed(0)
     module = TinyModule()
-    trainer = pl.Trainer(accelerator="cpu", devices=1, logger=CSVLogger(tmp_path, name="run"),
-                         enable_checkpointing=False, enable_progress_bar=False,
-                         enable_model_summary=False, callbacks=[callback], **kwargs)
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        devices=1,
+        logger=CSVLogger(tmp_path, name="run"),
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[callback],
+        **kwargs,
+    )
     trainer.fit(module, _loader())
     with open(trainer.logger.log_dir + "/metrics.csv", newline="") as fh:
         rows = list(csv.DictReader(fh))
@@ -55,9 +68,9 @@ def _fit(tmp_path, callback, **kwargs):
 
 
 LAYERS = ["net.0", "net.2", "net.4"]
-KEYS = {"ei", "determinism", "degeneracy"} | {f"{k}/{name}" for k in
-                                              ("ei", "determinism", "degeneracy")
-                                              for name in LAYERS}
+KEYS = {"ei", "determinism", "degeneracy"} | {
+    f"{k}/{name}" for k in ("ei", "determinism", "degeneracy") for name in LAYERS
+}
 
 
 @pytest.mark.filterwarnings("ignore::UserWarning")

@@ -18,31 +18,58 @@ from foresight_sparse import reference as R
 from foresight_sparse.norms import NORMS, UNNORMALISED, ElementwiseNorm, RowwiseNorm, get_norm
 
 #: Each drop-in norm and the reference function it must equal (None: no normalisation).
-PAIRS = {"lin": (ei.lin_norm, R.lin_norm), "soft": (ei.soft_norm, R.soft_norm),
-         "sig": (ei.sig_norm, R.sig_norm), "none": (UNNORMALISED, None)}
+PAIRS = {
+    "lin": (ei.lin_norm, R.lin_norm),
+    "soft": (ei.soft_norm, R.soft_norm),
+    "sig": (ei.sig_norm, R.sig_norm),
+    "none": (UNNORMALISED, None),
+}
 SHIFTS = [0.0, 0.7, 3.5, 40.0, 500.0]
-EDGE_VALUES = [0.0, -0.0, 1e-300, 1e-12, 0.3, 1.0, 2.5, 40.0, 500.0, 700.0, -1e-12, -0.3, -1.0,
-               -40.0, -500.0, -800.0]
+EDGE_VALUES = [
+    0.0,
+    -0.0,
+    1e-300,
+    1e-12,
+    0.3,
+    1.0,
+    2.5,
+    40.0,
+    500.0,
+    700.0,
+    -1e-12,
+    -0.3,
+    -1.0,
+    -40.0,
+    -500.0,
+    -800.0,
+]
 
 
 def edge_matrix() -> torch.Tensor:
     """Zeros, negatives, an all-zero row, an all-negative row and large weights."""
-    return torch.tensor([
-        [0.0, 0.0, 0.0, 0.0],
-        [1.0, -2.0, 0.0, 3.0],
-        [-1.0, -5.0, -0.5, -2.0],
-        [500.0, 0.0, 499.0, -3.0],
-        [1e-300, 2.0, 0.0, 0.0],
-        [-500.0, 500.0, 0.0, 0.0],
-    ], dtype=F64)
+    return torch.tensor(
+        [
+            [0.0, 0.0, 0.0, 0.0],
+            [1.0, -2.0, 0.0, 3.0],
+            [-1.0, -5.0, -0.5, -2.0],
+            [500.0, 0.0, 499.0, -3.0],
+            [1e-300, 2.0, 0.0, 0.0],
+            [-500.0, 500.0, 0.0, 0.0],
+        ],
+        dtype=F64,
+    )
 
 
 def matrices():
     finite = st.floats(-60.0, 60.0, allow_nan=False, allow_infinity=False)
     entry = st.one_of(finite, st.just(0.0), st.sampled_from([-500.0, 500.0]))
-    return st.integers(1, 5).flatmap(lambda n: st.lists(
-        st.lists(entry, min_size=n, max_size=n), min_size=1, max_size=5)).map(
-        lambda rows: torch.tensor(rows, dtype=F64))
+    return (
+        st.integers(1, 5)
+        .flatmap(
+            lambda n: st.lists(st.lists(entry, min_size=n, max_size=n), min_size=1, max_size=5)
+        )
+        .map(lambda rows: torch.tensor(rows, dtype=F64))
+    )
 
 
 def test_registry_is_covered():
@@ -181,8 +208,12 @@ def test_soft_norm_wide_weight_range_in_sparse_engine():
         layer.weight.copy_(torch.tensor([[1000.0, 0.1, 0.2], [0.0, -0.3, 0.4]], dtype=F64))
     x = torch.zeros(1, 3, dtype=F64)
     expected = R.determinism(layer, x, norm=R.soft_norm)
-    assert_close(ei.determinism(layer, x, norm=ei.soft_norm, engine="sparse"), expected, 1e-9,
-                 what="determinism")
+    assert_close(
+        ei.determinism(layer, x, norm=ei.soft_norm, engine="sparse"),
+        expected,
+        1e-9,
+        what="determinism",
+    )
 
 
 # --------------------------------------------------------------------------- get_norm

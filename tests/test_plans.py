@@ -40,8 +40,12 @@ def _quiet(fn, *args, **kwargs):
 
 def _perturbed(model: nn.Module, seed: int) -> dict[str, torch.Tensor]:
     gen = torch.Generator().manual_seed(seed)
-    return {k: v + torch.randn(v.shape, generator=gen, dtype=v.dtype) * v.abs().mean()
-            if v.is_floating_point() else v.clone() for k, v in model.state_dict().items()}
+    return {
+        k: v + torch.randn(v.shape, generator=gen, dtype=v.dtype) * v.abs().mean()
+        if v.is_floating_point()
+        else v.clone()
+        for k, v in model.state_dict().items()
+    }
 
 
 def _loaded(model: nn.Module, sd) -> nn.Module:
@@ -52,8 +56,7 @@ def _loaded(model: nn.Module, sd) -> nn.Module:
 
 def _same_report(a: fs.Report, b: fs.Report, rel: float = 1e-12) -> None:
     for what in ("ei", "determinism", "degeneracy"):
-        assert math.isclose(getattr(a, what), getattr(b, what), rel_tol=rel, abs_tol=1e-12), \
-            what
+        assert math.isclose(getattr(a, what), getattr(b, what), rel_tol=rel, abs_tol=1e-12), what
     assert [la.name for la in a.layers] == [lb.name for lb in b.layers]
     for la, lb in zip(a.layers, b.layers):
         assert math.isclose(la.ei, lb.ei, rel_tol=rel, abs_tol=1e-12), la.name
@@ -65,12 +68,12 @@ def _snapshot(model: nn.Module):
     return {
         "state": {k: v.clone() for k, v in model.state_dict(keep_vars=True).items()},
         "ptrs": {k: v.data_ptr() for k, v in model.state_dict(keep_vars=True).items()},
-        "grads": {k: None if p.grad is None else p.grad.clone()
-                  for k, p in model.named_parameters()},
+        "grads": {
+            k: None if p.grad is None else p.grad.clone() for k, p in model.named_parameters()
+        },
         "requires_grad": {k: p.requires_grad for k, p in model.named_parameters()},
         "modes": [m.training for m in model.modules()],
-        "hooks": [(len(m._forward_hooks), len(m._forward_pre_hooks))
-                  for m in model.modules()],
+        "hooks": [(len(m._forward_hooks), len(m._forward_pre_hooks)) for m in model.modules()],
     }
 
 
@@ -150,8 +153,10 @@ def test_plan_and_report_leave_the_model_unchanged():
 
 
 def _trace_key(tr):
-    return ([(la.name, type(la.module).__name__, la.in_shape, la.out_shape)
-             for la in tr.layers], tr.skipped)
+    return (
+        [(la.name, type(la.module).__name__, la.in_shape, la.out_shape) for la in tr.layers],
+        tr.skipped,
+    )
 
 
 def _architectures():
@@ -162,12 +167,18 @@ def _architectures():
     yield "convnext_tiny", tv.convnext_tiny(), 64
     yield "squeezenet1_1", tv.squeezenet1_1(), 64
     yield "alexnet", tv.alexnet(), 64
-    yield "shared", nn.Sequential(*(2 * [nn.Conv2d(2, 2, 3, padding=1)]), nn.AvgPool2d(2),
-                                  nn.Flatten(), nn.Linear(8, 3)), 4
+    yield (
+        "shared",
+        nn.Sequential(
+            *(2 * [nn.Conv2d(2, 2, 3, padding=1)]), nn.AvgPool2d(2), nn.Flatten(), nn.Linear(8, 3)
+        ),
+        4,
+    )
 
 
-@pytest.mark.parametrize("name, model, size", list(_architectures()),
-                         ids=[a[0] for a in _architectures()])
+@pytest.mark.parametrize(
+    "name, model, size", list(_architectures()), ids=[a[0] for a in _architectures()]
+)
 def test_meta_and_real_traces_give_identical_plans(name, model, size):
     channels = model[0].in_channels if isinstance(model, nn.Sequential) else 3
     x = torch.zeros(1, channels, size, size)
@@ -194,8 +205,7 @@ def test_unknown_trace_method_is_refused():
 
 def _small():
     torch.manual_seed(4)
-    model = nn.Sequential(nn.Conv2d(1, 2, 3), nn.BatchNorm2d(2), nn.Flatten(),
-                          nn.Linear(8, 3))
+    model = nn.Sequential(nn.Conv2d(1, 2, 3), nn.BatchNorm2d(2), nn.Flatten(), nn.Linear(8, 3))
     return model, torch.zeros(1, 1, 4, 4)
 
 
@@ -213,8 +223,11 @@ def test_wrong_shape_names_the_key_both_shapes_and_the_layer():
     p = _quiet(fs.plan, model, x)
     sd = model.state_dict()
     sd["0.weight"] = torch.zeros(2, 1, 2, 2)
-    with pytest.raises(fs.WeightsError, match=r"0 \(Conv2d\).*'0.weight'.*\(2, 1, 2, 2\).*"
-                                              r"\(2, 1, 3, 3\)"):
+    with pytest.raises(
+        fs.WeightsError,
+        match=r"0 \(Conv2d\).*'0.weight'.*\(2, 1, 2, 2\).*"
+        r"\(2, 1, 3, 3\)",
+    ):
         p.report(sd)
 
 
@@ -291,8 +304,9 @@ def test_plan_of_a_registered_custom_layer_rebinds_its_weights():
         x = torch.zeros(1, 4)
         p = _quiet(fs.plan, model, x)
         sd = {"0.scale": torch.tensor([1.0, 2.0, 0.5, 3.0]), "1.weight": model[1].weight}
-        _same_report(p.report(sd), _quiet(fs.report, _loaded(model, {**model.state_dict(),
-                                                                     **sd}), x))
+        _same_report(
+            p.report(sd), _quiet(fs.report, _loaded(model, {**model.state_dict(), **sd}), x)
+        )
         with pytest.raises(fs.WeightsError, match="'0.scale'"):
             p.report({"1.weight": model[1].weight})
     finally:

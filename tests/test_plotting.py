@@ -46,8 +46,9 @@ def test_chart_shows_each_layer_and_the_network_ei(tmp_path, rep):
     assert [t.get_text() for t in ax.get_xticklabels()] == [lay.name for lay in rep.layers]
 
 
-@pytest.mark.parametrize("name, match", [("chart", "has no extension"),
-                                         ("chart.docx", "cannot write .docx")])
+@pytest.mark.parametrize(
+    "name, match", [("chart", "has no extension"), ("chart.docx", "cannot write .docx")]
+)
 def test_refuses_what_matplotlib_cannot_write(tmp_path, rep, name, match):
     with pytest.raises(UnknownNameError, match=match) as info:
         plot_report(rep, tmp_path / name)

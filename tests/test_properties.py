@@ -33,8 +33,9 @@ from foresight_sparse.exceptions import MemoryBudgetError
 NORMS = ["lin", "soft", "sig"]
 ENGINES = ["sparse", "implicit", "auto", "dense"]
 SLACK = 1e-9
-PROPS = settings(deadline=None, max_examples=25, derandomize=True,
-                 suppress_health_check=[HealthCheck.too_slow])
+PROPS = settings(
+    deadline=None, max_examples=25, derandomize=True, suppress_health_check=[HealthCheck.too_slow]
+)
 
 
 def quiet_report(*args, **kwargs) -> fs.Report:
@@ -67,13 +68,18 @@ def test_entropies_are_finite_and_bounded(net):
 @PROPS
 @given(net=random_nets())
 def test_result_does_not_depend_on_the_engine(norm, net):
-    reps = {engine: quiet_report(net.model, net.input, norm=norm, engine=engine)
-            for engine in ENGINES}
+    reps = {
+        engine: quiet_report(net.model, net.input, norm=norm, engine=engine) for engine in ENGINES
+    }
     base = reps["dense"]
     for engine, rep in reps.items():
         for what in ("determinism", "degeneracy", "ei"):
             assert close(getattr(rep, what), getattr(base, what), 1e-9), (
-                engine, what, getattr(rep, what), getattr(base, what))
+                engine,
+                what,
+                getattr(rep, what),
+                getattr(base, what),
+            )
 
 
 def _tiny_budget(net) -> int:
@@ -106,11 +112,15 @@ def test_sparse_result_does_not_depend_on_the_block_size(net, norm):
     try:
         budget = _tiny_budget(net)
         whole = quiet_report(net.model, net.input, norm=norm, engine="sparse")
-        streamed = quiet_report(net.model, net.input, norm=norm, engine="sparse",
-                                max_memory=budget)
+        streamed = quiet_report(net.model, net.input, norm=norm, engine="sparse", max_memory=budget)
     finally:
         numba.set_num_threads(threads)
     assert budget < fs.DEFAULT_MAX_MEMORY
     for what in ("determinism", "degeneracy", "ei"):
         assert close(getattr(streamed, what), getattr(whole, what), 1e-12), (
-            norm, what, budget, getattr(streamed, what), getattr(whole, what))
+            norm,
+            what,
+            budget,
+            getattr(streamed, what),
+            getattr(whole, what),
+        )

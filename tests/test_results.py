@@ -96,7 +96,7 @@ def test_csv_carries_the_metadata_then_the_rows(rep, tmp_path):
     assert meta["model"] == "tiny" and json.loads(meta["input_shape"]) == list(SHAPE)
     assert meta["norm"] == "sig" and meta["version"] == rep.version
     assert float(meta["ei"]) == rep.ei and int(meta["nnz"]) == rep.nnz
-    rows = list(csv.DictReader(lines[len(head):]))
+    rows = list(csv.DictReader(lines[len(head) :]))
     assert [r["name"] for r in rows] == [lay.name for lay in rep.layers]
     assert [float(r["degeneracy"]) for r in rows] == [lay.degeneracy for lay in rep.layers]
     assert rows[0]["in_shape"] == "x".join(map(str, rep.layers[0].in_shape))
@@ -104,8 +104,7 @@ def test_csv_carries_the_metadata_then_the_rows(rep, tmp_path):
 
 @pytest.mark.parametrize("value", [-0.0, -1e-17, -4e-7])
 def test_table_prints_no_negative_zero(value):
-    layer = LayerReport("d", "Linear", (1, 2), (1, 2), 2, 2, 2, value, value, value, "sparse",
-                        0.0)
+    layer = LayerReport("d", "Linear", (1, 2), (1, 2), 2, 2, 2, value, value, value, "sparse", 0.0)
     table = Report(value, value, value, [layer]).table()
     assert "-0.0" not in table
     assert "    0.0000" in table and "determinism 0.000000" in table

@@ -23,9 +23,15 @@ INPUT = torch.zeros(1, 3, 16, 16)
 
 def tiny_cnn() -> nn.Module:
     return nn.Sequential(
-        nn.Conv2d(3, 6, 3, padding=1), nn.BatchNorm2d(6), nn.ReLU(), nn.AvgPool2d(2),
-        nn.Conv2d(6, 8, 3, stride=2, padding=1), nn.ReLU(), nn.Flatten(),
-        nn.Linear(8 * 4 * 4, 10))
+        nn.Conv2d(3, 6, 3, padding=1),
+        nn.BatchNorm2d(6),
+        nn.ReLU(),
+        nn.AvgPool2d(2),
+        nn.Conv2d(6, 8, 3, stride=2, padding=1),
+        nn.ReLU(),
+        nn.Flatten(),
+        nn.Linear(8 * 4 * 4, 10),
+    )
 
 
 def other_cnn() -> nn.Module:
@@ -41,8 +47,12 @@ def ckpts(tmp_path_factory):
     torch.manual_seed(0)
     model = tiny_cnn().eval()
     expected = {}
-    names = ["epoch=2-step=20.pt", "epoch=10-step=100.pth", "epoch=9-step=90.ckpt",
-             "epoch=0-step=0.safetensors"]
+    names = [
+        "epoch=2-step=20.pt",
+        "epoch=10-step=100.pth",
+        "epoch=9-step=90.ckpt",
+        "epoch=0-step=0.safetensors",
+    ]
     for name in names:
         with torch.no_grad():
             for p in model.parameters():
@@ -55,15 +65,20 @@ def ckpts(tmp_path_factory):
         elif name.endswith(".pth"):
             torch.save({"epoch": 10, "model_state_dict": state, "optimizer": {}}, path)
         elif name.endswith(".ckpt"):
-            torch.save({"state_dict": {f"model.{k}": v for k, v in state.items()},
-                        "epoch": 9, "global_step": 90}, path)
+            torch.save(
+                {
+                    "state_dict": {f"model.{k}": v for k, v in state.items()},
+                    "epoch": 9,
+                    "global_step": 90,
+                },
+                path,
+            )
         else:
             pytest.importorskip("safetensors")
             from safetensors.torch import save_file
 
             save_file(state, str(path))
-        expected[os.path.splitext(name)[0]] = foresight_sparse.report(
-            copy.deepcopy(model), INPUT)
+        expected[os.path.splitext(name)[0]] = foresight_sparse.report(copy.deepcopy(model), INPUT)
     return folder, [str(folder / n) for n in names], expected
 
 
@@ -82,9 +97,13 @@ def bad(tmp_path_factory, ckpts):
     torch.manual_seed(2)
     module = tiny_cnn().eval()
     torch.save(module, folder / "step=8.pt")
-    return {"step=5": str(folder / "step=5.pt"), "step=6": str(folder / "step=6.pt"),
-            "step=7": str(folder / "step=7.pt"), "step=8": str(folder / "step=8.pt"),
-            "module": module}
+    return {
+        "step=5": str(folder / "step=5.pt"),
+        "step=6": str(folder / "step=6.pt"),
+        "step=7": str(folder / "step=7.pt"),
+        "step=8": str(folder / "step=8.pt"),
+        "module": module,
+    }
 
 
 def assert_matches(history: History, expected: dict) -> None:
@@ -94,14 +113,18 @@ def assert_matches(history: History, expected: dict) -> None:
         assert recs, f"{label} missing"
         net, layers = recs[0], recs[1:]
         assert (net.kind, net.layer) == ("network", NETWORK)
-        for a, b in ((net.ei, ref.ei), (net.determinism, ref.determinism),
-                     (net.degeneracy, ref.degeneracy)):
+        for a, b in (
+            (net.ei, ref.ei),
+            (net.determinism, ref.determinism),
+            (net.degeneracy, ref.degeneracy),
+        ):
             assert abs(a - b) <= TOL * max(1.0, abs(b)), label
         assert [r.layer for r in layers] == [lay.name for lay in ref.layers]
         for rec, lay in zip(layers, ref.layers):
             assert abs(rec.ei - lay.ei) <= TOL * max(1.0, abs(lay.ei)), (label, lay.name)
             assert abs(rec.determinism - lay.mean_row_entropy) <= TOL * max(
-                1.0, lay.mean_row_entropy)
+                1.0, lay.mean_row_entropy
+            )
             assert abs(rec.degeneracy - lay.degeneracy) <= TOL * max(1.0, lay.degeneracy)
 
 
@@ -112,14 +135,28 @@ ORDER = ["epoch=0-step=0", "epoch=2-step=20", "epoch=9-step=90", "epoch=10-step=
 
 
 def test_labels_sort_naturally_and_parse_steps(tmp_path):
-    names = ["epoch=10.pt", "epoch=9.pt", "epoch_3.pt", "ckpt-500.pt", "1200.pt",
-             "model-epoch3-global_step=77.ckpt", "final.safetensors", "iter_40.pth"]
+    names = [
+        "epoch=10.pt",
+        "epoch=9.pt",
+        "epoch_3.pt",
+        "ckpt-500.pt",
+        "1200.pt",
+        "model-epoch3-global_step=77.ckpt",
+        "final.safetensors",
+        "iter_40.pth",
+    ]
     entries = checkpoint_entries([tmp_path / n for n in names])
     got = {e.label: (e.step, e.epoch) for e in entries}
-    assert got == {"epoch=10": (None, 10), "epoch=9": (None, 9), "epoch_3": (None, 3),
-                   "ckpt-500": (500, None), "1200": (1200, None),
-                   "model-epoch3-global_step=77": (77, 3), "final": (None, None),
-                   "iter_40": (40, None)}
+    assert got == {
+        "epoch=10": (None, 10),
+        "epoch=9": (None, 9),
+        "epoch_3": (None, 3),
+        "ckpt-500": (500, None),
+        "1200": (1200, None),
+        "model-epoch3-global_step=77": (77, 3),
+        "final": (None, None),
+        "iter_40": (40, None),
+    }
     labels = [e.label for e in entries]
     assert labels.index("epoch=9") < labels.index("epoch=10")
     assert sorted(["a10", "a9", "a100"], key=natural_key) == ["a9", "a10", "a100"]
@@ -129,11 +166,13 @@ def test_same_names_in_two_folders_keep_the_folder(tmp_path):
     for run in ("run_a", "run_b"):
         (tmp_path / run).mkdir()
         (tmp_path / run / "epoch=1.pt").write_bytes(b"")
-    entries = checkpoint_entries([tmp_path / "run_b" / "epoch=1.pt",
-                                  tmp_path / "run_a" / "epoch=1.pt"])
+    entries = checkpoint_entries(
+        [tmp_path / "run_b" / "epoch=1.pt", tmp_path / "run_a" / "epoch=1.pt"]
+    )
     assert [e.label for e in entries] == ["run_a/epoch=1", "run_b/epoch=1"]
-    assert entries[0] == Checkpoint(str(tmp_path / "run_a" / "epoch=1.pt"), "run_a/epoch=1",
-                                    None, 1)
+    assert entries[0] == Checkpoint(
+        str(tmp_path / "run_a" / "epoch=1.pt"), "run_a/epoch=1", None, 1
+    )
     with pytest.raises(ValueError, match="twice"):
         checkpoint_entries([tmp_path / "run_a" / "epoch=1.pt"] * 2)
 
@@ -153,16 +192,16 @@ def test_serial_sweep_equals_report(ckpts):
 
 
 @pytest.mark.parametrize("parent_helps", [False, True])
-def test_process_sweep_equals_report_and_reports_errors(ckpts, bad, tmp_path, monkeypatch,
-                                                        parent_helps):
+def test_process_sweep_equals_report_and_reports_errors(
+    ckpts, bad, tmp_path, monkeypatch, parent_helps
+):
     import foresight_sparse.sweeps as sweeps
 
     # False: every checkpoint goes through the worker processes.
     monkeypatch.setattr(sweeps, "_HELP_WHILE_STARTING", parent_helps)
     _, paths, expected = ckpts
     files = [*paths, bad["step=5"], bad["step=6"], bad["step=7"], bad["step=8"]]
-    res = sweep(tiny_cnn(), files, INPUT, workers=2, backend="process",
-                output=tmp_path / "ei.csv")
+    res = sweep(tiny_cnn(), files, INPUT, workers=2, backend="process", output=tmp_path / "ei.csv")
     assert_matches(res.history, expected)
     _assert_errors(res)
     assert History.from_csv(tmp_path / "ei.csv") == res.history
@@ -302,9 +341,20 @@ def _cli(capsys, *argv):
 def test_cli_sweep_writes_csv_and_fails_on_an_error_row(ckpts, bad, tmp_path, capsys):
     _, paths, expected = ckpts
     out = tmp_path / "ei.csv"
-    rc, stdout, stderr = _cli(capsys, "sweep", "test_sweeps:tiny_cnn", *paths, bad["step=5"],
-                              "--input-shape", "1,3,16,16", "--csv", str(out), "--json",
-                              str(tmp_path / "ei.json"), "--no-progress")
+    rc, stdout, stderr = _cli(
+        capsys,
+        "sweep",
+        "test_sweeps:tiny_cnn",
+        *paths,
+        bad["step=5"],
+        "--input-shape",
+        "1,3,16,16",
+        "--csv",
+        str(out),
+        "--json",
+        str(tmp_path / "ei.json"),
+        "--no-progress",
+    )
     assert rc == 1
     assert "step=5" in stderr and "cannot read" in stderr and "1 of 5 checkpoints" in stderr
     hist = History.from_csv(out)
@@ -321,15 +371,40 @@ def test_cli_sweep_resume_and_status_0(ckpts, tmp_path, capsys):
     pytest.importorskip("matplotlib")
     _, paths, _ = ckpts
     out = tmp_path / "ei.csv"
-    args = ["sweep", "test_sweeps:tiny_cnn", *paths, "--input-shape", "1,3,16,16", "--csv",
-            str(out), "--no-progress"]
+    args = [
+        "sweep",
+        "test_sweeps:tiny_cnn",
+        *paths,
+        "--input-shape",
+        "1,3,16,16",
+        "--csv",
+        str(out),
+        "--no-progress",
+    ]
     assert _cli(capsys, *args)[0] == 0
     full = out.read_bytes()
     text = out.read_text()
     out.write_text(text[: text.index("epoch=9-step=90,network")])  # the last two missing
-    rc, stdout, _ = _cli(capsys, *args, "--resume", "--plot", str(tmp_path / "ei.png"),
-                         "--plane-plot", str(tmp_path / "plane.png"))
+    rc, stdout, _ = _cli(
+        capsys,
+        *args,
+        "--resume",
+        "--plot",
+        str(tmp_path / "ei.png"),
+        "--plane-plot",
+        str(tmp_path / "plane.png"),
+    )
     assert rc == 0 and out.read_bytes() == full
     assert (tmp_path / "plane.png").read_bytes()[:4] == b"\x89PNG"
-    assert _cli(capsys, "sweep", "test_sweeps:tiny_cnn", *paths, "--input-shape",
-                "1,3,16,16", "--resume")[0] == 2
+    assert (
+        _cli(
+            capsys,
+            "sweep",
+            "test_sweeps:tiny_cnn",
+            *paths,
+            "--input-shape",
+            "1,3,16,16",
+            "--resume",
+        )[0]
+        == 2
+    )

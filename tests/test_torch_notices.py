@@ -46,36 +46,40 @@ with warnings.catch_warnings(record=True) as caught:
 
 CASES = {
     # The quickstart's two ways of adding a layer type.
-    "register": "foresight_sparse.register(Scale, scale_builder)\n"
-                "foresight_sparse.report(net, x)",
+    "register": "foresight_sparse.register(Scale, scale_builder)\nforesight_sparse.report(net, x)",
     "valid_modules": "ei.VALID_MODULES[Scale] = lambda m, i, o: torch.diag(m.weight.detach())\n"
-                     "ei.ei(net, x)",
+    "ei.ei(net, x)",
     # The drop-in create_matrix of a register()-ed type, in every layout.
     "create_matrix_coo": "foresight_sparse.register(Scale, scale_builder)\n"
-                         "ei.VALID_MODULES[Scale](Scale(4), (1, 4), (1, 4))",
+    "ei.VALID_MODULES[Scale](Scale(4), (1, 4), (1, 4))",
     "create_matrix_csr": "foresight_sparse.register(Scale, scale_builder)\n"
-                         "ei.VALID_MODULES[Scale](Scale(4), (1, 4), (1, 4), "
-                         "layout=torch.sparse_csr)",
+    "ei.VALID_MODULES[Scale](Scale(4), (1, 4), (1, 4), "
+    "layout=torch.sparse_csr)",
     "create_matrix_scipy": "foresight_sparse.register(Scale, scale_builder)\n"
-                           "ei.VALID_MODULES[Scale](Scale(4), (1, 4), (1, 4), layout='scipy')",
+    "ei.VALID_MODULES[Scale](Scale(4), (1, 4), (1, 4), layout='scipy')",
     # The torch forms that CUDA runs (here on CPU tensors): the implicit engine's class
     # passes and the sparse engine's block builder, over geometry arrays kept read-only.
     "torch_paths": "from foresight_sparse.engines import implicit\n"
-                   "implicit._KINDS = {}\n"
-                   "cnn = nn.Sequential(nn.Conv2d(2, 3, 3, padding=1), nn.AvgPool2d(2))\n"
-                   "foresight_sparse.report(cnn, torch.zeros(1, 2, 4, 4), norm='soft')\n"
-                   "plan = foresight_sparse.plan(cnn, torch.zeros(1, 2, 4, 4))\n"
-                   "plan.layers[0].conn.block_torch(0, 8)",
+    "implicit._KINDS = {}\n"
+    "cnn = nn.Sequential(nn.Conv2d(2, 3, 3, padding=1), nn.AvgPool2d(2))\n"
+    "foresight_sparse.report(cnn, torch.zeros(1, 2, 4, 4), norm='soft')\n"
+    "plan = foresight_sparse.plan(cnn, torch.zeros(1, 2, 4, 4))\n"
+    "plan.layers[0].conn.block_torch(0, 8)",
 }
 
 
 def caught_in_fresh_process(case: str) -> list[dict]:
-    code = PRELUDE + textwrap.indent(CASES[case], "    ") + """
+    code = (
+        PRELUDE
+        + textwrap.indent(CASES[case], "    ")
+        + """
 print(json.dumps([{"category": w.category.__name__, "message": str(w.message),
                    "where": f"{w.filename}:{w.lineno}"} for w in caught]))
 """
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                          timeout=300, check=False)
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=300, check=False
+    )
     assert proc.returncode == 0, proc.stderr
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
@@ -83,10 +87,14 @@ print(json.dumps([{"category": w.category.__name__, "message": str(w.message),
 def test_the_check_sees_torch_notices():
     # Without the library, converting to CSR does warn in a fresh process: the cases below
     # would see the notice if the library let it through.
-    code = PRELUDE + "    torch.eye(3).to_sparse_csr()\n" + \
-        "print(json.dumps([str(w.message) for w in caught]))"
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                          timeout=300, check=False)
+    code = (
+        PRELUDE
+        + "    torch.eye(3).to_sparse_csr()\n"
+        + "print(json.dumps([str(w.message) for w in caught]))"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=300, check=False
+    )
     assert proc.returncode == 0, proc.stderr
     assert any("beta" in m for m in json.loads(proc.stdout.strip().splitlines()[-1]))
 

@@ -28,9 +28,17 @@ class Noise(nn.Module):
 
 def tiny_cnn() -> nn.Module:
     return nn.Sequential(
-        nn.Conv2d(3, 6, 3, padding=1), nn.BatchNorm2d(6), nn.ReLU(), Noise(), nn.AvgPool2d(2),
-        nn.Conv2d(6, 8, 3, stride=2, padding=1), nn.ReLU(), nn.Dropout(0.2), nn.Flatten(),
-        nn.Linear(8 * 4 * 4, 10))
+        nn.Conv2d(3, 6, 3, padding=1),
+        nn.BatchNorm2d(6),
+        nn.ReLU(),
+        Noise(),
+        nn.AvgPool2d(2),
+        nn.Conv2d(6, 8, 3, stride=2, padding=1),
+        nn.ReLU(),
+        nn.Dropout(0.2),
+        nn.Flatten(),
+        nn.Linear(8 * 4 * 4, 10),
+    )
 
 
 def _train(tracker_every: int | None, steps: int = 8):
@@ -56,8 +64,9 @@ def _train(tracker_every: int | None, steps: int = 8):
             if rep is not None:  # an independent plan of a copy, for the comparison below;
                 # its trace runs Noise, so the generators are put back by hand
                 states = torch.get_rng_state(), np.random.get_state(), random.getstate()  # noqa: NPY002
-                ref = foresight_sparse.report(copy.deepcopy(model).eval(),
-                                              torch.zeros(1, 3, 16, 16))
+                ref = foresight_sparse.report(
+                    copy.deepcopy(model).eval(), torch.zeros(1, 3, 16, 16)
+                )
                 torch.set_rng_state(states[0])
                 np.random.set_state(states[1])  # noqa: NPY002
                 random.setstate(states[2])
@@ -66,8 +75,11 @@ def _train(tracker_every: int | None, steps: int = 8):
 
 
 def _assert_reports_equal(rep, ref):
-    for a, b in ((rep.ei, ref.ei), (rep.determinism, ref.determinism),
-                 (rep.degeneracy, ref.degeneracy)):
+    for a, b in (
+        (rep.ei, ref.ei),
+        (rep.determinism, ref.determinism),
+        (rep.degeneracy, ref.degeneracy),
+    ):
         assert abs(a - b) <= TOL * max(1.0, abs(b))
     assert [lay.name for lay in rep.layers] == [lay.name for lay in ref.layers]
     for la, lb in zip(rep.layers, ref.layers):
@@ -108,21 +120,28 @@ def test_tracker_records_equal_report_of_the_same_weights():
             assert (rec.kind, rec.layer, rec.type) == ("layer", lay.name, lay.type)
             assert abs(rec.ei - lay.ei) <= TOL * max(1.0, abs(lay.ei))
             assert abs(rec.determinism - lay.mean_row_entropy) <= TOL * max(
-                1.0, lay.mean_row_entropy)
+                1.0, lay.mean_row_entropy
+            )
             assert abs(rec.degeneracy - lay.degeneracy) <= TOL * max(1.0, lay.degeneracy)
     assert tracker.last is checks[-1][1]
 
 
 def _snapshot(model: nn.Module):
     return {
-        "params": {k: (p.detach().clone(), p.requires_grad, p.data_ptr())
-                   for k, p in model.named_parameters()},
-        "grads": {k: None if p.grad is None else p.grad.clone()
-                  for k, p in model.named_parameters()},
+        "params": {
+            k: (p.detach().clone(), p.requires_grad, p.data_ptr())
+            for k, p in model.named_parameters()
+        },
+        "grads": {
+            k: None if p.grad is None else p.grad.clone() for k, p in model.named_parameters()
+        },
         "buffers": {k: b.clone() for k, b in model.named_buffers()},
         "modes": {k: m.training for k, m in model.named_modules()},
-        "rng": (torch.get_rng_state(), np.random.get_state()[1].copy(),  # noqa: NPY002
-                random.getstate()),
+        "rng": (
+            torch.get_rng_state(),
+            np.random.get_state()[1].copy(),  # noqa: NPY002
+            random.getstate(),
+        ),
         "grad_enabled": torch.is_grad_enabled(),
     }
 

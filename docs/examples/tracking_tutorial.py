@@ -26,9 +26,17 @@ STATIC = os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir, "_s
 
 def small_cnn() -> nn.Module:
     return nn.Sequential(
-        nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.AvgPool2d(2),
-        nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(), nn.AvgPool2d(2), nn.Flatten(),
-        nn.Linear(32 * 4 * 4, 64), nn.ReLU(), nn.Linear(64, 10))
+        nn.Conv2d(3, 16, 3, padding=1),
+        nn.ReLU(),
+        nn.AvgPool2d(2),
+        nn.Conv2d(16, 32, 3, padding=1),
+        nn.ReLU(),
+        nn.AvgPool2d(2),
+        nn.Flatten(),
+        nn.Linear(32 * 4 * 4, 64),
+        nn.ReLU(),
+        nn.Linear(64, 10),
+    )
 
 
 def synthetic_batches(n: int, batch: int = 32, seed: int = 0):
@@ -55,14 +63,21 @@ def main(steps: int = 400, every: int = 20, save_every: int = 50) -> None:
         if step % save_every == 0 or step == steps - 1:
             torch.save(model.state_dict(), os.path.join(folder, f"step={step}.pt"))
     tracker.history.to_csv(os.path.join(folder, "tracked.csv"))
-    tracker.history.plot(os.path.join(STATIC, "tracking_layers.png"),
-                         title="small CNN, synthetic data: EI every 20 steps")
-    tracker.history.plot(os.path.join(STATIC, "tracking_plane.png"), kind="plane",
-                         title="each layer's path, circle (step 0) to square (step 380)")
-    res = foresight_sparse.sweep(small_cnn(), folder, torch.zeros(1, 3, 16, 16),
-                                 output=os.path.join(folder, "sweep.csv"))
-    res.history.plot(os.path.join(STATIC, "sweep_layers.png"),
-                     title="sweep of the saved checkpoints")
+    tracker.history.plot(
+        os.path.join(STATIC, "tracking_layers.png"),
+        title="small CNN, synthetic data: EI every 20 steps",
+    )
+    tracker.history.plot(
+        os.path.join(STATIC, "tracking_plane.png"),
+        kind="plane",
+        title="each layer's path, circle (step 0) to square (step 380)",
+    )
+    res = foresight_sparse.sweep(
+        small_cnn(), folder, torch.zeros(1, 3, 16, 16), output=os.path.join(folder, "sweep.csv")
+    )
+    res.history.plot(
+        os.path.join(STATIC, "sweep_layers.png"), title="sweep of the saved checkpoints"
+    )
     print(f"loss {loss.item():.3f}; checkpoints and CSV files in {folder}")
 
 

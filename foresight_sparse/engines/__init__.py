@@ -62,8 +62,11 @@ Engine = Callable[[LayerJob], LayerStats]
 def _engines() -> dict[str, Engine]:
     from . import dense, implicit, sparse
 
-    return {"sparse": sparse.layer_stats, "implicit": implicit.layer_stats,
-            "dense": dense.layer_stats}
+    return {
+        "sparse": sparse.layer_stats,
+        "implicit": implicit.layer_stats,
+        "dense": dense.layer_stats,
+    }
 
 
 #: The engine names ``engine=`` accepts.
@@ -75,8 +78,9 @@ class _Registry(dict):
         self.update(_engines())
         if key in self:
             return self[key]
-        raise UnknownNameError(f"unknown engine {key!r}; valid engines are "
-                               f"{', '.join(ENGINE_NAMES)}")
+        raise UnknownNameError(
+            f"unknown engine {key!r}; valid engines are {', '.join(ENGINE_NAMES)}"
+        )
 
 
 #: Engine name -> function ``LayerJob -> LayerStats``.
@@ -90,8 +94,9 @@ def pick_engine(requested: str, job: LayerJob) -> str:
     (padding that folds two taps onto one input, custom norms, user builders).
     """
     if requested not in ENGINE_NAMES:
-        raise UnknownNameError(f"unknown engine {requested!r}; valid engines are "
-                               f"{', '.join(ENGINE_NAMES)}")
+        raise UnknownNameError(
+            f"unknown engine {requested!r}; valid engines are {', '.join(ENGINE_NAMES)}"
+        )
     if requested in ("auto", "implicit"):
         from .implicit import supports
 

@@ -21,8 +21,11 @@ def layer_stats(job: LayerJob) -> LayerStats:
     """Reduce one layer densely (see module docstring)."""
     conn = job.conn
     conn.check_finite()
-    check_budget(conn.n_rows * conn.n_cols * 8 * 3, job.budget,
-                 f"{conn.label}: the dense {conn.n_rows} x {conn.n_cols} matrix",
-                 "use engine='sparse' or 'implicit', or raise max_memory")
+    check_budget(
+        conn.n_rows * conn.n_cols * 8 * 3,
+        job.budget,
+        f"{conn.label}: the dense {conn.n_rows} x {conn.n_cols} matrix",
+        "use engine='sparse' or 'implicit', or raise max_memory",
+    )
     p = job.norm(conn.to_dense(torch.float64).to(job.device))
     return LayerStats(float(H(p, dim=1).sum()), conn.n_rows, p.sum(0), "dense")

@@ -54,8 +54,17 @@ from ..norms import KERNEL_CODES as _KINDS
 from ..norms import ElementwiseNorm, LinNorm, SoftNorm
 from . import LayerJob, LayerStats
 
-__all__ = ["supports", "layer_stats", "working_bytes", "kernel_terms", "kernel_terms_torch",
-           "f_kernel", "column_classes", "linear_torch", "SOFTMAX_SPAN"]
+__all__ = [
+    "supports",
+    "layer_stats",
+    "working_bytes",
+    "kernel_terms",
+    "kernel_terms_torch",
+    "f_kernel",
+    "column_classes",
+    "linear_torch",
+    "SOFTMAX_SPAN",
+]
 
 #: Fewest elements of a Linear weight the torch passes take per block. Blocks grow with the
 #: budget (a few blocks per layer on a GPU: each costs a dozen kernel launches).
@@ -96,11 +105,15 @@ def layer_stats(job: LayerJob) -> LayerStats:
         raise UnsupportedEngineError(
             f"{job.conn.label}: the implicit engine cannot express this layer (padding that "
             "folds two taps onto one input, a custom norm or a custom builder); use "
-            "engine='auto' or 'sparse'")
+            "engine='auto' or 'sparse'"
+        )
     conn = job.conn
-    check_budget(working_bytes(conn, job.budget), job.budget,
-                 f"{conn.label}: the implicit engine's maps ({conn.n_rows} inputs, "
-                 f"{conn.n_cols} outputs)", "raise max_memory")
+    check_budget(
+        working_bytes(conn, job.budget),
+        job.budget,
+        f"{conn.label}: the implicit engine's maps ({conn.n_rows} inputs, {conn.n_cols} outputs)",
+        "raise max_memory",
+    )
     if isinstance(conn, FullyConnected):
         return _linear(conn, job.norm, job.device, job.budget)  # checks finiteness itself
     conn.check_finite()
@@ -120,12 +133,19 @@ def working_bytes(conn, budget: int | None = None) -> int:
     """
     if isinstance(conn, FullyConnected):
         return _linear_sums_bytes(conn) + _LINEAR_BYTES_PER_ELEMENT * min(
-            _LINEAR_BLOCK, conn.weight.numel())
+            _LINEAR_BLOCK, conn.weight.numel()
+        )
     if _constant_kernel(conn):
         return 8 * (3 * conn.n_rows + 2 * conn.n_cols)
     fixed = _conv_fixed_bytes(conn)
-    return fixed + _KERNEL_COPIES * 8 * conn.groups * _cout_step(conn, budget, fixed) * \
-        conn.kernel[0].numel()
+    return (
+        fixed
+        + _KERNEL_COPIES
+        * 8
+        * conn.groups
+        * _cout_step(conn, budget, fixed)
+        * conn.kernel[0].numel()
+    )
 
 
 #: float64 copies of a block of the kernel that a convolution's column pass holds at once.
@@ -160,8 +180,14 @@ def _constant_kernel(conn: Stencil) -> bool:
     return conn.kernel.numel() > 0 and lo == hi
 
 
-def _absent_terms(norm: ElementwiseNorm, shift: float, stored: torch.Tensor, n_cols: int,
-                  z: torch.Tensor, t: torch.Tensor):
+def _absent_terms(
+    norm: ElementwiseNorm,
+    shift: float,
+    stored: torch.Tensor,
+    n_cols: int,
+    z: torch.Tensor,
+    t: torch.Tensor,
+):
     """Complete the stored-entry sums with the absent entries; return (Z, T, 1/Z)."""
     if norm.normalizes:
         absent = n_cols - stored
@@ -193,8 +219,9 @@ def _conv(conn: Stencil, norm: ElementwiseNorm, device, budget: int) -> LayerSta
     mh, mw = torch.tensor(ch.in_profile, **f64), torch.tensor(cw.in_profile, **f64)
     z = mh @ sf @ mw.T  # (C_in, input classes along H, along W)
     t = mh @ st @ mw.T
-    stored = conn.cout_g * torch.outer(torch.tensor(ch.in_counts, **f64),
-                                       torch.tensor(cw.in_counts, **f64))
+    stored = conn.cout_g * torch.outer(
+        torch.tensor(ch.in_counts, **f64), torch.tensor(cw.in_counts, **f64)
+    )
     z, t, inv = _absent_terms(norm, shift, stored, conn.n_cols, z, t)
     mult_in = torch.outer(torch.tensor(ch.in_mult, **f64), torch.tensor(cw.in_mult, **f64))
     h_sum = float((row_entropy(z, t) * mult_in).sum())
@@ -210,19 +237,23 @@ def _conv(conn: Stencil, norm: ElementwiseNorm, device, budget: int) -> LayerSta
     for o0 in range(0, cout_g, step):
         fk = f_kernel(conn, norm, shift, device, o0, o0 + step)
         if any_full:
-            col[:, o0:o0 + step] = column_classes(conn, ch, cw, inv_full, fk)
+            col[:, o0 : o0 + step] = column_classes(conn, ch, cw, inv_full, fk)
         if not all_full:
             part = column_classes(conn, ch, cw, inv_part, fk - c if c != 0.0 else fk)
             if any_full:
-                col[:, o0:o0 + step] += part
+                col[:, o0 : o0 + step] += part
             else:
-                col[:, o0:o0 + step] = part
+                col[:, o0 : o0 + step] = part
         del fk
-    mult_out = torch.outer(torch.tensor(ch.out_mult, **f64),
-                           torch.tensor(cw.out_mult, **f64))
-    return LayerStats(h_sum, conn.n_rows, col.reshape(-1), "implicit",
-                      c * float((inv_part * mult_in).sum()),
-                      mult_out.expand(conn.out_chw[0], -1, -1).reshape(-1))
+    mult_out = torch.outer(torch.tensor(ch.out_mult, **f64), torch.tensor(cw.out_mult, **f64))
+    return LayerStats(
+        h_sum,
+        conn.n_rows,
+        col.reshape(-1),
+        "implicit",
+        c * float((inv_part * mult_in).sum()),
+        mult_out.expand(conn.out_chw[0], -1, -1).reshape(-1),
+    )
 
 
 def _conv_numba(conn: Stencil, norm: ElementwiseNorm, kind: int, shift: float) -> LayerStats:
@@ -232,13 +263,25 @@ def _conv_numba(conn: Stencil, norm: ElementwiseNorm, kind: int, shift: float) -
 
     sf, st = kernel_terms(conn, norm, shift, torch.device("cpu"))
     w3 = _kernel_as_float(conn).numpy().reshape(conn.groups, conn.cout_g, -1)
-    geometry, index, weights = _class_arrays(conn.axis_h, conn.axis_w, conn.cin_g,
-                                             conn.out_chw[0])
+    geometry, index, weights = _class_arrays(conn.axis_h, conn.axis_w, conn.cin_g, conn.out_chw[0])
     h_sum, off, col = _kernels.class_pass(
-        w3, sf.numpy(), st.numpy(), geometry, index, kind, shift, norm.zero(shift),
-        norm.zero_log2(shift), norm.normalizes, conn.cout_g, conn.n_cols, _GATHER_BYTES)
-    return LayerStats(h_sum, conn.n_rows, torch.from_numpy(col.reshape(-1)), "implicit", off,
-                      weights)
+        w3,
+        sf.numpy(),
+        st.numpy(),
+        geometry,
+        index,
+        kind,
+        shift,
+        norm.zero(shift),
+        norm.zero_log2(shift),
+        norm.normalizes,
+        conn.cout_g,
+        conn.n_cols,
+        _GATHER_BYTES,
+    )
+    return LayerStats(
+        h_sum, conn.n_rows, torch.from_numpy(col.reshape(-1)), "implicit", off, weights
+    )
 
 
 @functools.lru_cache(maxsize=1024)
@@ -255,12 +298,19 @@ def _class_arrays(axis_h, axis_w, cin_g: int, c_out: int):
     def i64(a):
         return np.array(a, dtype=np.int64)
 
-    geometry = (f64(ch.in_profile), f64(cw.in_profile), i64(ch.in_counts), i64(cw.in_counts),
-                f64(ch.in_mult), f64(cw.in_mult), i64(ch.out_taps), i64(cw.out_taps))
+    geometry = (
+        f64(ch.in_profile),
+        f64(cw.in_profile),
+        i64(ch.in_counts),
+        i64(cw.in_counts),
+        f64(ch.in_mult),
+        f64(cw.in_mult),
+        i64(ch.out_taps),
+        i64(cw.out_taps),
+    )
     from .. import _kernels
 
-    index = _kernels.class_index(geometry[6], geometry[7], cin_g, len(ch.in_mult),
-                                 len(cw.in_mult))
+    index = _kernels.class_index(geometry[6], geometry[7], cin_g, len(ch.in_mult), len(cw.in_mult))
     mult = np.outer(ch.out_mult, cw.out_mult).astype(np.float64).reshape(-1)
     return geometry, index, torch.from_numpy(mult).repeat(c_out)
 
@@ -291,15 +341,14 @@ def kernel_terms(conn: Stencil, norm: ElementwiseNorm, shift: float, device):
     from .. import _kernels
 
     k = _kernel_as_float(conn)
-    z, t = _kernels.dense_row_sums(k.numpy().reshape(conn.groups, conn.cout_g, -1), kind,
-                                   shift)
+    z, t = _kernels.dense_row_sums(k.numpy().reshape(conn.groups, conn.cout_g, -1), kind, shift)
     c_in, kh, kw = conn.in_chw[0], *k.shape[-2:]
-    return (torch.from_numpy(z).reshape(c_in, kh, kw),
-            torch.from_numpy(t).reshape(c_in, kh, kw))
+    return (torch.from_numpy(z).reshape(c_in, kh, kw), torch.from_numpy(t).reshape(c_in, kh, kw))
 
 
-def kernel_terms_torch(conn: Stencil, norm: ElementwiseNorm, shift: float, device,
-                       step: int | None = None):
+def kernel_terms_torch(
+    conn: Stencil, norm: ElementwiseNorm, shift: float, device, step: int | None = None
+):
     """Torch form of :func:`kernel_terms` (CUDA, custom elementwise norms; CPU tensors too),
     over blocks of ``step`` output channels per group (all at once by default)."""
     g, cout_g, cin_g = conn.groups, conn.cout_g, conn.cin_g
@@ -309,14 +358,15 @@ def kernel_terms_torch(conn: Stencil, norm: ElementwiseNorm, shift: float, devic
     st = torch.zeros_like(sf)
     k = conn.kernel.detach().reshape(g, cout_g, -1)
     for o0 in range(0, cout_g, step):
-        blk = k[:, o0:o0 + step].to(device, torch.float64)
+        blk = k[:, o0 : o0 + step].to(device, torch.float64)
         sf += norm.f(blk, shift).sum(1)
         st += norm.f_log2f(blk, shift).sum(1)
     return sf.reshape(-1, kh, kw), st.reshape(-1, kh, kw)
 
 
-def f_kernel(conn: Stencil, norm: ElementwiseNorm, shift: float, device, o0: int = 0,
-             o1: int | None = None) -> torch.Tensor:
+def f_kernel(
+    conn: Stencil, norm: ElementwiseNorm, shift: float, device, o0: int = 0, o1: int | None = None
+) -> torch.Tensor:
     """``f(K)`` for output channels ``o0 .. o1`` of every group, float64 on ``device``:
     shape ``(groups, o1 - o0, C_in/groups, KH, KW)``."""
     k = conn.kernel.detach()
@@ -331,8 +381,9 @@ def f_kernel(conn: Stencil, norm: ElementwiseNorm, shift: float, device, o0: int
 _GATHER_BYTES = 64 << 20
 
 
-def column_classes(conn: Stencil, ch: AxisClasses, cw: AxisClasses, inv: torch.Tensor,
-                   g_kernel: torch.Tensor) -> torch.Tensor:
+def column_classes(
+    conn: Stencil, ch: AxisClasses, cw: AxisClasses, inv: torch.Tensor, g_kernel: torch.Tensor
+) -> torch.Tensor:
     """Column sums of every output class: ``conv2d(1/Z, G)`` evaluated once per class.
 
     ``inv`` is ``1/Z`` per (input channel, input class along H, along W); ``g_kernel`` is
@@ -356,11 +407,11 @@ def column_classes(conn: Stencil, ch: AxisClasses, cw: AxisClasses, inv: torch.T
     step = max(1, _GATHER_BYTES // max(per_row, 1))
     out = torch.empty(g, n_co, n_p, n_q, dtype=torch.float64, device=dev)
     for p0 in range(0, n_p, step):
-        th = taps_h[p0:p0 + step]
+        th = taps_h[p0 : p0 + step]
         x = inv0[:, th[:, :, None, None], taps_w[None, None, :, :]]  # (C_in, p, KH, Q, KW)
         x = x.reshape(g, cin_g, len(th), n_kh, n_q, n_kw).permute(0, 1, 3, 5, 2, 4)
         x = x.reshape(g, cin_g * n_kh * n_kw, len(th) * n_q)
-        out[:, :, p0:p0 + len(th)] = torch.bmm(kmat, x).reshape(g, n_co, len(th), n_q)
+        out[:, :, p0 : p0 + len(th)] = torch.bmm(kmat, x).reshape(g, n_co, len(th), n_q)
     return out
 
 
@@ -431,8 +482,7 @@ def _linear(conn: FullyConnected, norm: ElementwiseNorm, device, budget: int) ->
     return LayerStats(float(h_sum), conn.n_rows, col, "implicit", c * float(inv.sum()))
 
 
-def linear_torch(w: torch.Tensor, norm: ElementwiseNorm, shift: float,
-                 block: int = _LINEAR_BLOCK):
+def linear_torch(w: torch.Tensor, norm: ElementwiseNorm, shift: float, block: int = _LINEAR_BLOCK):
     """Torch form of the Linear passes (CUDA, and half/bfloat16 weights on the CPU), over
     blocks of whole rows of about ``block`` elements.
 
@@ -444,12 +494,12 @@ def linear_torch(w: torch.Tensor, norm: ElementwiseNorm, shift: float,
     z = torch.zeros(n_in, dtype=torch.float64, device=w.device)
     t = torch.zeros(n_in, dtype=torch.float64, device=w.device)
     for o0 in range(0, n_out, rows):
-        blk = w[o0:o0 + rows].to(torch.float64)
+        blk = w[o0 : o0 + rows].to(torch.float64)
         z += norm.f(blk, shift).sum(0)
         t += norm.f_log2f(blk, shift).sum(0)
     z, t, inv = _absent_terms(norm, shift, torch.full_like(z, n_out), n_out, z, t)
     col = torch.empty(n_out, dtype=torch.float64, device=w.device)
     for o0 in range(0, n_out, rows):
-        blk = w[o0:o0 + rows].to(torch.float64)
-        col[o0:o0 + rows] = (norm.f(blk, shift) - c) @ inv
+        blk = w[o0 : o0 + rows].to(torch.float64)
+        col[o0 : o0 + rows] = (norm.f(blk, shift) - c) @ inv
     return z, t, inv, col

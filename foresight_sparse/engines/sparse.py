@@ -42,8 +42,14 @@ def layer_stats(job: LayerJob) -> LayerStats:
     kind = KINDS.get(type(norm))
     numba_path = job.device.type == "cpu" and kind is not None
     fixed = n_cols * 8 * (1 + _threads(job.device))
-    blocks = row_blocks(counts, _BYTES_PER_ENTRY_NUMBA if numba_path else BYTES_PER_ENTRY, 64,
-                        job.budget, conn.label, reserved=fixed)
+    blocks = row_blocks(
+        counts,
+        _BYTES_PER_ENTRY_NUMBA if numba_path else BYTES_PER_ENTRY,
+        64,
+        job.budget,
+        conn.label,
+        reserved=fixed,
+    )
     if numba_path:
         from .. import _kernels  # numba loads on first use, not on import
 
@@ -57,10 +63,26 @@ def layer_stats(job: LayerJob) -> LayerStats:
         for r0, r1 in blocks:
             # values in the narrowest exact dtype: float32 halves the traffic and lets
             # the kernel take log2 from the bits; the reduction is float64 either way
-            b = conn.block(r0, r1, device="cpu", dtype=conn.exact_dtype, workspace=workspace,
-                           index_dtype=index_dtype)
-            h, off = _kernels.reduce_rows(b.rowptr.numpy(), b.cols.numpy(), b.vals.numpy(),
-                                          kind, shift, c, clogc, n_cols, norm.normalizes, acc)
+            b = conn.block(
+                r0,
+                r1,
+                device="cpu",
+                dtype=conn.exact_dtype,
+                workspace=workspace,
+                index_dtype=index_dtype,
+            )
+            h, off = _kernels.reduce_rows(
+                b.rowptr.numpy(),
+                b.cols.numpy(),
+                b.vals.numpy(),
+                kind,
+                shift,
+                c,
+                clogc,
+                n_cols,
+                norm.normalizes,
+                acc,
+            )
             h_sum += h
             off_sum += off
         col = torch.from_numpy(acc.sum(axis=0))
@@ -92,9 +114,15 @@ def _threads(device: torch.device) -> int:
     return _kernels.threads()
 
 
-def reduce_block_torch(rowptr: torch.Tensor, cols: torch.Tensor, vals: torch.Tensor,
-                       norm: ElementwiseNorm, shift: float, n_cols: int,
-                       col: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def reduce_block_torch(
+    rowptr: torch.Tensor,
+    cols: torch.Tensor,
+    vals: torch.Tensor,
+    norm: ElementwiseNorm,
+    shift: float,
+    n_cols: int,
+    col: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Torch form of the block reduction: add to ``col``; return (sum of H, sum of c/Z).
 
     Segment sums over the stored values and ``index_add_`` into the columns; never
@@ -105,8 +133,9 @@ def reduce_block_torch(rowptr: torch.Tensor, cols: torch.Tensor, vals: torch.Ten
     vals = vals.to(torch.float64)
     counts = torch.diff(rowptr)
     absent = (n_cols - counts).to(torch.float64)
-    rows = torch.repeat_interleave(torch.arange(len(counts), device=vals.device), counts,
-                                   output_size=vals.numel())
+    rows = torch.repeat_interleave(
+        torch.arange(len(counts), device=vals.device), counts, output_size=vals.numel()
+    )
     if isinstance(norm, SoftNorm):
         row_max = torch.segment_reduce(vals, "max", offsets=rowptr, unsafe=True)
         row_max = torch.where(counts > 0, row_max, float("-inf"))
@@ -138,8 +167,13 @@ def _rowwise(job: LayerJob, counts: np.ndarray) -> LayerStats:
     """A custom row-wise norm: densify row blocks under the budget and apply it."""
     conn = job.conn
     # each dense row: the block, the norm's output and H's temporaries, float64
-    blocks = row_blocks(np.zeros_like(counts), 0, conn.n_cols * 8 * 4, job.budget,
-                        f"{conn.label} (custom norm {job.norm.name}, dense rows)")
+    blocks = row_blocks(
+        np.zeros_like(counts),
+        0,
+        conn.n_cols * 8 * 4,
+        job.budget,
+        f"{conn.label} (custom norm {job.norm.name}, dense rows)",
+    )
     col = torch.zeros(conn.n_cols, dtype=torch.float64, device=job.device)
     h_sum = torch.zeros((), dtype=torch.float64, device=job.device)
     for r0, r1 in blocks:

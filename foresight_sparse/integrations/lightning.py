@@ -22,7 +22,8 @@ except ImportError:  # pragma: no cover - depends on what is installed
     except ImportError:
         raise MissingDependencyError(
             "foresight_sparse.integrations.lightning needs PyTorch Lightning: "
-            "pip install 'foresight-sparse[lightning]'") from None
+            "pip install 'foresight-sparse[lightning]'"
+        ) from None
 
 __all__ = ["EICallback"]
 
@@ -71,22 +72,38 @@ class EICallback(Callback):
     ...                                                   every_n_steps=100)])  # doctest: +SKIP
     """
 
-    def __init__(self, input=None, every_n_steps: int | None = None,
-                 every_n_epochs: int | None = None, norm="lin", device=None,
-                 engine: str = "auto", legacy: bool = False, max_memory=None,
-                 layers="seed", per_layer: bool = True, prefix: str = ""):
-        for name, value in (("every_n_steps", every_n_steps),
-                            ("every_n_epochs", every_n_epochs)):
-            if value is not None and (isinstance(value, bool) or not isinstance(value, int)
-                                      or value < 1):
+    def __init__(
+        self,
+        input=None,
+        every_n_steps: int | None = None,
+        every_n_epochs: int | None = None,
+        norm="lin",
+        device=None,
+        engine: str = "auto",
+        legacy: bool = False,
+        max_memory=None,
+        layers="seed",
+        per_layer: bool = True,
+        prefix: str = "",
+    ):
+        for name, value in (("every_n_steps", every_n_steps), ("every_n_epochs", every_n_epochs)):
+            if value is not None and (
+                isinstance(value, bool) or not isinstance(value, int) or value < 1
+            ):
                 raise ValueError(f"{name}={value!r} must be a positive int or None")
         if every_n_steps is None and every_n_epochs is None:
             every_n_epochs = 1
         self.input = input
         self.every_n_steps = every_n_steps
         self.every_n_epochs = every_n_epochs
-        self.settings = {"norm": norm, "device": device, "engine": engine, "legacy": legacy,
-                         "max_memory": max_memory, "layers": layers}
+        self.settings = {
+            "norm": norm,
+            "device": device,
+            "engine": engine,
+            "legacy": legacy,
+            "max_memory": max_memory,
+            "layers": layers,
+        }
         self.per_layer = per_layer
         self.prefix = prefix
         self.tracker: Tracker | None = None
@@ -104,12 +121,16 @@ class EICallback(Callback):
         if not trainer.is_global_zero or step == self._last_step:
             return None
         if self.tracker is None:
-            example = self.input if self.input is not None else \
-                getattr(pl_module, "example_input_array", None)
+            example = (
+                self.input
+                if self.input is not None
+                else getattr(pl_module, "example_input_array", None)
+            )
             if example is None:
                 raise MissingInputError(
                     "EICallback needs an example input: pass EICallback(input=...) or set "
-                    "the LightningModule's example_input_array")
+                    "the LightningModule's example_input_array"
+                )
             self.tracker = Tracker(pl_module, example, every=1, **self.settings)
         self._last_step = step
         return self.tracker.record(step, epoch=int(trainer.current_epoch))
@@ -117,8 +138,11 @@ class EICallback(Callback):
     def metrics(self, report: Report) -> dict[str, float]:
         """The keys and values logged for ``report``."""
         p = self.prefix
-        out = {f"{p}ei": report.ei, f"{p}determinism": report.determinism,
-               f"{p}degeneracy": report.degeneracy}
+        out = {
+            f"{p}ei": report.ei,
+            f"{p}determinism": report.determinism,
+            f"{p}degeneracy": report.degeneracy,
+        }
         if self.per_layer:
             for lay in report.layers:
                 name = lay.name or lay.type
@@ -127,8 +151,9 @@ class EICallback(Callback):
                 out[f"{p}degeneracy/{name}"] = lay.degeneracy
         return out
 
-    def on_train_batch_end(self, trainer, pl_module, outputs: Any, batch: Any,
-                           batch_idx: int) -> None:
+    def on_train_batch_end(
+        self, trainer, pl_module, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
         if self.every_n_steps is None or trainer.global_step % self.every_n_steps:
             return
         rep = self._evaluate(trainer, pl_module)
@@ -146,5 +171,4 @@ class EICallback(Callback):
         if rep is None and self.tracker is not None and trainer.is_global_zero:
             rep = self.tracker.last  # evaluated at this very step already
         if rep is not None:
-            pl_module.log_dict(self.metrics(rep), on_step=False, on_epoch=True,
-                               rank_zero_only=True)
+            pl_module.log_dict(self.metrics(rep), on_step=False, on_epoch=True, rank_zero_only=True)
