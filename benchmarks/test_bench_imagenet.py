@@ -10,8 +10,6 @@ import foresight_sparse
 from .conftest import machine, median_time
 from .nets import imagenet
 
-pytest.importorskip("torchvision")
-
 NETS = ["vgg16", "resnet50", "alexnet"]
 
 

@@ -14,12 +14,11 @@ import warnings
 
 import pytest
 import torch
+import torchvision
 
 import foresight_sparse
 
 from .conftest import best_time, machine
-
-torchvision = pytest.importorskip("torchvision")
 
 VIDEO = ["r3d_18", "mc3_18", "r2plus1d_18"]
 

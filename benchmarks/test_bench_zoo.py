@@ -16,14 +16,12 @@ import math
 import warnings
 from collections import OrderedDict
 
-import pytest
 import torch
+import torchvision
 
 import foresight_sparse
 
 from .conftest import best_time, machine
-
-torchvision = pytest.importorskip("torchvision")
 
 #: Models of the smoke run: small, and covering depthwise, squeeze-excitation, grouped and
 #: FC-heavy layers.

@@ -112,7 +112,8 @@ def test_two_copies_of_the_model_are_ambiguous(trained):
 
 
 def test_safetensors(tmp_path, trained):
-    safetensors_torch = pytest.importorskip("safetensors.torch")
+    import safetensors.torch as safetensors_torch
+
     path = tmp_path / "w.safetensors"
     safetensors_torch.save_file(trained.state_dict(), str(path))
     assert_same_weights(fit_state_dict(load_state_dict(path), seeded(tiny_cnn)), trained)
@@ -123,7 +124,8 @@ def test_safetensors(tmp_path, trained):
 
 
 def test_safetensors_missing_package_gives_install_hint(tmp_path, trained, monkeypatch):
-    safetensors_torch = pytest.importorskip("safetensors.torch")
+    import safetensors.torch as safetensors_torch
+
     path = tmp_path / "w.safetensors"
     safetensors_torch.save_file(trained.state_dict(), str(path))
     import sys

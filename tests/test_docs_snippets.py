@@ -166,7 +166,8 @@ def state_restored():
 def test_page_snippets_run_and_print_what_the_page_shows(
     page, tmp_path, monkeypatch, state_restored
 ):
-    pytest.importorskip("torchvision")
+    import torchvision  # noqa: F401  (the pages' snippets use it; a test dependency)
+
     monkeypatch.chdir(tmp_path)  # files the snippets write land here
     namespace: dict = {"__name__": "__snippet__"}
     printed: str | None = None

@@ -580,7 +580,8 @@ def _axis_pairs(n: int, k: int, s: int, p: int, d: int = 1) -> int:
 
 @pytest.mark.imagenet
 def test_alexnet_at_imagenet_scale():
-    torchvision = pytest.importorskip("torchvision")
+    import torchvision
+
     torch.manual_seed(0)
     model = torchvision.models.alexnet(weights=None)
     x = torch.zeros(1, 3, 224, 224)
@@ -616,7 +617,8 @@ def test_alexnet_at_imagenet_scale():
 def test_resnet50_implicit_equals_sparse_at_imagenet_scale():
     """ResNet-50 at 224 (3.9e9 entries, 53 Conv2d and a Linear): the default engine against
     the sparse one, layer by layer and in total."""
-    torchvision = pytest.importorskip("torchvision")
+    import torchvision
+
     torch.manual_seed(0)
     model = torchvision.models.resnet50(weights=None).eval()
     x = torch.zeros(1, 3, 224, 224)

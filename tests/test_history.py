@@ -131,7 +131,6 @@ def test_add_report_matches_the_report():
 
 @pytest.mark.parametrize("kind", ["layers", "plane"])
 def test_plot_writes_the_file(tmp_path, kind):
-    pytest.importorskip("matplotlib")
     h = _history()
     fig = h.plot(tmp_path / f"{kind}.png", kind=kind) or None
     assert (tmp_path / f"{kind}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -153,7 +152,6 @@ def test_plot_writes_the_file(tmp_path, kind):
 
 
 def test_plot_refuses_bad_kind_and_empty_history(tmp_path):
-    pytest.importorskip("matplotlib")
     with pytest.raises(UnknownNameError, match="kind"):
         _history().plot(tmp_path / "a.png", kind="bars")
     with pytest.raises(ValueError, match="no evaluation"):

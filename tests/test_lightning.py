@@ -4,15 +4,13 @@ from __future__ import annotations
 
 import csv
 
+import lightning.pytorch as pl
 import pytest
 import torch
 from torch import nn
 
 import foresight_sparse
-
-pl = pytest.importorskip("lightning.pytorch")
-
-from foresight_sparse.integrations.lightning import EICallback  # noqa: E402
+from foresight_sparse.integrations.lightning import EICallback
 
 
 class TinyModule(pl.LightningModule):

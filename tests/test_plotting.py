@@ -13,8 +13,6 @@ import foresight_sparse
 from foresight_sparse.exceptions import MissingDependencyError, UnknownNameError
 from foresight_sparse.plotting import check_plot_path, plot_formats, plot_report
 
-pytest.importorskip("matplotlib")
-
 MAGIC = {"png": b"\x89PNG\r\n\x1a\n", "pdf": b"%PDF", "svg": b"<?xml"}
 
 
