@@ -40,7 +40,7 @@ def test_conv_kernel_only(benchmark, smoke):
     import numpy as np
 
     from foresight_sparse import _kernels
-    from foresight_sparse.connectivity import _rowptr
+    from foresight_sparse.connectivity.base import _rowptr
 
     size = 14 if smoke else 56
     conn = conv2d(nn.Conv2d(64, 64, 3, padding=1), (1, 64, size, size), (1, 64, size, size))

@@ -7,6 +7,10 @@ H axis maps ``(oh, kh)`` to ``ih``, and likewise for every other axis. So each a
 described once, by an :class:`Axis`, and the N-d connectivity is the product of 1-d ones.
 Several axes read as one, row-major, make an :class:`AxisProduct`: the engines see every
 layer as two such lanes (the leading axes, and the last axis).
+
+PyTorch's shape rules live here too (:func:`conv_output_size`, :func:`pool_output_size`,
+:func:`conv_transpose_output_size`, :func:`conv_padding`): the adapters check the traced
+shapes against them.
 """
 
 from __future__ import annotations
@@ -24,6 +28,10 @@ __all__ = [
     "AxisPairs",
     "AxisClasses",
     "conv_output_size",
+    "conv_transpose_output_size",
+    "pool_output_size",
+    "conv_padding",
+    "ntuple",
     "adaptive_windows",
 ]
 
@@ -50,6 +58,56 @@ def conv_output_size(
     if ceil_mode:
         return -(-span // stride) + 1
     return span // stride + 1
+
+
+def conv_transpose_output_size(
+    size: int, kernel: int, stride: int, dilation: int, padding: int
+) -> int:
+    """Output length of a transposed convolution before ``output_padding`` (which adds up to
+    ``max(stride, dilation) - 1``)."""
+    return (size - 1) * stride - 2 * padding + dilation * (kernel - 1) + 1
+
+
+def pool_output_size(size: int, kernel: int, stride: int, pad: int, ceil_mode: bool) -> int:
+    """Output length of an average pool with ``pad`` on each side, PyTorch's rule."""
+    out = conv_output_size(size, kernel, stride, 1, 2 * pad, ceil_mode)
+    # PyTorch drops a last window that would start inside the right padding.
+    if ceil_mode and (out - 1) * stride >= size + pad:
+        out -= 1
+    return out
+
+
+def ntuple(value, n: int) -> tuple[int, ...]:
+    """A layer option (an int, or a tuple with one entry or one per axis) as ``n`` ints."""
+    if isinstance(value, (tuple, list)):
+        if len(value) == 1:
+            return (int(value[0]),) * n
+        return tuple(int(x) for x in value)
+    return (int(value),) * n
+
+
+def conv_padding(padding, kernel, dilation) -> list[tuple[int, int]]:
+    """``(before, after)`` padding of each axis of a convolution, from its ``padding``
+    option: an int or tuple, ``'valid'``, or ``'same'`` (the odd element after, as PyTorch
+    pads).
+
+    Raises
+    ------
+    ValueError
+        For any other string.
+    """
+    nd = len(kernel)
+    if isinstance(padding, str):
+        if padding == "valid":
+            return [(0, 0)] * nd
+        if padding == "same":
+            pads = []
+            for d, k in zip(dilation, kernel):
+                total = d * (k - 1)
+                pads.append((total // 2, total - total // 2))
+            return pads
+        raise ValueError(f"unknown padding {padding!r}; use 'same', 'valid', an int or a tuple")
+    return [(p, p) for p in ntuple(padding, nd)]
 
 
 @dataclass(frozen=True)

@@ -755,7 +755,7 @@ def test_csr_switches_to_int64_indices_past_int32(monkeypatch):
     shape = (1, 2, 5, 5)
     small = ei.conv2d_create_matrix(conv, shape, (1, 3, 5, 5), layout=torch.sparse_csr)
     assert small.crow_indices().dtype == torch.int32
-    monkeypatch.setattr(C, "_INT32_MAX", 100)  # pretend nnz is past 2^31 - 1
+    monkeypatch.setattr(C.base, "_INT32_MAX", 100)  # pretend nnz is past 2^31 - 1
     big = ei.conv2d_create_matrix(conv, shape, (1, 3, 5, 5), layout=torch.sparse_csr)
     assert big.crow_indices().dtype == big.col_indices().dtype == torch.int64
     assert torch.equal(big.to_dense(), small.to_dense())
