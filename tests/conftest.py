@@ -346,6 +346,36 @@ def jacobian_t(module: nn.Module, in_shape: tuple[int, ...]) -> torch.Tensor:
     return torch.func.jacrev(flat)(x0).t()
 
 
+def smallest_budget(model: nn.Module, x: torch.Tensor, **kwargs) -> int:
+    """The smallest ``max_memory`` that ``report(model, x, **kwargs)`` accepts, found from
+    the refusals alone: start at one byte and raise the budget by each refusal's shortfall.
+    No engine internals (per-thread buffers, bytes per entry, block sizes) are assumed."""
+    from foresight_sparse import MemoryBudgetError, report
+
+    budget = 1
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # skipped ReLU/Flatten etc.
+        for _ in range(50):
+            try:
+                report(model, x, max_memory=budget, **kwargs)
+                return budget
+            except MemoryBudgetError as exc:
+                assert exc.needed > exc.budget == budget, (exc.needed, exc.budget, budget)
+                budget += exc.needed - exc.budget
+    raise AssertionError(f"report({kwargs}) kept refusing ever larger budgets: {budget} B")
+
+
+def structural_row_counts(module: nn.Module, in_shape: tuple[int, ...]) -> np.ndarray:
+    """Entries per row of the layer's connectivity matrix, zero weights included: the
+    nonzeros of the Jacobian of a copy whose weights are all one (positive, so no two taps
+    landing on one entry can cancel)."""
+    structure = copy.deepcopy(module)
+    if getattr(structure, "weight", None) is not None:
+        with torch.no_grad():
+            structure.weight.fill_(1.0)
+    return (jacobian_t(structure, in_shape) != 0).sum(dim=1).numpy()
+
+
 @pytest.fixture
 def no_blocks(monkeypatch):
     """Make building any rows of any connectivity matrix fail: a test that refuses a

@@ -12,6 +12,7 @@ import hashlib
 import json
 import math
 import os
+import re
 import warnings
 
 import numpy as np
@@ -26,6 +27,8 @@ from conftest import (
     examples,
     random_nets,
     randomize_,
+    smallest_budget,
+    structural_row_counts,
 )
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -119,6 +122,7 @@ def test_legacy_refuses_padded_pool(engine):
 @pytest.mark.parametrize("engine", ALL_ENGINES)
 def test_all_negative_and_all_zero_weights(engine):
     # lin_norm: every row all zero -> determinism 0 and a zero column total -> degeneracy 0
+    torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(1, 2, 2), nn.Flatten(), nn.Linear(8, 3)).double()
     with torch.no_grad():
         for p in model.parameters():
@@ -175,61 +179,72 @@ def test_report_rows_and_functions_agree(net, norm, engine):
         )
     assert all(type(v) is float for v in funcs)
     assert funcs == pytest.approx((rep.determinism, rep.degeneracy, rep.ei), rel=1e-14, abs=1e-14)
-    assert rep.ei == rep.degeneracy - rep.determinism
+    det, deg = reference(net.model, net.input, ref)
+    check_against_reference(rep, det, deg, ENGINE_RTOL[engine], f"{engine}/{norm}")
 
     supported = [m for m in net.model if type(m) in C.REGISTRY]
     assert [layer.type for layer in rep.layers] == [type(m).__name__ for m in supported]
     assert [layer.name for layer in rep.layers] == [
         str(i) for i, m in enumerate(net.model) if type(m) in C.REGISTRY
     ]
-    n_total = 0
-    h_total = 0.0
+    # the shapes the reference's own forward hooks record
+    shapes = R.get_shapes(net.model, net.input)
+    expected_rows = []  # (layer, H(row), degeneracy, EI, nnz), all from the reference
     for layer, module in zip(rep.layers, supported):
-        per_neuron = (
-            (lambda s: s[-1]) if isinstance(module, nn.Linear) else (lambda s: math.prod(s[1:]))
-        )
-        assert layer.n_in == per_neuron(layer.in_shape)
-        assert layer.n_out == per_neuron(layer.out_shape)
-        conn = C.connectivity(module, layer.in_shape, layer.out_shape)
-        assert layer.nnz == conn.nnz
-        assert 0 < layer.nnz <= layer.n_in * layer.n_out
+        assert (layer.in_shape, layer.out_shape) == shapes[module]
+        # the dense reference matrix: its rows are the inputs, its columns the outputs
+        A = R.VALID_MODULES[type(module)](module, *shapes[module])
+        assert (layer.n_in, layer.n_out) == tuple(A.shape)
+        nnz = int(structural_row_counts(module, shapes[module][0]).sum())
+        assert layer.nnz == nnz  # zero weights included: the entries are structural
         assert layer.engine in ("sparse", "implicit", "dense")
         if engine in ("sparse", "dense"):
             assert layer.engine == engine
-        assert -1e-12 <= layer.mean_row_entropy <= math.log2(layer.n_out) + 1e-12
-        assert -1e-12 <= layer.degeneracy <= math.log2(layer.n_out) + 1e-12
-        assert layer.ei == layer.degeneracy - layer.mean_row_entropy
         assert layer.seconds >= 0
         # the layer's own numbers, from its dense reference matrix
-        A = R.VALID_MODULES[type(module)](module, layer.in_shape, layer.out_shape)
         P = ref(A)
-        assert_close(
-            layer.mean_row_entropy,
-            float(R.H(P, dim=1).mean()),
-            ENGINE_RTOL[engine],
-            what=f"{layer.name} mean row entropy",
-        )
+        h_ref = float(R.H(P, dim=1).mean())
         v = P.sum(0)
-        assert_close(
-            layer.degeneracy,
-            float(R.H(v / v.sum())),
-            ENGINE_RTOL[engine],
-            what=f"{layer.name} degeneracy",
-        )
-        n_total += layer.n_in
-        h_total += layer.mean_row_entropy * layer.n_in
-    assert_close(rep.determinism, h_total / n_total, 1e-12, what="determinism from rows")
-    assert rep.nnz == sum(layer.nnz for layer in rep.layers)
+        deg_ref = float(R.H(v / v.sum()))
+        rtol = ENGINE_RTOL[engine]
+        assert_close(layer.mean_row_entropy, h_ref, rtol, what=f"{layer.name} mean row entropy")
+        assert_close(layer.degeneracy, deg_ref, rtol, what=f"{layer.name} degeneracy")
+        bound = max(rtol * (abs(h_ref) + abs(deg_ref)), ABS_FLOOR)
+        assert abs(layer.ei - (deg_ref - h_ref)) <= bound, (layer.name, layer.ei, deg_ref - h_ref)
+        expected_rows.append((layer, h_ref, deg_ref, deg_ref - h_ref, nnz))
+    total_nnz = sum(row[-1] for row in expected_rows)
+    assert rep.nnz == total_nnz
 
     d = rep.to_dict()
     back = json.loads(json.dumps(d))
     assert back["ei"] == rep.ei and back["determinism"] == rep.determinism
-    assert back["nnz"] == rep.nnz
-    assert len(back["layers"]) == len(rep.layers)
-    assert back["layers"][0]["in_shape"] == list(rep.layers[0].in_shape)
+    assert back["nnz"] == total_nnz
+    assert [lay["nnz"] for lay in back["layers"]] == [row[-1] for row in expected_rows]
+    assert [tuple(lay["in_shape"]) for lay in back["layers"]] == [s[0] for s in shapes.values()]
     assert back["engine"] == engine and back["norm"] == norm and back["legacy"] is False
     assert all(set(s) == {"name", "type"} for s in back["skipped"])
-    assert isinstance(rep.table(), str) and str(rep) == rep.table()
+
+    # the printed table: one row per layer with the reference's figures, then the totals
+    lines = str(rep).splitlines()
+    assert lines[0].split() == [
+        "layer", "type", "in", "out", "entries", "H(row)", "degen", "EI", "engine", "s"
+    ]  # fmt: skip
+    assert len(lines) == len(rep.layers) + 4
+    for line, (layer, h_ref, deg_ref, ei_ref, nnz) in zip(lines[2:], expected_rows):
+        name, kind, n_in, n_out, entries, h, dg, e, served, secs = line.split()
+        assert (name, kind, served) == (layer.name, layer.type, layer.engine)
+        assert (int(n_in), int(n_out), int(entries)) == (layer.n_in, layer.n_out, nnz)
+        for shown, value in ((h, h_ref), (dg, deg_ref), (e, ei_ref)):
+            assert abs(float(shown) - value) <= 0.5e-4 + 1e-9, (line, value)
+        assert float(secs) >= 0
+    totals = re.fullmatch(
+        r"network: determinism (\S+)  degeneracy (\S+)  EI (\S+) bits  \((\d+) entries, \S+ s\)",
+        lines[-1],
+    )
+    assert totals, lines[-1]
+    for shown, value in zip(totals.groups()[:3], (det, deg, deg - det)):
+        assert abs(float(shown) - value) <= 0.5e-6 + 1e-9, (lines[-1], value)
+    assert int(totals[4]) == total_nnz
 
 
 def test_report_progress_bar_changes_nothing(capsys):
@@ -275,25 +290,12 @@ def test_non_finite_weights_are_refused():
 # --------------------------------------------------------------------------- streaming
 
 
-def _streaming_budget(model, x) -> int:
-    """A budget that fits one row of every layer but few rows: many blocks per layer."""
-    import numba
-
-    threads = numba.get_num_threads()
-    need = 0
-    for layer in trace(model, x).layers:
-        conn = C.connectivity(layer.module, layer.in_shape, layer.out_shape)
-        fixed = conn.n_cols * 8 * (1 + threads)
-        row = conn.max_row_nnz * sparse_engine.BYTES_PER_ENTRY + 64
-        need = max(need, fixed + 2 * row, conn.n_cols * 8 * 4 * 2)
-    return max(need, 20_000)
-
-
 @settings(max_examples=examples(15))
 @given(net=random_nets(), norm=st.sampled_from(list(NORMS) + ["custom"]))
 def test_streaming_equals_one_block(net, norm):
     ours = R.lin_norm if norm == "custom" else NORMS[norm][0]
-    budget = _streaming_budget(net.model, net.input)
+    # the smallest budget the engine accepts: blocks of a row or two
+    budget = smallest_budget(net.model, net.input, norm=ours, engine="sparse")
     whole = quiet_report(net.model, net.input, norm=ours, engine="sparse")
     streamed = quiet_report(net.model, net.input, norm=ours, engine="sparse", max_memory=budget)
     for name in ("determinism", "degeneracy", "ei"):
@@ -327,8 +329,8 @@ def test_streaming_small_fixed_budget():
         nn.Conv2d(2, 3, 3, padding=1), nn.ReLU(), nn.AvgPool2d(2), nn.Flatten(), nn.Linear(27, 10)
     ).double()
     x = torch.zeros(1, 2, 6, 6, dtype=F64)
-    budget = _streaming_budget(model, x)
     for norm in (ei.lin_norm, ei.soft_norm, ei.sig_norm, None, R.lin_norm):
+        budget = smallest_budget(model, x, norm=norm, engine="sparse")
         whole = quiet_report(model, x, norm=norm, engine="sparse")
         with _CountBlocks() as blocks:
             small = quiet_report(model, x, norm=norm, engine="sparse", max_memory=budget)

@@ -21,7 +21,7 @@ import warnings
 import pytest
 import torch
 import torchvision
-from conftest import examples, random_nets
+from conftest import assert_close, examples, random_nets, smallest_budget
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
@@ -56,10 +56,10 @@ def _loaded(model: nn.Module, sd) -> nn.Module:
 
 def _same_report(a: fs.Report, b: fs.Report, rel: float = 1e-12) -> None:
     for what in ("ei", "determinism", "degeneracy"):
-        assert math.isclose(getattr(a, what), getattr(b, what), rel_tol=rel, abs_tol=1e-12), what
+        assert_close(getattr(a, what), getattr(b, what), rel, what=what)
     assert [la.name for la in a.layers] == [lb.name for lb in b.layers]
     for la, lb in zip(a.layers, b.layers):
-        assert math.isclose(la.ei, lb.ei, rel_tol=rel, abs_tol=1e-12), la.name
+        assert_close(la.ei, lb.ei, rel, what=f"{la.name} ei")
         assert la.engine == lb.engine
 
 
@@ -345,22 +345,24 @@ def test_fc_written_as_a_conv_runs_under_the_default_budget():
     assert rep.layers[0].engine == "implicit"
     sparse = fs.report(model, x, engine="sparse")
     for what in ("ei", "determinism", "degeneracy"):
-        assert math.isclose(getattr(rep, what), getattr(sparse, what), rel_tol=1e-9)
+        assert_close(getattr(rep, what), getattr(sparse, what), 1e-9, what=what)
 
 
 def test_conv_column_pass_in_blocks_equals_one_block():
-    """A budget that forces one output channel per block gives the same numbers."""
+    """The smallest budget the implicit engine accepts (one output channel per block) gives
+    the same numbers."""
     torch.manual_seed(6)
     model = nn.Sequential(nn.Conv2d(4, 6, 3, padding=1, groups=2))
     x = torch.zeros(1, 4, 5, 5)
     whole = fs.report(model, x, norm="soft")
     from foresight_sparse.engines import implicit
 
+    # found from the engine's refusals, not from its formula
+    tight = smallest_budget(model, x, norm="soft", engine="implicit")
     conn = fs.plan(model, x).layers[0].conn
-    fixed = implicit._conv_fixed_bytes(conn)
-    tight = fixed + implicit._KERNEL_COPIES * 8 * conn.groups * conn.kernel[0].numel()
-    assert implicit._cout_step(conn, tight, fixed) == 1
+    assert implicit._cout_step(conn, tight, implicit._conv_fixed_bytes(conn)) == 1
     blocked = fs.report(model, x, norm="soft", max_memory=tight)
+    assert blocked.layers[0].engine == "implicit"
     _same_report(blocked, whole, rel=1e-13)
 
 
