@@ -684,3 +684,25 @@ def test_serial_twins_do_not_share_the_parallel_kernels_cache(tmp_path):
         subprocess.run([sys.executable, "-c", script], env=env, check=True, timeout=300)
     names = {p.name.split("-")[0] for p in tmp_path.rglob("*.nbi")}
     assert {"_kernels._column_terms", "_kernels._column_terms_serial"} <= names, names
+
+
+def test_wide_vectors_marks_the_prange_body():
+    # _wide_vectors() adds LLVM's prefer-vector-width=512 to the function it is compiled
+    # into (in the kernels, the function numba makes of a prange body); an llvmlite that
+    # renders attributes another way would silently lose it
+    import numba
+
+    from foresight_sparse import _kernels
+
+    @numba.njit
+    def body(x, out):
+        _kernels._wide_vectors()
+        for i in range(x.shape[0]):
+            out[i] = x[i] * 2.0
+
+    x = np.arange(8.0)
+    out = np.empty(8)
+    body(x, out)
+    assert np.array_equal(out, 2.0 * x)
+    ir = "\n".join(body.inspect_llvm().values())
+    assert '"prefer-vector-width"="512"' in ir
