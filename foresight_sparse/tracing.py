@@ -186,8 +186,8 @@ def _meta_twin(model: nn.Module) -> tuple[nn.Module, dict[nn.Module, nn.Module]]
 
 
 #: Stock modules that map every element alone (the output has the input's shape): on the
-#: meta twin they return their input, skipping PyTorch's Python reference code (about
-#: 0.5 ms a call for hardswish on meta tensors).
+#: meta twin they return their input, skipping PyTorch's Python reference code, which is
+#: slow on meta tensors (hardswish, for one).
 _ELEMENTWISE = (
     nn.ReLU,
     nn.ReLU6,
@@ -255,7 +255,7 @@ def _meta_like(t: torch.Tensor, memo: dict) -> torch.Tensor:
 def _shape_only_batchnorm(module: _BatchNorm):
     """A stock batch norm's forward on the meta twin: checks the input as the real one
     does and returns it (the output has the input's shape). PyTorch evaluates batch norm
-    on meta tensors through Python reference code, about 1.5 ms a call: most of a
+    on meta tensors through Python reference code, slowly: batch norms would be most of a
     ResNet-50 trace."""
 
     def forward(x):
@@ -375,10 +375,10 @@ def _forward_error(rec: _Recorder, exc: Exception) -> ForwardError:
 
 
 def _meta_seconds(model: nn.Module) -> float:
-    """About how long the meta pass of ``model`` takes: 0.3 ms per leaf module that runs
-    PyTorch's reference code on meta tensors (batch norms and elementwise modules return
-    their input there) and 0.03 ms per module for the copy (2-core EPYC, torchvision
-    models)."""
+    """About how long the meta pass of ``model`` takes, in seconds: a cost per leaf module
+    that runs PyTorch's reference code on meta tensors (batch norms and elementwise modules
+    return their input there) and a tenth of it per module for the copy, fitted to
+    torchvision models."""
     modules = list(model.modules())
     slow = sum(
         1

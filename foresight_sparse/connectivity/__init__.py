@@ -36,7 +36,7 @@ from .adapters import (
     conv_transpose3d,
     linear,
 )
-from .base import LAYOUTS, Block, Connectivity
+from .base import Block, Connectivity
 from .explicit import ExplicitMatrix
 from .fully_connected import FullyConnected
 from .registry import (
@@ -78,5 +78,4 @@ __all__ = [
     "adaptive_avgpool1d",
     "adaptive_avgpool2d",
     "adaptive_avgpool3d",
-    "LAYOUTS",
 ]

@@ -199,6 +199,13 @@ def _absent_terms(
     return z, t, inv
 
 
+def _full_rows(norm: ElementwiseNorm, z: torch.Tensor):
+    """``Z`` and ``1/Z`` of rows with every entry stored (Linear): no absent-entry term."""
+    if not norm.normalizes:
+        z = torch.ones_like(z)
+    return z, torch.where(z > 0, 1.0 / torch.where(z > 0, z, 1.0), 0.0)
+
+
 def _stored_counts(conn: Stencil, device) -> torch.Tensor:
     nh = torch.tensor(conn.pairs_h.counts, device=device, dtype=torch.float64)
     nw = torch.tensor(conn.pairs_w.counts, device=device, dtype=torch.float64)
@@ -451,8 +458,8 @@ def _linear(conn: FullyConnected, norm: ElementwiseNorm, device, budget: int) ->
     w = conn.weight.detach()
     if w.device != device:
         w = w.to(device)
-    n_out, n_in = w.shape
-    c = 0.0  # every entry is stored: no absent-entry term, and no c/Z - c/Z cancellation
+    # every entry is stored: no absent-entry term (c drops out), so the column sums are
+    # f(W) @ (1/Z) and no constant reaches the columns
     kind = _KINDS.get(type(norm))
     if device.type == "cpu" and kind is not None and w.dtype in (torch.float32, torch.float64):
         from .. import _kernels
@@ -470,8 +477,8 @@ def _linear(conn: FullyConnected, norm: ElementwiseNorm, device, budget: int) ->
         if fused:
             conn.check_finite(non_finite[0])
         z, t = (torch.from_numpy(a) for a in sums)
-        z, t, inv = _absent_terms(norm, shift, torch.full_like(z, n_out), n_out, z, t)
-        col = torch.from_numpy(_kernels.dense_cols(w_np, kind, shift, c, inv.numpy()))
+        z, inv = _full_rows(norm, z)
+        col = torch.from_numpy(_kernels.dense_cols(w_np, kind, shift, 0.0, inv.numpy()))
     else:
         conn.check_finite()
         shift = norm.shift(conn.weight_bound())
@@ -479,17 +486,17 @@ def _linear(conn: FullyConnected, norm: ElementwiseNorm, device, budget: int) ->
         block = max(_LINEAR_BLOCK, spare // _LINEAR_BYTES_PER_ELEMENT)
         z, t, inv, col = linear_torch(w, norm, shift, block)
     h_sum = row_entropy(z, t).sum()
-    return LayerStats(float(h_sum), conn.n_rows, col, "implicit", c * float(inv.sum()))
+    return LayerStats(float(h_sum), conn.n_rows, col, "implicit")
 
 
 def linear_torch(w: torch.Tensor, norm: ElementwiseNorm, shift: float, block: int = _LINEAR_BLOCK):
     """Torch form of the Linear passes (CUDA, and half/bfloat16 weights on the CPU), over
     blocks of whole rows of about ``block`` elements.
 
-    Returns ``Z``, ``T``, ``1/Z`` per input and the column sums without the constant.
+    Returns ``Z``, ``T``, ``1/Z`` per input and the column sums (every entry is stored:
+    no absent-entry constant).
     """
     n_out, n_in = w.shape
-    c = 0.0  # every entry is stored
     rows = max(1, block // max(n_in, 1))
     z = torch.zeros(n_in, dtype=torch.float64, device=w.device)
     t = torch.zeros(n_in, dtype=torch.float64, device=w.device)
@@ -497,9 +504,9 @@ def linear_torch(w: torch.Tensor, norm: ElementwiseNorm, shift: float, block: in
         blk = w[o0 : o0 + rows].to(torch.float64)
         z += norm.f(blk, shift).sum(0)
         t += norm.f_log2f(blk, shift).sum(0)
-    z, t, inv = _absent_terms(norm, shift, torch.full_like(z, n_out), n_out, z, t)
+    z, inv = _full_rows(norm, z)
     col = torch.empty(n_out, dtype=torch.float64, device=w.device)
     for o0 in range(0, n_out, rows):
         blk = w[o0 : o0 + rows].to(torch.float64)
-        col[o0 : o0 + rows] = (norm.f(blk, shift) - c) @ inv
+        col[o0 : o0 + rows] = norm.f(blk, shift) @ inv
     return z, t, inv, col
