@@ -343,7 +343,7 @@ def jacobian_t(module: nn.Module, in_shape: tuple[int, ...]) -> torch.Tensor:
     # torch.func.jacrev is autograd's reverse-mode Jacobian, as
     # torch.autograd.functional.jacobian(flat, x0, vectorize=True), about 3x faster here.
     x0 = torch.zeros(math.prod(in_shape), dtype=torch.float64)
-    return torch.func.jacrev(flat)(x0).t()
+    return torch.func.jacrev(flat)(x0).t().detach()
 
 
 def smallest_budget(model: nn.Module, x: torch.Tensor, **kwargs) -> int:
