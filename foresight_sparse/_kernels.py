@@ -14,7 +14,7 @@ import numpy as np
 from numba import types
 from numba.extending import intrinsic
 
-from .norms import KERNEL_CODES, LinNorm, SigNorm, SoftNorm, Unnormalised
+from .norms import KIND_LIN, KIND_NONE, KIND_SOFT
 
 __all__: list[str] = []
 
@@ -235,20 +235,16 @@ _FM_REDUCE = {"reassoc", "contract", "nsz"}
 _FM_ELEMENTWISE = {"contract"}
 
 
-# Elementwise maps the reduction kernel knows, by code (the table is the norms module's).
-KIND_LIN, KIND_SOFT, KIND_SIG, KIND_NONE = (
-    KERNEL_CODES[c] for c in (LinNorm, SoftNorm, SigNorm, Unnormalised)
-)
 _INV_LN2 = 1.0 / np.log(2.0)
 
 
 @numba.njit(inline="always")
 def _f_and_flogf(a, kind, shift):
-    if kind == 0 or kind == 3:
+    if kind == KIND_LIN or kind == KIND_NONE:
         if a > 0.0:
             return a, a * np.log2(a)
-        return (0.0 if kind == 0 else a), 0.0
-    if kind == 1:
+        return (0.0 if kind == KIND_LIN else a), 0.0
+    if kind == KIND_SOFT:
         z = a - shift
         e = np.exp(z)
         return e, e * z * _INV_LN2
@@ -287,7 +283,7 @@ def _reduce_rows(
     absent entries, ``H = log2 Z - T / Z``; each stored entry adds ``(f - c) / Z`` to its
     column and every column receives ``c / Z``. Thread ``t`` accumulates its rows' columns
     into ``col_acc[t]`` (no races), its sum of ``H`` into ``h_out[t]`` and of ``c / Z``
-    into ``off_out[t]``. The softmax (``kind`` 1) shifts each row by its own largest entry
+    into ``off_out[t]``. The softmax (``KIND_SOFT``) shifts each row by its own largest entry
     (and 0 when it has absent entries), so no row underflows whatever the layer's range.
     A row with no absent entry uses ``c = 0``, which is exact and avoids cancellation.
     """
@@ -306,7 +302,7 @@ def _reduce_rows(
             stop = rowptr[r + 1]
             m = n_cols - (stop - start)
             s_r, c_r, clogc_r = shift, c, clogc
-            if kind == 1:
+            if kind == KIND_SOFT:
                 s_r = 0.0 if m > 0 else -np.inf
                 for e in range(start, stop):
                     s_r = max(s_r, np.float64(vals[e]))
@@ -401,11 +397,11 @@ def column_accumulator(n_cols: int) -> np.ndarray:
 
 @numba.njit(inline="always")
 def _f_only(a, kind, shift):
-    if kind == 0:
+    if kind == KIND_LIN:
         return a if a > 0.0 else 0.0
-    if kind == 3:
+    if kind == KIND_NONE:
         return a
-    if kind == 1:
+    if kind == KIND_SOFT:
         return np.exp(a - shift)
     if a >= 0.0:
         return 1.0 / (1.0 + np.exp(-a))
@@ -508,8 +504,8 @@ def _dense_cols(w, kind, shift, c, inv, col):
     per task through :func:`_f_only` (``exp`` stays scalar).
     """
     n_out, n_in = w.shape
-    if kind == 0 or kind == 3:
-        keep_negative = kind == 3
+    if kind == KIND_LIN or kind == KIND_NONE:
+        keep_negative = kind == KIND_NONE
         for ob in numba.prange((n_out + 3) // 4):
             o = ob * 4
             if o + 4 <= n_out:

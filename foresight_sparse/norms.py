@@ -211,8 +211,18 @@ soft_norm = SoftNorm()
 sig_norm = SigNorm()
 UNNORMALISED = Unnormalised()
 
-#: Norm class -> the code of its elementwise map in the numba kernels (foresight_sparse._kernels).
-KERNEL_CODES: dict[type, int] = {LinNorm: 0, SoftNorm: 1, SigNorm: 2, Unnormalised: 3}
+#: Codes of the elementwise maps the numba kernels (foresight_sparse._kernels) evaluate:
+#: ReLU, the shifted exponential of the softmax, the logistic sigmoid, and the identity.
+#: The kernels compare against these names; numba reads module globals as constants.
+KIND_LIN, KIND_SOFT, KIND_SIG, KIND_NONE = 0, 1, 2, 3
+
+#: Norm class -> the code of its elementwise map in the numba kernels.
+KERNEL_CODES: dict[type, int] = {
+    LinNorm: KIND_LIN,
+    SoftNorm: KIND_SOFT,
+    SigNorm: KIND_SIG,
+    Unnormalised: KIND_NONE,
+}
 
 #: Name -> norm, for the CLI and for ``norm='soft'`` style arguments.
 NORMS: dict[str, Norm] = {"lin": lin_norm, "soft": soft_norm, "sig": sig_norm, "none": UNNORMALISED}

@@ -51,7 +51,7 @@ from ..entropy import row_entropy
 from ..exceptions import UnsupportedEngineError
 from ..geometry import AxisClasses
 from ..norms import KERNEL_CODES as _KINDS
-from ..norms import ElementwiseNorm, LinNorm, SoftNorm
+from ..norms import KIND_LIN, KIND_NONE, ElementwiseNorm, LinNorm, SoftNorm
 from . import LayerJob, LayerStats
 
 __all__ = [
@@ -467,7 +467,7 @@ def _linear(conn: FullyConnected, norm: ElementwiseNorm, device, budget: int) ->
         # float32 under relu or no norm: the row pass counts NaN/Inf weights as it goes,
         # which saves a read of the weight for the finiteness scan (those norms need no
         # bound on the weights: their shift is 0)
-        fused = w.dtype == torch.float32 and kind in (_kernels.KIND_LIN, _kernels.KIND_NONE)
+        fused = w.dtype == torch.float32 and kind in (KIND_LIN, KIND_NONE)
         if not fused:
             conn.check_finite()
         shift = 0.0 if fused else norm.shift(conn.weight_bound())
