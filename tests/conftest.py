@@ -76,6 +76,18 @@ def densify(matrix) -> torch.Tensor:
     return matrix.detach().to("cpu", F64)
 
 
+def storage_bytes(matrix) -> int:
+    """Bytes a torch sparse (COO/CSR) tensor or a scipy CSR matrix holds, measured from its
+    index and value arrays."""
+    if scipy.sparse.issparse(matrix):
+        return matrix.indptr.nbytes + matrix.indices.nbytes + matrix.data.nbytes
+    if matrix.layout == torch.sparse_coo:
+        parts = (matrix._indices(), matrix._values())
+    else:
+        parts = (matrix.crow_indices(), matrix.col_indices(), matrix.values())
+    return sum(t.element_size() * t.numel() for t in parts)
+
+
 def assert_close(
     actual: float, expected: float, rel: float, abs_: float = ABS_FLOOR, what: str = ""
 ) -> None:

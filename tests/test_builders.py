@@ -18,12 +18,14 @@ from conftest import (
     avgpool2d_cases,
     conv2d_cases,
     densify,
+    examples,
     jacobian_t,
     linear_cases,
     out_shape_of,
     randomize_,
+    storage_bytes,
 )
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
@@ -184,6 +186,7 @@ def test_conv_layout_dtype_follows_weight(dtype, layout):
     "dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16], ids=str
 )
 def test_linear_layout_dtype_follows_weight(dtype):
+    torch.manual_seed(0)
     layer = nn.Linear(3, 2).to(dtype)
     for layout in (torch.sparse_coo, torch.sparse_csr):
         A = ei.linear_create_matrix(layer, (1, 3), (1, 2), layout=layout)
@@ -269,11 +272,30 @@ def test_nnz_and_row_counts_are_structural(kind, data):
 # --------------------------------------------------------------------------- budgets
 
 
-def test_budget_refuses_huge_layer_before_allocating(no_blocks):
+@TYPES
+@pytest.mark.parametrize("layout", [torch.sparse_coo, torch.sparse_csr, "scipy"], ids=str)
+@settings(max_examples=examples(10))
+@given(data=st.data())
+def test_sparse_bytes_is_the_storage_of_the_matrix(kind, layout, data):
+    case = data.draw(CASES[kind], label="case")
+    A = build(case, layout=layout)
+    assert conn_of(case).sparse_bytes(layout) == storage_bytes(A)
+
+
+@pytest.fixture(scope="module")  # module scope: set up before no_blocks
+def coo_entry_bytes() -> int:
+    """Bytes per entry of a float32 COO matrix, measured on a small one."""
+    torch.manual_seed(0)
+    small = ei.conv2d_create_matrix(nn.Conv2d(2, 2, 3), (1, 2, 4, 4), (1, 2, 2, 2))
+    assert small.dtype == torch.float32 and storage_bytes(small) % small._nnz() == 0
+    return storage_bytes(small) // small._nnz()
+
+
+def test_budget_refuses_huge_layer_before_allocating(coo_entry_bytes, no_blocks):
     layer = nn.Conv2d(512, 512, 3)
     in_shape, out_shape = (1, 512, 224, 224), (1, 512, 222, 222)
-    nnz = 512 * 512 * (222 * 3) ** 2
-    needed = nnz * (16 + 4)  # int64 row and column, float32 value
+    nnz = 512 * 512 * (222 * 3) ** 2  # 222 outputs per axis, 3 taps each, no padding
+    needed = nnz * coo_entry_bytes
     with pytest.raises(fs.MemoryBudgetError) as err:
         ei.conv2d_create_matrix(layer, in_shape, out_shape, max_memory=1000)
     assert isinstance(err.value, MemoryError)
@@ -285,11 +307,11 @@ def test_budget_refuses_huge_layer_before_allocating(no_blocks):
 
 
 def test_budget_allows_matrix_that_fits():
+    torch.manual_seed(0)
     layer = nn.Conv2d(2, 3, 3)
-    conn = C.conv2d(layer, (1, 2, 5, 5), (1, 3, 3, 3))
-    exact = conn.sparse_bytes("coo")
+    exact = storage_bytes(ei.conv2d_create_matrix(layer, (1, 2, 5, 5), (1, 3, 3, 3)))
     A = ei.conv2d_create_matrix(layer, (1, 2, 5, 5), (1, 3, 3, 3), max_memory=exact)
-    assert A._nnz() == conn.nnz
+    assert A._nnz() == 2 * 3 * 9 * 9  # every input channel reaches every output by 9 taps
     with pytest.raises(fs.MemoryBudgetError):
         ei.conv2d_create_matrix(layer, (1, 2, 5, 5), (1, 3, 3, 3), max_memory=exact - 1)
     # the budget may also be written with a unit
