@@ -6,7 +6,14 @@ import math
 
 import torch
 
-__all__ = ["H", "row_entropy", "column_terms", "column_terms_torch", "entropy_from_terms"]
+__all__ = [
+    "H",
+    "row_entropy",
+    "safe_inverse",
+    "column_terms",
+    "column_terms_torch",
+    "entropy_from_terms",
+]
 
 
 def H(x: torch.Tensor, dim: int = 0) -> torch.Tensor:
@@ -38,8 +45,14 @@ def row_entropy(total: torch.Tensor, plogp: torch.Tensor) -> torch.Tensor:
     :math:`H = \log_2 Z - T / Z`, and 0 for an all-zero row (``Z = 0``). Accumulate both
     sums in float64: the difference loses the digits the sums lack.
     """
-    safe = torch.where(total > 0, total, torch.ones_like(total))
-    return torch.where(total > 0, torch.log2(safe) - plogp / safe, torch.zeros_like(total))
+    return torch.where(total > 0, torch.log2(total) - plogp * safe_inverse(total), 0.0)
+
+
+def safe_inverse(total: torch.Tensor) -> torch.Tensor:
+    """``1 / Z`` where ``Z > 0``, and 0 for an all-zero row (``Z = 0``): such a row adds
+    nothing to any column and has entropy 0."""
+    positive = total > 0
+    return torch.where(positive, 1.0 / torch.where(positive, total, 1.0), 0.0)
 
 
 def column_terms(

@@ -16,6 +16,7 @@ shapes against them.
 from __future__ import annotations
 
 import functools
+import operator
 from dataclasses import dataclass
 
 import numpy as np
@@ -32,6 +33,7 @@ __all__ = [
     "pool_output_size",
     "conv_padding",
     "ntuple",
+    "shape_tuple",
     "adaptive_windows",
 ]
 
@@ -84,6 +86,19 @@ def ntuple(value, n: int) -> tuple[int, ...]:
             return (int(value[0]),) * n
         return tuple(int(x) for x in value)
     return (int(value),) * n
+
+
+def shape_tuple(shape) -> tuple[int, ...]:
+    """``shape`` (a ``torch.Size``, tuple or list of ints) as a tuple of ints.
+
+    Raises
+    ------
+    TypeError
+        When ``shape`` is not a sequence of ints (a string is not).
+    """
+    if isinstance(shape, (str, bytes)):
+        raise TypeError(f"a shape is a sequence of ints, not {type(shape).__name__}")
+    return tuple(operator.index(d) for d in shape)
 
 
 def conv_padding(padding, kernel, dilation) -> list[tuple[int, int]]:

@@ -22,7 +22,7 @@ from torch import nn
 
 from .budget import format_bytes, resolve_budget
 from .connectivity import Connectivity, LayerSelection, connectivity
-from .engines import ENGINE_NAMES, ENGINES, LayerJob, pick_engine
+from .engines import ENGINES, LayerJob, check_engine, pick_engine
 from .entropy import column_terms, entropy_from_terms
 from .exceptions import DeviceError, NonFiniteWeightsError, UnknownNameError, WeightsError
 from .norms import Norm, get_norm, lin_norm
@@ -440,10 +440,7 @@ def plan(
     norm_obj = get_norm(norm)
     dev = resolve_device(device)
     budget = resolve_budget(max_memory, dev)
-    if engine not in ENGINE_NAMES:
-        raise UnknownNameError(
-            f"unknown engine {engine!r}; valid engines are {', '.join(ENGINE_NAMES)}"
-        )
+    check_engine(engine)
     selection = LayerSelection(layers)
     trace = resolve_layers(model, input, shapes, layers=selection)
     warn_skipped(trace, selection.refused)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import copy
 import logging
-import operator
 import time
 from collections import Counter, OrderedDict
 from collections.abc import Mapping
@@ -23,6 +22,7 @@ from .exceptions import (
     UnknownNameError,
     warn_caller,
 )
+from .geometry import shape_tuple
 
 __all__ = ["TracedLayer", "Trace", "trace", "get_shapes", "layers_from_shapes"]
 
@@ -531,7 +531,7 @@ def get_shapes(model: nn.Module, input) -> dict[nn.Module, tuple[tuple, tuple]]:
 def _checked_shape(shape, where: str, what: str) -> tuple[int, ...]:
     """A shape from a ``shapes`` dict as a tuple of non-negative ints, or a precise error."""
     try:
-        dims = None if isinstance(shape, (str, bytes)) else tuple(operator.index(d) for d in shape)
+        dims = shape_tuple(shape)
     except TypeError:
         dims = None
     if dims is None or any(d < 0 for d in dims):

@@ -28,6 +28,7 @@ import warnings
 import numpy as np
 import pytest
 import torch
+from conftest import assert_close, storage_bytes
 from torch import nn
 
 import foresight_sparse as fs
@@ -75,11 +76,6 @@ def exact_weights_(model: nn.Module, seed: int = 0) -> nn.Module:
         for p in model.parameters():
             p.copy_(torch.randint(-16, 17, p.shape, generator=gen).to(F64) / 8)
     return model
-
-
-def assert_rel(actual: float, expected: float, rel: float, what: str = "") -> None:
-    err = abs(actual - expected)
-    assert err <= max(rel * abs(expected), 1e-12), f"{what}: {actual!r} vs {expected!r}"
 
 
 def no_hooks_left(model: nn.Module) -> bool:
@@ -220,6 +216,7 @@ def test_tuple_and_dict_inputs():
         def forward(self, x, y):
             return self.a(x) + self.b(y)
 
+    torch.manual_seed(0)
     model = TwoInputs()
     x, y = torch.zeros(1, 3), torch.zeros(1, 4, dtype=F64)  # float64 is cast as well
     by_tuple = fs.report(model, (x, y))
@@ -374,20 +371,21 @@ def test_soft_norm_survives_weights_far_apart(engine):
         lin.weight.copy_(torch.tensor([[0.0, 1000.0], [0.0, 999.0]], dtype=F64))
     model, x = nn.Sequential(lin), torch.zeros(1, 2, dtype=F64)
     rep = fs.report(model, x, norm="soft", engine=engine)
-    assert_rel(rep.determinism, R.determinism(model, x, norm=R.soft_norm), 1e-9)
-    assert_rel(rep.degeneracy, R.degeneracy(model, x, norm=R.soft_norm), 1e-9)
+    assert_close(rep.determinism, R.determinism(model, x, norm=R.soft_norm), 1e-9)
+    assert_close(rep.degeneracy, R.degeneracy(model, x, norm=R.soft_norm), 1e-9)
     assert rep.layers[0].engine == "sparse"
 
 
 def test_soft_norm_conv_with_one_huge_weight():
+    torch.manual_seed(0)
     conv = nn.Conv2d(2, 3, 3, padding=1).double()
     with torch.no_grad():
         conv.weight[0, 0, 1, 1] = 900.0
     model, x = nn.Sequential(conv), torch.zeros(1, 2, 5, 5, dtype=F64)
     rep = fs.report(model, x, norm="soft")
     assert rep.layers[0].engine == "sparse"
-    assert_rel(rep.determinism, R.determinism(model, x, norm=R.soft_norm), 1e-9)
-    assert_rel(rep.degeneracy, R.degeneracy(model, x, norm=R.soft_norm), 1e-9)
+    assert_close(rep.determinism, R.determinism(model, x, norm=R.soft_norm), 1e-9)
+    assert_close(rep.degeneracy, R.degeneracy(model, x, norm=R.soft_norm), 1e-9)
 
 
 # --------------------------------------------------------------------------- models
@@ -416,7 +414,7 @@ def test_model_without_parameters():
     model = nn.Sequential(nn.AvgPool2d(2), nn.AvgPool2d(2, stride=1))
     x = torch.zeros(1, 2, 6, 6, dtype=F64)
     for norm, ref_norm in REF_NORMS.items():
-        assert_rel(ei.ei(model, x, norm=norm), R.ei(model, x, norm=ref_norm), 1e-9, norm)
+        assert_close(ei.ei(model, x, norm=norm), R.ei(model, x, norm=ref_norm), 1e-9, what=norm)
     # an integer input is cast to the default dtype: AvgPool2d has no parameters to copy
     assert ei.ei(model, x.long()) == ei.ei(model, x)
 
@@ -468,6 +466,7 @@ class SubLinear(nn.Linear):
 
 
 def test_subclasses_are_skipped_until_registered():
+    torch.manual_seed(0)
     model = nn.Sequential(SubConv(1, 2, 3), nn.Flatten(), SubLinear(8, 3), nn.Linear(3, 2))
     with pytest.warns(UserWarning, match=r"1 SubConv, 1 SubLinear"):
         rep = fs.report(model, X)
@@ -505,6 +504,7 @@ class Shared(nn.Module):
 
 
 def test_shared_module_same_shapes_counts_once_without_warning():
+    torch.manual_seed(0)
     model = Shared(pool=False)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
@@ -574,8 +574,8 @@ def test_one_by_one_inputs():
     for norm, ref_norm in REF_NORMS.items():
         for engine in ("auto", "sparse"):
             rep = quiet(fs.report, model, x, norm=norm, engine=engine)
-            assert_rel(rep.determinism, R.determinism(model, x, norm=ref_norm), 1e-9, norm)
-            assert_rel(rep.degeneracy, R.degeneracy(model, x, norm=ref_norm), 1e-9, norm)
+            assert_close(rep.determinism, R.determinism(model, x, norm=ref_norm), 1e-9, what=norm)
+            assert_close(rep.degeneracy, R.degeneracy(model, x, norm=ref_norm), 1e-9, what=norm)
     assert rep.layers[-1].n_out == 1
 
 
@@ -597,9 +597,9 @@ def test_stride_larger_than_kernel_leaves_rows_unconnected(layer, norm):
     assert (dense.abs().sum(1) == 0).any()  # some rows are unconnected
     p = REF_NORMS[norm](dense)
     expected = float(R.H(p, dim=1).sum()) / (c_in * 49)  # empty rows in the denominator
-    assert_rel(rep.determinism, expected, 1e-9, "determinism")
-    assert_rel(rep.determinism, R.determinism(model, x, norm=REF_NORMS[norm]), 1e-9)
-    assert_rel(rep.degeneracy, R.degeneracy(model, x, norm=REF_NORMS[norm]), 1e-9)
+    assert_close(rep.determinism, expected, 1e-9, what="determinism")
+    assert_close(rep.determinism, R.determinism(model, x, norm=REF_NORMS[norm]), 1e-9)
+    assert_close(rep.degeneracy, R.degeneracy(model, x, norm=REF_NORMS[norm]), 1e-9)
 
 
 def test_compiled_model_is_traced_without_compiling():
@@ -645,11 +645,13 @@ class DataDependent(nn.Module):
     ids=["meta-trace", "real-forward"],
 )
 def test_train_mode_and_batchnorm_stats_are_left_alone(make):
+    torch.manual_seed(0)
     model = make().train()  # BatchNorm in train mode would update its running stats
     (model[2] if isinstance(model, nn.Sequential) else model.drop).eval()  # mixed modes
     modes = {name: m.training for name, m in model.named_modules()}
     state = copy.deepcopy(model.state_dict())
-    rep = quiet(fs.report, model, torch.randn(2, 1, 4, 4))
+    x = torch.randn(2, 1, 4, 4, generator=torch.Generator().manual_seed(0))
+    rep = quiet(fs.report, model, x)
     assert [lay.type for lay in rep.layers] == ["Conv2d"]
     assert {name: m.training for name, m in model.named_modules()} == modes
     after = model.state_dict()
@@ -705,12 +707,14 @@ def test_low_and_high_precision_models_match_the_reference(dtype, engine):
             nn.Linear(3 * 4 * 4, 5),
         ).double()
     )
-    x = torch.randn(1, 2, 8, 8)
+    x = torch.randn(1, 2, 8, 8, generator=torch.Generator().manual_seed(0))
     model = copy.deepcopy(base).to(dtype)
     for norm, ref_norm in REF_NORMS.items():
         rep = quiet(fs.report, model, x, norm=norm, engine=engine)
-        assert_rel(rep.determinism, R.determinism(base, x.double(), norm=ref_norm), 1e-6, norm)
-        assert_rel(rep.degeneracy, R.degeneracy(base, x.double(), norm=ref_norm), 1e-6, norm)
+        assert_close(
+            rep.determinism, R.determinism(base, x.double(), norm=ref_norm), 1e-6, what=norm
+        )
+        assert_close(rep.degeneracy, R.degeneracy(base, x.double(), norm=ref_norm), 1e-6, what=norm)
         assert model[0].weight.dtype == dtype
 
 
@@ -721,18 +725,49 @@ BIG_CONV = dict(in_channels=512, out_channels=512, kernel_size=3, padding=1)
 BIG_SHAPE = (1, 512, 224, 224)
 
 
+def _measured_costs(csr: torch.Tensor) -> tuple[int, int]:
+    """(bytes per entry, bytes per row pointer) of a torch CSR tensor, read off its arrays."""
+    per_entry = csr.col_indices().element_size() + csr.values().element_size()
+    per_row = csr.crow_indices().element_size()
+    n_rows, nnz = csr.shape[0], csr._nnz()
+    assert storage_bytes(csr) == nnz * per_entry + (n_rows + 1) * per_row
+    return per_entry, per_row
+
+
+def _torch_matrices() -> dict[str, torch.Tensor]:
+    """torch's own float32 matrices of 6 entries (no foresight_sparse code): COO, CSR with
+    int64 indices, and a CSR copy with int32 indices."""
+    small = torch.ones(3, 2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # "sparse CSR support is in beta"
+        csr64 = small.to_sparse_csr()
+        crow, col = csr64.crow_indices().int(), csr64.col_indices().int()
+        csr32 = torch.sparse_csr_tensor(crow, col, csr64.values(), (3, 2))
+    return {"coo": small.to_sparse(), "csr64": csr64, "csr32": csr32}
+
+
+def _coo_entry_bytes() -> int:
+    coo = _torch_matrices()["coo"]
+    return storage_bytes(coo) // coo._nnz()
+
+
 def test_int64_indices_are_counted_for_layers_over_2_31_entries():
     conv = nn.Conv2d(**BIG_CONV, device="meta")  # no weights are allocated
     conn = C.conv2d(conv, BIG_SHAPE, BIG_SHAPE)
-    nnz = conn.nnz
-    assert nnz >= 2**31
-    assert conn.sparse_bytes("csr") == nnz * (8 + 4) + (conn.n_rows + 1) * 8
-    assert conn.sparse_bytes("coo") == nnz * (16 + 4)
+    # per axis: 224 outputs read 3 taps each, less the 2 taps that land on the padding
+    nnz = 512 * 512 * (3 * 224 - 2) ** 2
+    n_rows = 512 * 224 * 224
+    assert conn.nnz == nnz >= 2**31
+    per_entry, per_row = _measured_costs(_torch_matrices()["csr64"])
+    assert conn.sparse_bytes("csr") == nnz * per_entry + (n_rows + 1) * per_row
+    assert conn.sparse_bytes("coo") == nnz * _coo_entry_bytes()
     vgg = C.conv2d(
         nn.Conv2d(64, 64, 3, padding=1, device="meta"), (1, 64, 224, 224), (1, 64, 224, 224)
     )
-    assert vgg.nnz < 2**31  # int32 indices still fit the largest VGG-16 layer
-    assert vgg.sparse_bytes("csr") == vgg.nnz * (4 + 4) + (vgg.n_rows + 1) * 4
+    vgg_nnz, vgg_rows = 64 * 64 * (3 * 224 - 2) ** 2, 64 * 224 * 224
+    assert vgg.nnz == vgg_nnz < 2**31  # int32 indices still fit the largest VGG-16 layer
+    per_entry, per_row = _measured_costs(_torch_matrices()["csr32"])
+    assert vgg.sparse_bytes("csr") == vgg_nnz * per_entry + (vgg_rows + 1) * per_row
 
 
 @pytest.mark.parametrize("max_memory", ["64GiB", None])
@@ -759,8 +794,8 @@ def test_csr_switches_to_int64_indices_past_int32(monkeypatch):
     big = ei.conv2d_create_matrix(conv, shape, (1, 3, 5, 5), layout=torch.sparse_csr)
     assert big.crow_indices().dtype == big.col_indices().dtype == torch.int64
     assert torch.equal(big.to_dense(), small.to_dense())
-    conn = C.conv2d(conv, shape, (1, 3, 5, 5))
-    assert conn.sparse_bytes("csr") == conn.nnz * 16 + (conn.n_rows + 1) * 8
+    # the size it counts is the size of what it built
+    assert C.conv2d(conv, shape, (1, 3, 5, 5)).sparse_bytes("csr") == storage_bytes(big)
 
 
 def test_a_request_for_terabytes_is_refused_fast(no_blocks):
@@ -773,7 +808,9 @@ def test_a_request_for_terabytes_is_refused_fast(no_blocks):
         r"coo\) needs about 3\.36 TiB",
     ) as info:
         ei.conv2d_create_matrix(conv, shape, shape, max_memory="100GiB")
-    assert info.value.needed == 184858722304 * 20
+    # 64 x 64 channel pairs, (3 * 2240 - 2) taps per axis, at the bytes per entry of
+    # torch's own float32 COO tensors
+    assert info.value.needed == 64 * 64 * (3 * 2240 - 2) ** 2 * _coo_entry_bytes()
     assert info.value.budget == 100 * 2**30
 
 
@@ -800,7 +837,7 @@ def test_model_on_cuda_analysed_on_cpu(engine):
     expected = quiet(fs.report, model, X, engine=engine)
     rep = quiet(fs.report, copy.deepcopy(model).cuda(), X, device="cpu", engine=engine)
     assert rep.device == "cpu"
-    assert_rel(rep.ei, expected.ei, 1e-9)
+    assert_close(rep.ei, expected.ei, 1e-9)
 
 
 @pytest.mark.cuda
@@ -811,5 +848,5 @@ def test_model_on_cpu_analysed_on_cuda(engine):
     expected = quiet(fs.report, model, X, engine=engine)
     rep = quiet(fs.report, model, X.cuda(), device="cuda", engine=engine)  # input moved back
     assert rep.device.startswith("cuda")
-    assert_rel(rep.ei, expected.ei, 1e-9)
+    assert_close(rep.ei, expected.ei, 1e-9)
     assert next(model.parameters()).device.type == "cpu"

@@ -5,7 +5,6 @@ them against PyTorch's shape rules (:mod:`foresight_sparse.geometry`), and retur
 from __future__ import annotations
 
 import math
-import operator
 
 import numpy as np
 import torch
@@ -20,6 +19,7 @@ from ..geometry import (
     conv_transpose_output_size,
     ntuple,
     pool_output_size,
+    shape_tuple,
 )
 from .fully_connected import FullyConnected
 from .registry import _builtin
@@ -46,9 +46,7 @@ def _dims(shape, label: str, what: str, module) -> tuple[int, ...]:
     # a malformed shape (not a sequence of ints) is a shape error naming the layer, not a
     # bare TypeError/ValueError from len() or int()
     try:
-        if isinstance(shape, (str, bytes)):
-            raise TypeError
-        return tuple(operator.index(d) for d in shape)
+        return shape_tuple(shape)
     except TypeError:
         raise ShapeMismatchError(
             f"{label}: the {what} shape of {type(module).__name__} must be a tuple of ints, "

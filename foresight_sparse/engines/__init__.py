@@ -23,7 +23,7 @@ from ..connectivity import Connectivity
 from ..exceptions import UnknownNameError
 from ..norms import Norm
 
-__all__ = ["LayerJob", "LayerStats", "ENGINES", "ENGINE_NAMES", "pick_engine"]
+__all__ = ["LayerJob", "LayerStats", "ENGINES", "ENGINE_NAMES", "check_engine", "pick_engine"]
 
 
 @dataclass
@@ -73,14 +73,29 @@ def _engines() -> dict[str, Engine]:
 ENGINE_NAMES = ("auto", "implicit", "sparse", "dense")
 
 
+def check_engine(name: str) -> str:
+    """``name`` if ``engine=`` accepts it (one of :data:`ENGINE_NAMES`).
+
+    Raises
+    ------
+    UnknownNameError
+        Otherwise, listing the valid names.
+    """
+    if name not in ENGINE_NAMES:
+        raise _unknown_engine(name)
+    return name
+
+
+def _unknown_engine(name) -> UnknownNameError:
+    return UnknownNameError(f"unknown engine {name!r}; valid engines are {', '.join(ENGINE_NAMES)}")
+
+
 class _Registry(dict):
     def __missing__(self, key):
         self.update(_engines())
         if key in self:
             return self[key]
-        raise UnknownNameError(
-            f"unknown engine {key!r}; valid engines are {', '.join(ENGINE_NAMES)}"
-        )
+        raise _unknown_engine(key)  # 'auto' included: it picks an engine, it is not one
 
 
 #: Engine name -> function ``LayerJob -> LayerStats``.
@@ -93,10 +108,7 @@ def pick_engine(requested: str, job: LayerJob) -> str:
     An explicit ``'implicit'`` also falls back to sparse for layers it cannot express
     (padding that folds two taps onto one input, custom norms, user builders).
     """
-    if requested not in ENGINE_NAMES:
-        raise UnknownNameError(
-            f"unknown engine {requested!r}; valid engines are {', '.join(ENGINE_NAMES)}"
-        )
+    check_engine(requested)
     if requested in ("auto", "implicit"):
         from .implicit import supports
 

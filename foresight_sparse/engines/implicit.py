@@ -47,7 +47,7 @@ import torch.nn.functional as F
 
 from ..budget import check_budget
 from ..connectivity import FullyConnected, Stencil
-from ..entropy import row_entropy
+from ..entropy import row_entropy, safe_inverse
 from ..exceptions import UnsupportedEngineError
 from ..geometry import AxisClasses
 from ..norms import KERNEL_CODES as _KINDS
@@ -195,15 +195,14 @@ def _absent_terms(
         t = t + norm.zero_log2(shift) * absent
     else:
         z = torch.ones_like(z)
-    inv = torch.where(z > 0, 1.0 / torch.where(z > 0, z, 1.0), 0.0)
-    return z, t, inv
+    return z, t, safe_inverse(z)
 
 
 def _full_rows(norm: ElementwiseNorm, z: torch.Tensor):
     """``Z`` and ``1/Z`` of rows with every entry stored (Linear): no absent-entry term."""
     if not norm.normalizes:
         z = torch.ones_like(z)
-    return z, torch.where(z > 0, 1.0 / torch.where(z > 0, z, 1.0), 0.0)
+    return z, safe_inverse(z)
 
 
 def _stored_counts(conn: Stencil, device) -> torch.Tensor:

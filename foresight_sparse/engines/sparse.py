@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from ..budget import row_blocks
-from ..entropy import H, row_entropy
+from ..entropy import H, row_entropy, safe_inverse
 from ..norms import KERNEL_CODES, ElementwiseNorm, SoftNorm
 from . import LayerJob, LayerStats
 
@@ -158,7 +158,7 @@ def reduce_block_torch(
         t = t + clogc * absent
     else:
         z = torch.ones_like(z)
-    inv = torch.where(z > 0, 1.0 / torch.where(z > 0, z, 1.0), 0.0)
+    inv = safe_inverse(z)
     col.index_add_(0, cols, (f - c[rows]) * inv[rows])
     return row_entropy(z, t).sum(), (c * inv).sum()
 
