@@ -67,6 +67,9 @@ class ElementwiseNorm(Norm):
     elementwise = True
     #: Whether rows are divided by their sum (False only for :class:`Unnormalised`).
     normalizes = True
+    #: Whether :meth:`shift` depends on its bound (True only for :class:`SoftNorm`): the
+    #: engines scan a layer's weights for the bound only then.
+    shifts = False
 
     def shift(self, bound: float) -> float:
         """The shift to use for a layer whose entries are all at most ``bound``."""
@@ -122,6 +125,7 @@ class SoftNorm(ElementwiseNorm):
     """
 
     name = "soft"
+    shifts = True
 
     def __call__(self, W):
         return F.softmax(W, dim=1)

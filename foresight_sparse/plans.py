@@ -474,7 +474,6 @@ def _plan_layer(
         label=t.label,
         adapter=selection.get(type(t.module)),
     )
-    conn.check_finite()
     name = pick_engine(engine, LayerJob(conn, norm, dev, budget))
     names = conn.weight_names if conn.weight_names is not None else _own_tensor_names(t.module)
     keys = tuple(f"{t.name}.{n}" if t.name else n for n in names)

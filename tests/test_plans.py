@@ -403,6 +403,29 @@ def test_skipped_layers_warning_points_at_the_callers_line(entry):
 
 @pytest.mark.parametrize("norm", ["lin", "none"])
 @pytest.mark.parametrize("value", [float("nan"), -float("nan"), float("inf"), -float("inf")])
+def test_conv_row_pass_catches_every_non_finite_weight(norm, value):
+    """Likewise a float32 convolution: its kernel's row pass is its finiteness check, on
+    the parallel kernel and on its serial twin (a kernel below the parallel threshold)."""
+    torch.manual_seed(9)
+    model = nn.Sequential(nn.Conv2d(64, 128, 3), nn.Conv2d(128, 4, 1))
+    x = torch.zeros(1, 64, 8, 8)
+    p = _quiet(fs.plan, model, x, norm=norm)
+    assert [layer.engine for layer in p.layers] == ["implicit", "implicit"]
+    for key, where in [
+        ("0.weight", (0, 0, 0, 0)),
+        ("0.weight", (127, 63, 2, 2)),
+        ("1.weight", (3, 127, 0, 0)),
+        ("1.weight", (2, 5, 0, 0)),
+    ]:
+        sd = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        sd[key][where] = value
+        n = sd[key].numel()
+        with pytest.raises(fs.NonFiniteWeightsError, match=rf"1 of {n} weights.*{key}"):
+            p.report(sd)
+
+
+@pytest.mark.parametrize("norm", ["lin", "none"])
+@pytest.mark.parametrize("value", [float("nan"), -float("nan"), float("inf"), -float("inf")])
 def test_linear_row_pass_catches_every_non_finite_weight(norm, value):
     """Under relu or no norm a float32 Linear is checked by its row pass (no separate scan):
     NaN of either sign and infinities of either sign are all refused, in any position."""

@@ -205,8 +205,11 @@ class Stencil(Connectivity):
             * float(self.scale_w.max(initial=1.0))
         )
 
-    def check_finite(self) -> None:
-        _check_finite_tensor(self.kernel, self.label, self._scan(self.kernel))
+    def check_finite(self, non_finite: int | None = None) -> None:
+        """As :meth:`Connectivity.check_finite`; ``non_finite``, the count of NaN/Inf
+        weights a pass over the kernel already made, saves the scan."""
+        scan = (0.0, 0.0, non_finite) if non_finite is not None else self._scan(self.kernel)
+        _check_finite_tensor(self.kernel, self.label, scan)
 
     def weight_range(self) -> tuple[float, float]:
         mx, mn, _ = self._scan(self.kernel)

@@ -23,7 +23,15 @@ from ..connectivity import Connectivity
 from ..exceptions import UnknownNameError
 from ..norms import Norm
 
-__all__ = ["LayerJob", "LayerStats", "ENGINES", "ENGINE_NAMES", "check_engine", "pick_engine"]
+__all__ = [
+    "LayerJob",
+    "LayerStats",
+    "ENGINES",
+    "ENGINE_NAMES",
+    "check_engine",
+    "layer_shift",
+    "pick_engine",
+]
 
 
 @dataclass
@@ -100,6 +108,12 @@ class _Registry(dict):
 
 #: Engine name -> function ``LayerJob -> LayerStats``.
 ENGINES: dict[str, Engine] = _Registry()
+
+
+def layer_shift(norm, conn: Connectivity) -> float:
+    """The shift ``norm`` evaluates ``conn``'s entries with: from the layer's largest
+    entry for the norms whose shift depends on it, else 0 (no scan of the weights)."""
+    return norm.shift(conn.weight_bound()) if norm.shifts else 0.0
 
 
 def pick_engine(requested: str, job: LayerJob) -> str:

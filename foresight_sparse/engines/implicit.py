@@ -52,7 +52,7 @@ from ..exceptions import UnsupportedEngineError
 from ..geometry import AxisClasses
 from ..norms import KERNEL_CODES as _KINDS
 from ..norms import KIND_LIN, KIND_NONE, ElementwiseNorm, LinNorm, SoftNorm
-from . import LayerJob, LayerStats
+from . import LayerJob, LayerStats, layer_shift
 
 __all__ = [
     "supports",
@@ -116,10 +116,10 @@ def layer_stats(job: LayerJob) -> LayerStats:
     )
     if isinstance(conn, FullyConnected):
         return _linear(conn, job.norm, job.device, job.budget)  # checks finiteness itself
-    conn.check_finite()
     if _constant_kernel(conn):
+        conn.check_finite()
         return _pool(conn, job.norm, job.device)
-    return _conv(conn, job.norm, job.device, job.budget)
+    return _conv(conn, job.norm, job.device, job.budget)  # checks finiteness itself
 
 
 def working_bytes(conn, budget: int | None = None) -> int:
@@ -176,7 +176,12 @@ def _linear_sums_bytes(conn: FullyConnected) -> int:
 
 
 def _constant_kernel(conn: Stencil) -> bool:
-    lo, hi = conn.weight_range()  # cached with the finiteness scan
+    """A pool's kernel: made from the layer's options (no weights), every tap equal. A
+    convolution takes the convolution path whatever its weights, so this reads no weight
+    that a new state dict would change."""
+    if conn.weight_name is not None:
+        return False
+    lo, hi = conn.weight_range()  # a pool's kernel is bound once: scanned once
     return conn.kernel.numel() > 0 and lo == hi
 
 
@@ -214,11 +219,12 @@ def _stored_counts(conn: Stencil, device) -> torch.Tensor:
 def _conv(conn: Stencil, norm: ElementwiseNorm, device, budget: int) -> LayerStats:
     """Row and column pass on the layer's position classes (see :class:`AxisClasses`);
     the column pass streams blocks of output channels when the kernel is large."""
-    shift = norm.shift(conn.weight_bound())
-    c = norm.zero(shift)
     kind = _KINDS.get(type(norm))
     if device.type == "cpu" and kind is not None:
-        return _conv_numba(conn, norm, kind, shift)
+        return _conv_numba(conn, norm, kind)
+    conn.check_finite()
+    shift = layer_shift(norm, conn)
+    c = norm.zero(shift)
     sf, st = kernel_terms(conn, norm, shift, device)
     ch, cw = _classes(conn)
     f64 = dict(dtype=torch.float64, device=device)
@@ -262,12 +268,21 @@ def _conv(conn: Stencil, norm: ElementwiseNorm, device, budget: int) -> LayerSta
     )
 
 
-def _conv_numba(conn: Stencil, norm: ElementwiseNorm, kind: int, shift: float) -> LayerStats:
+def _conv_numba(conn: Stencil, norm: ElementwiseNorm, kind: int) -> LayerStats:
     """The CPU form of :func:`_conv`: the same passes as a few numba kernels over the
-    kernel (read once per pass, never copied) and the class arrays planned per geometry."""
+    kernel (read once per pass, never copied) and the class arrays planned per geometry.
+    A float32 kernel under relu or no norm is checked for NaN/Inf by its row pass, as a
+    Linear weight is (no separate scan)."""
     from .. import _kernels
 
-    sf, st = kernel_terms(conn, norm, shift, torch.device("cpu"))
+    fused = conn.kernel.dtype == torch.float32 and kind in (KIND_LIN, KIND_NONE)
+    if not fused:
+        conn.check_finite()
+    shift = layer_shift(norm, conn)  # 0 under relu or no norm: no scan
+    non_finite: list = []
+    sf, st = kernel_terms(conn, norm, shift, torch.device("cpu"), non_finite)
+    if fused:
+        conn.check_finite(non_finite[0])
     w3 = _kernel_as_float(conn).numpy().reshape(conn.groups, conn.cout_g, -1)
     geometry, index, weights = _class_arrays(conn.axis_h, conn.axis_w, conn.cin_g, conn.out_chw[0])
     h_sum, off, col = _kernels.class_pass(
@@ -333,13 +348,15 @@ def _kernel_as_float(conn: Stencil) -> torch.Tensor:
     return k.contiguous()
 
 
-def kernel_terms(conn: Stencil, norm: ElementwiseNorm, shift: float, device):
+def kernel_terms(
+    conn: Stencil, norm: ElementwiseNorm, shift: float, device, non_finite: list | None = None
+):
     """``(Sf, St)``: the channel-summed ``f(K)`` and ``f(K) log2 f(K)`` per input channel,
     ``(C_in, KH, KW)`` float64 on ``device``.
 
     On the CPU, for the built-in norms, one numba pass over the kernel (for each group, the
     column sums of its ``(C_out/g, C_in/g * KH * KW)`` matrix), with no copy of it; torch
-    elsewhere.
+    elsewhere. ``non_finite``: as in :func:`foresight_sparse._kernels.dense_row_sums`.
     """
     kind = _KINDS.get(type(norm))
     if device.type != "cpu" or kind is None:
@@ -347,7 +364,8 @@ def kernel_terms(conn: Stencil, norm: ElementwiseNorm, shift: float, device):
     from .. import _kernels
 
     k = _kernel_as_float(conn)
-    z, t = _kernels.dense_row_sums(k.numpy().reshape(conn.groups, conn.cout_g, -1), kind, shift)
+    w3 = k.numpy().reshape(conn.groups, conn.cout_g, -1)
+    z, t = _kernels.dense_row_sums(w3, kind, shift, non_finite)
     c_in, kh, kw = conn.in_chw[0], *k.shape[-2:]
     return (torch.from_numpy(z).reshape(c_in, kh, kw), torch.from_numpy(t).reshape(c_in, kh, kw))
 
@@ -469,7 +487,7 @@ def _linear(conn: FullyConnected, norm: ElementwiseNorm, device, budget: int) ->
         fused = w.dtype == torch.float32 and kind in (KIND_LIN, KIND_NONE)
         if not fused:
             conn.check_finite()
-        shift = 0.0 if fused else norm.shift(conn.weight_bound())
+        shift = layer_shift(norm, conn)  # 0 under relu or no norm: no scan
         w_np = w.contiguous().numpy()
         non_finite: list = []
         sums = _kernels.dense_row_sums(w_np, kind, shift, non_finite)
@@ -480,7 +498,7 @@ def _linear(conn: FullyConnected, norm: ElementwiseNorm, device, budget: int) ->
         col = torch.from_numpy(_kernels.dense_cols(w_np, kind, shift, 0.0, inv.numpy()))
     else:
         conn.check_finite()
-        shift = norm.shift(conn.weight_bound())
+        shift = layer_shift(norm, conn)
         spare = budget - _linear_sums_bytes(conn)
         block = max(_LINEAR_BLOCK, spare // _LINEAR_BYTES_PER_ELEMENT)
         z, t, inv, col = linear_torch(w, norm, shift, block)

@@ -16,7 +16,7 @@ import torch
 from ..budget import row_blocks
 from ..entropy import H, row_entropy, safe_inverse
 from ..norms import KERNEL_CODES, ElementwiseNorm, SoftNorm
-from . import LayerJob, LayerStats
+from . import LayerJob, LayerStats, layer_shift
 
 __all__ = ["layer_stats", "reduce_block_torch", "working_bytes", "BYTES_PER_ENTRY"]
 
@@ -37,7 +37,7 @@ def layer_stats(job: LayerJob) -> LayerStats:
     counts = conn.row_counts(0, conn.n_rows)
     if not norm.elementwise:
         return _rowwise(job, counts)
-    shift = norm.shift(conn.weight_bound())
+    shift = layer_shift(norm, conn)
     c, clogc = norm.zero(shift), norm.zero_log2(shift)
     kind = KINDS.get(type(norm))
     numba_path = job.device.type == "cpu" and kind is not None
