@@ -900,6 +900,11 @@ def class_pass(
     stored = cout_g * np.multiply.outer(cnt_h, cnt_w)
     use_f = bool((stored == n_cols).any())
     use_p = bool((stored != n_cols).any())
+    if c == 0.0 and use_p:
+        # f(K) - c is f(K): the full and partial rows' 1/Z (disjoint) go through one
+        # gather and one dot product per class, not two
+        inv_part += inv_full
+        use_f = False
     step = max(1, gather_bytes // max(8 * n_g * n_l * (use_f + use_p), 1))
     for k0 in range(0, n_k, step):
         rows = index[k0 : k0 + step]
