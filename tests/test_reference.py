@@ -595,16 +595,27 @@ def test_valid_modules_registry():
     }
 
 
-def test_cnn_measures_consistent_and_float32_close():
+def test_cnn_measures_from_their_definitions_and_float32_close():
     torch.manual_seed(4)
     model = nn.Sequential(
         nn.Conv2d(1, 2, 3, padding=1), nn.AvgPool2d(2), nn.Flatten(), nn.Linear(8, 3)
     )
     x = torch.zeros(1, 1, 4, 4)
+    # each layer's matrix is its Jacobian; the measures follow from their definitions
+    mats = [
+        jacobian_t(model[0], (1, 1, 4, 4)),
+        jacobian_t(model[1], (1, 2, 4, 4)),
+        jacobian_t(model[3], (1, 8)),
+    ]
     for norm in (R.lin_norm, R.soft_norm, R.sig_norm):
-        det = R.determinism(model, x, norm=norm)
-        deg = R.degeneracy(model, x, norm=norm)
-        assert R.ei(model, x, norm=norm) == pytest.approx(deg - det, rel=1e-14, abs=1e-14)
+        Ps = [norm(A) for A in mats]
+        rows = [entropy(row.tolist()) for P in Ps for row in P]
+        columns = torch.cat([P.sum(0) for P in Ps])
+        det = sum(rows) / len(rows)
+        deg = entropy((columns / columns.sum()).tolist())
+        assert R.determinism(model, x, norm=norm) == pytest.approx(det, rel=1e-12)
+        assert R.degeneracy(model, x, norm=norm) == pytest.approx(deg, rel=1e-12)
+        assert R.ei(model, x, norm=norm) == pytest.approx(deg - det, rel=1e-11, abs=1e-14)
         det32 = R.determinism(model, x, norm=norm, dtype=torch.float32)
         assert det32 == pytest.approx(det, rel=1e-5)
 
