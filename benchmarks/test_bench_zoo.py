@@ -100,6 +100,13 @@ def test_zoo(benchmark, smoke, peak_rss, zoo_model):
         warnings.simplefilter("ignore", UserWarning)
         loaded = foresight_sparse.report(twin, x)
     assert math.isclose(new.ei, loaded.ei, rel_tol=1e-12, abs_tol=1e-12)
+    if smoke:  # a broken benchmark fails: the value against the sparse engine's
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            sparse = foresight_sparse.report(model, x, engine="sparse")
+        for what in ("determinism", "degeneracy", "ei"):
+            got, want = getattr(rep, what), getattr(sparse, what)
+            assert math.isclose(got, want, rel_tol=1e-9, abs_tol=1e-12), (what, got, want)
     benchmark.extra_info.update(
         machine(),
         zoo=name,
