@@ -290,6 +290,7 @@ def test_plan_rebinds_new_weights(cls, nd):
 
 
 def test_seed_selection_skips_the_new_types():
+    torch.manual_seed(0)
     model = nn.Sequential(nn.Conv1d(1, 2, 3), nn.Flatten(), nn.Linear(6, 2)).double()
     x = torch.zeros(1, 1, 5, dtype=F64)
     with pytest.warns(UserWarning, match="Conv1d"):
