@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 
 import pytest
 import torch
@@ -24,6 +25,12 @@ SMOKE_SIZE = {"vgg16": 32, "resnet50": 32, "alexnet": 64}
 _VALUES: dict[tuple[str, int, str, str], tuple[float, float, float]] = {}
 
 
+def _quiet_report(*args, **kwargs) -> foresight_sparse.Report:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # BatchNorm2d, MaxPool2d are skipped
+        return foresight_sparse.report(*args, **kwargs)
+
+
 def _values(rep) -> tuple[float, float, float]:
     return rep.determinism, rep.degeneracy, rep.ei
 
@@ -40,7 +47,7 @@ def _run(benchmark, smoke, peak_rss, name, engine, device, rounds):
             torch.cuda.synchronize()
 
     def ei():
-        r = foresight_sparse.report(model, x, engine=engine, device=device)
+        r = _quiet_report(model, x, engine=engine, device=device)
         if device == "cuda":
             torch.cuda.synchronize()
         return r
@@ -56,9 +63,7 @@ def _run(benchmark, smoke, peak_rss, name, engine, device, rounds):
     if smoke or engine == "sparse":
         other = (name, size, "implicit" if engine == "sparse" else "sparse", device)
         if other not in _VALUES:
-            _VALUES[other] = _values(
-                foresight_sparse.report(model, x, engine=other[2], device=device)
-            )
+            _VALUES[other] = _values(_quiet_report(model, x, engine=other[2], device=device))
         for what, got, want in zip(
             ("determinism", "degeneracy", "ei"), _values(rep), _VALUES[other]
         ):
