@@ -23,6 +23,7 @@ def report(
     max_memory=None,
     progress: bool = False,
     layers="seed",
+    backend: str = "auto",
 ) -> Report:
     """Determinism, degeneracy and EI of ``model``, with a per-layer breakdown.
 
@@ -36,6 +37,8 @@ def report(
         Show a tqdm progress bar over the layers (on stderr).
     layers : {'seed', 'all'} or sequence of module types, default 'seed'
         Which layers count (see :func:`~foresight_sparse.plan`).
+    backend : {'auto', 'numba', 'torch'}, default 'auto'
+        The numeric forms the engines use (see :func:`~foresight_sparse.plan`).
 
     Returns
     -------
@@ -52,4 +55,5 @@ def report(
         legacy=legacy,
         max_memory=max_memory,
         layers=layers,
+        backend=backend,
     ).report(progress=progress)

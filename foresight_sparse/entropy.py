@@ -10,8 +10,8 @@ __all__ = [
     "H",
     "row_entropy",
     "safe_inverse",
+    "complete_row_sums",
     "column_terms",
-    "column_terms_torch",
     "entropy_from_terms",
 ]
 
@@ -55,45 +55,37 @@ def safe_inverse(total: torch.Tensor) -> torch.Tensor:
     return torch.where(positive, 1.0 / torch.where(positive, total, 1.0), 0.0)
 
 
+def complete_row_sums(norm, shift: float, stored, n_cols: int, z: torch.Tensor, t: torch.Tensor):
+    """Complete rows' sums over their stored entries, ``Z`` and ``T``, with the absent
+    entries (``n_cols - stored`` per row, each ``c = norm.zero(shift)``); return
+    ``(Z, T, 1/Z)``. Rows are not divided by their sum when the norm does not normalise:
+    ``Z`` is then 1."""
+    if norm.normalizes:
+        absent = n_cols - stored
+        z = z + norm.zero(shift) * absent
+        t = t + norm.zero_log2(shift) * absent
+    else:
+        z = torch.ones_like(z)
+    return z, t, safe_inverse(z)
+
+
 def column_terms(
-    v: torch.Tensor, add: float = 0.0, weights: torch.Tensor | None = None
+    v: torch.Tensor, add: float = 0.0, weights: torch.Tensor | None = None, *, backend=None
 ) -> torch.Tensor:
     """Sufficient statistics of ``H(x / sum x)`` for ``x = v + add``, as float64 ``(4,)``.
 
     ``[sum x, sum x log2 x]`` over the positive entries and ``[sum x, sum |x| log2 |x|]``
     over the negative ones, each entry counted ``weights[j]`` times when ``weights`` is
     given. They add up across layers, so the network's degeneracy needs no concatenated
-    column vector (see :func:`entropy_from_terms`).
+    column vector (see :func:`entropy_from_terms`). Computed by ``backend`` (a
+    :class:`~foresight_sparse.backends.Backend`; by default the one for ``v``'s device:
+    numba on the CPU, torch elsewhere).
     """
-    if v.device.type == "cpu":
-        from . import _kernels
+    if backend is None:
+        from .backends import default_backend  # the backends build on this module
 
-        arr = v.detach().contiguous().numpy()
-        w = None if weights is None else weights.detach().to(torch.float64).contiguous().numpy()
-        return torch.from_numpy(_kernels.column_terms(arr, float(add), w))
-    return column_terms_torch(v, add, weights)
-
-
-def column_terms_torch(
-    v: torch.Tensor, add: float = 0.0, weights: torch.Tensor | None = None
-) -> torch.Tensor:
-    """Torch form of :func:`column_terms` (CUDA; runs on CPU tensors too)."""
-    x = v.to(torch.float64) + add
-    pos, neg = x > 0, x < 0
-    ax = torch.where(pos | neg, x.abs(), torch.ones_like(x))
-    xlx = ax * torch.log2(ax)
-    if weights is not None:
-        w = weights.to(x.device, torch.float64)
-        x, xlx = x * w, xlx * w
-    zero = torch.zeros((), dtype=torch.float64, device=x.device)
-    return torch.stack(
-        [
-            torch.where(pos, x, zero).sum(),
-            torch.where(pos, xlx, zero).sum(),
-            torch.where(neg, x, zero).sum(),
-            torch.where(neg, xlx, zero).sum(),
-        ]
-    ).cpu()
+        backend = default_backend(v.device)
+    return backend.column_terms(v, add, weights)
 
 
 def entropy_from_terms(terms) -> float:

@@ -20,10 +20,11 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from .backends import Backend, resolve_backend
 from .budget import format_bytes, resolve_budget
 from .connectivity import Connectivity, LayerSelection, connectivity
 from .engines import ENGINES, LayerJob, check_engine, pick_engine
-from .entropy import column_terms, entropy_from_terms
+from .entropy import entropy_from_terms
 from .exceptions import DeviceError, NonFiniteWeightsError, UnknownNameError, WeightsError
 from .norms import Norm, get_norm, lin_norm
 from .results import LayerReport, Report
@@ -80,6 +81,9 @@ class PlannedLayer:
         sparse engine instead; each :class:`LayerReport` says which engine served it.
     working_bytes : int
         Estimated working memory of that engine for the layer.
+    backend : str
+        The backend planned for the layer (``'numba'`` or ``'torch'``; see
+        :mod:`foresight_sparse.backends`); each :class:`LayerReport` says which served it.
     keys : tuple of str
         The state-dict keys the layer's connectivity is made of (``("features.0.weight",)``;
         empty for pools).
@@ -94,6 +98,7 @@ class PlannedLayer:
     nnz: int
     engine: str
     working_bytes: int
+    backend: str
     keys: tuple[str, ...]
     module: nn.Module = field(repr=False, compare=False)
     conn: Connectivity = field(repr=False, compare=False)
@@ -126,6 +131,9 @@ class Plan:
         Where the reductions run.
     engine : str
         The engine requested.
+    backend : Backend
+        The backend the reductions run with, resolved from ``backend=`` once
+        (:func:`~foresight_sparse.backends.resolve_backend`).
     legacy : bool
         Whether the old module's cross-channel AvgPool2d connectivity is used.
     max_memory : int
@@ -145,6 +153,7 @@ class Plan:
         legacy: bool,
         max_memory: int,
         layer_set="seed",
+        backend: Backend | str = "auto",
     ):
         self.model = model
         self.layers = layers
@@ -155,6 +164,7 @@ class Plan:
         self.legacy = legacy
         self.max_memory = max_memory
         self.layer_set = layer_set
+        self.backend = resolve_backend(backend, device, norm)
 
     # ------------------------------------------------------------------ evaluation
 
@@ -198,7 +208,7 @@ class Plan:
         for layer in layers:
             t0 = time.perf_counter()
             conn = self._bind(layer, weights)
-            job = LayerJob(conn, self.norm, self.device, self.max_memory)
+            job = LayerJob(conn, self.norm, self.device, self.max_memory, self.backend)
             try:
                 name = pick_engine(self.engine, job)
                 with warnings.catch_warnings():
@@ -210,7 +220,9 @@ class Plan:
                 raise NonFiniteWeightsError(
                     f"{exc} (state dict keys {', '.join(layer.keys)})"
                 ) from None
-            layer_terms = column_terms(stats.col_sums, stats.col_offset, stats.col_weights)
+            layer_terms = job.backend.column_terms(
+                stats.col_sums, stats.col_offset, stats.col_weights
+            )
             h_total += stats.h_sum
             n_total += stats.n_rows
             terms += layer_terms
@@ -231,9 +243,16 @@ class Plan:
                     deg - mean_h,
                     stats.engine,
                     seconds,
+                    stats.backend,
                 )
             )
-            log.debug("%s: %s engine, %.3f s", layer.label, stats.engine, seconds)
+            log.debug(
+                "%s: %s engine, %s backend, %.3f s",
+                layer.label,
+                stats.engine,
+                stats.backend,
+                seconds,
+            )
             del stats  # free the column sums before the next layer allocates its own
         determinism = h_total / n_total if n_total else 0.0
         degeneracy = entropy_from_terms(terms)
@@ -245,6 +264,7 @@ class Plan:
             list(self.skipped),
             norm=self.norm.name,
             engine=self.engine,
+            backend=self.backend.name,
             device=str(self.device),
             legacy=self.legacy,
             seconds=time.perf_counter() - start,
@@ -370,7 +390,7 @@ def _module_with(module: nn.Module, tensors: dict[str, torch.Tensor]) -> nn.Modu
     return clone
 
 
-def _working_bytes(engine: str, conn: Connectivity, budget: int, device: torch.device) -> int:
+def _working_bytes(engine: str, conn: Connectivity, budget: int, backend: Backend) -> int:
     if engine == "implicit":
         from .engines.implicit import working_bytes
 
@@ -379,7 +399,7 @@ def _working_bytes(engine: str, conn: Connectivity, budget: int, device: torch.d
         return conn.n_rows * conn.n_cols * 8 * 3
     from .engines.sparse import working_bytes
 
-    return working_bytes(conn, budget, device)
+    return working_bytes(conn, budget, backend)
 
 
 def plan(
@@ -393,6 +413,7 @@ def plan(
     legacy: bool = False,
     max_memory=None,
     layers="seed",
+    backend: str = "auto",
 ) -> Plan:
     """Plan the EI computation of ``model`` for one input shape.
 
@@ -432,21 +453,39 @@ def plan(
         that inherit the forward pass; a subclass with its own ``forward`` is skipped with
         a warning (register a builder for it). Or a sequence of module types. Types
         registered with :func:`foresight_sparse.register` always count.
+    backend : {'auto', 'numba', 'torch'}, default 'auto'
+        The numeric forms every engine uses (:mod:`foresight_sparse.backends`), chosen
+        here once. ``'auto'``: the numba kernels on a CPU device for the built-in norms,
+        torch otherwise (CUDA, custom norms). ``'torch'``: torch operations on any device
+        (what CUDA runs, also on CPU tensors). ``'numba'``: the numba kernels, CPU and
+        built-in norms only. Under ``'auto'`` and ``'numba'`` a Linear layer with float16 or
+        bfloat16 weights takes the torch forms; each layer's report names its backend.
 
     Returns
     -------
     Plan
+
+    Raises
+    ------
+    DeviceError
+        For ``backend='numba'`` on a CUDA device.
+    UnsupportedEngineError
+        For ``backend='numba'`` with a custom norm (the kernels know only the built-in ones).
     """
     norm_obj = get_norm(norm)
     dev = resolve_device(device)
     budget = resolve_budget(max_memory, dev)
     check_engine(engine)
+    backend_obj = resolve_backend(backend, dev, norm_obj)
     selection = LayerSelection(layers)
     trace = resolve_layers(model, input, shapes, layers=selection)
     warn_skipped(trace, selection.refused)
     return Plan(
         model,
-        [_plan_layer(t, norm_obj, dev, engine, legacy, budget, selection) for t in trace.layers],
+        [
+            _plan_layer(t, norm_obj, dev, engine, legacy, budget, selection, backend_obj)
+            for t in trace.layers
+        ],
         trace.skipped,
         norm_obj,
         dev,
@@ -454,6 +493,7 @@ def plan(
         legacy,
         budget,
         selection.layers,
+        backend_obj,
     )
 
 
@@ -465,6 +505,7 @@ def _plan_layer(
     legacy: bool,
     budget: int,
     selection: LayerSelection,
+    backend: Backend,
 ) -> PlannedLayer:
     conn = connectivity(
         t.module,
@@ -474,7 +515,8 @@ def _plan_layer(
         label=t.label,
         adapter=selection.get(type(t.module)),
     )
-    name = pick_engine(engine, LayerJob(conn, norm, dev, budget))
+    job = LayerJob(conn, norm, dev, budget, backend)
+    name = pick_engine(engine, job)
     names = conn.weight_names if conn.weight_names is not None else _own_tensor_names(t.module)
     keys = tuple(f"{t.name}.{n}" if t.name else n for n in names)
     return PlannedLayer(
@@ -486,7 +528,8 @@ def _plan_layer(
         conn.n_cols,
         conn.nnz,
         name,
-        _working_bytes(name, conn, budget, dev),
+        _working_bytes(name, conn, budget, job.backend),
+        job.backend.name,
         keys,
         t.module,
         conn,

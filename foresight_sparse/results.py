@@ -79,6 +79,9 @@ class LayerReport:
         The engine that served the layer.
     seconds : float
         Wall time spent on the layer.
+    backend : str or None
+        The backend that served the layer (``'numba'`` or ``'torch'``; see
+        :mod:`foresight_sparse.backends`); None when read from a report that does not say.
     """
 
     name: str
@@ -93,6 +96,7 @@ class LayerReport:
     ei: float
     engine: str
     seconds: float
+    backend: str | None = None
 
 
 @dataclass
@@ -116,6 +120,10 @@ class Report:
         Name of the norm used.
     engine : str
         The engine requested (each layer says which engine served it).
+    backend : str
+        The backend the plan resolved ``backend=`` to (``'numba'`` or ``'torch'``; each
+        layer says which served it), or ``'auto'`` when read from a report that does not
+        say.
     device : str
         Where the reductions ran.
     legacy : bool
@@ -143,6 +151,7 @@ class Report:
     skipped: list[tuple[str, str]] = field(default_factory=list)
     norm: str = "lin"
     engine: str = "auto"
+    backend: str = "auto"
     device: str = "cpu"
     legacy: bool = False
     seconds: float = 0.0
@@ -188,6 +197,9 @@ class Report:
         """
         names = {f.name for f in dataclasses.fields(cls)}
         layer_names = [f.name for f in dataclasses.fields(LayerReport)]
+        needed = [
+            f.name for f in dataclasses.fields(LayerReport) if f.default is dataclasses.MISSING
+        ]
         try:
             missing = [k for k in ("determinism", "degeneracy", "ei", "layers") if k not in data]
             if missing:
@@ -197,12 +209,12 @@ class Report:
                 )
             layers = []
             for i, row in enumerate(data["layers"]):
-                absent = [k for k in layer_names if k not in row]
+                absent = [k for k in needed if k not in row]
                 if absent:
                     raise ReportFileError(
                         f"layer {i} ({row.get('name', '?')!r}) lacks {', '.join(absent)}"
                     )
-                values = {k: row[k] for k in layer_names}
+                values = {k: row[k] for k in layer_names if k in row}
                 values["in_shape"] = tuple(values["in_shape"])
                 values["out_shape"] = tuple(values["out_shape"])
                 layers.append(LayerReport(**values))
@@ -263,6 +275,7 @@ class Report:
                 "ei",
                 "norm",
                 "engine",
+                "backend",
                 "device",
                 "legacy",
                 "max_memory",

@@ -38,6 +38,7 @@ import foresight_sparse as fs
 from foresight_sparse import connectivity as C
 from foresight_sparse import ei
 from foresight_sparse import reference as R
+from foresight_sparse.backends import TORCH, reduce_block_torch
 from foresight_sparse.budget import format_bytes
 from foresight_sparse.engines import ENGINES, LayerJob
 from foresight_sparse.engines import sparse as sparse_engine
@@ -414,16 +415,15 @@ def test_torch_reduction_equals_numba(net, data):
         for job in _layer_jobs(net, norm):
             conn = job.conn
             numba_stats = ENGINES["sparse"](job)  # CPU: numba blocks, numba reduction
+            assert numba_stats.backend == "numba"
             shift = norm.shift(conn.weight_bound())
             cut = data.draw(st.integers(0, conn.n_rows), label="cut")
             col = torch.zeros(conn.n_cols, dtype=F64)
             h_sum = offset = 0.0
             for r0, r1 in ((0, cut), (cut, conn.n_rows)):
-                b = conn.block_torch(r0, r1) if isinstance(conn, C.Stencil) else conn.block(r0, r1)
+                b = conn.block(r0, r1, backend=TORCH)
                 # returns (sum of row entropies, sum of c/Z): the latter reaches every column
-                h, off = sparse_engine.reduce_block_torch(
-                    b.rowptr, b.cols, b.vals, norm, shift, conn.n_cols, col
-                )
+                h, off = reduce_block_torch(b.rowptr, b.cols, b.vals, norm, shift, conn.n_cols, col)
                 h_sum += float(h)
                 offset += float(off)
             col += offset
@@ -431,52 +431,59 @@ def test_torch_reduction_equals_numba(net, data):
             torch.testing.assert_close(col, _col_sums(numba_stats), rtol=1e-12, atol=1e-13)
 
 
-@settings(max_examples=examples(8))
-@given(net=random_nets(), norm=st.sampled_from(list(NORMS)))
-def test_torch_block_path_in_full_pipeline(net, norm):
-    ours, ref = NORMS[norm]
-    det, deg = reference(net.model, net.input, ref)
-    real = C.Stencil.block
-
-    def torch_block(
-        self,
-        r0,
-        r1,
-        *,
-        dtype=F64,
-        device=None,
-        with_rows=False,
-        index_dtype=torch.int64,
-        **_buffers,
-    ):
-        # what CUDA runs, here on CPU tensors
-        return self.block_torch(
-            r0, r1, dtype=dtype, device=device, with_rows=with_rows, index_dtype=index_dtype
-        )
-
-    C.Stencil.block = torch_block
-    try:
-        rep = quiet_report(net.model, net.input, norm=ours, engine="sparse")
-    finally:
-        C.Stencil.block = real
-    check_against_reference(rep, det, deg, 1e-9, f"torch blocks/{norm}")
+def _assert_served_by_torch(rep, what):
+    assert rep.backend == "torch", what
+    assert rep.layers and all(lay.backend == "torch" for lay in rep.layers), (
+        what,
+        [(lay.name, lay.backend) for lay in rep.layers],
+    )
 
 
 @settings(max_examples=examples(8))
-@given(net=random_nets(max_linear=2), norm=st.sampled_from(list(NORMS)))
-def test_torch_implicit_path_in_full_pipeline(net, norm):
-    """The implicit engine as CUDA runs it (torch kernel terms, torch Linear passes, torch
-    column terms), here on CPU tensors, against the reference."""
-    from foresight_sparse import entropy
-    from foresight_sparse.engines import implicit
-
+@given(
+    net=random_nets(max_linear=2),
+    norm=st.sampled_from(list(NORMS)),
+    engine=st.sampled_from(["sparse", "implicit"]),
+)
+def test_torch_backend_in_full_pipeline(net, norm, engine):
+    """backend='torch': the engines' torch forms (what CUDA runs: torch blocks and block
+    reductions, torch kernel terms, class passes and Linear passes, torch column terms),
+    here on CPU tensors, against the reference."""
     ours, ref = NORMS[norm]
     det, deg = reference(net.model, net.input, ref)
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(implicit, "_KINDS", {})  # no numba kernel for any norm: the torch forms
-        mp.setattr("foresight_sparse.plans.column_terms", entropy.column_terms_torch)
-        rep = quiet_report(net.model, net.input, norm=ours, engine="implicit")
-    check_against_reference(rep, det, deg, 1e-9, f"torch implicit/{norm}")
+    rep = quiet_report(net.model, net.input, norm=ours, engine=engine, backend="torch")
+    _assert_served_by_torch(rep, f"{engine}/{norm}")
+    check_against_reference(rep, det, deg, 1e-9, f"torch {engine}/{norm}")
+
+
+def _small_cnn() -> tuple[nn.Module, torch.Tensor]:
+    model = nn.Sequential(
+        nn.Conv2d(2, 4, 3, padding=1),
+        nn.ReLU(),
+        nn.AvgPool2d(2),
+        nn.Conv2d(4, 3, 3, stride=2, padding=1, groups=1),
+        nn.Flatten(),
+        nn.Linear(12, 5),
+    )
+    return randomize_(model, 21).double(), torch.zeros(1, 2, 8, 8, dtype=F64)
+
+
+def _linear_net() -> tuple[nn.Module, torch.Tensor]:
+    model = nn.Sequential(nn.Linear(10, 7), nn.ReLU(), nn.Linear(7, 6), nn.Linear(6, 3))
+    return randomize_(model, 22).double(), torch.zeros(1, 10, dtype=F64)
+
+
+@pytest.mark.parametrize("net", [_small_cnn, _linear_net], ids=["cnn", "linear"])
+@pytest.mark.parametrize("norm", list(NORMS))
+@pytest.mark.parametrize("engine", ["sparse", "implicit"])
+def test_torch_backend_equals_reference(engine, norm, net):
+    model, x = net()
+    ours, ref = NORMS[norm]
+    det, deg = reference(model, x, ref)
+    rep = quiet_report(model, x, norm=ours, engine=engine, backend="torch")
+    _assert_served_by_torch(rep, f"{engine}/{norm}")
+    assert {lay.engine for lay in rep.layers} == {engine}
+    check_against_reference(rep, det, deg, 1e-9, f"torch {engine}/{norm}")
 
 
 # --------------------------------------------------------------------------- dtypes

@@ -15,9 +15,10 @@ from torch import nn
 
 import foresight_sparse.ei as ei
 from foresight_sparse import _kernels, report
+from foresight_sparse.backends import TORCH, resolve_backend
 from foresight_sparse.connectivity import conv2d, linear
 from foresight_sparse.engines import LayerJob, implicit
-from foresight_sparse.entropy import H, column_terms, column_terms_torch, entropy_from_terms
+from foresight_sparse.entropy import H, column_terms, entropy_from_terms
 from foresight_sparse.exceptions import UnsupportedEngineError
 from foresight_sparse.norms import NORMS, get_norm
 
@@ -56,7 +57,7 @@ def test_conv_columns_and_rows_equal_the_dense_matrix(case, norm_name):
     module, conn = _conv_case(case)
     norm = NORMS[norm_name]
     stats = implicit.layer_stats(LayerJob(conn, norm, torch.device("cpu"), 1 << 30))
-    ch, cw = implicit._classes(conn)
+    ch, cw = conn.axis_h.classes(), conn.axis_w.classes()
     c_out, oh, ow = conn.out_chw
     col = stats.col_sums.reshape(c_out, len(ch.out_mult), len(cw.out_mult))
     col = col[:, ch.out_index[:, None], cw.out_index[None, :]].reshape(-1) + stats.col_offset
@@ -81,7 +82,7 @@ def test_drawn_conv_columns_equal_the_dense_matrix(case, norm_name):
     job = LayerJob(conn, norm, torch.device("cpu"), 1 << 30)
     assume(implicit.supports(job))
     stats = implicit.layer_stats(job)
-    ch, cw = implicit._classes(conn)
+    ch, cw = conn.axis_h.classes(), conn.axis_w.classes()
     c_out = conn.out_chw[0]
     col = stats.col_sums.reshape(c_out, len(ch.out_mult), len(cw.out_mult))
     col = col[:, ch.out_index[:, None], cw.out_index[None, :]].reshape(-1) + stats.col_offset
@@ -142,7 +143,7 @@ def test_axis_classes_are_consistent(axis):
 @pytest.mark.parametrize("norm_name", NORM_NAMES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_kernel_terms_numba_equals_torch(case, norm_name, dtype):
-    """The CPU (numba) and CUDA (torch, run here on CPU tensors) kernel passes agree."""
+    """The numba and torch (what CUDA runs, here on CPU tensors) kernel passes agree."""
     module = copy.deepcopy(CONVS[case][0]).to(dtype)
     with torch.no_grad():  # exact zeros and subnormals take the no-log branches
         module.weight.view(-1)[:3] = 0.0
@@ -152,8 +153,8 @@ def test_kernel_terms_numba_equals_torch(case, norm_name, dtype):
     norm = NORMS[norm_name]
     shift = norm.shift(conn.weight_bound())
     cpu = torch.device("cpu")
-    numba_terms = implicit.kernel_terms(conn, norm, shift, cpu)
-    torch_terms = implicit.kernel_terms_torch(conn, norm, shift, cpu)
+    numba_terms = resolve_backend("numba", cpu, norm).kernel_terms(conn, norm, shift, cpu)
+    torch_terms = TORCH.kernel_terms(conn, norm, shift, cpu)
     for a, b in zip(numba_terms, torch_terms):
         torch.testing.assert_close(a, b, rtol=1e-13, atol=1e-15)
 
@@ -168,13 +169,15 @@ def test_linear_numba_equals_torch(norm_name, dtype):
         module.weight[1, :3] = 1e-41 if dtype == torch.float32 else 1e-310  # subnormals
     conn = linear(module, (1, 37), (1, 23))
     norm = NORMS[norm_name]
-    job = LayerJob(conn, norm, torch.device("cpu"), 1 << 30)
+    cpu = torch.device("cpu")
+    job = LayerJob(conn, norm, cpu, 1 << 30)
     numba_stats = implicit.layer_stats(job)
+    assert numba_stats.backend == "numba"
     shift = norm.shift(conn.weight_bound())
     from foresight_sparse.entropy import row_entropy
 
     for block in (1 << 21, 80):  # one block; blocks of two rows
-        z, t, inv, col = implicit.linear_torch(module.weight.detach(), norm, shift, block)
+        z, t, inv, col = TORCH.linear_passes(conn, norm, shift, cpu, block)
         assert numba_stats.h_sum == pytest.approx(float(row_entropy(z, t).sum()), rel=1e-12)
         torch.testing.assert_close(numba_stats.col_sums, col, rtol=1e-12, atol=1e-15)
 
@@ -235,7 +238,7 @@ def test_column_terms_torch_path_equals_numba():
         ]
     )
     torch.testing.assert_close(numba_terms, want, rtol=1e-12, atol=1e-12)
-    torch.testing.assert_close(column_terms_torch(v, 0.25), want, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(TORCH.column_terms(v, 0.25), want, rtol=1e-12, atol=1e-12)
 
 
 def test_weighted_column_terms_count_each_entry_weight_times():
@@ -245,7 +248,7 @@ def test_weighted_column_terms_count_each_entry_weight_times():
     repeated = torch.repeat_interleave(v, w.long())
     want = column_terms(repeated, -0.1)
     torch.testing.assert_close(column_terms(v, -0.1, w), want, rtol=1e-12, atol=1e-12)
-    torch.testing.assert_close(column_terms_torch(v, -0.1, w), want, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(TORCH.column_terms(v, -0.1, w), want, rtol=1e-12, atol=1e-12)
 
 
 def test_column_terms_adds_layers():

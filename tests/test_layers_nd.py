@@ -321,18 +321,14 @@ def test_shape_errors_name_the_layer_and_shapes(module, in_shape, out_shape, mat
 @settings(max_examples=examples(4))
 @given(data=st.data())
 def test_torch_paths_match_the_reference(kind, data):
-    """The engines' torch forms (what CUDA runs; here on CPU tensors): the implicit engine's
-    torch passes and the sparse engine's torch block reduction, numba switched off."""
-    from foresight_sparse.engines import implicit, sparse
-
+    """The engines' torch forms (what CUDA runs; here on CPU tensors, backend='torch'): the
+    implicit engine's torch passes and the sparse engine's torch blocks and reduction."""
     case = data.draw(NEW_CASES[kind], label="case")
     model = nn.Sequential(case.module)
     x = torch.zeros(case.in_shape, dtype=F64)
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(implicit, "_KINDS", {})
-        mp.setattr(sparse, "KINDS", {})
-        for norm, ref_norm in (("lin", R.lin_norm), ("soft", R.soft_norm)):
-            expected = R.ei(model, x, norm=ref_norm, layers="all")
-            for engine in ("sparse", "implicit"):
-                rep = fs.report(model, x, norm=norm, engine=engine, layers="all")
-                assert_close(rep.ei, expected, 1e-9, ABS_FLOOR, f"{case!r} {norm} {engine}")
+    for norm, ref_norm in (("lin", R.lin_norm), ("soft", R.soft_norm)):
+        expected = R.ei(model, x, norm=ref_norm, layers="all")
+        for engine in ("sparse", "implicit"):
+            rep = fs.report(model, x, norm=norm, engine=engine, layers="all", backend="torch")
+            assert [lay.backend for lay in rep.layers] == ["torch"], f"{case!r} {norm} {engine}"
+            assert_close(rep.ei, expected, 1e-9, ABS_FLOOR, f"{case!r} {norm} {engine}")

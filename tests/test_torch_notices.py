@@ -59,10 +59,9 @@ CASES = {
     "ei.VALID_MODULES[Scale](Scale(4), (1, 4), (1, 4), layout='scipy')",
     # The torch forms that CUDA runs (here on CPU tensors): the implicit engine's class
     # passes and the sparse engine's block builder, over geometry arrays kept read-only.
-    "torch_paths": "from foresight_sparse.engines import implicit\n"
-    "implicit._KINDS = {}\n"
-    "cnn = nn.Sequential(nn.Conv2d(2, 3, 3, padding=1), nn.AvgPool2d(2))\n"
-    "foresight_sparse.report(cnn, torch.zeros(1, 2, 4, 4), norm='soft')\n"
+    "torch_paths": "cnn = nn.Sequential(nn.Conv2d(2, 3, 3, padding=1), nn.AvgPool2d(2))\n"
+    "rep = foresight_sparse.report(cnn, torch.zeros(1, 2, 4, 4), norm='soft', backend='torch')\n"
+    "assert [lay.backend for lay in rep.layers] == ['torch', 'torch']\n"
     "plan = foresight_sparse.plan(cnn, torch.zeros(1, 2, 4, 4))\n"
     "plan.layers[0].conn.block_torch(0, 8)",
 }

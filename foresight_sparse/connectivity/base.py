@@ -102,12 +102,16 @@ class Connectivity:
         with_rows: bool = False,
         index_dtype: torch.dtype = torch.int64,
         workspace: dict | None = None,
+        backend=None,
     ) -> Block:
         """Rows ``r0 .. r1`` as a :class:`Block` with values in ``dtype`` on ``device``.
 
         ``workspace`` is an optional dict of reusable buffers, kept across the blocks of a
         layer; an int under its key ``"entries"`` sizes them for the largest block up front,
-        so that no later block maps fresh pages (see :meth:`Stencil.block`).
+        so that no later block maps fresh pages (the numba fill writes into them; the
+        returned arrays are then views valid until the next call). ``backend`` (a
+        :class:`~foresight_sparse.backends.Backend`) fills the block; by default the one
+        for ``device`` (numba on the CPU, torch elsewhere).
         """
         raise NotImplementedError
 
@@ -215,12 +219,22 @@ class Connectivity:
             (blk.vals.numpy(), blk.cols.numpy(), crow.numpy()), shape=size
         )
 
-    def to_dense(self, dtype: torch.dtype = torch.float64) -> torch.Tensor:
-        """The dense matrix (small layers only: for custom norms and tests)."""
-        blk = self.block(0, self.n_rows, dtype=dtype, with_rows=True)
+    def to_dense(self, dtype: torch.dtype = torch.float64, *, backend=None) -> torch.Tensor:
+        """The dense matrix (small layers only: for custom norms and tests), its rows
+        filled by ``backend`` (see :meth:`block`)."""
+        blk = self.block(0, self.n_rows, dtype=dtype, with_rows=True, backend=backend)
         dense = torch.zeros(self.n_rows, self.n_cols, dtype=dtype, device=blk.vals.device)
         dense[blk.rows, blk.cols] = blk.vals
         return dense
+
+
+def _fill_backend(backend, device: torch.device):
+    """``backend``, or the default one for ``device`` where none is given (outside a plan)."""
+    if backend is not None:
+        return backend
+    from ..backends import default_backend  # the backends build on this package
+
+    return default_backend(device)
 
 
 def _same_memory(a: torch.Tensor, b: torch.Tensor) -> bool:

@@ -65,7 +65,9 @@ class ExplicitMatrix(Connectivity):
         with_rows=False,
         index_dtype=torch.int64,
         workspace=None,
+        backend=None,
     ):
+        # torch slices of the stored CSR matrix, whatever the backend
         device = torch.device(device) if device is not None else self.device
         lo, hi = int(self._crow[r0]), int(self._crow[r1])
         rowptr = (self._crow[r0 : r1 + 1] - lo).to(device)

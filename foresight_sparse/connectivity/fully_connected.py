@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .base import Block, Connectivity, _check_finite_tensor
+from .base import Connectivity, _check_finite_tensor, _fill_backend
 
 __all__ = ["FullyConnected"]
 
@@ -77,27 +77,9 @@ class FullyConnected(Connectivity):
         with_rows=False,
         index_dtype=torch.int64,
         workspace=None,
+        backend=None,
     ):
         device = torch.device(device) if device is not None else self.device
-        n = r1 - r0
-        vals = self.weight.detach()[:, r0:r1].to(device=device, dtype=dtype).t().reshape(-1)
-        rowptr = torch.arange(n + 1, device=device, dtype=torch.int64) * self.n_cols
-        if device.type == "cpu":
-            np_idx = np.int32 if index_dtype == torch.int32 else np.int64
-            cols = np.empty(n * self.n_cols, dtype=np_idx)
-            rows = np.empty(n * self.n_cols if with_rows else 0, dtype=np.int64)
-            from .. import _kernels
-
-            _kernels.fill_dense_rows(r0, n, self.n_cols, cols, rows)
-            return Block(
-                r0,
-                rowptr,
-                torch.from_numpy(cols),
-                vals,
-                torch.from_numpy(rows) if with_rows else None,
-            )
-        cols = torch.arange(self.n_cols, device=device, dtype=index_dtype).repeat(n)
-        rows = None
-        if with_rows:
-            rows = torch.arange(r0, r1, device=device).repeat_interleave(self.n_cols)
-        return Block(r0, rowptr, cols, vals, rows)
+        return _fill_backend(backend, device).dense_block(
+            self, r0, r1, dtype, device, with_rows, index_dtype
+        )

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from ..geometry import Axis, AxisPairs, AxisProduct
-from .base import Block, Connectivity, _buffer, _check_finite_tensor, _rowptr
+from .base import Block, Connectivity, _check_finite_tensor, _fill_backend
 
 __all__ = ["Stencil"]
 
@@ -225,40 +225,12 @@ class Stencil(Connectivity):
         with_rows=False,
         index_dtype=torch.int64,
         workspace: dict | None = None,
+        backend=None,
     ):
-        """Rows ``r0 .. r1``; see :meth:`Connectivity.block`.
-
-        ``workspace`` (a dict the caller keeps across blocks) lets the CPU path write into
-        the same buffers every time instead of mapping fresh memory per block; the returned
-        arrays are then views valid until the next call.
-        """
+        """Rows ``r0 .. r1``; see :meth:`Connectivity.block`."""
         device = torch.device(device) if device is not None else self.device
-        if device.type == "cpu":
-            return self._block_numba(r0, r1, dtype, with_rows, index_dtype, workspace)
-        return self.block_torch(
-            r0, r1, dtype=dtype, device=device, with_rows=with_rows, index_dtype=index_dtype
-        )
-
-    def _block_numba(self, r0, r1, dtype, with_rows, index_dtype, workspace=None) -> Block:
-        rowptr = _rowptr(self.row_counts(r0, r1))
-        nnz = int(rowptr[-1])
-        # numpy has no bfloat16: such values are made in float32 and cast by torch
-        fill_dtype = dtype if dtype in (torch.float32, torch.float64) else torch.float32
-        np_idx = np.int32 if index_dtype == torch.int32 else np.int64
-        cols = _buffer(workspace, "cols", nnz, np_idx)
-        vals = torch.from_numpy(
-            _buffer(workspace, "vals", nnz, torch.empty((), dtype=fill_dtype).numpy().dtype)
-        )
-        rows = _buffer(workspace, "rows", nnz if with_rows else 0, np.int64)
-        from .. import _kernels
-
-        _kernels.fill_stencil_rows(r0, r1 - r0, self, rowptr, cols, vals.numpy(), rows)
-        return Block(
-            r0,
-            torch.from_numpy(rowptr),
-            torch.from_numpy(cols),
-            vals.to(dtype),
-            torch.from_numpy(rows) if with_rows else None,
+        return _fill_backend(backend, device).stencil_block(
+            self, r0, r1, dtype, device, with_rows, index_dtype, workspace
         )
 
     def block_torch(
@@ -271,58 +243,12 @@ class Stencil(Connectivity):
         with_rows: bool = False,
         index_dtype: torch.dtype = torch.int64,
     ) -> Block:
-        """Rows ``r0 .. r1`` by vectorised torch index arithmetic (the CUDA path).
+        """Rows ``r0 .. r1`` by vectorised torch index arithmetic, on any device: the torch
+        backend's form (what CUDA runs), the same block as the numba kernel's."""
+        from ..backends import TORCH
 
-        Produces the same block as the numba kernel, on any device: every entry's position
-        in the row is decomposed into (output channel, H pair, W pair) and its value gathered
-        from the kernel, duplicate taps summed through a padded tap table.
-        """
         device = torch.device(device) if device is not None else self.device
-        _, height, width = self.in_chw
-        _, out_h, out_w = self.out_chw
-
-        def t(a):
-            return torch.tensor(a, device=device)  # copies: geometry arrays are read-only
-
-        counts = t(self.row_counts(r0, r1))
-        rowptr = torch.zeros(r1 - r0 + 1, dtype=torch.int64, device=device)
-        torch.cumsum(counts, 0, out=rowptr[1:])
-        nnz = int(rowptr[-1])
-        local_row = torch.repeat_interleave(
-            torch.arange(r1 - r0, device=device), counts, output_size=nnz
-        )
-        pos = torch.arange(nnz, device=device) - rowptr[local_row]
-        r = local_row + r0
-        ci = r // (height * width)
-        ih = (r // width) % height
-        iw = r % width
-        nh = t(self.pairs_h.counts)[ih]
-        nw = t(self.pairs_w.counts)[iw]
-        lq = pos % nw
-        rest = pos // nw
-        lp = rest % nh
-        co_l = rest // nh
-        del rest, pos
-        p = t(self.pairs_h.ptr)[ih] + lp
-        q = t(self.pairs_w.ptr)[iw] + lq
-        oh = t(self.pairs_h.out)[p]
-        ow = t(self.pairs_w.out)[q]
-        g = ci // self.cin_g
-        co = g * self.cout_g + co_l
-        ci_l = ci - g * self.cin_g
-        kernel = self.kernel.detach().to(device, torch.float64)
-        taps_h = _tap_table(self.pairs_h, device)
-        taps_w = _tap_table(self.pairs_w, device)
-        vals = torch.zeros(nnz, dtype=torch.float64, device=device)
-        for a in range(taps_h.shape[1]):
-            kh = taps_h[p, a]
-            for b in range(taps_w.shape[1]):
-                kw = taps_w[q, b]
-                ok = (kh >= 0) & (kw >= 0)
-                vals += torch.where(ok, kernel[co, ci_l, kh.clamp(min=0), kw.clamp(min=0)], 0.0)
-        vals *= t(self.scale_h)[oh] * t(self.scale_w)[ow]
-        cols = (co * out_h + oh) * out_w + ow
-        return Block(r0, rowptr, cols.to(index_dtype), vals.to(dtype), r if with_rows else None)
+        return TORCH.stencil_block(self, r0, r1, dtype, device, with_rows, index_dtype, None)
 
 
 def _fold_kernel(weight: torch.Tensor, fold: tuple[bool, int] | None) -> torch.Tensor:
@@ -341,13 +267,3 @@ def _fold_kernel(weight: torch.Tensor, fold: tuple[bool, int] | None) -> torch.T
         )
     k = weight.shape[2:]
     return weight.reshape(*weight.shape[:2], math.prod(k[:-1]), k[-1])
-
-
-def _tap_table(pairs: AxisPairs, device) -> torch.Tensor:
-    """Taps of each pair, padded with -1 to the widest pair: shape ``(n_pairs, max_taps)``."""
-    n_taps = np.diff(pairs.tap_ptr)
-    width = int(n_taps.max(initial=1))
-    table = np.full((len(pairs.out), width), -1, dtype=np.int64)
-    col = np.arange(len(pairs.tap)) - np.repeat(pairs.tap_ptr[:-1], n_taps)
-    table[np.repeat(np.arange(len(pairs.out)), n_taps), col] = pairs.tap
-    return torch.as_tensor(table, device=device)

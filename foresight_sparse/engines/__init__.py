@@ -10,6 +10,9 @@ determinism, degeneracy and EI, so each quantity has one code path whatever the 
   ones and of ``1/Z`` (:mod:`.implicit`);
 - ``'dense'``: the dense reference, for checks and as the benchmark baseline (:mod:`.dense`);
 - ``'auto'``: implicit wherever it is exact, sparse elsewhere.
+
+Whichever the engine, the numeric forms come from the job's backend
+(:mod:`foresight_sparse.backends`: numba kernels or torch operations), chosen once per plan.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..backends import Backend, resolve_backend
 from ..connectivity import Connectivity
 from ..exceptions import UnknownNameError
 from ..norms import Norm
@@ -37,12 +41,23 @@ __all__ = [
 @dataclass
 class LayerJob:
     """What an engine needs for one layer: its connectivity (made of the weights to
-    evaluate), the norm, where to reduce, and the working-memory budget in bytes."""
+    evaluate), the norm, where to reduce, the working-memory budget in bytes, and the
+    :class:`~foresight_sparse.backends.Backend` whose forms compute it.
+
+    The backend is the plan's, as :meth:`Backend.for_layer
+    <foresight_sparse.backends.Backend.for_layer>` adapts it to this layer; without one,
+    ``'auto'`` resolved for the device and norm.
+    """
 
     conn: Connectivity
     norm: Norm
     device: torch.device
     budget: int
+    backend: Backend | None = None
+
+    def __post_init__(self):
+        backend = self.backend or resolve_backend("auto", self.device, self.norm)
+        self.backend = backend.for_layer(self.conn)
 
 
 @dataclass
@@ -53,7 +68,7 @@ class LayerStats:
     the absent entries is kept apart rather than added in another pass over the columns.
     When ``col_weights`` is given, entry ``j`` of ``col_sums`` stands for
     ``col_weights[j]`` columns with that same sum (the implicit engine's position classes);
-    otherwise for one column each.
+    otherwise for one column each. ``engine`` and ``backend`` name what served the layer.
     """
 
     h_sum: float
@@ -62,6 +77,7 @@ class LayerStats:
     engine: str
     col_offset: float = 0.0
     col_weights: torch.Tensor | None = None
+    backend: str = ""
 
 
 Engine = Callable[[LayerJob], LayerStats]

@@ -27,5 +27,7 @@ def layer_stats(job: LayerJob) -> LayerStats:
         f"{conn.label}: the dense {conn.n_rows} x {conn.n_cols} matrix",
         "use engine='sparse' or 'implicit', or raise max_memory",
     )
-    p = job.norm(conn.to_dense(torch.float64).to(job.device))
-    return LayerStats(float(H(p, dim=1).sum()), conn.n_rows, p.sum(0), "dense")
+    p = job.norm(conn.to_dense(torch.float64, backend=job.backend).to(job.device))
+    return LayerStats(
+        float(H(p, dim=1).sum()), conn.n_rows, p.sum(0), "dense", backend=job.backend.name
+    )

@@ -1,0 +1,131 @@
+"""The backend option: chosen once per plan, recorded per layer, refused where it cannot run."""
+
+from __future__ import annotations
+
+import pickle
+import warnings
+
+import pytest
+import torch
+from conftest import F64, assert_close, randomize_
+from torch import nn
+
+import foresight_sparse as fs
+from foresight_sparse import reference as R
+from foresight_sparse.backends import (
+    BACKENDS,
+    TORCH,
+    NumbaBackend,
+    TorchBackend,
+    default_backend,
+    resolve_backend,
+)
+from foresight_sparse.norms import NORMS, RowwiseNorm
+
+CPU, CUDA = torch.device("cpu"), torch.device("cuda")
+
+
+def _top1(W):
+    return (W == W.max(dim=1, keepdim=True).values).to(W.dtype)
+
+
+CUSTOM = RowwiseNorm(_top1)
+
+
+def _cnn():
+    model = nn.Sequential(nn.Conv2d(2, 3, 3, padding=1), nn.AvgPool2d(2), nn.Flatten())
+    model.append(nn.Linear(12, 4))
+    return randomize_(model, 5).double(), torch.zeros(1, 2, 4, 4, dtype=F64)
+
+
+def _report(*args, **kwargs) -> fs.Report:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # skipped Flatten
+        return fs.report(*args, **kwargs)
+
+
+@pytest.mark.parametrize("norm", list(NORMS))
+def test_auto_is_numba_on_the_cpu_and_torch_on_cuda_for_the_builtin_norms(norm):
+    assert isinstance(resolve_backend("auto", CPU, NORMS[norm]), NumbaBackend)
+    assert isinstance(resolve_backend("auto", CUDA, NORMS[norm]), TorchBackend)
+    assert not isinstance(resolve_backend("auto", CUDA, NORMS[norm]), NumbaBackend)
+    assert resolve_backend("torch", CPU, NORMS[norm]) is TORCH
+
+
+def test_auto_is_torch_for_a_custom_norm():
+    assert resolve_backend("auto", CPU, CUSTOM) is TORCH
+
+
+def test_default_backend_outside_a_plan_follows_the_device():
+    assert default_backend("cpu").name == "numba"
+    assert default_backend("cuda").name == "torch"
+
+
+def test_numba_on_cuda_is_a_device_error_naming_the_fix():
+    # resolve_backend does not need a CUDA device to refuse one
+    with pytest.raises(fs.DeviceError, match=r"backend='numba' runs on the CPU.*'torch'"):
+        resolve_backend("numba", CUDA, NORMS["lin"])
+
+
+def test_numba_with_a_custom_norm_is_refused_with_the_alternatives():
+    model, x = _cnn()
+    with pytest.raises(fs.UnsupportedEngineError, match=r"no kernel for the norm '_top1'"):
+        fs.plan(model, x, norm=_top1, backend="numba")
+
+
+def test_unknown_backend_lists_the_valid_names():
+    model, x = _cnn()
+    with pytest.raises(fs.UnknownNameError, match="auto, numba, torch"):
+        fs.plan(model, x, backend="gpu")
+    assert BACKENDS == ("auto", "numba", "torch")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_every_layer_records_its_backend_and_the_value_is_the_references(backend):
+    model, x = _cnn()
+    want = "torch" if backend == "torch" else "numba"
+    plan = fs.plan(model, x, norm="soft", backend=backend)
+    assert [lay.backend for lay in plan.layers] == [want] * 3
+    rep = plan.report()
+    assert rep.backend == want
+    assert [lay.backend for lay in rep.layers] == [want] * 3
+    assert_close(rep.ei, R.ei(model, x, norm=R.soft_norm), 1e-9)
+
+
+def test_custom_norm_runs_on_the_torch_backend_under_auto():
+    model, x = _cnn()
+    rep = _report(model, x, norm=_top1)
+    assert rep.backend == "torch" and {lay.backend for lay in rep.layers} == {"torch"}
+    assert_close(rep.ei, R.ei(model, x, norm=_top1), 1e-9)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_a_linear_layer_the_kernels_cannot_read_falls_back_to_torch(dtype):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 2, 2), nn.Flatten(), nn.Linear(8, 3)).to(dtype)
+    x = torch.zeros(1, 1, 3, 3, dtype=dtype)
+    rep = _report(model, x, backend="numba")
+    assert rep.backend == "numba"
+    assert [lay.backend for lay in rep.layers] == ["numba", "torch"]
+    exact = _report(model.double(), x.double())
+    assert_close(rep.ei, exact.ei, 1e-9)
+
+
+def test_a_plan_pickles_with_its_backend():
+    model, x = _cnn()
+    plan = fs.plan(model, x, backend="torch")
+    back = pickle.loads(pickle.dumps(plan))
+    assert back.backend.name == "torch"
+    assert back.report().ei == plan.report().ei
+
+
+def test_reports_keep_the_backend_and_read_older_files_without_it():
+    model, x = _cnn()
+    rep = _report(model, x, backend="torch")
+    assert fs.Report.from_dict(rep.to_dict()) == rep
+    old = rep.to_dict()
+    del old["backend"]
+    for layer in old["layers"]:
+        del layer["backend"]
+    back = fs.Report.from_dict(old)
+    assert back.backend == "auto" and all(lay.backend is None for lay in back.layers)
