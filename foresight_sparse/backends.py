@@ -56,6 +56,7 @@ __all__ = [
     "Backend",
     "TorchBackend",
     "NumbaBackend",
+    "TORCH",
     "resolve_backend",
     "default_backend",
     "column_classes",

@@ -203,7 +203,7 @@ def _generic_create_matrix(adapter):
 
 
 #: The supported module types and their connectivity builders: a view of the entries of
-#: :data:`foresight_sparse.connectivity.REGISTRY` the old module's functions count (its
+#: :data:`~foresight_sparse.connectivity.registry.REGISTRY` the old module's functions count (its
 #: three types and the user's); assigning to it registers a builder.
 VALID_MODULES: MutableMapping = _ValidModules()
 

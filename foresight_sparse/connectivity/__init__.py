@@ -13,10 +13,9 @@ Three kinds cover the built-in layers and user extensions:
 - :class:`FullyConnected`: Linear, the weight transposed;
 - :class:`ExplicitMatrix`: a matrix a user-supplied ``create_matrix`` function returned.
 
-The package is split by concern: :mod:`.base` (the base class, blocks, the weight scan),
-:mod:`.stencil`, :mod:`.fully_connected`, :mod:`.explicit`, :mod:`.registry` (the registry
-and ``layers=``) and :mod:`.adapters` (the built-in layer types). Every public name is
-importable from here.
+The package is split by concern: ``base`` (the base class, blocks, the weight scan),
+``stencil``, ``fully_connected``, ``explicit``, ``registry`` (the registry and ``layers=``)
+and ``adapters`` (the built-in layer types). Every public name is importable from here.
 """
 
 from __future__ import annotations
