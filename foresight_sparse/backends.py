@@ -284,7 +284,7 @@ class TorchBackend(Backend):
         h_sum = torch.zeros((), dtype=torch.float64, device=device)
         off_sum = torch.zeros((), dtype=torch.float64, device=device)
         for r0, r1 in blocks:
-            b = conn.block(r0, r1, device=device, backend=self)
+            b = conn.rows(self, r0, r1, device=device)
             h, off = reduce_block_torch(b.rowptr, b.cols, b.vals, norm, shift, n_cols, col)
             h_sum += h
             off_sum += off
@@ -580,14 +580,14 @@ class NumbaBackend(TorchBackend):
         for r0, r1 in blocks:
             # values in the narrowest exact dtype: float32 halves the traffic and lets
             # the kernel take log2 from the bits; the reduction is float64 either way
-            b = conn.block(
+            b = conn.rows(
+                self,
                 r0,
                 r1,
                 device="cpu",
                 dtype=conn.exact_dtype,
                 workspace=workspace,
                 index_dtype=index_dtype,
-                backend=self,
             )
             h, off = k.reduce_rows(
                 b.rowptr.numpy(),

@@ -399,6 +399,6 @@ def no_blocks(monkeypatch):
         raise AssertionError(f"{type(self).__name__} built rows {args} before refusing")
 
     for cls in (C.Stencil, C.FullyConnected, C.ExplicitMatrix):
-        for name in ("block", "block_torch", "_block_numba"):
+        for name in ("block", "rows", "block_torch"):
             if name in vars(cls):
                 monkeypatch.setattr(cls, name, refuse)

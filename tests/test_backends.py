@@ -5,6 +5,7 @@ from __future__ import annotations
 import pickle
 import warnings
 
+import numpy as np
 import pytest
 import torch
 from conftest import F64, assert_close, randomize_
@@ -20,6 +21,7 @@ from foresight_sparse.backends import (
     default_backend,
     resolve_backend,
 )
+from foresight_sparse.connectivity import Block
 from foresight_sparse.norms import NORMS, RowwiseNorm
 
 CPU, CUDA = torch.device("cpu"), torch.device("cuda")
@@ -129,3 +131,76 @@ def test_reports_keep_the_backend_and_read_older_files_without_it():
         del layer["backend"]
     back = fs.Report.from_dict(old)
     assert back.backend == "auto" and all(lay.backend is None for lay in back.layers)
+
+
+class _Scale(nn.Module):
+    def __init__(self, n: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.linspace(-0.5, 2.0, n, dtype=F64))
+
+    def forward(self, x):
+        return x * self.weight
+
+
+class _Diagonal(fs.Connectivity):
+    """A user's connectivity written to the documented contract: rows on demand through its
+    own ``block`` (which knows nothing of backends)."""
+
+    weight_names = None
+
+    def __init__(self, label, weight):
+        self.label, self.weight = label, weight.detach()
+        self.n_rows = self.n_cols = len(weight)
+        self.device, self.dtype = weight.device, weight.dtype
+
+    def row_counts(self, r0, r1):
+        return np.ones(r1 - r0, dtype=np.int64)
+
+    def block(
+        self,
+        r0,
+        r1,
+        *,
+        dtype=torch.float64,
+        device=None,
+        with_rows=False,
+        index_dtype=torch.int64,
+        workspace=None,
+    ):
+        rows = torch.arange(r0, r1)
+        return Block(
+            r0,
+            torch.arange(r1 - r0 + 1),
+            rows.to(index_dtype),
+            self.weight[r0:r1].to(dtype),
+            rows if with_rows else None,
+        )
+
+    def weight_bound(self):
+        return max(float(self.weight.max()), 0.0)
+
+    def check_finite(self):
+        assert torch.isfinite(self.weight).all()
+
+
+@pytest.mark.parametrize("backend", ["auto", "torch"])
+@pytest.mark.parametrize("engine", ["auto", "sparse", "dense"])
+def test_a_users_connectivity_makes_its_own_rows_under_any_backend(engine, backend):
+    net = nn.Sequential(randomize_(nn.Linear(5, 6), 8).double(), _Scale(6))
+    x = torch.zeros(1, 5, dtype=F64)
+
+    def explicit(module, in_shape, out_shape, *, legacy=False, label=None):
+        return fs.ExplicitMatrix(label, torch.diag(module.weight.detach()))
+
+    def diagonal(module, in_shape, out_shape, *, legacy=False, label=None):
+        return _Diagonal(label, module.weight)
+
+    try:
+        fs.register(_Scale, explicit)
+        want = _report(net, x, norm="soft")
+        fs.register(_Scale, diagonal)
+        got = _report(net, x, norm="soft", engine=engine, backend=backend)
+    finally:
+        fs.unregister(_Scale)
+    assert got.layers[1].engine == ("dense" if engine == "dense" else "sparse")
+    assert_close(got.ei, want.ei, 1e-12)

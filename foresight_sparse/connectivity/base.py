@@ -112,25 +112,78 @@ class Connectivity:
         returned arrays are then views valid until the next call). ``backend`` (a
         :class:`~foresight_sparse.backends.Backend`) fills the block; by default the one
         for ``device`` (numba on the CPU, torch elsewhere).
+
+        A subclass implements this method, or :meth:`rows` to fill its blocks with the
+        backend's forms, as the built-in classes do.
         """
+        device = self._device(device)
+        return self.rows(
+            _fill_backend(backend, device),
+            r0,
+            r1,
+            dtype=dtype,
+            device=device,
+            with_rows=with_rows,
+            index_dtype=index_dtype,
+            workspace=workspace,
+        )
+
+    def rows(
+        self,
+        backend,
+        r0: int,
+        r1: int,
+        *,
+        dtype: torch.dtype = torch.float64,
+        device: torch.device | str | None = None,
+        with_rows: bool = False,
+        index_dtype: torch.dtype = torch.int64,
+        workspace: dict | None = None,
+    ) -> Block:
+        """Rows ``r0 .. r1`` filled by ``backend`` (see :meth:`block`): what the engines
+        call, with the backend of their plan. By default the subclass's own :meth:`block`,
+        which knows how to make its rows (a user's connectivity: the backend is unused)."""
+        if type(self).block is Connectivity.block:
+            raise NotImplementedError(f"{type(self).__name__} implements neither block nor rows")
+        return self.block(
+            r0,
+            r1,
+            dtype=dtype,
+            device=device,
+            with_rows=with_rows,
+            index_dtype=index_dtype,
+            workspace=workspace,
+        )
+
+    def _device(self, device) -> torch.device:
+        return torch.device(device) if device is not None else self.device
+
+    def _weights(self) -> torch.Tensor:
+        """The tensor whose values the entries are made of (scanned for NaN/Inf and for
+        its range); the built-in subclasses name theirs."""
         raise NotImplementedError
 
     def weight_bound(self) -> float:
         """An upper bound on every entry (used to shift ``exp`` away from overflow)."""
-        raise NotImplementedError
+        return max(self._scan(self._weights())[0], 0.0)
 
     @property
     def exact_dtype(self) -> torch.dtype:
         """The narrowest of float32/float64 that holds every entry exactly."""
         return torch.float64
 
-    def check_finite(self) -> None:
-        """Raise :class:`~foresight_sparse.exceptions.NonFiniteWeightsError` on NaN/Inf weights."""
-        raise NotImplementedError
+    def check_finite(self, non_finite: int | None = None) -> None:
+        """Raise :class:`~foresight_sparse.exceptions.NonFiniteWeightsError` on NaN/Inf
+        weights. ``non_finite``, the count of NaN/Inf weights a pass over the weights
+        already made, saves the scan."""
+        weights = self._weights()
+        scan = (0.0, 0.0, non_finite) if non_finite is not None else self._scan(weights)
+        _check_finite_tensor(weights, self.label, scan)
 
     def weight_range(self) -> tuple[float, float]:
         """Smallest and largest weight the entries are made of."""
-        raise NotImplementedError
+        mx, mn, _ = self._scan(self._weights())
+        return mn, mx
 
     def _scan(self, weights: torch.Tensor) -> tuple[float, float, int]:
         # one pass over the weights serves both check_finite and weight_bound
@@ -222,7 +275,9 @@ class Connectivity:
     def to_dense(self, dtype: torch.dtype = torch.float64, *, backend=None) -> torch.Tensor:
         """The dense matrix (small layers only: for custom norms and tests), its rows
         filled by ``backend`` (see :meth:`block`)."""
-        blk = self.block(0, self.n_rows, dtype=dtype, with_rows=True, backend=backend)
+        blk = self.rows(
+            _fill_backend(backend, self.device), 0, self.n_rows, dtype=dtype, with_rows=True
+        )
         dense = torch.zeros(self.n_rows, self.n_cols, dtype=dtype, device=blk.vals.device)
         dense[blk.rows, blk.cols] = blk.vals
         return dense

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 
 from ..exceptions import ShapeMismatchError
-from .base import Block, Connectivity, _check_finite_tensor
+from .base import Block, Connectivity
 
 __all__ = ["ExplicitMatrix"]
 
@@ -45,18 +45,12 @@ class ExplicitMatrix(Connectivity):
     def row_counts(self, r0, r1):
         return torch.diff(self._crow[r0 : r1 + 1]).cpu().numpy()
 
-    def weight_bound(self) -> float:
-        return max(self._scan(self._csr.values())[0], 0.0)
+    def _weights(self) -> torch.Tensor:
+        return self._csr.values()
 
-    def weight_range(self) -> tuple[float, float]:
-        mx, mn, _ = self._scan(self._csr.values())
-        return mn, mx
-
-    def check_finite(self) -> None:
-        _check_finite_tensor(self._csr.values(), self.label)
-
-    def block(
+    def rows(
         self,
+        backend,
         r0,
         r1,
         *,
@@ -65,10 +59,9 @@ class ExplicitMatrix(Connectivity):
         with_rows=False,
         index_dtype=torch.int64,
         workspace=None,
-        backend=None,
     ):
         # torch slices of the stored CSR matrix, whatever the backend
-        device = torch.device(device) if device is not None else self.device
+        device = self._device(device)
         lo, hi = int(self._crow[r0]), int(self._crow[r1])
         rowptr = (self._crow[r0 : r1 + 1] - lo).to(device)
         cols = self._csr.col_indices()[lo:hi].to(device=device, dtype=index_dtype)

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .base import Connectivity, _check_finite_tensor, _fill_backend
+from .base import Connectivity
 
 __all__ = ["FullyConnected"]
 
@@ -54,21 +54,12 @@ class FullyConnected(Connectivity):
     def row_counts(self, r0, r1):
         return np.full(r1 - r0, self.n_cols, dtype=np.int64)
 
-    def weight_bound(self) -> float:
-        return max(self._scan(self.weight)[0], 0.0)
+    def _weights(self) -> torch.Tensor:
+        return self.weight
 
-    def check_finite(self, non_finite: int | None = None) -> None:
-        """As :meth:`Connectivity.check_finite`; ``non_finite``, the count of NaN/Inf
-        weights a pass over the weight already made, saves the scan."""
-        scan = (0.0, 0.0, non_finite) if non_finite is not None else self._scan(self.weight)
-        _check_finite_tensor(self.weight, self.label, scan)
-
-    def weight_range(self) -> tuple[float, float]:
-        mx, mn, _ = self._scan(self.weight)
-        return mn, mx
-
-    def block(
+    def rows(
         self,
+        backend,
         r0,
         r1,
         *,
@@ -77,9 +68,7 @@ class FullyConnected(Connectivity):
         with_rows=False,
         index_dtype=torch.int64,
         workspace=None,
-        backend=None,
     ):
-        device = torch.device(device) if device is not None else self.device
-        return _fill_backend(backend, device).dense_block(
-            self, r0, r1, dtype, device, with_rows, index_dtype
+        return backend.dense_block(
+            self, r0, r1, dtype, self._device(device), with_rows, index_dtype
         )

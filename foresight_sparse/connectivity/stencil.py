@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from ..geometry import Axis, AxisPairs, AxisProduct
-from .base import Block, Connectivity, _check_finite_tensor, _fill_backend
+from .base import Block, Connectivity
 
 __all__ = ["Stencil"]
 
@@ -196,27 +196,20 @@ class Stencil(Connectivity):
     def weight_bound(self) -> float:
         taps_h = int(np.diff(self.pairs_h.tap_ptr).max(initial=1))
         taps_w = int(np.diff(self.pairs_w.tap_ptr).max(initial=1))
-        k = self._scan(self.kernel)[0]
         return (
-            max(k, 0.0)
+            super().weight_bound()
             * taps_h
             * taps_w
             * float(self.scale_h.max(initial=1.0))
             * float(self.scale_w.max(initial=1.0))
         )
 
-    def check_finite(self, non_finite: int | None = None) -> None:
-        """As :meth:`Connectivity.check_finite`; ``non_finite``, the count of NaN/Inf
-        weights a pass over the kernel already made, saves the scan."""
-        scan = (0.0, 0.0, non_finite) if non_finite is not None else self._scan(self.kernel)
-        _check_finite_tensor(self.kernel, self.label, scan)
+    def _weights(self) -> torch.Tensor:
+        return self.kernel
 
-    def weight_range(self) -> tuple[float, float]:
-        mx, mn, _ = self._scan(self.kernel)
-        return mn, mx
-
-    def block(
+    def rows(
         self,
+        backend,
         r0,
         r1,
         *,
@@ -225,12 +218,9 @@ class Stencil(Connectivity):
         with_rows=False,
         index_dtype=torch.int64,
         workspace: dict | None = None,
-        backend=None,
     ):
-        """Rows ``r0 .. r1``; see :meth:`Connectivity.block`."""
-        device = torch.device(device) if device is not None else self.device
-        return _fill_backend(backend, device).stencil_block(
-            self, r0, r1, dtype, device, with_rows, index_dtype, workspace
+        return backend.stencil_block(
+            self, r0, r1, dtype, self._device(device), with_rows, index_dtype, workspace
         )
 
     def block_torch(
@@ -247,8 +237,9 @@ class Stencil(Connectivity):
         backend's form (what CUDA runs), the same block as the numba kernel's."""
         from ..backends import TORCH
 
-        device = torch.device(device) if device is not None else self.device
-        return TORCH.stencil_block(self, r0, r1, dtype, device, with_rows, index_dtype, None)
+        return self.rows(
+            TORCH, r0, r1, dtype=dtype, device=device, with_rows=with_rows, index_dtype=index_dtype
+        )
 
 
 def _fold_kernel(weight: torch.Tensor, fold: tuple[bool, int] | None) -> torch.Tensor:

@@ -66,7 +66,7 @@ def _rowwise(job: LayerJob, counts: np.ndarray) -> LayerStats:
     col = torch.zeros(conn.n_cols, dtype=torch.float64, device=job.device)
     h_sum = torch.zeros((), dtype=torch.float64, device=job.device)
     for r0, r1 in blocks:
-        b = conn.block(r0, r1, device=job.device, with_rows=True, backend=job.backend)
+        b = conn.rows(job.backend, r0, r1, device=job.device, with_rows=True)
         dense = torch.zeros(r1 - r0, conn.n_cols, dtype=torch.float64, device=job.device)
         dense[b.rows - r0, b.cols] = b.vals
         p = job.norm(dense)
