@@ -30,8 +30,11 @@ def threads() -> int:
     return numba.get_num_threads()
 
 
-def _chunks(n: int, per_thread: int = 4) -> int:
-    """How many slices to cut ``n`` items into for a parallel kernel (at least 1)."""
+def _chunks(n: int, per_thread: int = 4, work: int | None = None) -> int:
+    """How many slices to cut ``n`` items into for a parallel kernel (at least 1); one
+    when ``work`` is given and small enough for :func:`_launch` to run the serial twin."""
+    if work is not None and work < PARALLEL_MIN_WORK:
+        return 1
     return max(1, min(threads() * per_thread, n))
 
 
@@ -615,7 +618,7 @@ def column_terms(v: np.ndarray, add: float = 0.0, weights: np.ndarray | None = N
     """``[sum x, sum x log2 x]`` over positive ``x = v + add`` and the same for ``-x`` over
     negative ``x``, entry ``i`` counted ``weights[i]`` times if given: what the entropy of
     the normalised vector needs (float64, shape (4,))."""
-    n_chunks = _chunks(v.shape[0])
+    n_chunks = _chunks(v.shape[0], work=v.shape[0])
     out = np.zeros((n_chunks, 4))
     w = np.empty(0) if weights is None else weights
     _launch(_column_terms, v.shape[0], v, add, w, n_chunks, out)
@@ -844,6 +847,7 @@ def class_pass(
     st: np.ndarray,
     geometry,
     index: np.ndarray,
+    stored: np.ndarray,
     kind: int,
     shift: float,
     c: float,
@@ -857,8 +861,9 @@ def class_pass(
 
     ``w3`` is the kernel as ``(groups, C_out/groups, C_in/groups * KH * KW)``; ``sf``/``st``
     its channel sums (:func:`dense_row_sums`); ``geometry`` holds the classes' arrays
-    ``(mh, mw, cnt_h, cnt_w, mult_h, mult_w, taps_h, taps_w)`` and ``index`` comes from
-    :func:`class_index`. Returns the weighted sum of row entropies, the constant
+    ``(mh, mw, cnt_h, cnt_w, mult_h, mult_w, taps_h, taps_w)``, ``index`` comes from
+    :func:`class_index` and ``stored`` is ``cout_g * outer(cnt_h, cnt_w)``, the stored
+    entries of each row class. Returns the weighted sum of row entropies, the constant
     ``sum c / Z`` and the columns ``(groups, C_out/groups, P * Q)``, with the gathered
     ``1/Z`` held to about ``gather_bytes`` per slice of output classes.
     """
@@ -873,9 +878,10 @@ def class_pass(
     full3 = np.empty(shape)
     part3 = np.empty(shape)
     n_ci = sf.shape[0]
+    work = n_ci * n_a * n_b * (sf.shape[1] + sf.shape[2])
     h_sum, off = _launch(
         _class_rows,
-        n_ci * n_a * n_b * (sf.shape[1] + sf.shape[2]),
+        work,
         sf,
         st,
         mh,
@@ -889,7 +895,7 @@ def class_pass(
         c,
         clogc,
         normalizes,
-        _chunks(n_ci),
+        _chunks(n_ci, work=work),
         full3,
         part3,
     )
@@ -897,7 +903,6 @@ def class_pass(
     inv_part[:, :flat] = part3.reshape(n_g, flat)
     n_k = index.shape[0]
     col = np.empty((n_g, n_o, n_k))
-    stored = cout_g * np.multiply.outer(cnt_h, cnt_w)
     use_f = bool((stored == n_cols).any())
     use_p = bool((stored != n_cols).any())
     if c == 0.0 and use_p:
@@ -915,9 +920,10 @@ def class_pass(
         if use_p:
             _launch(_gather, xp.size, inv_part, rows, xp)
         out = np.empty((n_g, n_o, rows.shape[0]))
+        work = w3.size * rows.shape[0]
         _launch(
             _class_cols,
-            w3.size * rows.shape[0],
+            work,
             w3,
             kind,
             shift,
@@ -926,7 +932,7 @@ def class_pass(
             xp,
             use_f,
             use_p,
-            _chunks(n_g * n_o),
+            _chunks(n_g * n_o, work=work),
             out,
         )
         col[:, :, k0 : k0 + rows.shape[0]] = out

@@ -27,7 +27,6 @@ The interface (:class:`Backend`) has one method per operation:
 
 from __future__ import annotations
 
-import functools
 import math
 
 import numpy as np
@@ -629,15 +628,17 @@ class NumbaBackend(TorchBackend):
         if fused:
             conn.check_finite(non_finite[0])
         w3 = _kernel_as_float(conn).numpy().reshape(conn.groups, conn.cout_g, -1)
-        geometry, index, weights = _class_arrays(
-            conn.axis_h, conn.axis_w, conn.cin_g, conn.out_chw[0]
-        )
+        classes = conn.memo.get("class_arrays")
+        if classes is None:
+            classes = conn.memo["class_arrays"] = _class_arrays(conn)
+        geometry, index, stored, weights = classes
         h_sum, off, col = _kernels().class_pass(
             w3,
             sf.numpy(),
             st.numpy(),
             geometry,
             index,
+            stored,
             self.kind,
             shift,
             norm.zero(shift),
@@ -680,9 +681,15 @@ _NUMBA_FLOATS = (torch.float32, torch.float64)
 
 def _kernels():
     """The numba kernels' module: numba loads on first use, not on import."""
-    from . import _kernels
+    global _KERNELS
+    if _KERNELS is None:
+        from . import _kernels as module
 
-    return _kernels
+        _KERNELS = module
+    return _KERNELS
+
+
+_KERNELS = None
 
 
 def _kernel_as_float(conn: Stencil) -> torch.Tensor:
@@ -693,13 +700,13 @@ def _kernel_as_float(conn: Stencil) -> torch.Tensor:
     return k.contiguous()
 
 
-@functools.lru_cache(maxsize=1024)
-def _class_arrays(axis_h, axis_w, cin_g: int, c_out: int):
-    """The position classes of a geometry as the numba kernels take them (writable,
-    contiguous, float64 or int64), the gather index of the column pass, and the
-    multiplicity of every output column of the class columns (``(C_out, P, Q)`` flattened;
-    never written to)."""
-    ch, cw = axis_h.classes(), axis_w.classes()
+def _class_arrays(conn: Stencil):
+    """The position classes of a convolution's geometry as the numba kernels take them
+    (writable, contiguous, float64 or int64), the gather index of the column pass, the
+    stored entries of every row class, and the multiplicity of every output column of the
+    class columns (``(C_out, P, Q)`` flattened; never written to). Made once per plan
+    (:attr:`~foresight_sparse.connectivity.Connectivity.memo`)."""
+    ch, cw = conn.axis_h.classes(), conn.axis_w.classes()
 
     def f64(a):
         return np.array(a, dtype=np.float64)
@@ -718,10 +725,11 @@ def _class_arrays(axis_h, axis_w, cin_g: int, c_out: int):
         i64(cw.out_taps),
     )
     index = _kernels().class_index(
-        geometry[6], geometry[7], cin_g, len(ch.in_mult), len(cw.in_mult)
+        geometry[6], geometry[7], conn.cin_g, len(ch.in_mult), len(cw.in_mult)
     )
+    stored = conn.cout_g * np.multiply.outer(geometry[2], geometry[3])
     mult = np.outer(ch.out_mult, cw.out_mult).astype(np.float64).reshape(-1)
-    return geometry, index, torch.from_numpy(mult).repeat(c_out)
+    return geometry, index, stored, torch.from_numpy(mult).repeat(conn.out_chw[0])
 
 
 # --------------------------------------------------------------------------- choice

@@ -205,55 +205,57 @@ class Plan:
         n_total = 0
         terms = torch.zeros(4, dtype=torch.float64)
         rows: list[LayerReport] = []
-        for layer in layers:
-            t0 = time.perf_counter()
-            conn = self._bind(layer, weights)
-            job = LayerJob(conn, self.norm, self.device, self.max_memory, self.backend)
-            try:
-                name = pick_engine(self.engine, job)
-                with warnings.catch_warnings():
-                    warnings.simplefilter("ignore", UserWarning)  # torch's "beta" notices
+        # torch's "beta" notices (sparse layouts) would repeat for every layer; one filter
+        # for the whole loop, which costs less than one per layer
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            for layer in layers:
+                t0 = time.perf_counter()
+                conn = self._bind(layer, weights)
+                job = LayerJob(conn, self.norm, self.device, self.max_memory, self.backend)
+                try:
+                    name = pick_engine(self.engine, job)
                     stats = ENGINES[name](job)  # each engine checks the weights are finite
-            except NonFiniteWeightsError as exc:
-                if weights is None:
-                    raise
-                raise NonFiniteWeightsError(
-                    f"{exc} (state dict keys {', '.join(layer.keys)})"
-                ) from None
-            layer_terms = job.backend.column_terms(
-                stats.col_sums, stats.col_offset, stats.col_weights
-            )
-            h_total += stats.h_sum
-            n_total += stats.n_rows
-            terms += layer_terms
-            mean_h = stats.h_sum / stats.n_rows if stats.n_rows else 0.0
-            deg = entropy_from_terms(layer_terms)
-            seconds = time.perf_counter() - t0
-            rows.append(
-                LayerReport(
-                    layer.name,
-                    layer.type,
-                    layer.in_shape,
-                    layer.out_shape,
-                    layer.n_rows,
-                    layer.n_cols,
-                    layer.nnz,
-                    mean_h,
-                    deg,
-                    deg - mean_h,
-                    stats.engine,
-                    seconds,
-                    stats.backend,
+                except NonFiniteWeightsError as exc:
+                    if weights is None:
+                        raise
+                    raise NonFiniteWeightsError(
+                        f"{exc} (state dict keys {', '.join(layer.keys)})"
+                    ) from None
+                layer_terms = job.backend.column_terms(
+                    stats.col_sums, stats.col_offset, stats.col_weights
                 )
-            )
-            log.debug(
-                "%s: %s engine, %s backend, %.3f s",
-                layer.label,
-                stats.engine,
-                stats.backend,
-                seconds,
-            )
-            del stats  # free the column sums before the next layer allocates its own
+                h_total += stats.h_sum
+                n_total += stats.n_rows
+                terms += layer_terms
+                mean_h = stats.h_sum / stats.n_rows if stats.n_rows else 0.0
+                deg = entropy_from_terms(layer_terms)
+                seconds = time.perf_counter() - t0
+                rows.append(
+                    LayerReport(
+                        layer.name,
+                        layer.type,
+                        layer.in_shape,
+                        layer.out_shape,
+                        layer.n_rows,
+                        layer.n_cols,
+                        layer.nnz,
+                        mean_h,
+                        deg,
+                        deg - mean_h,
+                        stats.engine,
+                        seconds,
+                        stats.backend,
+                    )
+                )
+                log.debug(
+                    "%s: %s engine, %s backend, %.3f s",
+                    layer.label,
+                    stats.engine,
+                    stats.backend,
+                    seconds,
+                )
+                del stats  # free the column sums before the next layer allocates its own
         determinism = h_total / n_total if n_total else 0.0
         degeneracy = entropy_from_terms(terms)
         return Report(

@@ -453,3 +453,28 @@ def test_linear_row_pass_catches_every_non_finite_weight(norm, value):
         sd["0.weight"][row, col] = value
         with pytest.raises(fs.NonFiniteWeightsError, match=r"1 of 180000 weights.*0.weight"):
             p.report(sd)
+
+
+def test_geometry_memo_is_shared_by_bound_weights():
+    """What depends on the geometry alone (position classes, memory estimates) is made once
+    per plan: every connectivity bound to new weights shares the planned layer's memo, and
+    the memoised values give the same EI as a fresh report of a model holding the weights."""
+    torch.manual_seed(11)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 4, 3))
+    x = torch.zeros(1, 3, 9, 9)
+    p = _quiet(fs.plan, model, x)
+    conn = p.layers[0].conn
+    gen = torch.Generator().manual_seed(12)
+    states = [
+        {k: torch.randn(v.shape, generator=gen) for k, v in model.state_dict().items()}
+        for _ in range(2)
+    ]
+    bound = conn.bind({"weight": states[0]["0.weight"]})
+    assert bound.memo is conn.memo and bound.kernel is not conn.kernel
+    for sd in states:
+        got = p.report(sd)
+        fresh = copy.deepcopy(model)
+        fresh.load_state_dict(sd)
+        want = _quiet(fs.report, fresh, x)
+        assert_close(got.ei, want.ei, rel=1e-12)
+    assert "class_arrays" in conn.memo

@@ -72,7 +72,18 @@ class Connectivity:
         is copied, and ``self`` is left as it is."""
         raise NotImplementedError(f"{type(self).__name__} cannot be rebound to new weights")
 
+    @property
+    def memo(self) -> dict:
+        """Values that depend on the layer's geometry alone (position classes, memory
+        estimates), computed once by whoever needs them and shared with every connectivity
+        :meth:`bind` makes from this one: a plan evaluates new weights without redoing them."""
+        memo = self.__dict__.get("_memo")
+        if memo is None:
+            memo = self.__dict__["_memo"] = {}
+        return memo
+
     def _rebound(self, **changes) -> Connectivity:
+        self.memo  # noqa: B018 - made before the copy, so that the copy shares it
         new = copy.copy(self)
         new.__dict__.update(changes)
         new.__dict__.pop("_scan_cache", None)  # the scan belongs to the old weights

@@ -85,12 +85,19 @@ def supports(job: LayerJob) -> bool:
     if isinstance(conn, FullyConnected):
         return True
     if isinstance(conn, Stencil):
-        if not conn.single_tap:
-            return False
-        if _constant_kernel(conn):  # pools: zero padding only (their windows clip)
-            return conn.axis_h.mode == conn.axis_w.mode == "zeros"
-        return not conn.scaled
+        ok = conn.memo.get("implicit")
+        if ok is None:
+            ok = conn.memo["implicit"] = _stencil_supported(conn)
+        return ok
     return False
+
+
+def _stencil_supported(conn: Stencil) -> bool:
+    if not conn.single_tap:
+        return False
+    if _constant_kernel(conn):  # pools: zero padding only (their windows clip)
+        return conn.axis_h.mode == conn.axis_w.mode == "zeros"
+    return not conn.scaled
 
 
 def layer_stats(job: LayerJob) -> LayerStats:
@@ -102,8 +109,12 @@ def layer_stats(job: LayerJob) -> LayerStats:
             "engine='auto' or 'sparse'"
         )
     conn = job.conn
+    key = ("implicit_bytes", job.budget)
+    needed = conn.memo.get(key)
+    if needed is None:
+        needed = conn.memo[key] = working_bytes(conn, job.budget)
     check_budget(
-        working_bytes(conn, job.budget),
+        needed,
         job.budget,
         f"{conn.label}: the implicit engine's maps ({conn.n_rows} inputs, {conn.n_cols} outputs)",
         "raise max_memory",
@@ -189,7 +200,10 @@ def _conv(conn: Stencil, norm: ElementwiseNorm, job: LayerJob) -> LayerStats:
     """Row and column pass on the layer's position classes (see :class:`AxisClasses`);
     the column pass streams blocks of output channels when the kernel is large."""
     shift = layer_shift(norm, conn)
-    step = _cout_step(conn, job.budget, _conv_fixed_bytes(conn))
+    key = ("cout_step", job.budget)
+    step = conn.memo.get(key)
+    if step is None:
+        step = conn.memo[key] = _cout_step(conn, job.budget, _conv_fixed_bytes(conn))
     h_sum, off, col, weights = job.backend.conv_pass(conn, norm, shift, job.device, step)
     return LayerStats(h_sum, conn.n_rows, col, "implicit", off, weights, backend=job.backend.name)
 
