@@ -29,10 +29,13 @@ import logging
 import os
 import pickle
 import re
+import sys
 import threading
 import time
+import warnings
 from collections import deque
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -211,21 +214,64 @@ class SweepResult:
 
 # --------------------------------------------------------------------------- one checkpoint
 
+#: What makes a checkpoint an error record instead of stopping the sweep.
+_CHECKPOINT_ERRORS = (ForesightError, RuntimeError, MemoryError, OSError)
+
+
+def _why(exc: BaseException) -> str:
+    """One line saying why a checkpoint has no report."""
+    text = " ".join(str(exc).split())
+    return text if isinstance(exc, CheckpointError) else f"{type(exc).__name__}: {text}"
+
+
+def _load(p: Plan, path: str, key: str | None, trust_pickle: bool) -> dict | str:
+    """The state dict of one checkpoint, fitted to the plan's model, or why there is none."""
+    try:
+        state = load_state_dict(path, key=key, trust_pickle=trust_pickle)
+        return fit_state_dict(state, p.model, source=path)
+    except _CHECKPOINT_ERRORS as exc:
+        return _why(exc)
+
+
+def _compute(p: Plan, state: dict | str) -> Report | str:
+    """The report of a loaded state dict, or why there is none (passed on from ``_load``)."""
+    if isinstance(state, str):
+        return state
+    try:
+        with torch.no_grad():
+            return p.report(state)
+    except _CHECKPOINT_ERRORS as exc:
+        return _why(exc)
+
 
 def _evaluate(p: Plan, path: str, key: str | None, trust_pickle: bool) -> Report | str:
     """The report of one checkpoint, or why there is none (one line)."""
-    try:
-        state = load_state_dict(path, key=key, trust_pickle=trust_pickle)
-        state = fit_state_dict(state, p.model, source=path)
-        with torch.no_grad():
-            return p.report(state)
-    except (ForesightError, RuntimeError, MemoryError, OSError) as exc:
-        text = " ".join(str(exc).split())
-        return text if isinstance(exc, CheckpointError) else f"{type(exc).__name__}: {text}"
+    return _compute(p, _load(p, path, key, trust_pickle))
 
 
-#: Whether the calling process evaluates checkpoints while the pool starts (the tests turn
-#: it off to send every checkpoint through the workers).
+def _read_ahead(p: Plan, todo: Sequence[Checkpoint], key, trust_pickle) -> Iterator[tuple]:
+    """Each checkpoint with its state dict (or why there is none), the next file read by a
+    thread while the caller evaluates this one.
+
+    Reading and unpickling a file is mostly one core's work, and ``Plan.report`` leaves part
+    of the other idle (its torch ops and numba kernels release the GIL), so the read costs
+    little wall time. At most two state dicts are held at once.
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
+    if not todo:
+        return
+    with ThreadPoolExecutor(1, thread_name_prefix="foresight-sparse-reader") as reader:
+        ahead = reader.submit(_load, p, todo[0].path, key, trust_pickle)
+        for i, entry in enumerate(todo):
+            state = ahead.result()
+            if i + 1 < len(todo):
+                ahead = reader.submit(_load, p, todo[i + 1].path, key, trust_pickle)
+            yield entry, state
+
+
+#: Whether the calling process evaluates checkpoints while a forkserver pool starts (the
+#: tests turn it off to send every checkpoint through the workers).
 _HELP_WHILE_STARTING = True
 
 # Worker processes keep the plan they were started with; Ray workers keep one per object.
@@ -233,18 +279,31 @@ _WORKER_PLAN: Plan | None = None
 _RAY_PLANS: dict[str, Plan] = {}
 
 
-def _init_worker(plan_bytes: bytes, threads: int) -> None:
-    """Process-pool initializer: share the cores between the workers, unpickle the plan."""
-    global _WORKER_PLAN
+def _set_threads(threads: int) -> None:
+    """Use ``threads`` threads for numba's kernels and torch's ops in this process.
+
+    numba first: starting its threading layer in a forked child resets the OpenMP thread
+    count torch reads (seen here: torch went back from 1 to 2 threads), so torch is set
+    after it.
+    """
+    import numba
+
+    numba.set_num_threads(max(1, min(threads, numba.config.NUMBA_NUM_THREADS)))
     torch.set_num_threads(threads)
     try:
         torch.set_num_interop_threads(1)
     except RuntimeError:  # only settable before the first parallel work
         pass
-    import numba
 
-    numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
-    _WORKER_PLAN = pickle.loads(plan_bytes)
+
+def _init_worker(plan_or_bytes: Plan | bytes, threads: int) -> None:
+    """Process-pool initializer: share the cores between the workers, keep the plan (a
+    forked worker inherits it; others unpickle it, once)."""
+    global _WORKER_PLAN
+    _set_threads(threads)
+    if isinstance(plan_or_bytes, bytes):
+        plan_or_bytes = pickle.loads(plan_or_bytes)
+    _WORKER_PLAN = plan_or_bytes
 
 
 def _worker_ready() -> bool:
@@ -264,6 +323,10 @@ def _ray_task(plan_box: list, path: str, key: str | None, trust_pickle: bool) ->
     ref = plan_box[0]
     p = _RAY_PLANS.get(ref.hex())
     if p is None:
+        # Ray sets OMP_NUM_THREADS to the task's CPUs, which torch follows, but numba
+        # starts one thread per core of the machine: give both the task's share.
+        cpus = ray.get_runtime_context().get_assigned_resources().get("CPU", 1)
+        _set_threads(max(1, int(cpus)))
         _RAY_PLANS.clear()
         p = _RAY_PLANS[ref.hex()] = ray.get(ref)
     return _evaluate(p, path, key, trust_pickle)
@@ -282,8 +345,8 @@ def _cores() -> int:
 
 
 def _run_serial(p: Plan, todo: Sequence[Checkpoint], key, trust_pickle, done: Done) -> None:
-    for entry in todo:
-        done(entry, _evaluate(p, entry.path, key, trust_pickle))
+    for entry, state in _read_ahead(p, todo, key, trust_pickle):
+        done(entry, _compute(p, state))
 
 
 def _worker_modules(model: nn.Module) -> list[str]:
@@ -303,23 +366,80 @@ def _worker_modules(model: nn.Module) -> list[str]:
     return names
 
 
+def _numba_threads_started() -> bool:
+    """Whether numba has started its threading layer in this process (any kernel call, or
+    ``numba.get_num_threads()``, does)."""
+    import numba
+
+    try:
+        numba.threading_layer()
+    except ValueError:  # "Threading layer is not initialized"
+        return False
+    return True
+
+
+def _start_method(threads: int) -> str:
+    """How to start the workers: ``fork`` where it is safe, else ``forkserver``.
+
+    A forked worker starts at once, with torch, numba and the plan already in memory; a
+    forkserver must first import them (seconds). Fork is safe here only when both thread
+    pools of this process survive it:
+
+    - torch's OpenMP (GNU libgomp) pool hangs a child that opens a parallel region with
+      more than one thread after the parent has used it, so each worker must run torch on
+      one thread (as PyTorch's DataLoader workers do);
+    - numba's threading layer does not survive a fork once started: the ``omp`` layer
+      terminates a child that runs a parallel kernel, and ``workqueue`` frees its queues
+      in the child. So fork only while numba has not started it in this process;
+    - CUDA cannot be used in a forked child once this process has initialised it.
+
+    Linux only: on macOS system libraries are not fork-safe either (Python spawns there).
+    """
+    import multiprocessing
+
+    methods = multiprocessing.get_all_start_methods()
+    if (
+        sys.platform.startswith("linux")
+        and threads == 1
+        and not _numba_threads_started()
+        and not torch.cuda.is_initialized()
+    ):
+        return "fork"
+    return "forkserver" if "forkserver" in methods else "spawn"
+
+
 def _run_processes(
     p: Plan, todo: Sequence[Checkpoint], key, trust_pickle, done: Done, workers: int
 ) -> None:
     import multiprocessing
-    from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 
     workers = min(workers, len(todo))
     threads = max(1, _cores() // workers)
-    # forkserver: the children do not inherit this process's threads (torch's and numba's
-    # pools), which makes fork unsafe; spawn where forkserver is missing. The server imports
-    # what a worker needs once (torch, numba, scipy, the engines, the model's module: about
-    # 3 s here), so each child starts by a fork instead of importing them again.
-    if "forkserver" in multiprocessing.get_all_start_methods():
-        ctx = multiprocessing.get_context("forkserver")
+    method = _start_method(threads)
+    ctx = multiprocessing.get_context(method)
+    log.debug("sweep: %d %s workers, %d threads each", workers, method, threads)
+    if method == "fork":
+        # The workers inherit the plan: nothing to pickle, and they start in milliseconds,
+        # here in this thread, while no parallel region of this process is running.
+        pool = ProcessPoolExecutor(
+            max_workers=workers, mp_context=ctx, initializer=_init_worker, initargs=(p, threads)
+        )
+        try:
+            with warnings.catch_warnings():
+                # Python 3.12+ warns about forking a process with threads; the ones here
+                # are torch's idle OpenMP workers, which the checks above make safe.
+                warnings.filterwarnings("ignore", ".*fork", DeprecationWarning)
+                started = [pool.submit(_worker_ready) for _ in range(workers)]
+        except BaseException:
+            pool.shutdown(wait=False, cancel_futures=True)
+            raise
+        _feed(pool, deque(todo), key, trust_pickle, done, workers, started)
+        return
+    if method == "forkserver":
+        # The server imports what a worker needs once (torch, numba, scipy, the engines,
+        # the model's module: seconds), so each child starts by a fork instead of importing
+        # them again.
         ctx.set_forkserver_preload(_worker_modules(p.model))
-    else:  # pragma: no cover - Windows
-        ctx = multiprocessing.get_context("spawn")
     plan_bytes = pickle.dumps(p, protocol=pickle.HIGHEST_PROTOCOL)  # pickled once
     pool = ProcessPoolExecutor(
         max_workers=workers,
@@ -328,8 +448,6 @@ def _run_processes(
         initargs=(plan_bytes, threads),
     )
     queue = deque(todo)
-    pending: dict[Any, Checkpoint] = {}
-    used = False
     starting: list = []
     failure: list[BaseException] = []
     # The first submission blocks until the server has imported torch and numba and forked
@@ -340,6 +458,7 @@ def _run_processes(
         args=(pool, workers, starting, failure),
         name="foresight-sparse-pool-start",
     )
+    handed_over = False
     try:
         starter.start()
         # Meanwhile this process evaluates checkpoints itself, so a pool never makes a
@@ -356,24 +475,34 @@ def _run_processes(
             starter.join()
             if failure:
                 raise failure[0]
-        while queue or pending:
-            while queue and len(pending) < 2 * workers:  # each worker has the next one ready
-                entry = queue.popleft()
-                pending[pool.submit(_process_task, entry.path, key, trust_pickle)] = entry
-                used = True
-            finished, _ = wait(pending, return_when=FIRST_COMPLETED)
-            for fut in finished:
-                done(pending.pop(fut), fut.result())
+            handed_over = True
+            _feed(pool, queue, key, trust_pickle, done, workers, starting)
     finally:
-        if used and not pending:
-            pool.shutdown(wait=True)
-        else:
+        if not handed_over:
             # Nothing was left for the pool, or an error: rather than wait for the pool to
             # finish starting, stop it from a thread once it has (not a daemon thread, so a
             # program ending now still closes the workers cleanly).
             threading.Thread(
                 target=_stop_pool, args=(pool, starter), name="foresight-sparse-pool-stop"
             ).start()
+
+
+def _feed(pool, queue: deque, key, trust_pickle, done: Done, workers: int, started) -> None:
+    """Hand the checkpoints in ``queue`` to a started pool, two per worker at a time (each
+    worker has the next one ready), report each as it finishes, then shut the pool down."""
+    pending: dict[Any, Checkpoint] = {}
+    try:
+        for fut in started:
+            fut.result()  # raises if a worker could not start
+        while queue or pending:
+            while queue and len(pending) < 2 * workers:
+                entry = queue.popleft()
+                pending[pool.submit(_process_task, entry.path, key, trust_pickle)] = entry
+            finished, _ = wait(pending, return_when=FIRST_COMPLETED)
+            for fut in finished:
+                done(pending.pop(fut), fut.result())
+    finally:
+        pool.shutdown(wait=not pending, cancel_futures=True)
 
 
 def _stop_pool(pool, starter: threading.Thread) -> None:

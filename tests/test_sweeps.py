@@ -191,12 +191,16 @@ def test_serial_sweep_equals_report(ckpts):
     assert res.history.meta["input_shape"] == [1, 3, 16, 16]
 
 
-@pytest.mark.parametrize("parent_helps", [False, True])
+@pytest.mark.parametrize(
+    "method, parent_helps", [("auto", True), ("forkserver", False), ("forkserver", True)]
+)
 def test_process_sweep_equals_report_and_reports_errors(
-    ckpts, bad, tmp_path, monkeypatch, parent_helps
+    ckpts, bad, tmp_path, monkeypatch, method, parent_helps
 ):
     import foresight_sparse.sweeps as sweeps
 
+    if method == "forkserver":  # else fork or forkserver, as is safe in this process
+        monkeypatch.setattr(sweeps, "_start_method", lambda threads: "forkserver")
     # False: every checkpoint goes through the worker processes.
     monkeypatch.setattr(sweeps, "_HELP_WHILE_STARTING", parent_helps)
     _, paths, expected = ckpts
@@ -207,7 +211,80 @@ def test_process_sweep_equals_report_and_reports_errors(
     assert History.from_csv(tmp_path / "ei.csv") == res.history
 
 
+_FRESH_PROCESS = """
+import logging, sys
+import numba, numpy as np
+import torch
+from torch import nn
+from foresight_sparse import sweep, sweeps
+
+logging.basicConfig(level=logging.DEBUG, format="%(message)s")
+sweeps._cores = lambda: 2  # one thread per worker, wherever this runs
+{model}
+paths, out = sys.argv[1:-2], sys.argv[-2:]
+x = torch.zeros(1, 3, 16, 16)
+sweep(tiny_cnn(), paths, x, workers=2, output=out[0])
+
+
+@numba.njit(parallel=True)
+def total(a):
+    s = 0.0
+    for i in numba.prange(a.size):
+        s += a[i]
+    return s
+
+
+total(np.ones(1 << 20))  # a parallel kernel runs here: forking is unsafe from now on
+sweep(tiny_cnn(), paths, x, workers=2, output=out[1])
+"""
+
+
+def test_process_sweep_forks_only_while_safe(ckpts, bad, tmp_path):
+    """In a fresh process the workers are forked; after a parallel kernel has run in the
+    process they come from a forkserver. Both give report()'s numbers, and neither hangs
+    (the subprocess has a time limit)."""
+    import inspect
+    import subprocess
+    import sys
+
+    _, paths, expected = ckpts
+    files = [*paths, bad["step=5"], bad["step=6"], bad["step=7"], bad["step=8"]]
+    out = [str(tmp_path / "fork.csv"), str(tmp_path / "forkserver.csv")]
+    script = _FRESH_PROCESS.format(model=inspect.getsource(tiny_cnn))
+    proc = subprocess.run(
+        [sys.executable, "-c", script, *files, *out],
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    assert proc.returncode == 0, proc.stderr
+    methods = [line.split()[2] for line in proc.stderr.splitlines() if "workers," in line]
+    assert methods == ["fork", "forkserver"], proc.stderr
+    for csv in out:
+        history = History.from_csv(csv)
+        assert_matches(history, expected)
+        _assert_errors(history)
+
+
+def test_start_method_forks_only_while_safe(ckpts, monkeypatch):
+    import numba
+
+    import foresight_sparse.sweeps as sweeps
+
+    numba.get_num_threads()  # starts numba's threading layer, as a parallel kernel does
+    assert sweeps._numba_threads_started()
+    assert sweeps._start_method(1) != "fork"
+    # The other conditions, each alone: one thread per worker, and CUDA not initialised.
+    monkeypatch.setattr(sweeps, "_numba_threads_started", lambda: False)
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: False)
+    assert sweeps._start_method(1) == "fork"
+    assert sweeps._start_method(2) != "fork"
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
+    assert sweeps._start_method(1) != "fork"
+
+
 def _assert_errors(res):
+    """The error records of ``bad``'s four checkpoints (``res``: a SweepResult or History)."""
     errors = {r.label: r for r in res.errors}
     assert sorted(errors) == ["step=5", "step=6", "step=7", "step=8"]
     assert all(r.file and r.file.endswith(f"{r.label}.pt") for r in errors.values())
@@ -295,13 +372,13 @@ def test_resume_computes_only_what_is_missing(ckpts, tmp_path, monkeypatch):
     import foresight_sparse.sweeps as sweeps
 
     calls = []
-    real = sweeps._evaluate
+    real = sweeps._load  # every backend reads a checkpoint through it
 
     def counting(p, path, key, trust_pickle):
         calls.append(os.path.basename(path))
         return real(p, path, key, trust_pickle)
 
-    monkeypatch.setattr(sweeps, "_evaluate", counting)
+    monkeypatch.setattr(sweeps, "_load", counting)
     res = sweep(tiny_cnn(), paths, INPUT, output=part, resume=True)
     assert sorted(calls) == ["epoch=10-step=100.pth", "epoch=9-step=90.ckpt"]
     assert res.resumed == ["epoch=0-step=0", "epoch=2-step=20"]
