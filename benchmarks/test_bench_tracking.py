@@ -119,13 +119,14 @@ def checkpoints(tmp_path_factory, request):
 
 # One sweep() in a fresh interpreter, as the command line runs one. Outside the timed call:
 # building the model; with "warm", a report() first (numba's threads start, so the workers
-# come from a forkserver); with "threads", torch and numba set to that many threads; with
-# Ray, ray.init() (a cluster already running). The figure "s" is the whole sweep() call:
-# planning, starting the workers (their imports, and numba loading its cached kernels),
-# every checkpoint, the records and the CSV. "cpu_s" is the user + system time of this
-# process and of the children it waited for (a serial sweep, or forked workers; not a
-# forkserver's workers nor Ray's). With "again", the same sweep runs a second time and
-# "again_s" is its time (Ray: its workers have imported everything and kept the kernels).
+# come from a forkserver); with "cores", the process pinned to that many cores and torch and
+# numba set to as many threads; with Ray, ray.init() (a cluster already running). The
+# figure "s" is the whole sweep() call: planning, starting the workers (their imports, and
+# numba loading its cached kernels), every checkpoint, the records and the CSV. "cpu_s" is
+# the user + system time of this process and of the children it waited for (a serial
+# sweep, or forked workers; not a forkserver's workers nor Ray's). With "again", the same
+# sweep runs a second time and "again_s" is its time (Ray: its workers have imported
+# everything and kept the kernels).
 _ONE_SWEEP = """
 import json, os, resource, sys, time, warnings
 warnings.filterwarnings("ignore", "skipped layers")
@@ -138,9 +139,10 @@ model = torchvision.models.resnet18(num_classes=cfg["classes"]).eval()
 x = torch.zeros(1, 3, cfg["size"], cfg["size"])
 if cfg["warm"]:
     foresight_sparse.report(model, x)
-if cfg["threads"]:
-    numba.set_num_threads(cfg["threads"])
-    torch.set_num_threads(cfg["threads"])
+if cfg["cores"]:
+    os.sched_setaffinity(0, sorted(os.sched_getaffinity(0))[: cfg["cores"]])
+    numba.set_num_threads(cfg["cores"])
+    torch.set_num_threads(cfg["cores"])
 if cfg["backend"] == "ray":
     import ray
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
@@ -169,7 +171,7 @@ print(json.dumps(out))
 
 
 def _one_sweep(
-    checkpoints, csv, backend="serial", workers=None, warm=False, threads=None, again=False
+    checkpoints, csv, backend="serial", workers=None, warm=False, cores=None, again=False
 ) -> dict:
     """Run _ONE_SWEEP in a fresh interpreter; its figures and its records."""
     _, paths, x, classes = checkpoints
@@ -180,7 +182,7 @@ def _one_sweep(
         backend=backend,
         workers=workers,
         warm=warm,
-        threads=threads,
+        cores=cores,
         again=again,
         csv=str(csv),
     )
@@ -214,24 +216,25 @@ def test_sweep_serial_vs_processes(benchmark, smoke, checkpoints, tmp_path):
     """Serial against 2 worker processes, each sweep() in a fresh interpreter: as the
     command line runs (the workers are forked), and after a report() in the same process
     (numba's threads have started, so the workers come from a forkserver), full size only;
-    and a serial sweep on one thread, for what two workers could give at best. Best of 3
-    rounds, the runs of a round one after another (the load drifts)."""
+    and a serial sweep on one core after a report(), the steady-state work of one worker,
+    for what two workers could give at best. Best of 3 rounds, the runs of a round one
+    after another (the load drifts)."""
     runs_of = [("serial", None, False, None), ("process", 2, False, None)]
     if not smoke:
         runs_of += [
             ("serial", None, True, None),
             ("process", 2, True, None),
-            ("serial", None, False, 1),
+            ("serial", None, True, 1),
         ]
     rounds = 1 if smoke else 3
 
     def run():
         runs: dict = {}
         for r in range(rounds):
-            for backend, workers, warm, threads in runs_of:
-                csv = tmp_path / f"{backend}-{warm}-{threads}-{r}.csv"
-                one = _one_sweep(checkpoints, csv, backend, workers, warm, threads)
-                runs.setdefault((backend, warm, threads), []).append(one)
+            for backend, workers, warm, cores in runs_of:
+                csv = tmp_path / f"{backend}-{warm}-{cores}-{r}.csv"
+                one = _one_sweep(checkpoints, csv, backend, workers, warm, cores)
+                runs.setdefault((backend, warm, cores), []).append(one)
         return runs
 
     runs = benchmark.pedantic(run, rounds=1, iterations=1)
@@ -258,49 +261,60 @@ def test_sweep_serial_vs_processes(benchmark, smoke, checkpoints, tmp_path):
     if not smoke:
         warm_serial = _best(runs["serial", True, None])
         warm_process = _best(runs["process", True, None])
-        one_thread = _best(runs["serial", False, 1])
+        one_core = _best(runs["serial", True, 1])
         info.update(
             warm_serial_s=warm_serial["s"],
             warm_process_s=warm_process["s"],
             warm_speedup=warm_serial["s"] / warm_process["s"],
-            one_thread_s=one_thread["s"],
-            # One worker per core, each as fast as a one-thread serial sweep, no start-up:
-            # the most two workers can give against the serial sweep on all cores.
-            ideal_speedup=serial["s"] / (one_thread["s"] / cores),
+            one_core_s=one_core["s"],
+            # One worker per core, each as fast as a serial sweep on one core, with no
+            # start-up and no contention between them: the most the workers can give
+            # against the serial sweep on all cores (both with their kernels loaded).
+            ideal_speedup=warm_serial["s"] / (one_core["s"] / cores),
         )
     benchmark.extra_info.update(machine(), **info)
 
 
 @pytest.mark.filterwarnings("ignore:skipped layers")
-def test_sweep_serial_per_checkpoint(benchmark, checkpoints):
-    """A serial sweep's time per checkpoint against loading it and Plan.report alone."""
+def test_sweep_serial_per_checkpoint(benchmark, smoke, checkpoints):
+    """A serial sweep's time per checkpoint against loading it and Plan.report alone, in
+    this process (warm). Best of 3 rounds of each, interleaved (the load drifts)."""
     model, paths, x, _ = checkpoints
     p = plan(model, x)
     p.report()  # warm
-    load_s = report_s = 0.0
-    for path in paths:
-        t0 = time.perf_counter()
-        state = fit_state_dict(load_state_dict(path), model, source=path)
-        t1 = time.perf_counter()
-        p.report(state)
-        t2 = time.perf_counter()
-        load_s += t1 - t0
-        report_s += t2 - t1
+    rounds = 1 if smoke else 3
+
+    def parts() -> tuple[float, float]:
+        load_s = report_s = 0.0
+        for path in paths:
+            t0 = time.perf_counter()
+            state = fit_state_dict(load_state_dict(path), model, source=path)
+            t1 = time.perf_counter()
+            p.report(state)
+            load_s += t1 - t0
+            report_s += time.perf_counter() - t1
+        return load_s, report_s
 
     def run():
-        return sweep(model, paths, x)
+        loads, reports, sweeps = [], [], []
+        for _ in range(rounds):
+            load_s, report_s = parts()
+            loads.append(load_s)
+            reports.append(report_s)
+            sweeps.append(sweep(model, paths, x).seconds)
+        return min(loads), min(reports), min(sweeps)
 
-    res = benchmark.pedantic(run, rounds=1, iterations=1)
+    load_s, report_s, sweep_s = benchmark.pedantic(run, rounds=1, iterations=1)
     n = len(paths)
     benchmark.extra_info.update(
         machine(),
         tracking="per_checkpoint",
         n=n,
         size=x.shape[-1],
-        sweep_s=res.seconds / n,
+        sweep_s=sweep_s / n,
         load_s=load_s / n,
         report_s=report_s / n,
-        over_parts=res.seconds / (load_s + report_s),
+        over_parts=sweep_s / (load_s + report_s),
     )
 
 
