@@ -256,8 +256,9 @@ def _read_ahead(p: Plan, todo: Sequence[Checkpoint], key, trust_pickle) -> Itera
     A sweep usually reads files that are not in the page cache (written long before, or on
     a network file system): the thread hides the wait for the disk (24 ResNet-18
     checkpoints evicted from the cache on the 2-core machine: 1.8-2.6 s instead of
-    2.9-3.1 s); with the files cached it made no difference beyond that machine's noise
-    (about 10%). At most two state dicts are held at once.
+    2.6-3.1 s). With the files cached it costs about 10% there, the reader competing
+    with torch's and numba's threads for the cores. At most two state dicts are held at
+    once.
     """
     from concurrent.futures import ThreadPoolExecutor
 
