@@ -28,13 +28,13 @@ __all__ = ["TracedLayer", "Trace", "trace", "get_shapes", "layers_from_shapes"]
 
 log = logging.getLogger("foresight_sparse")
 
-#: Leaf modules that act elementwise or only reshape: skipping them loses no connectivity
-#: the old module would have counted, so they are listed in reports but not warned about.
-_PASSIVE = (
+#: Stock modules that map every element alone (the output has the input's shape): on the
+#: meta twin they return their input, skipping PyTorch's Python reference code, which is
+#: slow on meta tensors (hardswish, for one).
+_ELEMENTWISE = (
     nn.ReLU,
     nn.ReLU6,
     nn.LeakyReLU,
-    nn.PReLU,
     nn.ELU,
     nn.SELU,
     nn.CELU,
@@ -48,15 +48,16 @@ _PASSIVE = (
     nn.Hardsigmoid,
     nn.Softplus,
     nn.Dropout,
-    nn.Dropout2d,
     nn.Dropout1d,
+    nn.Dropout2d,
+    nn.Dropout3d,
     nn.AlphaDropout,
     nn.Identity,
-    nn.Flatten,
-    nn.Unflatten,
-    nn.Softmax,
-    nn.LogSoftmax,
 )
+
+#: Leaf modules that act elementwise or only reshape: skipping them loses no connectivity
+#: the old module would have counted, so they are listed in reports but not warned about.
+_PASSIVE = (*_ELEMENTWISE, nn.PReLU, nn.Flatten, nn.Unflatten, nn.Softmax, nn.LogSoftmax)
 
 
 @dataclass
@@ -185,32 +186,6 @@ def _meta_twin(model: nn.Module) -> tuple[nn.Module, dict[nn.Module, nn.Module]]
     return twin, dict(zip(twins, originals))
 
 
-#: Stock modules that map every element alone (the output has the input's shape): on the
-#: meta twin they return their input, skipping PyTorch's Python reference code, which is
-#: slow on meta tensors (hardswish, for one).
-_ELEMENTWISE = (
-    nn.ReLU,
-    nn.ReLU6,
-    nn.LeakyReLU,
-    nn.ELU,
-    nn.SELU,
-    nn.CELU,
-    nn.GELU,
-    nn.SiLU,
-    nn.Mish,
-    nn.Sigmoid,
-    nn.Tanh,
-    nn.Hardtanh,
-    nn.Hardswish,
-    nn.Hardsigmoid,
-    nn.Softplus,
-    nn.Dropout,
-    nn.Dropout1d,
-    nn.Dropout2d,
-    nn.Dropout3d,
-    nn.AlphaDropout,
-    nn.Identity,
-)
 _ELEMENTWISE_FORWARDS = {c.forward for c in _ELEMENTWISE}
 
 
