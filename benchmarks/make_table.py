@@ -149,6 +149,8 @@ def _zoo_rows(zoo: list[dict]) -> list[str]:
     """Every torchvision classifier (test_bench_zoo.py): summary, then one row a model."""
     rep = [e["report_ratio"] for e in zoo]
     plan = [e["plan_ratio"] for e in zoo]
+    tr = [e["trace_ratio"] for e in zoo]
+    worst_tr = max(zoo, key=lambda e: e["trace_ratio"])
     worst_rep = max(zoo, key=lambda e: e["report_ratio"])
     worst_plan = max(zoo, key=lambda e: e["plan_ratio"])
     out = [
@@ -167,16 +169,19 @@ def _zoo_rows(zoo: list[dict]) -> list[str]:
         f"| `Plan.report()` / forward | {_median(plan):.2f}x | "
         f"{worst_plan['plan_ratio']:.2f}x ({worst_plan['zoo']}) | median <= 1x, every "
         "model <= 2x |",
+        f"| trace (`method='auto'`) / forward | {_median(tr):.2f}x | "
+        f"{worst_tr['trace_ratio']:.2f}x ({worst_tr['zoo']}) | |",
         f"| models over the `report()` target (3x) | {sum(r > 3 for r in rep)} | | 0 |",
         f"| models over the `Plan.report()` target (2x) | {sum(p > 2 for p in plan)} | | 0 |",
         "",
-        "| model | layers | forward | `report()` | ratio | `Plan.report()` | ratio | peak RSS |",
-        "|---|---|---|---|---|---|---|---|",
+        "| model | layers | forward | trace | `report()` | ratio | `Plan.report()` | ratio | "
+        "peak RSS |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for e in sorted(zoo, key=lambda e: e["zoo"]):
         out.append(
             f"| {e['zoo']} | {e['layers']} | {_ms(e['forward_s'])} | "
-            f"{_ms(e['report_s'])} | {e['report_ratio']:.2f}x | "
+            f"{_ms(e['trace_s'])} | {_ms(e['report_s'])} | {e['report_ratio']:.2f}x | "
             f"{_ms(e['plan_report_s'])} | {e['plan_ratio']:.2f}x | "
             f"{_gib(e['peak_rss'])} |"
         )

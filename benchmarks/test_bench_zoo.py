@@ -5,9 +5,10 @@ pass takes over 2 s), since the machine may be shared.
 The full run (``--benchmark-enable``) takes every model of
 ``torchvision.models.list_models(module=torchvision.models)`` at 1x3x224x224 (inception_v3 at
 299); the smoke run, part of the test suite, takes a few small models at 64x64. Each case
-records the forward pass, ``report()`` (trace included), ``Plan.report()`` of another set of
-weights, both ratios, the number of layers and the peak RSS, and checks that the plan's
-result for the new weights equals ``report()`` of a model holding them.
+records the forward pass, the trace, ``report()`` (trace included), ``Plan.report()`` of
+another set of weights, the ratios, the number of layers and the peak RSS; it checks that the
+meta-device and real traces agree and that the plan's result for the new weights equals
+``report()`` of a model holding them.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import torch
 import torchvision
 
 import foresight_sparse
+from foresight_sparse.tracing import trace
 
 from .conftest import best_time, machine
 
@@ -68,6 +70,10 @@ def other_weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
+def _trace_key(tr):
+    return [(la.name, la.in_shape, la.out_shape) for la in tr.layers], tr.skipped
+
+
 def test_zoo(benchmark, smoke, peak_rss, zoo_model):
     name = zoo_model
     size = 64 if smoke else SIZES.get(name, 224)
@@ -80,6 +86,9 @@ def test_zoo(benchmark, smoke, peak_rss, zoo_model):
 
     fwd = best_time(forward, repeat=1 if smoke else 3)
     repeat = 1 if smoke else 2 if fwd > 2.0 else 3
+    meta, real = (trace(model, x, method=m) for m in ("meta", "real"))
+    assert _trace_key(meta) == _trace_key(real)
+    trace_s = best_time(lambda: trace(model, x), repeat=repeat)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # the skipped-layers notice
 
@@ -112,6 +121,8 @@ def test_zoo(benchmark, smoke, peak_rss, zoo_model):
         zoo=name,
         input=[1, 3, size, size],
         forward_s=fwd,
+        trace_s=trace_s,
+        trace_ratio=trace_s / fwd,
         report_s=report_s,
         plan_report_s=plan_s,
         report_ratio=report_s / fwd,

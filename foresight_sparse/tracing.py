@@ -2,16 +2,13 @@
 
 from __future__ import annotations
 
-import copy
 import logging
-import time
-from collections import Counter, OrderedDict
+from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
-from torch.nn.modules.batchnorm import _BatchNorm
 
 from .connectivity import LayerSelection
 from .exceptions import (
@@ -23,41 +20,15 @@ from .exceptions import (
     warn_caller,
 )
 from .geometry import shape_tuple
+from .metatwin import ELEMENTWISE, ShapeRules, meta_twin, to_meta
 
 __all__ = ["TracedLayer", "Trace", "trace", "get_shapes", "layers_from_shapes"]
 
 log = logging.getLogger("foresight_sparse")
 
-#: Stock modules that map every element alone (the output has the input's shape): on the
-#: meta twin they return their input, skipping PyTorch's Python reference code, which is
-#: slow on meta tensors (hardswish, for one).
-_ELEMENTWISE = (
-    nn.ReLU,
-    nn.ReLU6,
-    nn.LeakyReLU,
-    nn.ELU,
-    nn.SELU,
-    nn.CELU,
-    nn.GELU,
-    nn.SiLU,
-    nn.Mish,
-    nn.Sigmoid,
-    nn.Tanh,
-    nn.Hardtanh,
-    nn.Hardswish,
-    nn.Hardsigmoid,
-    nn.Softplus,
-    nn.Dropout,
-    nn.Dropout1d,
-    nn.Dropout2d,
-    nn.Dropout3d,
-    nn.AlphaDropout,
-    nn.Identity,
-)
-
 #: Leaf modules that act elementwise or only reshape: skipping them loses no connectivity
 #: the old module would have counted, so they are listed in reports but not warned about.
-_PASSIVE = (*_ELEMENTWISE, nn.PReLU, nn.Flatten, nn.Unflatten, nn.Softmax, nn.LogSoftmax)
+_PASSIVE = (*ELEMENTWISE, nn.PReLU, nn.Flatten, nn.Unflatten, nn.Softmax, nn.LogSoftmax)
 
 
 @dataclass
@@ -100,9 +71,12 @@ def _names(model: nn.Module) -> dict[nn.Module, str]:
 
 
 def _model_device_dtype(model: nn.Module):
-    for t in (*model.parameters(), *model.buffers()):
-        if t.is_floating_point():
-            return t.device, t.dtype
+    modules = list(model.modules())
+    for kind in ("_parameters", "_buffers"):  # parameters first, as model.parameters()
+        for module in modules:
+            for t in getattr(module, kind).values():
+                if t is not None and t.is_floating_point():
+                    return t.device, t.dtype
     return None, None
 
 
@@ -152,137 +126,15 @@ def _adapt_nested(value, device, dtype):
     return value if device is None else value.to(device)
 
 
-def _to_meta(obj):
-    if isinstance(obj, torch.Tensor):
-        return torch.empty_like(obj, device="meta")
-    if isinstance(obj, (tuple, list)):
-        return type(obj)(_to_meta(o) for o in obj)
-    if isinstance(obj, dict):
-        return {k: _to_meta(v) for k, v in obj.items()}
-    return obj
-
-
-def _meta_twin(model: nn.Module) -> tuple[nn.Module, dict[nn.Module, nn.Module]] | None:
-    """A copy of ``model`` whose tensors live on the meta device, and a twin -> original map.
-
-    A forward pass of the twin computes shapes without arithmetic and costs milliseconds
-    where the real pass of a large CNN costs seconds. ``None`` when the model cannot be
-    copied this way.
-    """
-    try:
-        twin = _shallow_twin(model, {})
-    except Exception as exc:  # modules that cannot be copied: use the real pass
-        log.debug("no meta twin (%s: %s)", type(exc).__name__, exc)
-        return None
-    originals = list(model.modules())
-    twins = list(twin.modules())
-    if len(originals) != len(twins):  # pragma: no cover - deepcopy keeps the tree
-        return None
-    for module in twins:
-        if type(module).forward is _BatchNorm.forward:
-            module.forward = _shape_only_batchnorm(module)
-        elif type(module) in _ELEMENTWISE and type(module).forward in _ELEMENTWISE_FORWARDS:
-            module.forward = _identity
-    return twin, dict(zip(twins, originals))
-
-
-_ELEMENTWISE_FORWARDS = {c.forward for c in _ELEMENTWISE}
-
-
-def _identity(x, *args, **kwargs):
-    return x
-
-
-def _shallow_twin(module: nn.Module, memo: dict) -> nn.Module:
-    """A copy of ``module`` sharing every attribute except its parameters and buffers (on
-    the meta device), its submodules (twins themselves) and its dicts (hooks among them,
-    so that hooks on the twin never reach the original). Far cheaper than a deep copy; an
-    attribute that holds a real tensor outside the parameters and buffers makes the meta
-    pass fail, and the real pass runs instead."""
-    twin = memo.get(id(module))
-    if twin is not None:  # a shared submodule has one twin
-        return twin
-    twin = memo[id(module)] = copy.copy(module)
-    for key, value in module.__dict__.items():
-        if isinstance(value, dict):
-            twin.__dict__[key] = (
-                type(value)(value) if type(value) in (dict, OrderedDict) else copy.copy(value)
-            )
-    twin._parameters = {
-        k: None if v is None else _meta_like(v, memo) for k, v in module._parameters.items()
-    }
-    twin._buffers = {
-        k: None if v is None else _meta_like(v, memo) for k, v in module._buffers.items()
-    }
-    twin._modules = {
-        k: None if v is None else _shallow_twin(v, memo) for k, v in module._modules.items()
-    }
-    return twin
-
-
-def _meta_like(t: torch.Tensor, memo: dict) -> torch.Tensor:
-    out = memo.get(id(t))
-    if out is None:
-        out = memo[id(t)] = torch.empty_like(t, device="meta")
-    return out
-
-
-def _shape_only_batchnorm(module: _BatchNorm):
-    """A stock batch norm's forward on the meta twin: checks the input as the real one
-    does and returns it (the output has the input's shape). PyTorch evaluates batch norm
-    on meta tensors through Python reference code, slowly: batch norms would be most of a
-    ResNet-50 trace."""
-
-    def forward(x):
-        module._check_input_dim(x)
-        if x.dim() < 2 or x.shape[1] != module.num_features:
-            raise RuntimeError(
-                f"{type(module).__name__}({module.num_features}) got an input "
-                f"of shape {tuple(x.shape)}: expected {module.num_features} "
-                "channels in dimension 1"
-            )
-        return x
-
-    return forward
-
-
-#: Multiply-adds a second that :func:`_predicted_seconds` assumes a CPU does (float32, a
-#: few cores; an underestimate only stops a real pass that would have been slow anyway).
-_CPU_MACS_PER_SECOND = 2e10
-
-
-def _predicted_seconds(module: nn.Module, args) -> float:
-    """A rough time a convolution or Linear layer will take on ``args``, before it runs."""
-    x = args[0] if args and isinstance(args[0], torch.Tensor) else None
-    if x is None or x.device.type != "cpu":
-        return 0.0
-    if isinstance(module, nn.Linear):
-        macs = x.numel() * module.out_features
-    elif isinstance(module, nn.modules.conv._ConvNd) and not module.transposed:
-        w = module.weight
-        macs = x.numel() * w.shape[0] * w[0].numel() / max(module.in_channels, 1)
-        for s in module.stride:
-            macs /= s
-    else:
-        return 0.0
-    return macs / _CPU_MACS_PER_SECOND
-
-
-class _TooSlow(Exception):
-    """Raised by a hook to stop a real pass that has run longer than its deadline."""
-
-
 class _Recorder:
-    """Forward hooks that record shapes, skipped leaves and the last module entered.
+    """Records the shapes of registered layers, the skipped leaves and the modules running.
 
-    ``twins`` maps the modules the pass runs on to the model's own modules (for a meta
-    twin); modules missing from it are the model's own.
+    ``twins`` maps the modules a pass runs on to the model's own modules (for a meta twin);
+    modules missing from it are the model's own.
     """
 
-    def __init__(self, registry, names, twins, deadline: float | None = None):
+    def __init__(self, registry, names, twins):
         self.registry = registry
-        self.deadline = deadline  # seconds the pass may take before it stops (_TooSlow)
-        self.stop_at = None
         self.names = names
         self.twins = twins
         self.shapes: dict[nn.Module, tuple] = {}
@@ -291,14 +143,6 @@ class _Recorder:
         # modules entered and not yet returned from: after a failure, the innermost one
         # (the last) is the module whose own code raised
         self.running: list[nn.Module] = []
-
-    def pre_hook(self, module, args):
-        if (
-            self.stop_at is not None
-            and time.perf_counter() + _predicted_seconds(module, args) > self.stop_at
-        ):
-            raise _TooSlow
-        self.running.append(self.twins.get(module, module))
 
     def failed_in(self) -> str:
         """How a ForwardError names the module that raised: ``'features.3' (Conv2d)``."""
@@ -310,32 +154,62 @@ class _Recorder:
             return f"{type(module).__name__} (the top-level module)"
         return f"{name!r} ({type(module).__name__})"
 
-    def hook(self, module, args, output):
-        module = self.twins.get(module, module)
+    def record(self, module: nn.Module, args, output) -> None:
+        """``module`` (the model's own) returned ``output`` from ``args``."""
         if self.running and self.running[-1] is module:
             self.running.pop()
         if type(module) in self.registry:
             in_shape = tuple(args[0].shape) if args and isinstance(args[0], torch.Tensor) else ()
             out = output[0] if isinstance(output, (tuple, list)) else output
-            self.shapes[module] = (in_shape, tuple(out.shape))
-            self.seen_shapes.setdefault(module, set()).add(self.shapes[module])
-        elif not any(True for _ in module.children()):
+            shapes = self.shapes[module] = (in_shape, tuple(out.shape))
+            self.seen_shapes.setdefault(module, set()).add(shapes)
+        elif not module._modules:
             self.skipped.setdefault(module)
 
-    def run(self, model: nn.Module, x) -> None:
+    def run_real(self, model: nn.Module, x) -> None:
+        """The forward pass of the model itself, observed through hooks on every module."""
+
+        def pre_hook(module, args):
+            self.running.append(module)
+
+        def hook(module, args, output):
+            self.record(module, args, output)
+
         handles = []
+        modes = {m: m.training for m in model.modules()}
         try:
-            for mod in model.modules():
-                handles.append(mod.register_forward_pre_hook(self.pre_hook))
-                handles.append(mod.register_forward_hook(self.hook))
+            for mod in modes:
+                handles.append(mod.register_forward_pre_hook(pre_hook))
+                handles.append(mod.register_forward_hook(hook))
             model.eval()
-            if self.deadline is not None:
-                self.stop_at = time.perf_counter() + self.deadline
             with torch.no_grad():
                 _call(model, x)
         finally:
             for h in handles:
                 h.remove()
+            for m, mode in modes.items():
+                m.training = mode
+
+    def run_twin(self, twin: nn.Module, x) -> None:
+        """The forward pass of a meta twin (which :func:`meta_twin` made for this pass
+        alone), observed by wrapping each module's forward: cheaper than hooks."""
+        for module, original in self.twins.items():
+            state = module.__dict__
+            state["forward"] = self._observed(module.forward, original)
+            state["training"] = False
+        with torch.no_grad(), ShapeRules():
+            _call(twin, x)
+
+    def _observed(self, forward, original: nn.Module):
+        running, record = self.running, self.record
+
+        def observed(*args, **kwargs):
+            running.append(original)
+            output = forward(*args, **kwargs)
+            record(original, args, output)
+            return output
+
+        return observed
 
 
 #: The ways :func:`trace` can run the forward pass.
@@ -349,20 +223,6 @@ def _forward_error(rec: _Recorder, exc: Exception) -> ForwardError:
     )
 
 
-def _meta_seconds(model: nn.Module) -> float:
-    """About how long the meta pass of ``model`` takes, in seconds: a cost per leaf module
-    that runs PyTorch's reference code on meta tensors (batch norms and elementwise modules
-    return their input there) and a tenth of it per module for the copy, fitted to
-    torchvision models."""
-    modules = list(model.modules())
-    slow = sum(
-        1
-        for m in modules
-        if not m._modules and not isinstance(m, _BatchNorm) and type(m) not in _ELEMENTWISE
-    )
-    return 3e-4 * slow + 3e-5 * len(modules)
-
-
 def trace(
     model: nn.Module, input, registry: LayerSelection | None = None, method: str = "auto"
 ) -> Trace:
@@ -370,11 +230,10 @@ def trace(
 
     The pass runs under ``torch.no_grad()`` in eval mode, either on the model itself
     (``method='real'``) or on a copy whose tensors live on the meta device (``'meta'``:
-    shapes without arithmetic, but each operation runs through PyTorch's Python reference
-    code). ``'auto'`` runs the real pass and, before a module would take it past the time
-    the meta pass needs (estimated from the modules), stops it and runs the meta pass;
-    where the meta pass fails (data-dependent models), the real one runs to the end. Both
-    give the same shapes.
+    shapes without arithmetic; see :mod:`foresight_sparse.metatwin`). ``'auto'`` runs the
+    meta pass, which costs a fraction of a real one, and the real pass where the meta pass
+    fails (models whose forward pass reads values, or keeps real tensors outside its
+    parameters and buffers). Both give the same shapes.
     Every module's train/eval mode is restored and every hook removed afterwards, also when
     the forward pass fails. A tensor
     ``input`` is moved to the model's device and cast to its floating dtype first, integer
@@ -395,33 +254,19 @@ def trace(
         When no module of a registered type ran.
     """
     registry = LayerSelection() if registry is None else registry
-    model = _unwrap(model)
-    names = _names(model)
-    modes = {m: m.training for m in model.modules()}
-    x = _adapt_input(model, input)
     if method not in TRACE_METHODS:
         raise UnknownNameError(
             f"unknown trace method {method!r}; valid methods are {', '.join(TRACE_METHODS)}"
         )
+    model = _unwrap(model)
+    names = _names(model)
+    x = _adapt_input(model, input)
     rec = None
-    if method == "auto":
-        # The real pass, unless it turns out slower than the meta pass would be: then it
-        # stops at the next module and the meta pass runs instead.
-        rec = _Recorder(registry, names, {}, deadline=_meta_seconds(model))
-        try:
-            rec.run(model, x)
-        except _TooSlow:
-            rec = None
-        except Exception as exc:
-            raise _forward_error(rec, exc) from exc
-        finally:
-            for m, mode in modes.items():
-                m.training = mode
-    twin = _meta_twin(model) if method != "real" and rec is None else None
+    twin = meta_twin(model) if method != "real" else None
     if twin is not None:
         rec = _Recorder(registry, names, twin[1])
         try:
-            rec.run(twin[0], _to_meta(x))
+            rec.run_twin(twin[0], to_meta(x))
         except Exception as exc:  # data-dependent or meta-unfriendly models: real pass
             if method == "meta":
                 raise ForwardError(
@@ -436,12 +281,9 @@ def trace(
     if rec is None:
         rec = _Recorder(registry, names, {})
         try:
-            rec.run(model, x)
+            rec.run_real(model, x)
         except Exception as exc:
             raise _forward_error(rec, exc) from exc
-        finally:
-            for m, mode in modes.items():
-                m.training = mode
     shapes, seen_shapes, skipped = rec.shapes, rec.seen_shapes, rec.skipped
 
     layers = [TracedLayer(names.get(m, ""), m, *s) for m, s in shapes.items()]
