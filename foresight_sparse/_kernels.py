@@ -781,35 +781,31 @@ def _class_rows(
 
 
 @numba.njit(parallel=True, cache=True, nogil=True)
-def _gather(src, index, out):
-    """``out[g, k, l] = src[g, index[k, l]]``: the ``1/Z`` each output class reads through
-    each tap, for every group (``index`` points past the group's inputs, at a zero, where a
-    tap reads no input)."""
-    n_k, n_l = index.shape
-    for g in numba.prange(src.shape[0]):
+def _gather(src, taps_h, taps_w, n_a, n_b, k0, out):
+    """``out[g, k - k0, (ci, kh, kw)] = src[g, (ci * A + taps_h[p, kh]) * B + taps_w[q, kw]]``
+    for output class ``k = p * Q + q``: the ``1/Z`` each output class reads through each tap,
+    for every group, and 0 where a tap reads no input (a negative tap)."""
+    n_g, n_k, n_l = out.shape
+    n_kh = taps_h.shape[1]
+    n_kw = taps_w.shape[1]
+    n_q = taps_w.shape[0]
+    cin_g = n_l // (n_kh * n_kw)
+    for task in numba.prange(n_g * n_k):
+        g = task // n_k
+        k = k0 + task - g * n_k
+        p = k // n_q
+        q = k - p * n_q
         s = src[g]
-        for k in range(n_k):
-            row = index[k]
-            o = out[g, k]
-            for j in range(n_l):
-                o[j] = s[row[j]]
-
-
-def class_index(
-    taps_h: np.ndarray, taps_w: np.ndarray, cin_g: int, n_a: int, n_b: int
-) -> np.ndarray:
-    """For :func:`_gather`: ``index[p * Q + q, (ci, kh, kw)]`` is the position of
-    ``inv[ci, taps_h[p, kh], taps_w[q, kw]]`` in a group's flattened ``(C_in/g, A, B)`` map
-    of ``1/Z`` per input class, and ``cin_g * A * B`` (a zero appended to it) where a tap
-    reads no input."""
-    th = taps_h[:, None, None, :, None]
-    tw = taps_w[None, :, None, None, :]
-    ci = np.arange(cin_g)[None, None, :, None, None]
-    index = (ci * n_a + th) * n_b + tw
-    index = np.where((th >= 0) & (tw >= 0), index, cin_g * n_a * n_b)
-    return np.ascontiguousarray(
-        index.reshape(taps_h.shape[0] * taps_w.shape[0], -1), dtype=np.int64
-    )
+        o = out[g, task - g * n_k]
+        j = 0
+        for ci in range(cin_g):
+            for kh in range(n_kh):
+                th = taps_h[p, kh]
+                base = (ci * n_a + th) * n_b
+                for kw in range(n_kw):
+                    tw = taps_w[q, kw]
+                    o[j] = s[base + tw] if th >= 0 and tw >= 0 else 0.0
+                    j += 1
 
 
 @numba.njit(parallel=True, cache=True, nogil=True, fastmath=_FM_REDUCE, error_model="numpy")
@@ -846,7 +842,6 @@ def class_pass(
     sf: np.ndarray,
     st: np.ndarray,
     geometry,
-    index: np.ndarray,
     stored: np.ndarray,
     kind: int,
     shift: float,
@@ -861,8 +856,8 @@ def class_pass(
 
     ``w3`` is the kernel as ``(groups, C_out/groups, C_in/groups * KH * KW)``; ``sf``/``st``
     its channel sums (:func:`dense_row_sums`); ``geometry`` holds the classes' arrays
-    ``(mh, mw, cnt_h, cnt_w, mult_h, mult_w, taps_h, taps_w)``, ``index`` comes from
-    :func:`class_index` and ``stored`` is ``cout_g * outer(cnt_h, cnt_w)``, the stored
+    ``(mh, mw, cnt_h, cnt_w, mult_h, mult_w, taps_h, taps_w)`` and ``stored`` is
+    ``cout_g * outer(cnt_h, cnt_w)``, the stored
     entries of each row class. Returns the weighted sum of row entropies, the constant
     ``sum c / Z`` and the columns ``(groups, C_out/groups, P * Q)``, with the gathered
     ``1/Z`` held to about ``gather_bytes`` per slice of output classes.
@@ -901,7 +896,7 @@ def class_pass(
     )
     inv_full[:, :flat] = full3.reshape(n_g, flat)
     inv_part[:, :flat] = part3.reshape(n_g, flat)
-    n_k = index.shape[0]
+    n_k = taps_h.shape[0] * taps_w.shape[0]
     col = np.empty((n_g, n_o, n_k))
     use_f = bool((stored == n_cols).any())
     use_p = bool((stored != n_cols).any())
@@ -912,15 +907,15 @@ def class_pass(
         use_f = False
     step = max(1, gather_bytes // max(8 * n_g * n_l * (use_f + use_p), 1))
     for k0 in range(0, n_k, step):
-        rows = index[k0 : k0 + step]
-        xf = np.empty((n_g, rows.shape[0], n_l) if use_f else (n_g, 0, n_l))
-        xp = np.empty((n_g, rows.shape[0], n_l) if use_p else (n_g, 0, n_l))
+        n_rows = min(step, n_k - k0)
+        xf = np.empty((n_g, n_rows, n_l) if use_f else (n_g, 0, n_l))
+        xp = np.empty((n_g, n_rows, n_l) if use_p else (n_g, 0, n_l))
         if use_f:
-            _launch(_gather, xf.size, inv_full, rows, xf)
+            _launch(_gather, xf.size, inv_full, taps_h, taps_w, n_a, n_b, k0, xf)
         if use_p:
-            _launch(_gather, xp.size, inv_part, rows, xp)
-        out = np.empty((n_g, n_o, rows.shape[0]))
-        work = w3.size * rows.shape[0]
+            _launch(_gather, xp.size, inv_part, taps_h, taps_w, n_a, n_b, k0, xp)
+        out = np.empty((n_g, n_o, n_rows))
+        work = w3.size * n_rows
         _launch(
             _class_cols,
             work,
@@ -935,5 +930,5 @@ def class_pass(
             _chunks(n_g * n_o, work=work),
             out,
         )
-        col[:, :, k0 : k0 + rows.shape[0]] = out
+        col[:, :, k0 : k0 + n_rows] = out
     return h_sum, off, col

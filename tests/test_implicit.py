@@ -47,13 +47,17 @@ def _conv_case(i):
     return module, conv2d(module, in_shape, out_shape)
 
 
+@pytest.mark.parametrize("sliced", [False, True], ids=["whole", "sliced"])
 @pytest.mark.parametrize("case", range(len(CONVS)))
 @pytest.mark.parametrize("norm_name", NORM_NAMES)
-def test_conv_columns_and_rows_equal_the_dense_matrix(case, norm_name):
+def test_conv_columns_and_rows_equal_the_dense_matrix(case, norm_name, sliced, monkeypatch):
     """Expanded from the position classes, Z per row and every column sum equal the dense
-    matrix's, so the classes lose nothing."""
-    from foresight_sparse import reference
+    matrix's, so the classes lose nothing; also when the gathered ``1/Z`` is cut into
+    slices of one output class each (``sliced``: a one-byte gather budget)."""
+    from foresight_sparse import backends, reference
 
+    if sliced:
+        monkeypatch.setattr(backends, "GATHER_BYTES", 1)
     module, conn = _conv_case(case)
     norm = NORMS[norm_name]
     stats = implicit.layer_stats(LayerJob(conn, norm, torch.device("cpu"), 1 << 30))
