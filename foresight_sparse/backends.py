@@ -701,8 +701,9 @@ def _kernel_as_float(conn: Stencil) -> torch.Tensor:
 
 def _class_arrays(conn: Stencil):
     """The position classes of a convolution's geometry as the numba kernels take them
-    (writable, contiguous, float64 or int64), the stored entries of every row class, and the multiplicity of every output column of the
-    class columns (``(C_out, P, Q)`` flattened; never written to). Made once per plan
+    (writable, contiguous, float64 or int64), the stored entries of every row class, and
+    the multiplicity of every output column of the class columns (``(C_out, P, Q)``
+    flattened; never written to). Made once per plan
     (:attr:`~foresight_sparse.connectivity.Connectivity.memo`)."""
     ch, cw = conn.axis_h.classes(), conn.axis_w.classes()
 
