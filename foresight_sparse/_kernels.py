@@ -781,31 +781,33 @@ def _class_rows(
 
 
 @numba.njit(parallel=True, cache=True, nogil=True)
-def _gather(src, taps_h, taps_w, n_a, n_b, k0, out):
-    """``out[g, k - k0, (ci, kh, kw)] = src[g, (ci * A + taps_h[p, kh]) * B + taps_w[q, kw]]``
-    for output class ``k = p * Q + q``: the ``1/Z`` each output class reads through each tap,
-    for every group, and 0 where a tap reads no input (a negative tap)."""
-    n_g, n_k, n_l = out.shape
-    n_kh = taps_h.shape[1]
-    n_kw = taps_w.shape[1]
-    n_q = taps_w.shape[0]
-    cin_g = n_l // (n_kh * n_kw)
-    for task in numba.prange(n_g * n_k):
-        g = task // n_k
-        k = k0 + task - g * n_k
-        p = k // n_q
-        q = k - p * n_q
+def _gather(src, index, out):
+    """``out[g, k, l] = src[g, index[k, l]]``: the ``1/Z`` each output class reads through
+    each tap, for every group (``index`` points at a zero where a tap reads no input)."""
+    n_k, n_l = index.shape
+    for g in numba.prange(src.shape[0]):
         s = src[g]
-        o = out[g, task - g * n_k]
-        j = 0
-        for ci in range(cin_g):
-            for kh in range(n_kh):
-                th = taps_h[p, kh]
-                base = (ci * n_a + th) * n_b
-                for kw in range(n_kw):
-                    tw = taps_w[q, kw]
-                    o[j] = s[base + tw] if th >= 0 and tw >= 0 else 0.0
-                    j += 1
+        for k in range(n_k):
+            row = index[k]
+            o = out[g, k]
+            for j in range(n_l):
+                o[j] = s[row[j]]
+
+
+def class_index(
+    taps_h: np.ndarray, taps_w: np.ndarray, cin_g: int, n_a: int, n_b: int
+) -> np.ndarray:
+    """For :func:`_gather`: ``index[p * Q + q, (ci, kh, kw)]`` is the position of
+    ``inv[ci, taps_h[p, kh], taps_w[q, kw]]`` in a group's map of ``1/Z`` per input class,
+    laid out as ``(C_in/g, A * B + 1)`` with a zero closing each channel's row, and the
+    position of that zero where a tap reads no input (so the index is one broadcast sum)."""
+    th = taps_h[:, None, :, None]
+    tw = taps_w[None, :, None, :]
+    ab = n_a * n_b
+    hw = np.where((th >= 0) & (tw >= 0), th * n_b + tw, ab).astype(np.int64)
+    n_k = taps_h.shape[0] * taps_w.shape[0]
+    ci = np.arange(0, cin_g * (ab + 1), ab + 1, dtype=np.int64)
+    return (hw.reshape(n_k, 1, -1) + ci[None, :, None]).reshape(n_k, -1)
 
 
 @numba.njit(parallel=True, cache=True, nogil=True, fastmath=_FM_REDUCE, error_model="numpy")
@@ -842,7 +844,8 @@ def class_pass(
     sf: np.ndarray,
     st: np.ndarray,
     geometry,
-    stored: np.ndarray,
+    index: np.ndarray,
+    rows_full: tuple[bool, bool],
     kind: int,
     shift: float,
     c: float,
@@ -856,19 +859,21 @@ def class_pass(
 
     ``w3`` is the kernel as ``(groups, C_out/groups, C_in/groups * KH * KW)``; ``sf``/``st``
     its channel sums (:func:`dense_row_sums`); ``geometry`` holds the classes' arrays
-    ``(mh, mw, cnt_h, cnt_w, mult_h, mult_w, taps_h, taps_w)`` and ``stored`` is
-    ``cout_g * outer(cnt_h, cnt_w)``, the stored
-    entries of each row class. Returns the weighted sum of row entropies, the constant
+    ``(mh, mw, cnt_h, cnt_w, mult_h, mult_w, taps_h, taps_w)``, ``index`` comes from
+    :func:`class_index` and ``rows_full`` says whether any row class stores all
+    ``n_cols`` entries and whether any has absent ones (a row class stores
+    ``cout_g * cnt_h[a] * cnt_w[b]``). Returns the weighted sum of row entropies, the constant
     ``sum c / Z`` and the columns ``(groups, C_out/groups, P * Q)``, with the gathered
     ``1/Z`` held to about ``gather_bytes`` per slice of output classes.
     """
     mh, mw, cnt_h, cnt_w, mult_h, mult_w, taps_h, taps_w = geometry
     n_g, n_o, n_l = w3.shape
     n_a, n_b = mh.shape[0], mw.shape[0]
-    flat = sf.shape[0] // n_g * n_a * n_b
-    # 1/Z per group, flattened, with a zero appended for taps that read no input
-    inv_full = np.zeros((n_g, flat + 1))
-    inv_part = np.zeros((n_g, flat + 1))
+    cin_g, ab = sf.shape[0] // n_g, n_a * n_b
+    # 1/Z per group as (C_in/g, A * B + 1), a zero closing each channel's row for the taps
+    # that read no input (class_index), flattened
+    inv_full = np.zeros((n_g, cin_g, ab + 1))
+    inv_part = np.zeros((n_g, cin_g, ab + 1))
     shape = (sf.shape[0], n_a, n_b)
     full3 = np.empty(shape)
     part3 = np.empty(shape)
@@ -894,12 +899,13 @@ def class_pass(
         full3,
         part3,
     )
-    inv_full[:, :flat] = full3.reshape(n_g, flat)
-    inv_part[:, :flat] = part3.reshape(n_g, flat)
-    n_k = taps_h.shape[0] * taps_w.shape[0]
+    inv_full[:, :, :ab] = full3.reshape(n_g, cin_g, ab)
+    inv_part[:, :, :ab] = part3.reshape(n_g, cin_g, ab)
+    inv_full = inv_full.reshape(n_g, -1)
+    inv_part = inv_part.reshape(n_g, -1)
+    n_k = index.shape[0]
     col = np.empty((n_g, n_o, n_k))
-    use_f = bool((stored == n_cols).any())
-    use_p = bool((stored != n_cols).any())
+    use_f, use_p = rows_full
     if c == 0.0 and use_p:
         # f(K) - c is f(K): the full and partial rows' 1/Z (disjoint) go through one
         # gather and one dot product per class, not two
@@ -907,15 +913,15 @@ def class_pass(
         use_f = False
     step = max(1, gather_bytes // max(8 * n_g * n_l * (use_f + use_p), 1))
     for k0 in range(0, n_k, step):
-        n_rows = min(step, n_k - k0)
-        xf = np.empty((n_g, n_rows, n_l) if use_f else (n_g, 0, n_l))
-        xp = np.empty((n_g, n_rows, n_l) if use_p else (n_g, 0, n_l))
+        rows = index[k0 : k0 + step]
+        xf = np.empty((n_g, rows.shape[0], n_l) if use_f else (n_g, 0, n_l))
+        xp = np.empty((n_g, rows.shape[0], n_l) if use_p else (n_g, 0, n_l))
         if use_f:
-            _launch(_gather, xf.size, inv_full, taps_h, taps_w, n_a, n_b, k0, xf)
+            _launch(_gather, xf.size, inv_full, rows, xf)
         if use_p:
-            _launch(_gather, xp.size, inv_part, taps_h, taps_w, n_a, n_b, k0, xp)
-        out = np.empty((n_g, n_o, n_rows))
-        work = w3.size * n_rows
+            _launch(_gather, xp.size, inv_part, rows, xp)
+        out = np.empty((n_g, n_o, rows.shape[0]))
+        work = w3.size * rows.shape[0]
         _launch(
             _class_cols,
             work,
@@ -930,5 +936,5 @@ def class_pass(
             _chunks(n_g * n_o, work=work),
             out,
         )
-        col[:, :, k0 : k0 + n_rows] = out
+        col[:, :, k0 : k0 + rows.shape[0]] = out
     return h_sum, off, col

@@ -631,13 +631,14 @@ class NumbaBackend(TorchBackend):
         classes = conn.memo.get("class_arrays")
         if classes is None:
             classes = conn.memo["class_arrays"] = _class_arrays(conn)
-        geometry, stored, weights = classes
+        geometry, index, rows_full, weights = classes
         h_sum, off, col = _kernels().class_pass(
             w3,
             sf.numpy(),
             st.numpy(),
             geometry,
-            stored,
+            index,
+            rows_full,
             self.kind,
             shift,
             norm.zero(shift),
@@ -701,9 +702,10 @@ def _kernel_as_float(conn: Stencil) -> torch.Tensor:
 
 def _class_arrays(conn: Stencil):
     """The position classes of a convolution's geometry as the numba kernels take them
-    (writable, contiguous, float64 or int64), the stored entries of every row class, and
-    the multiplicity of every output column of the class columns (``(C_out, P, Q)``
-    flattened; never written to). Made once per plan
+    (writable, contiguous, float64 or int64), the gather index of the column pass, whether
+    any row class stores every entry and whether any has absent ones, and the multiplicity
+    of every output column of the class columns (``(C_out, P, Q)`` flattened; never
+    written to). Made once per plan
     (:attr:`~foresight_sparse.connectivity.Connectivity.memo`)."""
     ch, cw = conn.axis_h.classes(), conn.axis_w.classes()
 
@@ -723,9 +725,13 @@ def _class_arrays(conn: Stencil):
         i64(ch.out_taps),
         i64(cw.out_taps),
     )
+    index = _kernels().class_index(
+        geometry[6], geometry[7], conn.cin_g, len(ch.in_mult), len(cw.in_mult)
+    )
     stored = conn.cout_g * np.multiply.outer(geometry[2], geometry[3])
+    rows_full = bool((stored == conn.n_cols).any()), bool((stored != conn.n_cols).any())
     mult = np.outer(ch.out_mult, cw.out_mult).astype(np.float64).reshape(-1)
-    return geometry, stored, torch.from_numpy(mult).repeat(conn.out_chw[0])
+    return geometry, index, rows_full, torch.from_numpy(np.tile(mult, conn.out_chw[0]))
 
 
 # --------------------------------------------------------------------------- choice

@@ -109,12 +109,8 @@ def layer_stats(job: LayerJob) -> LayerStats:
             "engine='auto' or 'sparse'"
         )
     conn = job.conn
-    key = ("implicit_bytes", job.budget)
-    needed = conn.memo.get(key)
-    if needed is None:
-        needed = conn.memo[key] = working_bytes(conn, job.budget)
     check_budget(
-        needed,
+        working_bytes(conn, job.budget),
         job.budget,
         f"{conn.label}: the implicit engine's maps ({conn.n_rows} inputs, {conn.n_cols} outputs)",
         "raise max_memory",
@@ -134,8 +130,17 @@ def working_bytes(conn, budget: int | None = None) -> int:
     float64 copies of one block of output channels of the kernel; the blocks are as large
     as ``budget`` allows (the whole kernel when ``budget`` is None), and at least one output
     channel per group. Pools: float64 maps of the input and output size. Linear: per-input
-    float64 sums and one block of the float64 weight.
+    float64 sums and one block of the float64 weight. Computed once per geometry and
+    budget (:attr:`~foresight_sparse.connectivity.Connectivity.memo`).
     """
+    key = ("implicit_bytes", budget)
+    needed = conn.memo.get(key)
+    if needed is None:
+        needed = conn.memo[key] = _working_bytes(conn, budget)
+    return needed
+
+
+def _working_bytes(conn, budget: int | None) -> int:
     if isinstance(conn, FullyConnected):
         return _linear_sums_bytes(conn) + _LINEAR_BYTES_PER_ELEMENT * min(
             _LINEAR_BLOCK, conn.weight.numel()
@@ -159,7 +164,14 @@ _KERNEL_COPIES = 3
 
 def _conv_fixed_bytes(conn: Stencil) -> int:
     """A convolution's bytes outside its kernel blocks: the gathered ``1/Z`` and the
-    per-class maps."""
+    per-class maps (memoised)."""
+    fixed = conn.memo.get("conv_fixed_bytes")
+    if fixed is None:
+        fixed = conn.memo["conv_fixed_bytes"] = _conv_fixed_bytes_of(conn)
+    return fixed
+
+
+def _conv_fixed_bytes_of(conn: Stencil) -> int:
     ch, cw = conn.axis_h.classes(), conn.axis_w.classes()
     per_class_row = conn.in_chw[0] * conn.kernel[0, 0].numel() * len(cw.out_mult) * 8
     gather = min(max(GATHER_BYTES, per_class_row), per_class_row * len(ch.out_mult))
