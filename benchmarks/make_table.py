@@ -219,7 +219,7 @@ def _tracking_rows(t: dict) -> list[str]:
         )
         if "warm_speedup" in e:
             out.append(
-                f"| the same after a `report()` in the process (forkserver workers) | "
+                f"| the same after a `report()` in the process (forked workers) | "
                 f"{_ms(e['warm_process_s'])} vs {_ms(e['warm_serial_s'])}: "
                 f"{e['warm_speedup']:.2f}x | >= 1.6x |"
             )

@@ -128,9 +128,9 @@ def checkpoints(tmp_path_factory, request):
 
 
 # One sweep() in a fresh interpreter, as the command line runs one. Outside the timed call:
-# building the model; with "warm", a report() first (numba's threads start, so the workers
-# come from a forkserver); with "cores", the process pinned to that many cores and torch and
-# numba set to as many threads; with Ray, ray.init() (a cluster already running). The
+# building the model; with "warm", a report() first (numba's threads start and its kernels
+# load before the workers are forked); with "cores", the process pinned to that many cores
+# and torch and numba set to as many threads; with Ray, ray.init() (a cluster already running). The
 # figure "s" is the whole sweep() call: planning, starting the workers (their imports, and
 # numba loading its cached kernels), every checkpoint, the records and the CSV. "cpu_s" is
 # the user + system time of this process and of the children it waited for (a serial
@@ -224,8 +224,8 @@ def _best(runs: list[dict]) -> dict:
 
 def test_sweep_serial_vs_processes(benchmark, smoke, checkpoints, tmp_path):
     """Serial against 2 worker processes, each sweep() in a fresh interpreter: as the
-    command line runs (the workers are forked), and after a report() in the same process
-    (numba's threads have started, so the workers come from a forkserver), full size only;
+    command line runs, and after a report() in the same process (numba's threads have
+    started and its kernels are loaded; the workers are forked in both), full size only;
     and a serial sweep on one core after a report(), the steady-state work of one worker,
     for what two workers could give at best. Best of 3 rounds, the runs of a round one
     after another (the load drifts)."""

@@ -40,8 +40,10 @@ def _chunks(n: int, per_thread: int = 4, work: int | None = None) -> int:
 
 def _launch(kernel, work: int, *args):
     """Run ``kernel`` in parallel for large ``work``, else its serial twin (same code,
-    ``prange`` read as ``range``, compiled and cached on first use)."""
-    if work >= PARALLEL_MIN_WORK:
+    ``prange`` read as ``range``, compiled and cached on first use). On one thread the
+    twin always runs: no parallel region opens, so a process forked after numba started
+    its threading layer (a sweep's worker) never uses the pool it inherited."""
+    if work >= PARALLEL_MIN_WORK and threads() > 1:
         return kernel(*args)
     serial = _SERIAL.get(kernel)
     if serial is None:

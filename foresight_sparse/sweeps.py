@@ -369,31 +369,21 @@ def _worker_modules(model: nn.Module) -> list[str]:
     return names
 
 
-def _numba_threads_started() -> bool:
-    """Whether numba has started its threading layer in this process (any kernel call, or
-    ``numba.get_num_threads()``, does)."""
-    import numba
-
-    try:
-        numba.threading_layer()
-    except ValueError:  # "Threading layer is not initialized"
-        return False
-    return True
-
-
 def _start_method(threads: int) -> str:
     """How to start the workers: ``fork`` where it is safe, else ``forkserver``.
 
     A forked worker starts at once, with torch, numba and the plan already in memory; a
-    forkserver must first import them (seconds). Fork is safe here only when both thread
-    pools of this process survive it:
+    forkserver must first import them (seconds). Fork is safe here only when no thread
+    pool of this process is used in the child:
 
     - torch's OpenMP (GNU libgomp) pool hangs a child that opens a parallel region with
       more than one thread after the parent has used it, so each worker must run torch on
       one thread (as PyTorch's DataLoader workers do);
-    - numba's threading layer does not survive a fork once started: the ``omp`` layer
-      terminates a child that runs a parallel kernel, and ``workqueue`` frees its queues
-      in the child. So fork only while numba has not started it in this process;
+    - numba's threading layer does not survive a fork once started (the ``omp`` layer
+      terminates a child that runs a parallel kernel, ``workqueue`` frees its queues in
+      the child); a worker on one thread runs every kernel's serial twin
+      (:func:`foresight_sparse._kernels._launch`), which opens no parallel region, so it
+      never touches the layer, whether or not this process started it;
     - CUDA cannot be used in a forked child once this process has initialised it.
 
     Linux only: on macOS system libraries are not fork-safe either (Python spawns there).
@@ -401,12 +391,7 @@ def _start_method(threads: int) -> str:
     import multiprocessing
 
     methods = multiprocessing.get_all_start_methods()
-    if (
-        sys.platform.startswith("linux")
-        and threads == 1
-        and not _numba_threads_started()
-        and not torch.cuda.is_initialized()
-    ):
+    if sys.platform.startswith("linux") and threads == 1 and not torch.cuda.is_initialized():
         return "fork"
     return "forkserver" if "forkserver" in methods else "spawn"
 

@@ -212,7 +212,7 @@ def test_process_sweep_equals_report_and_reports_errors(
 
 
 _FRESH_PROCESS = """
-import logging, sys
+import json, logging, sys
 import numba, numpy as np
 import torch
 from torch import nn
@@ -221,9 +221,10 @@ from foresight_sparse import sweep, sweeps
 logging.basicConfig(level=logging.DEBUG, format="%(message)s")
 sweeps._cores = lambda: 2  # one thread per worker, wherever this runs
 {model}
-paths, out = sys.argv[1:-2], sys.argv[-2:]
+{big}
+args = json.loads(sys.argv[1])
 x = torch.zeros(1, 3, 16, 16)
-sweep(tiny_cnn(), paths, x, workers=2, output=out[0])
+sweep(tiny_cnn(), args["paths"], x, workers=2, output=args["out"][0])
 
 
 @numba.njit(parallel=True)
@@ -234,51 +235,86 @@ def total(a):
     return s
 
 
-total(np.ones(1 << 20))  # a parallel kernel runs here: forking is unsafe from now on
-sweep(tiny_cnn(), paths, x, workers=2, output=out[1])
+total(np.ones(1 << 20))  # numba's threading layer starts and runs a parallel region here
+sweep(tiny_cnn(), args["paths"], x, workers=2, output=args["out"][1])
+# kernels with parallel-sized work in the workers, forked from this process
+sweep(big_linear(), args["big"], x, workers=2, output=args["out"][2])
 """
 
 
-def test_process_sweep_forks_only_while_safe(ckpts, bad, tmp_path):
-    """In a fresh process the workers are forked; after a parallel kernel has run in the
-    process they come from a forkserver. Both give report()'s numbers, and neither hangs
-    (the subprocess has a time limit)."""
+def big_linear() -> nn.Module:
+    """A Linear whose passes are large enough for the parallel kernels (98304 weights)."""
+    return nn.Sequential(nn.Flatten(), nn.Linear(3 * 16 * 16, 128))
+
+
+def test_process_sweep_forks_after_parallel_kernels_ran(ckpts, bad, tmp_path):
+    """Workers on one thread are forked, in a fresh process and after a parallel kernel
+    has run in it (they run every kernel's serial twin, so the inherited threading layer
+    is never used, even for work that would run in parallel). Every sweep gives report()'s
+    numbers, and none hangs (the subprocess has a time limit)."""
     import inspect
+    import json
     import subprocess
     import sys
 
     _, paths, expected = ckpts
+    big_expected = {}
+    big_paths = []
+    for i in range(3):
+        torch.manual_seed(i)
+        model = big_linear().eval()
+        big_paths.append(str(tmp_path / f"big-step={i}.pt"))
+        torch.save(model.state_dict(), big_paths[-1])
+        big_expected[f"big-step={i}"] = foresight_sparse.report(model, INPUT)
     files = [*paths, bad["step=5"], bad["step=6"], bad["step=7"], bad["step=8"]]
-    out = [str(tmp_path / "fork.csv"), str(tmp_path / "forkserver.csv")]
-    script = _FRESH_PROCESS.format(model=inspect.getsource(tiny_cnn))
+    out = [str(tmp_path / f"sweep{i}.csv") for i in range(3)]
+    script = _FRESH_PROCESS.format(
+        model=inspect.getsource(tiny_cnn), big=inspect.getsource(big_linear)
+    )
+    args = json.dumps({"paths": files, "big": big_paths, "out": out})
     proc = subprocess.run(
-        [sys.executable, "-c", script, *files, *out],
-        capture_output=True,
-        text=True,
-        timeout=240,
+        [sys.executable, "-c", script, args], capture_output=True, text=True, timeout=240
     )
     assert proc.returncode == 0, proc.stderr
     methods = [line.split()[2] for line in proc.stderr.splitlines() if "workers," in line]
-    assert methods == ["fork", "forkserver"], proc.stderr
-    for csv in out:
+    assert methods == ["fork", "fork", "fork"], proc.stderr
+    for csv in out[:2]:
         history = History.from_csv(csv)
         assert_matches(history, expected)
         _assert_errors(history)
+    assert_matches(History.from_csv(out[2]), big_expected)
 
 
-def test_start_method_forks_only_while_safe(ckpts, monkeypatch):
-    import numba
+def test_one_thread_runs_serial_twins(monkeypatch):
+    """With one numba thread a kernel's parallel form never runs, whatever its work."""
+    import numpy as np
 
+    from foresight_sparse import _kernels
+
+    calls = []
+
+    def parallel(*args):
+        calls.append(args)
+
+    parallel.py_func = None  # never used: the twin is looked up below
+    serial_calls = []
+    monkeypatch.setitem(_kernels._SERIAL, parallel, lambda *a: serial_calls.append(a))
+    monkeypatch.setattr(_kernels, "threads", lambda: 1)
+    _kernels._launch(parallel, 1 << 30, np.zeros(1))
+    assert calls == [] and len(serial_calls) == 1
+    monkeypatch.setattr(_kernels, "threads", lambda: 2)
+    _kernels._launch(parallel, 1 << 30, np.zeros(1))
+    _kernels._launch(parallel, 10, np.zeros(1))
+    assert len(calls) == 1 and len(serial_calls) == 2
+
+
+def test_start_method_forks_only_while_safe(monkeypatch):
     import foresight_sparse.sweeps as sweeps
 
-    numba.get_num_threads()  # starts numba's threading layer, as a parallel kernel does
-    assert sweeps._numba_threads_started()
-    assert sweeps._start_method(1) != "fork"
-    # The other conditions, each alone: one thread per worker, and CUDA not initialised.
-    monkeypatch.setattr(sweeps, "_numba_threads_started", lambda: False)
     monkeypatch.setattr(torch.cuda, "is_initialized", lambda: False)
-    assert sweeps._start_method(1) == "fork"
-    assert sweeps._start_method(2) != "fork"
+    if sweeps.sys.platform.startswith("linux"):
+        assert sweeps._start_method(1) == "fork"
+    assert sweeps._start_method(2) != "fork"  # torch's pool would be used in the child
     monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
     assert sweeps._start_method(1) != "fork"
 
