@@ -616,14 +616,20 @@ def _column_terms(v, add, weights, n_chunks, out):
         out[ch, 3] = bn
 
 
+#: A float64 log2 (libm's, not vectorised) costs about as much as this many elements of a
+#: streaming kernel: what :func:`_launch` weighs such an element as.
+_LOG_WORK = 8
+
+
 def column_terms(v: np.ndarray, add: float = 0.0, weights: np.ndarray | None = None) -> np.ndarray:
     """``[sum x, sum x log2 x]`` over positive ``x = v + add`` and the same for ``-x`` over
     negative ``x``, entry ``i`` counted ``weights[i]`` times if given: what the entropy of
     the normalised vector needs (float64, shape (4,))."""
-    n_chunks = _chunks(v.shape[0], work=v.shape[0])
+    work = _LOG_WORK * v.shape[0]
+    n_chunks = _chunks(v.shape[0], work=work)
     out = np.zeros((n_chunks, 4))
     w = np.empty(0) if weights is None else weights
-    _launch(_column_terms, v.shape[0], v, add, w, n_chunks, out)
+    _launch(_column_terms, work, v, add, w, n_chunks, out)
     return out.sum(axis=0)
 
 
@@ -841,6 +847,40 @@ def _class_cols(w, kind, shift, c, xf, xp, use_f, use_p, n_chunks, col):
                 col[g, o, k] = acc
 
 
+@numba.njit(parallel=True, cache=True, nogil=True, fastmath=_FM_REDUCE, error_model="numpy")
+def _class_cols_direct(w, kind, shift, c, inv_f, inv_p, index, use_f, use_p, n_chunks, col):
+    """:func:`_class_cols` reading ``1/Z`` through ``index`` as it goes, with no gathered
+    copy: for kernels with few output channels per group (depthwise convolutions), where
+    the copy would be written and read once for every output channel it serves."""
+    n_g, n_o, n_l = w.shape
+    n_k = col.shape[2]
+    n_tasks = n_g * n_o
+    for ch in numba.prange(n_chunks):
+        buf = np.empty(n_l)
+        for task in range(n_tasks * ch // n_chunks, n_tasks * (ch + 1) // n_chunks):
+            g = task // n_o
+            o = task - g * n_o
+            for j in range(n_l):
+                buf[j] = _f_only(np.float64(w[g, o, j]), kind, shift)
+            sf = inv_f[g]
+            sp = inv_p[g]
+            for k in range(n_k):
+                row = index[k]
+                acc = 0.0
+                if use_f:
+                    for j in range(n_l):
+                        acc += buf[j] * sf[row[j]]
+                if use_p:
+                    for j in range(n_l):
+                        acc += (buf[j] - c) * sp[row[j]]
+                col[g, o, k] = acc
+
+
+#: Output channels per group up to which the column pass reads ``1/Z`` through the index
+#: (:func:`_class_cols_direct`) rather than from a gathered copy.
+DIRECT_MAX_OUT = 2
+
+
 def class_pass(
     w3: np.ndarray,
     sf: np.ndarray,
@@ -913,6 +953,24 @@ def class_pass(
         # gather and one dot product per class, not two
         inv_part += inv_full
         use_f = False
+    if n_o <= DIRECT_MAX_OUT:
+        work = w3.size * n_k
+        _launch(
+            _class_cols_direct,
+            work,
+            w3,
+            kind,
+            shift,
+            c,
+            inv_full,
+            inv_part,
+            index,
+            use_f,
+            use_p,
+            _chunks(n_g * n_o, work=work),
+            col,
+        )
+        return h_sum, off, col
     step = max(1, gather_bytes // max(8 * n_g * n_l * (use_f + use_p), 1))
     for k0 in range(0, n_k, step):
         rows = index[k0 : k0 + step]

@@ -47,17 +47,21 @@ def _conv_case(i):
     return module, conv2d(module, in_shape, out_shape)
 
 
-@pytest.mark.parametrize("sliced", [False, True], ids=["whole", "sliced"])
+@pytest.mark.parametrize("column_pass", ["default", "gathered-sliced", "direct"])
 @pytest.mark.parametrize("case", range(len(CONVS)))
 @pytest.mark.parametrize("norm_name", NORM_NAMES)
-def test_conv_columns_and_rows_equal_the_dense_matrix(case, norm_name, sliced, monkeypatch):
+def test_conv_columns_and_rows_equal_the_dense_matrix(case, norm_name, column_pass, monkeypatch):
     """Expanded from the position classes, Z per row and every column sum equal the dense
-    matrix's, so the classes lose nothing; also when the gathered ``1/Z`` is cut into
-    slices of one output class each (``sliced``: a one-byte gather budget)."""
+    matrix's, so the classes lose nothing; for both forms of the column pass, whatever the
+    output channels per group: from a gathered copy of ``1/Z`` cut into slices of one
+    output class each (a one-byte gather budget), and reading ``1/Z`` through the index."""
     from foresight_sparse import backends, reference
 
-    if sliced:
+    if column_pass == "gathered-sliced":
         monkeypatch.setattr(backends, "GATHER_BYTES", 1)
+        monkeypatch.setattr(_kernels, "DIRECT_MAX_OUT", 0)
+    elif column_pass == "direct":
+        monkeypatch.setattr(_kernels, "DIRECT_MAX_OUT", 1 << 30)
     module, conn = _conv_case(case)
     norm = NORMS[norm_name]
     stats = implicit.layer_stats(LayerJob(conn, norm, torch.device("cpu"), 1 << 30))
