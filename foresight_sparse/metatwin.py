@@ -7,9 +7,10 @@ through Python reference code, which is slower than the real operation on small 
 (an addition of two 64x56x56 maps takes about 0.2 ms, a layer norm 1.4 ms, a hardswish
 2.5 ms); so the pass runs under :class:`ShapeRules`, which answers the common operations
 (convolutions, Linear, elementwise arithmetic and activations, the norms, concatenation,
-adaptive average pooling) from their shape rules in a few microseconds. A rule answers only
-the calls it fully understands and hands every other call, and every call it would have to
-refuse, to PyTorch, so errors are PyTorch's own and a shape is never guessed.
+adaptive average pooling, multi-head attention) from their shape rules in a few
+microseconds. A rule answers only the calls it fully understands and hands every other
+call, and every call it would have to refuse, to PyTorch, so errors are PyTorch's own and a
+shape is never guessed.
 """
 
 from __future__ import annotations
@@ -384,6 +385,66 @@ def _cat(tensors, dim=0, *, out=None):
     return _empty((*first.shape[:dim], total, *first.shape[dim + 1 :]), first)
 
 
+def _attention(
+    query,
+    key,
+    value,
+    embed_dim_to_check,
+    num_heads,
+    in_proj_weight,
+    in_proj_bias,
+    bias_k,
+    bias_v,
+    add_zero_attn,
+    dropout_p,
+    out_proj_weight,
+    out_proj_bias,
+    training=True,
+    key_padding_mask=None,
+    need_weights=True,
+    attn_mask=None,
+    use_separate_proj_weight=False,
+    q_proj_weight=None,
+    k_proj_weight=None,
+    v_proj_weight=None,
+    static_k=None,
+    static_v=None,
+    average_attn_weights=True,
+    is_causal=False,
+):
+    """``F.multi_head_attention_forward`` in its plain form (packed input projection, no
+    masks, extra biases or static keys, batched ``(L, N, E)`` inputs): ``(L, N, E)`` and
+    the ``(N, L, S)`` (or per-head ``(N, H, L, S)``) weights when asked for."""
+    extras = (bias_k, bias_v, key_padding_mask, attn_mask, static_k, static_v)
+    if add_zero_attn or use_separate_proj_weight or is_causal or any(t is not None for t in extras):
+        return NotImplemented
+    if not _is_meta(query, key, value, in_proj_weight, out_proj_weight):
+        return NotImplemented
+    if query.dim() != 3 or key.shape != value.shape or key.dim() != 3:
+        return NotImplemented
+    length, batch, embed = query.shape
+    source = key.shape[0]
+    if (
+        type(num_heads) is not int
+        or num_heads < 1
+        or embed != embed_dim_to_check
+        or embed % num_heads
+        or key.shape[1:] != (batch, embed)
+        or tuple(in_proj_weight.shape) != (3 * embed, embed)
+        or tuple(out_proj_weight.shape) != (embed, embed)
+        or query.dtype != in_proj_weight.dtype
+    ):
+        return NotImplemented
+    for bias, size in ((in_proj_bias, 3 * embed), (out_proj_bias, embed)):
+        if bias is not None and (not _is_meta(bias) or tuple(bias.shape) != (size,)):
+            return NotImplemented
+    out = torch.empty((length, batch, embed), dtype=query.dtype, device=_META)
+    if not need_weights:
+        return out, None
+    heads = () if average_attn_weights else (num_heads,)
+    return out, torch.empty((batch, *heads, length, source), dtype=query.dtype, device=_META)
+
+
 def _rules() -> dict[Callable, Callable]:
     rules: dict[Callable, Callable] = {}
     unary = [
@@ -437,6 +498,7 @@ def _rules() -> dict[Callable, Callable]:
     rules[F.group_norm] = _group_norm
     rules[F.adaptive_avg_pool2d] = _adaptive_avg_pool2d
     rules[torch.cat] = _cat
+    rules[F.multi_head_attention_forward] = _attention
     return rules
 
 

@@ -25,8 +25,18 @@ X = meta(2, 8, 10, 12)
 S = meta(1, 8, 1, 1)
 T = meta(2, 10, 12, 8)
 
+Q = meta(5, 2, 8)  # (L, N, E) for attention, E = 8 over 2 heads
+MHA = (meta(24, 8), meta(24), None, None, False, 0.0, meta(8, 8), meta(8))
+
 #: (function, args, kwargs) that a rule answers.
 ANSWERED = [
+    (F.multi_head_attention_forward, (Q, Q, Q, 8, 2, *MHA), {"need_weights": False}),
+    (F.multi_head_attention_forward, (Q, meta(7, 2, 8), meta(7, 2, 8), 8, 2, *MHA), {}),
+    (
+        F.multi_head_attention_forward,
+        (Q, Q, Q, 8, 4, *MHA),
+        {"average_attn_weights": False, "training": False},
+    ),
     (torch.conv2d, (X, meta(16, 8, 3, 3), meta(16)), {"stride": 2, "padding": 1}),
     (torch.conv2d, (X, meta(16, 2, 3, 3)), {"padding": "same", "dilation": 2, "groups": 4}),
     (torch.conv2d, (X, meta(4, 8, 5, 1)), {"padding": "valid", "stride": (1, 3)}),
@@ -70,6 +80,9 @@ ANSWERED = [
 
 #: Calls that PyTorch refuses: the rule must hand them on, so the error is PyTorch's.
 REFUSED = [
+    (F.multi_head_attention_forward, (Q, Q, Q, 6, 2, *MHA), {}),  # embed_dim_to_check
+    (F.multi_head_attention_forward, (Q, Q, Q, 8, 3, *MHA), {}),  # 8 is not 3 heads
+    (F.multi_head_attention_forward, (Q, meta(7, 2, 8), Q, 8, 2, *MHA), {}),
     (torch.conv2d, (X, meta(16, 3, 3, 3)), {}),  # 8 channels, weight wants 3
     (torch.conv2d, (X, meta(16, 8, 11, 3)), {}),  # kernel larger than the input
     (torch.conv2d, (X, meta(16, 2, 3, 3)), {"groups": 3}),
@@ -100,13 +113,18 @@ def _ids(cases):
 
 @pytest.mark.parametrize("func, args, kwargs", ANSWERED, ids=_ids(ANSWERED))
 def test_rule_answers_as_pytorch_does(func, args, kwargs):
-    expected = _pytorch(func, args, kwargs)
-    out = _ruled(func, args, kwargs)
-    assert out.device.type == "meta"
-    assert (out.shape, out.dtype) == (expected.shape, expected.dtype)
+    expected = _described(_pytorch(func, args, kwargs))
+    assert _described(_ruled(func, args, kwargs)) == expected
     answer = _RULES[func](*args, **kwargs)
     assert answer is not NotImplemented, "the rule handed a call it is meant for to PyTorch"
-    assert (answer.shape, answer.dtype) == (expected.shape, expected.dtype)
+    assert _described(answer) == expected
+
+
+def _described(out):
+    """Shape, dtype and device of a result (a tensor, None or a tuple of them)."""
+    if isinstance(out, tuple):
+        return tuple(_described(o) for o in out)
+    return None if out is None else (tuple(out.shape), out.dtype, out.device.type)
 
 
 @pytest.mark.parametrize("func, args, kwargs", REFUSED, ids=_ids(REFUSED))
