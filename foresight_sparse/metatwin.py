@@ -82,15 +82,15 @@ def meta_twin(model: nn.Module) -> tuple[nn.Module, dict[nn.Module, nn.Module]] 
     originals: dict[nn.Module, nn.Module] = {}
     try:
         twin = _shallow_twin(model, {}, originals)
-    except Exception as exc:  # modules that cannot be copied: the caller runs the real pass
+        for module in originals:
+            cls = type(module)
+            if cls.forward is _BatchNorm.forward:
+                module.__dict__["forward"] = _shape_only_batchnorm(module)
+            elif cls in ELEMENTWISE and cls.forward in _ELEMENTWISE_FORWARDS:
+                module.__dict__["forward"] = _identity
+    except Exception as exc:  # modules that cannot be copied (scripted ones): the real pass
         log.debug("no meta twin (%s: %s)", type(exc).__name__, exc)
         return None
-    for module in originals:
-        cls = type(module)
-        if cls.forward is _BatchNorm.forward:
-            module.__dict__["forward"] = _shape_only_batchnorm(module)
-        elif cls in ELEMENTWISE and cls.forward in _ELEMENTWISE_FORWARDS:
-            module.__dict__["forward"] = _identity
     return twin, originals
 
 

@@ -263,6 +263,12 @@ def trace(
     x = _adapt_input(model, input)
     rec = None
     twin = meta_twin(model) if method != "real" else None
+    if twin is None and method == "meta":
+        raise ForwardError(
+            f"{type(model).__name__} cannot be copied to the meta device (a scripted "
+            "module, or one whose attributes cannot be copied); use the real forward pass "
+            "(method='real' or 'auto')"
+        )
     if twin is not None:
         rec = _Recorder(registry, names, twin[1])
         try:

@@ -242,3 +242,22 @@ def test_meta_twin_is_none_for_a_model_that_cannot_be_copied():
             raise RuntimeError("no")
 
     assert meta_twin(Unreadable()) is None
+
+
+def test_scripted_model_traces_through_the_real_pass_or_says_why():
+    """A scripted module has no meta twin: 'auto' runs the real pass (which refuses hooks
+    on scripted modules, with a ForwardError naming it), 'meta' says it cannot copy it."""
+    import warnings
+
+    from foresight_sparse.exceptions import ForwardError
+    from foresight_sparse.tracing import trace
+
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten(), nn.Linear(4 * 6 * 6, 5))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # torch.jit.script is deprecated
+        scripted = torch.jit.script(model)
+    assert meta_twin(scripted) is None
+    with pytest.raises(ForwardError, match="not supported on ScriptModules"):
+        trace(scripted, torch.zeros(1, 3, 8, 8))
+    with pytest.raises(ForwardError, match="cannot be copied to the meta device"):
+        trace(scripted, torch.zeros(1, 3, 8, 8), method="meta")
