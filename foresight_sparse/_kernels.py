@@ -975,14 +975,14 @@ def class_pass(
         return h_sum, off, col
     step = max(1, gather_bytes // max(8 * n_g * n_l * (use_f + use_p), 1))
     for k0 in range(0, n_k, step):
-        rows = index[k0 : k0 + step]
+        rows = index[k0 : k0 + step] if step < n_k else index
         xf = np.empty((n_g, rows.shape[0], n_l) if use_f else (n_g, 0, n_l))
         xp = np.empty((n_g, rows.shape[0], n_l) if use_p else (n_g, 0, n_l))
         if use_f:
             _launch(_gather, xf.size, inv_full, rows, xf)
         if use_p:
             _launch(_gather, xp.size, inv_part, rows, xp)
-        out = np.empty((n_g, n_o, rows.shape[0]))
+        out = col if step >= n_k else np.empty((n_g, n_o, rows.shape[0]))
         work = w3.size * rows.shape[0]
         _launch(
             _class_cols,
@@ -998,5 +998,6 @@ def class_pass(
             _chunks(n_g * n_o, work=work),
             out,
         )
-        col[:, :, k0 : k0 + rows.shape[0]] = out
+        if out is not col:
+            col[:, :, k0 : k0 + rows.shape[0]] = out
     return h_sum, off, col

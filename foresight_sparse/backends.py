@@ -607,14 +607,17 @@ class NumbaBackend(TorchBackend):
     def kernel_terms(self, conn, norm, shift, device, non_finite=None):
         """One numba pass over the kernel (for each group, the column sums of its
         ``(C_out/g, C_in/g * KH * KW)`` matrix), with no copy of it."""
+        _, sf, st = self._kernel_sums(conn, shift, non_finite)
+        return torch.from_numpy(sf), torch.from_numpy(st)
+
+    def _kernel_sums(self, conn, shift, non_finite):
+        """The kernel as ``(groups, C_out/g, C_in/g * KH * KW)`` (a view) and its sums of
+        ``f`` and ``f log2 f`` per input tap, ``(C_in, KH, KW)`` float64 arrays."""
         k = _kernel_as_float(conn)
         w3 = k.numpy().reshape(conn.groups, conn.cout_g, -1)
         z, t = _kernels().dense_row_sums(w3, self.kind, shift, non_finite)
-        c_in, kh, kw = conn.in_chw[0], *k.shape[-2:]
-        return (
-            torch.from_numpy(z).reshape(c_in, kh, kw),
-            torch.from_numpy(t).reshape(c_in, kh, kw),
-        )
+        shape = (conn.in_chw[0], *k.shape[-2:])
+        return w3, z.reshape(shape), t.reshape(shape)
 
     def conv_pass(self, conn, norm, shift, device, step):
         # the kernel is read once per pass and never copied; the class arrays are planned
@@ -624,18 +627,17 @@ class NumbaBackend(TorchBackend):
         if not fused:
             conn.check_finite()
         non_finite: list = []
-        sf, st = self.kernel_terms(conn, norm, shift, device, non_finite)
+        w3, sf, st = self._kernel_sums(conn, shift, non_finite)
         if fused:
             conn.check_finite(non_finite[0])
-        w3 = _kernel_as_float(conn).numpy().reshape(conn.groups, conn.cout_g, -1)
         classes = conn.memo.get("class_arrays")
         if classes is None:
             classes = conn.memo["class_arrays"] = _class_arrays(conn)
         geometry, index, rows_full, weights = classes
         h_sum, off, col = _kernels().class_pass(
             w3,
-            sf.numpy(),
-            st.numpy(),
+            sf,
+            st,
             geometry,
             index,
             rows_full,

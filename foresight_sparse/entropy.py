@@ -95,7 +95,8 @@ def entropy_from_terms(terms) -> float:
     positive entries count and :math:`H = (A_+ \log_2 S - B_+) / S`; for ``S < 0`` only
     negative ones. An all-zero vector has entropy 0.
     """
-    ap, bp, an, bn = (float(t) for t in terms)
+    values = terms.tolist() if hasattr(terms, "tolist") else terms  # one call, not four
+    ap, bp, an, bn = (float(t) for t in values)
     s = ap + an
     if s > 0:
         return (ap * math.log2(s) - bp) / s

@@ -203,7 +203,7 @@ class Plan:
             layers = tqdm(layers, desc="EI", unit="layer")
         h_total = 0.0
         n_total = 0
-        terms = torch.zeros(4, dtype=torch.float64)
+        terms = [0.0, 0.0, 0.0, 0.0]
         rows: list[LayerReport] = []
         # torch's "beta" notices (sparse layouts) would repeat for every layer; one filter
         # for the whole loop, which costs less than one per layer
@@ -224,10 +224,10 @@ class Plan:
                     ) from None
                 layer_terms = job.backend.column_terms(
                     stats.col_sums, stats.col_offset, stats.col_weights
-                )
+                ).tolist()
                 h_total += stats.h_sum
                 n_total += stats.n_rows
-                terms += layer_terms
+                terms = [a + b for a, b in zip(terms, layer_terms)]
                 mean_h = stats.h_sum / stats.n_rows if stats.n_rows else 0.0
                 deg = entropy_from_terms(layer_terms)
                 seconds = time.perf_counter() - t0
