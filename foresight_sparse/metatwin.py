@@ -15,6 +15,7 @@ shape is never guessed.
 
 from __future__ import annotations
 
+import copy
 import logging
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
@@ -111,6 +112,8 @@ def _shallow_twin(module: nn.Module, memo: dict, originals: dict) -> nn.Module:
     for key, value in state.items():
         if type(value) in _DICTS:
             state[key] = value.copy()
+        elif isinstance(value, dict):
+            state[key] = copy.copy(value)
     state["_parameters"] = {
         k: None if v is None else _meta_like(v, memo) for k, v in module._parameters.items()
     }

@@ -163,7 +163,7 @@ class _Recorder:
             out = output[0] if isinstance(output, (tuple, list)) else output
             shapes = self.shapes[module] = (in_shape, tuple(out.shape))
             self.seen_shapes.setdefault(module, set()).add(shapes)
-        elif not module._modules:
+        elif all(child is None for child in module._modules.values()):  # a leaf
             self.skipped.setdefault(module)
 
     def run_real(self, model: nn.Module, x) -> None:
