@@ -338,6 +338,8 @@ def _batch_norm(
 ):
     if training or not _is_meta(input) or not input.is_floating_point() or input.dim() < 2:
         return NotImplemented
+    if running_mean is None or running_var is None:  # refused in evaluation mode
+        return NotImplemented
     if not _channels_ok(input, input.shape[1], running_mean, running_var, weight, bias):
         return NotImplemented
     return input

@@ -91,6 +91,7 @@ REFUSED = [
     (F.layer_norm, (T, 8), {}),  # the functional form takes no int
     (F.layer_norm, (T, (8,), meta(7)), {}),
     (F.group_norm, (X, 3), {}),
+    (F.batch_norm, (X, None, None), {}),  # no running statistics in evaluation mode
     (torch.cat, ([X, meta(2, 7, 10, 11)], 1), {}),
     (torch.Tensor.add, (X, meta(3, 12)), {}),
     (torch.Tensor.add_, (S, X), {}),  # the result would not fit in S
