@@ -975,7 +975,7 @@ def class_pass(
         return h_sum, off, col
     step = max(1, gather_bytes // max(8 * n_g * n_l * (use_f + use_p), 1))
     for k0 in range(0, n_k, step):
-        rows = index[k0 : k0 + step] if step < n_k else index
+        rows = index[k0 : k0 + step]
         xf = np.empty((n_g, rows.shape[0], n_l) if use_f else (n_g, 0, n_l))
         xp = np.empty((n_g, rows.shape[0], n_l) if use_p else (n_g, 0, n_l))
         if use_f:

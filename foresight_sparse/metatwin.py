@@ -95,6 +95,9 @@ def meta_twin(model: nn.Module) -> tuple[nn.Module, dict[nn.Module, nn.Module]] 
     return twin, originals
 
 
+_DICTS = (dict, OrderedDict)
+
+
 def _shallow_twin(module: nn.Module, memo: dict, originals: dict) -> nn.Module:
     """A copy of ``module`` sharing every attribute except its parameters and buffers (on
     the meta device), its submodules (twins themselves) and its dicts (hooks among them, so
@@ -155,8 +158,6 @@ def _shape_only_batchnorm(module: _BatchNorm):
 
     return forward
 
-
-_DICTS = (dict, OrderedDict)
 
 # ---------------------------------------------------------------------------- shape rules
 #

@@ -296,7 +296,6 @@ def test_one_thread_runs_serial_twins(monkeypatch):
     def parallel(*args):
         calls.append(args)
 
-    parallel.py_func = None  # never used: the twin is looked up below
     serial_calls = []
     monkeypatch.setitem(_kernels._SERIAL, parallel, lambda *a: serial_calls.append(a))
     monkeypatch.setattr(_kernels, "threads", lambda: 1)

@@ -147,14 +147,9 @@ def _working_bytes(conn, budget: int | None) -> int:
         )
     if _constant_kernel(conn):
         return 8 * (3 * conn.n_rows + 2 * conn.n_cols)
-    fixed = _conv_fixed_bytes(conn)
     return (
-        fixed
-        + _KERNEL_COPIES
-        * 8
-        * conn.groups
-        * _cout_step(conn, budget, fixed)
-        * conn.kernel[0].numel()
+        _conv_fixed_bytes(conn)
+        + _KERNEL_COPIES * 8 * conn.groups * _block_step(conn, budget) * conn.kernel[0].numel()
     )
 
 
@@ -187,6 +182,16 @@ def _cout_step(conn: Stencil, budget: int | None, fixed: int) -> int:
     return max(1, min(conn.cout_g, (budget - fixed) // max(per_channel, 1)))
 
 
+def _block_step(conn: Stencil, budget: int | None) -> int:
+    """:func:`_cout_step` for the layer's own fixed bytes, once per geometry and budget (the
+    plan's memory estimate and every report's column pass use it)."""
+    key = ("cout_step", budget)
+    step = conn.memo.get(key)
+    if step is None:
+        step = conn.memo[key] = _cout_step(conn, budget, _conv_fixed_bytes(conn))
+    return step
+
+
 def _linear_sums_bytes(conn: FullyConnected) -> int:
     """The Linear passes' per-input and per-output float64 vectors."""
     return 8 * (4 * conn.n_rows + 2 * conn.n_cols)
@@ -212,10 +217,7 @@ def _conv(conn: Stencil, norm: ElementwiseNorm, job: LayerJob) -> LayerStats:
     """Row and column pass on the layer's position classes (see :class:`AxisClasses`);
     the column pass streams blocks of output channels when the kernel is large."""
     shift = layer_shift(norm, conn)
-    key = ("cout_step", job.budget)
-    step = conn.memo.get(key)
-    if step is None:
-        step = conn.memo[key] = _cout_step(conn, job.budget, _conv_fixed_bytes(conn))
+    step = _block_step(conn, job.budget)
     h_sum, off, col, weights = job.backend.conv_pass(conn, norm, shift, job.device, step)
     return LayerStats(h_sum, conn.n_rows, col, "implicit", off, weights, backend=job.backend.name)
 
