@@ -528,7 +528,7 @@ def _cmd_layers(args: argparse.Namespace) -> int:
 
 
 def _cmd_sweep(args: argparse.Namespace) -> int:
-    from .sweeps import sweep
+    from .sweeps import _keep_freed_memory, sweep
 
     device = _device(args.device)
     if args.workers is not None and args.workers < 1:
@@ -549,6 +549,7 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
         args.model, seed=args.seed, input_shape=args.input_shape, trust_pickle=args.trust_pickle
     )
     backend = "ray" if args.ray is not None else None
+    _keep_freed_memory()  # this process is the command's: serial sweeps reuse the memory
     with _shape_hint(shape):
         res = sweep(
             model,

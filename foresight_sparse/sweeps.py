@@ -249,28 +249,42 @@ def _evaluate(p: Plan, path: str, key: str | None, trust_pickle: bool) -> Report
     return _compute(p, _load(p, path, key, trust_pickle))
 
 
+def _warm_file(path: str, buf: bytearray) -> None:
+    """Read ``path`` through ``buf`` and drop the bytes: afterwards the file is in the page
+    cache. Only I/O (the GIL is released while it waits); errors are left for the load."""
+    try:
+        with open(path, "rb", buffering=0) as fh:
+            while fh.readinto(buf):
+                pass
+    except OSError:
+        pass
+
+
 def _read_ahead(p: Plan, todo: Sequence[Checkpoint], key, trust_pickle) -> Iterator[tuple]:
-    """Each checkpoint with its state dict (or why there is none), the next file read by a
-    thread while the caller evaluates this one.
+    """Each checkpoint with its state dict (or why there is none), loaded in the calling
+    thread while a thread reads the next file into the page cache.
 
     A sweep usually reads files that are not in the page cache (written long before, or on
-    a network file system): the thread hides the wait for the disk (24 ResNet-18
-    checkpoints evicted from the cache on the 2-core machine: 1.8-2.6 s instead of
-    2.6-3.1 s). With the files cached it costs about 10% there, the reader competing
-    with torch's and numba's threads for the cores. At most two state dicts are held at
-    once.
+    a network file system): the thread hides the wait for the disk. It only reads, through
+    one reused 1 MiB buffer, so it takes almost no CPU from the evaluation when the files
+    are cached; an earlier reader that ran the whole ``torch.load`` in the thread competed
+    with torch's and numba's threads for the cores. 24 ResNet-18 checkpoints on the 2-core
+    machine, 3 sweeps each (``docs/benchmarks.md``): cached 2.24-2.26 s against 2.20-2.36 s
+    with the old reader and 2.10-2.34 s with none; evicted from the cache 2.23-2.33 s
+    against 2.48-2.61 s and 2.73-2.83 s.
     """
     from concurrent.futures import ThreadPoolExecutor
 
     if not todo:
         return
+    buf = bytearray(1 << 20)
     with ThreadPoolExecutor(1, thread_name_prefix="foresight-sparse-reader") as reader:
-        ahead = reader.submit(_load, p, todo[0].path, key, trust_pickle)
+        ahead = reader.submit(_warm_file, todo[0].path, buf)
         for i, entry in enumerate(todo):
-            state = ahead.result()
+            ahead.result()
             if i + 1 < len(todo):
-                ahead = reader.submit(_load, p, todo[i + 1].path, key, trust_pickle)
-            yield entry, state
+                ahead = reader.submit(_warm_file, todo[i + 1].path, buf)
+            yield entry, _load(p, entry.path, key, trust_pickle)
 
 
 #: Whether the calling process evaluates checkpoints while a forkserver pool starts (the
@@ -299,11 +313,42 @@ def _set_threads(threads: int) -> None:
         pass
 
 
+def _keep_freed_memory() -> bool:
+    """Let this process's C allocator keep the memory it frees instead of handing it back
+    to the system; True where it could (glibc).
+
+    Each checkpoint's tensors are new allocations of the checkpoint's size, freed after
+    its report. glibc returns such blocks to the system (``mmap`` above its threshold,
+    trimming the heap top), so every checkpoint's load touches fresh pages: one page fault
+    per 4 KiB, about 11,000 for a ResNet-18 checkpoint, which took 40-57 ms of a 60 ms
+    load on the 2-core VM (a virtual machine's faults are slow). With blocks up to 32 MiB
+    taken from the heap and the heap never trimmed below 1 GiB, the next checkpoint reuses
+    the same memory: the load fell to 25-33 ms, with no faults after the second.
+
+    Process-wide and permanent (glibc has no way back to its adaptive thresholds), so the
+    library calls it only in processes it owns: sweep workers and the ``sweep`` command.
+    """
+    if not sys.platform.startswith("linux"):
+        return False
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):  # not glibc (musl has no mallopt)
+        return False
+    m_trim_threshold, m_mmap_threshold = -1, -3
+    return bool(mallopt(m_mmap_threshold, 32 << 20)) and bool(mallopt(m_trim_threshold, 1 << 30))
+
+
 def _init_worker(plan_or_bytes: Plan | bytes, threads: int) -> None:
-    """Process-pool initializer: share the cores between the workers, keep the plan (a
-    forked worker inherits it; others unpickle it, once)."""
+    """Process-pool initializer: share the cores between the workers, keep freed memory
+    for the next checkpoint, keep the plan (a forked worker inherits it; others unpickle
+    it, once)."""
     global _WORKER_PLAN
     _set_threads(threads)
+    _keep_freed_memory()
     if isinstance(plan_or_bytes, bytes):
         plan_or_bytes = pickle.loads(plan_or_bytes)
     _WORKER_PLAN = plan_or_bytes

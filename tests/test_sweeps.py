@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import os
+import sys
 
 import pytest
 import torch
@@ -283,6 +284,89 @@ def test_process_sweep_forks_after_parallel_kernels_ran(ckpts, bad, tmp_path):
         assert_matches(history, expected)
         _assert_errors(history)
     assert_matches(History.from_csv(out[2]), big_expected)
+
+
+def test_reader_thread_only_reads_ahead(ckpts, monkeypatch):
+    """The serial sweep's thread reads each file, in order and once, before the calling
+    thread loads it (so the load finds it in the page cache); the load itself, and with
+    it every torch and numba call, stays in the calling thread."""
+    import threading
+
+    import foresight_sparse.sweeps as sweeps
+
+    _, paths, expected = ckpts
+    events = []
+    read, load = sweeps._warm_file, sweeps._load
+
+    def warm(path, buf):
+        events.append(("read", os.path.basename(path), threading.current_thread().name))
+        read(path, buf)
+
+    def traced_load(p, path, key, trust_pickle):
+        events.append(("load", os.path.basename(path), threading.current_thread().name))
+        return load(p, path, key, trust_pickle)
+
+    monkeypatch.setattr(sweeps, "_warm_file", warm)
+    monkeypatch.setattr(sweeps, "_load", traced_load)
+    res = sweep(tiny_cnn(), paths, INPUT)
+    assert_matches(res.history, expected)
+    names = [os.path.basename(p) for p in paths]
+    order = sorted(names, key=natural_key)
+    me = threading.current_thread().name
+    assert [e[1] for e in events if e[0] == "read"] == order
+    assert [e[1] for e in events if e[0] == "load"] == order
+    assert all(e[2] == me for e in events if e[0] == "load")
+    assert all(e[2].startswith("foresight-sparse-reader") for e in events if e[0] == "read")
+    for name in order:  # each file is read before it is loaded
+        assert events.index(("load", name, me)) > next(
+            i for i, e in enumerate(events) if e[:2] == ("read", name)
+        )
+
+
+def test_warm_file_leaves_errors_to_the_load(tmp_path):
+    from foresight_sparse.sweeps import _warm_file
+
+    _warm_file(str(tmp_path / "missing.pt"), bytearray(16))  # no exception
+    _warm_file(str(tmp_path), bytearray(16))  # a folder: no exception either
+
+
+_FREED_MEMORY = """
+import resource, sys, torch
+from foresight_sparse.sweeps import _keep_freed_memory
+kept = _keep_freed_memory() if sys.argv[1] == "keep" else None
+faults = []
+for _ in range(5):
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    blocks = [torch.ones(1 << 20) for _ in range(12)]  # 48 MiB, as a checkpoint's tensors
+    del blocks
+    faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+print(kept, max(faults[2:]))
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's allocator")
+def test_kept_memory_spares_the_next_checkpoint_its_page_faults():
+    """After _keep_freed_memory, memory freed by one checkpoint's tensors serves the next
+    without a page fault per 4 KiB; without it, each round faults again (so this test
+    fails if the call stops working)."""
+    import subprocess
+
+    def run(mode):
+        out = subprocess.run(
+            [sys.executable, "-c", _FREED_MEMORY, mode],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=True,
+        ).stdout.split()
+        return out[0], int(out[1])
+
+    kept, faults = run("keep")
+    if kept != "True":
+        pytest.skip("this C library has no mallopt (not glibc)")
+    _, faults_default = run("default")
+    assert faults_default > 6000  # 48 MiB of fresh pages each round
+    assert faults < 600
 
 
 def test_one_thread_runs_serial_twins(monkeypatch):
