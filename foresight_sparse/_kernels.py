@@ -818,33 +818,125 @@ def class_index(
     return (hw.reshape(n_k, 1, -1) + ci[None, :, None]).reshape(n_k, -1)
 
 
+@numba.njit(inline="always")
+def _add_dots(w, g, o, n_rows, kind, shift, c, x, col, buf):
+    """``col[g, o + r, k] += sum_l (f(w[g, o + r, l]) - c) x[g, k, l]`` for the ``n_rows``
+    (at most 4) kernel rows from ``o`` and every class ``k``.
+
+    The rows are mapped once into ``buf``; then four rows and four classes at a time make
+    16 dot products in one sweep over ``l``, so each load of a row or of a class's ``1/Z``
+    serves four multiply-adds instead of one (the gathered ``1/Z`` of a layer's classes
+    lives in L2, and loads, not arithmetic, bound the single dot product): 2-3x faster on
+    ResNet-50's 3x3 layers.
+    """
+    n_l = w.shape[2]
+    n_k = x.shape[1]
+    for r in range(n_rows):
+        for j in range(n_l):
+            buf[r, j] = _f_only(np.float64(w[g, o + r, j]), kind, shift) - c
+    if n_rows < 4:
+        for r in range(n_rows):
+            br = buf[r]
+            for k in range(n_k):
+                xk = x[g, k]
+                acc = 0.0
+                for j in range(n_l):
+                    acc += br[j] * xk[j]
+                col[g, o + r, k] += acc
+        return
+    b0 = buf[0]
+    b1 = buf[1]
+    b2 = buf[2]
+    b3 = buf[3]
+    k = 0
+    while k + 4 <= n_k:
+        x0 = x[g, k]
+        x1 = x[g, k + 1]
+        x2 = x[g, k + 2]
+        x3 = x[g, k + 3]
+        a00 = a01 = a02 = a03 = a10 = a11 = a12 = a13 = 0.0
+        a20 = a21 = a22 = a23 = a30 = a31 = a32 = a33 = 0.0
+        for j in range(n_l):
+            v0 = b0[j]
+            v1 = b1[j]
+            v2 = b2[j]
+            v3 = b3[j]
+            y0 = x0[j]
+            y1 = x1[j]
+            y2 = x2[j]
+            y3 = x3[j]
+            a00 += v0 * y0
+            a01 += v0 * y1
+            a02 += v0 * y2
+            a03 += v0 * y3
+            a10 += v1 * y0
+            a11 += v1 * y1
+            a12 += v1 * y2
+            a13 += v1 * y3
+            a20 += v2 * y0
+            a21 += v2 * y1
+            a22 += v2 * y2
+            a23 += v2 * y3
+            a30 += v3 * y0
+            a31 += v3 * y1
+            a32 += v3 * y2
+            a33 += v3 * y3
+        col[g, o, k] += a00
+        col[g, o, k + 1] += a01
+        col[g, o, k + 2] += a02
+        col[g, o, k + 3] += a03
+        col[g, o + 1, k] += a10
+        col[g, o + 1, k + 1] += a11
+        col[g, o + 1, k + 2] += a12
+        col[g, o + 1, k + 3] += a13
+        col[g, o + 2, k] += a20
+        col[g, o + 2, k + 1] += a21
+        col[g, o + 2, k + 2] += a22
+        col[g, o + 2, k + 3] += a23
+        col[g, o + 3, k] += a30
+        col[g, o + 3, k + 1] += a31
+        col[g, o + 3, k + 2] += a32
+        col[g, o + 3, k + 3] += a33
+        k += 4
+    while k < n_k:
+        xk = x[g, k]
+        a0 = a1 = a2 = a3 = 0.0
+        for j in range(n_l):
+            y = xk[j]
+            a0 += b0[j] * y
+            a1 += b1[j] * y
+            a2 += b2[j] * y
+            a3 += b3[j] * y
+        col[g, o, k] += a0
+        col[g, o + 1, k] += a1
+        col[g, o + 2, k] += a2
+        col[g, o + 3, k] += a3
+        k += 1
+
+
 @numba.njit(parallel=True, cache=True, nogil=True, fastmath=_FM_REDUCE, error_model="numpy")
 def _class_cols(w, kind, shift, c, xf, xp, use_f, use_p, n_chunks, col):
     """``col[g, o, k] = sum_l f(w[g, o, l]) xf[g, k, l] + (f(w[g, o, l]) - c) xp[g, k, l]``:
-    the column sums of every output class, each kernel row mapped once into a buffer and
-    then dotted with the gathered ``1/Z`` of every class (``use_f``/``use_p``: whether
-    any row is full / has absent entries)."""
+    the column sums of every output class against the gathered ``1/Z`` of the full and
+    the partial rows (``use_f``/``use_p``: whether any row is full / has absent entries),
+    four kernel rows at a time (:func:`_add_dots`)."""
     n_g, n_o, n_l = w.shape
-    n_k = col.shape[2]
     n_tasks = n_g * n_o
     for ch in numba.prange(n_chunks):
-        buf = np.empty(n_l)
-        for task in range(n_tasks * ch // n_chunks, n_tasks * (ch + 1) // n_chunks):
+        _wide_vectors()
+        buf = np.empty((4, n_l))
+        task = n_tasks * ch // n_chunks
+        hi = n_tasks * (ch + 1) // n_chunks
+        while task < hi:
             g = task // n_o
             o = task - g * n_o
-            for j in range(n_l):
-                buf[j] = _f_only(np.float64(w[g, o, j]), kind, shift)
-            for k in range(n_k):
-                acc = 0.0
-                if use_f:
-                    rf = xf[g, k]
-                    for j in range(n_l):
-                        acc += buf[j] * rf[j]
-                if use_p:
-                    rp = xp[g, k]
-                    for j in range(n_l):
-                        acc += (buf[j] - c) * rp[j]
-                col[g, o, k] = acc
+            n_rows = min(4, hi - task, n_o - o)
+            col[g, o : o + n_rows] = 0.0
+            if use_f:
+                _add_dots(w, g, o, n_rows, kind, shift, 0.0, xf, col, buf)
+            if use_p:
+                _add_dots(w, g, o, n_rows, kind, shift, c, xp, col, buf)
+            task += n_rows
 
 
 @numba.njit(parallel=True, cache=True, nogil=True, fastmath=_FM_REDUCE, error_model="numpy")
