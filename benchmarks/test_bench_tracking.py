@@ -131,13 +131,14 @@ def checkpoints(tmp_path_factory, request):
 # building the model; with "warm", a report() first (numba's threads start and its kernels
 # load before the workers are forked); with "pin", the process pinned to those cores
 # (indices into the cores it may use) and torch and numba set to as many threads, and with
-# "part" = [i, n] it sweeps every n-th checkpoint from the i-th; with Ray, ray.init() (a
-# cluster already running). The figure "s" is the whole sweep() call: planning, starting
-# the workers (their imports, and numba loading its cached kernels), every checkpoint, the
-# records and the CSV. "cpu_s" is the user + system time of this process and of the
-# children it waited for (a serial sweep, or forked workers; not a forkserver's workers nor
-# Ray's). With "again", the same sweep runs a second time and "again_s" is its time (Ray:
-# its workers have imported everything and kept the kernels).
+# "part" = [i, n] it sweeps every n-th checkpoint from the i-th, keeping freed memory as a
+# worker does; with Ray, ray.init() (a cluster already running). The figure "s" is the
+# whole sweep() call: planning, starting the workers (their imports, and numba loading its
+# cached kernels), every checkpoint, the records and the CSV. "cpu_s" is the user + system
+# time of this process and of the children it waited for (a serial sweep, or forked
+# workers; not a forkserver's workers nor Ray's). With "again", the same sweep runs a
+# second time and "again_s" is its time (Ray: its workers have imported everything and
+# kept the kernels).
 _ONE_SWEEP = """
 import json, os, resource, sys, time, warnings
 warnings.filterwarnings("ignore", "skipped layers")
@@ -157,6 +158,7 @@ if cfg["pin"]:
     torch.set_num_threads(len(cfg["pin"]))
 if cfg["part"]:
     cfg["paths"] = cfg["paths"][cfg["part"][0] :: cfg["part"][1]]
+    foresight_sparse.sweeps._keep_freed_memory()  # as a worker does
 if cfg["backend"] == "ray":
     import ray
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
@@ -219,8 +221,9 @@ def _one_sweep(
 
 def _independent_workers(checkpoints, tmp_path, r: int) -> dict:
     """What workers that never wait for each other give: one interpreter per core, each
-    pinned to its core, one thread, kernels loaded (a report() first, untimed), each
-    sweeping its share of the checkpoints serially, all at once. "s" is the slowest one's
+    pinned to its core, one thread, kernels loaded (a report() first, untimed), freed
+    memory kept as in a worker, each sweeping its share of the checkpoints serially, all
+    at once. "s" is the slowest one's
     sweep() time. Cores that share a physical core's units (SMT siblings, as the two
     vCPUs of the benchmark VM behave) slow each other down here as they would slow the
     workers, which a single one-core run halved would not show."""
