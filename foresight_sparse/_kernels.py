@@ -590,35 +590,56 @@ def dense_cols(w: np.ndarray, kind: int, shift: float, c: float, inv: np.ndarray
     return col
 
 
-@numba.njit(parallel=True, cache=True, nogil=True)
+@numba.njit(inline="always")
+def _signed_x_log_x(x, w):
+    """``w x`` and ``w x log2 x`` for positive ``x``, ``w x`` and ``-w x log2 -x`` for negative
+    ``x`` (zeros elsewhere, NaN included; a subnormal ``|x|``'s log term, below 1e-305 in
+    magnitude, is dropped). Branch-free, with :func:`_log2_f64`, so that loops vectorise."""
+    ax = abs(x)
+    wx = w * x
+    wxl = wx * _log2_f64(ax) if ax >= _MIN_NORMAL64 else 0.0
+    pos = x > 0.0
+    neg = x < 0.0
+    return (wx if pos else 0.0), (wxl if pos else 0.0), (wx if neg else 0.0), (-wxl if neg else 0.0)
+
+
+@numba.njit(parallel=True, cache=True, nogil=True, fastmath=_FM_REDUCE, error_model="numpy")
 def _column_terms(v, add, weights, n_chunks, out):
     n = v.shape[0]
     weighted = weights.shape[0] == n
     for ch in numba.prange(n_chunks):
+        _wide_vectors()
         lo = n * ch // n_chunks
         hi = n * (ch + 1) // n_chunks
         ap = 0.0
         bp = 0.0
         an = 0.0
         bn = 0.0
-        for i in range(lo, hi):
-            x = np.float64(v[i]) + add
-            w = weights[i] if weighted else 1.0
-            if x > 0.0:
-                ap += w * x
-                bp += w * (x * np.log2(x))
-            elif x < 0.0:
-                an += w * x
-                bn += w * (-x * np.log2(-x))
+        # two loops, so that neither loads a weight conditionally (which would keep LLVM
+        # from vectorising it)
+        if weighted:
+            for i in range(lo, hi):
+                a, b, c, d = _signed_x_log_x(np.float64(v[i]) + add, weights[i])
+                ap += a
+                bp += b
+                an += c
+                bn += d
+        else:
+            for i in range(lo, hi):
+                a, b, c, d = _signed_x_log_x(np.float64(v[i]) + add, 1.0)
+                ap += a
+                bp += b
+                an += c
+                bn += d
         out[ch, 0] = ap
         out[ch, 1] = bp
         out[ch, 2] = an
         out[ch, 3] = bn
 
 
-#: A float64 log2 (libm's, not vectorised) costs about as much as this many elements of a
-#: streaming kernel: what :func:`_launch` weighs such an element as.
-_LOG_WORK = 8
+#: The vectorised float64 log2 costs about as much as this many elements of a streaming
+#: kernel: what :func:`_launch` weighs such an element as.
+_LOG_WORK = 4
 
 
 def column_terms(v: np.ndarray, add: float = 0.0, weights: np.ndarray | None = None) -> np.ndarray:
@@ -686,6 +707,39 @@ def _f32_bits_reduce(typingctx, x):
 def _log2_f32_bits(b):
     """log2 of the positive normal float32 whose bits are ``b``."""
     m, k = _f32_bits_reduce(b)
+    u = (m - 1.0) / (m + 1.0)
+    s = u * u
+    p = _P0 + s * (_P1 + s * (_P2 + s * (_P3 + s * (_P4 + s * (_P5 + s * _P6)))))
+    return k + u * p
+
+
+_MIN_NORMAL64 = float(np.finfo(np.float64).tiny)
+
+
+@intrinsic
+def _f64_reduce(typingctx, x):
+    """A positive normal float64 ``a`` -> ``(m, k)``, ``a = m * 2**k`` exactly, ``m`` in
+    ``[sqrt(1/2), sqrt(2))``: :func:`_f32_bits_reduce` on the 64-bit layout. Other inputs
+    give finite garbage or infinities: mask the result."""
+    sig = types.UniTuple(types.float64, 2)(x)
+
+    def codegen(context, builder, sig, args):
+        i64 = ir.IntType(64)
+        b = builder.bitcast(args[0], i64)
+        tmp = builder.add(b, ir.Constant(i64, 0x4000000000000000 - 0x3FE6A09E667F3BCD))
+        k = builder.sub(builder.lshr(tmp, ir.Constant(i64, 52)), ir.Constant(i64, 1024))
+        m = builder.bitcast(builder.sub(b, builder.shl(k, ir.Constant(i64, 52))), ir.DoubleType())
+        kd = builder.sitofp(k, ir.DoubleType())
+        return context.make_tuple(builder, sig.return_type, (m, kd))
+
+    return sig, codegen
+
+
+@numba.njit(inline="always")
+def _log2_f64(a):
+    """log2 of the positive normal float64 ``a``: :func:`_log2_f32_bits`'s polynomial on
+    the exact reduction of :func:`_f64_reduce`."""
+    m, k = _f64_reduce(a)
     u = (m - 1.0) / (m + 1.0)
     s = u * u
     p = _P0 + s * (_P1 + s * (_P2 + s * (_P3 + s * (_P4 + s * (_P5 + s * _P6)))))

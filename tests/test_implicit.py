@@ -220,6 +220,48 @@ def test_fast_log2_of_float32_bits_is_exact_to_float64_rounding():
     )
 
 
+def test_fast_log2_of_float64_is_exact_to_float64_rounding():
+    rng = np.random.default_rng(1)
+    x = np.ldexp(rng.random(300_000) + 0.5, rng.integers(-1021, 1023, 300_000))
+    root = np.sqrt(0.5)
+    edges = [1.0, 2.0, 0.5, np.finfo(np.float64).tiny, np.finfo(np.float64).max]
+    edges += [np.nextafter(root, 0.0), root, np.nextafter(root, 1.0), 2 * root]
+    x = np.concatenate([x, edges])
+
+    @numba.njit
+    def fast(a):
+        out = np.empty(a.shape[0])
+        for i in range(a.shape[0]):
+            out[i] = _kernels._log2_f64(a[i])
+        return out
+
+    np.testing.assert_allclose(fast(x), np.log2(x), rtol=0, atol=2.5e-13)  # 1 ulp at 1023
+    near_one = 1.0 + np.arange(-1000, 1000) * 2.0**-40
+    near_one = near_one[near_one != 1.0]
+    np.testing.assert_allclose(fast(near_one), np.log2(near_one), rtol=1e-13, atol=0)
+
+
+@pytest.mark.parametrize("n", [50, 300_000])  # serial and parallel
+def test_column_terms_skip_nan_entries_and_take_subnormal_ones(n):
+    rng = np.random.default_rng(n)
+    v = rng.standard_normal(n) * 10.0 ** rng.integers(-5, 5, n)
+    v[::7] = 0.0
+    v[1], v[2], v[3] = np.nan, 1e-310, -1e-310
+    w = rng.random(n) * 3.0
+    got = _kernels.column_terms(v, 0.0, w)
+    x = v[np.isfinite(v)]
+    wx = w[np.isfinite(v)]
+    pos, neg = x > 0, x < 0
+    normal = np.abs(x) >= np.finfo(np.float64).tiny
+    want = [
+        (wx * x)[pos].sum(),
+        (wx * x * np.log2(np.where(normal & pos, x, 1.0)))[pos].sum(),
+        (wx * x)[neg].sum(),
+        (-wx * x * np.log2(np.where(normal & neg, -x, 1.0)))[neg].sum(),
+    ]
+    np.testing.assert_allclose(got, want, rtol=1e-11)
+
+
 @pytest.mark.parametrize(
     "values",
     [
