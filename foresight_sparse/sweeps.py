@@ -320,10 +320,10 @@ def _keep_freed_memory() -> bool:
     Each checkpoint's tensors are new allocations of the checkpoint's size, freed after
     its report. glibc returns such blocks to the system (``mmap`` above its threshold,
     trimming the heap top), so every checkpoint's load touches fresh pages: one page fault
-    per 4 KiB, about 11,000 for a ResNet-18 checkpoint, which took 40-57 ms of a 60 ms
-    load on the 2-core VM (a virtual machine's faults are slow). With blocks up to 32 MiB
-    taken from the heap and the heap never trimmed below 1 GiB, the next checkpoint reuses
-    the same memory: the load fell to 25-33 ms, with no faults after the second.
+    per 4 KiB, about 11,000 for a ResNet-18 checkpoint (a virtual machine's faults are
+    slow: a worker's load took 40-57 ms on the 2-core VM). With blocks up to 32 MiB taken
+    from the heap and the heap never trimmed below 1 GiB, the next checkpoint reuses the
+    same memory: the load fell to 25-33 ms, with no faults after the second.
 
     Process-wide and permanent (glibc has no way back to its adaptive thresholds), so the
     library calls it only in processes it owns: sweep workers and the ``sweep`` command.
