@@ -315,7 +315,8 @@ def _set_threads(threads: int) -> None:
 
 def _keep_freed_memory() -> bool:
     """Let this process's C allocator keep the memory it frees instead of handing it back
-    to the system; True where it could (glibc).
+    to the system; True where it could (glibc; other C libraries lack ``mallopt`` or
+    ignore these settings, returning 0).
 
     Each checkpoint's tensors are new allocations of the checkpoint's size, freed after
     its report. glibc returns such blocks to the system (``mmap`` above its threshold,
@@ -336,7 +337,7 @@ def _keep_freed_memory() -> bool:
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
         mallopt = libc.mallopt
-    except (OSError, AttributeError):  # not glibc (musl has no mallopt)
+    except (OSError, AttributeError):  # a C library without mallopt
         return False
     m_trim_threshold, m_mmap_threshold = -1, -3
     return bool(mallopt(m_mmap_threshold, 32 << 20)) and bool(mallopt(m_trim_threshold, 1 << 30))
