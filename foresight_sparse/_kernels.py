@@ -997,31 +997,74 @@ def _class_cols(w, kind, shift, c, xf, xp, use_f, use_p, n_chunks, col):
 def _class_cols_direct(w, kind, shift, c, inv_f, inv_p, index, use_f, use_p, n_chunks, col):
     """:func:`_class_cols` reading ``1/Z`` through ``index`` as it goes, with no gathered
     copy: for kernels with few output channels per group (depthwise convolutions), where
-    the copy would be written and read once for every output channel it serves. A kernel
-    of its own: one kernel taking both forms behind a flag ran the gathered form's dot
-    products slower (ResNet-50's Plan.report: 66 ms -> 98 ms)."""
+    the copy would be written and read once for every output channel it serves.
+
+    Channel-major: ``inv_f``/``inv_p`` are the groups' maps of ``1/Z`` transposed,
+    ``(C_in/g * (A * B + 1), groups)``, and the kernel is mapped into ``(C_in/g * KH *
+    KW, groups)`` buffers, so that each index entry, read once, serves every group in one
+    vectorised multiply-add over contiguous rows (the groups share the geometry, so the
+    index). Threads take slices of the classes. Reading ``1/Z`` group by group through
+    the index (one gathered load per multiply-add) was slower: ConvNeXt-T's 384-channel
+    7x7 layer 1.12 -> 0.41 ms, EfficientNet-B0's 1152-channel 5x5 layer 0.50-0.66 ->
+    0.40-0.45 ms, on the 2-core VM.
+    """
     n_g, n_o, n_l = w.shape
-    n_k = col.shape[2]
-    n_tasks = n_g * n_o
-    for ch in numba.prange(n_chunks):
-        buf = np.empty(n_l)
-        for task in range(n_tasks * ch // n_chunks, n_tasks * (ch + 1) // n_chunks):
-            g = task // n_o
-            o = task - g * n_o
-            for j in range(n_l):
-                buf[j] = _f_only(np.float64(w[g, o, j]), kind, shift)
-            sf = inv_f[g]
-            sp = inv_p[g]
-            for k in range(n_k):
-                row = index[k]
-                acc = 0.0
+    n_k = index.shape[0]
+    fk = np.empty((n_g, n_l))
+    bf = np.empty((n_l, n_g) if use_f else (0, n_g))
+    bp = np.empty((n_l, n_g) if use_p else (0, n_g))
+    for o in range(n_o):
+        # f(K) row by row, then transposed column by column: one pass doing both took
+        # 0.21 ms against 0.06 ms for 768 channels of 7x7 taps
+        for ch in numba.prange(n_chunks):
+            for g in range(n_g * ch // n_chunks, n_g * (ch + 1) // n_chunks):
+                for j in range(n_l):
+                    fk[g, j] = _f_only(np.float64(w[g, o, j]), kind, shift)
+        for j in numba.prange(n_l):
+            if use_f:
+                for g in range(n_g):
+                    bf[j, g] = fk[g, j]
+            if use_p:
+                for g in range(n_g):
+                    bp[j, g] = fk[g, j] - c
+        for ch in numba.prange(n_chunks):
+            _wide_vectors()
+            acc = np.empty(n_g)
+            for k in range(n_k * ch // n_chunks, n_k * (ch + 1) // n_chunks):
+                acc[:] = 0.0
                 if use_f:
-                    for j in range(n_l):
-                        acc += buf[j] * sf[row[j]]
+                    _add_taps(acc, bf, inv_f, index[k])
                 if use_p:
-                    for j in range(n_l):
-                        acc += (buf[j] - c) * sp[row[j]]
-                col[g, o, k] = acc
+                    _add_taps(acc, bp, inv_p, index[k])
+                for g in range(n_g):
+                    col[g, o, k] = acc[g]
+
+
+@numba.njit(inline="always")
+def _add_taps(acc, b, x, taps):
+    """``acc += sum_j b[j] * x[taps[j]]`` (rows of length ``acc.shape[0]``), four taps per
+    sweep over ``acc``."""
+    n = acc.shape[0]
+    n_l = taps.shape[0]
+    j = 0
+    while j + 4 <= n_l:
+        b0 = b[j]
+        b1 = b[j + 1]
+        b2 = b[j + 2]
+        b3 = b[j + 3]
+        x0 = x[taps[j]]
+        x1 = x[taps[j + 1]]
+        x2 = x[taps[j + 2]]
+        x3 = x[taps[j + 3]]
+        for g in range(n):
+            acc[g] += (b0[g] * x0[g] + b1[g] * x1[g]) + (b2[g] * x2[g] + b3[g] * x3[g])
+        j += 4
+    while j < n_l:
+        bj = b[j]
+        xj = x[taps[j]]
+        for g in range(n):
+            acc[g] += bj[g] * xj[g]
+        j += 1
 
 
 #: Output channels per group up to which the column pass reads ``1/Z`` through the index
@@ -1103,6 +1146,7 @@ def class_pass(
         use_f = False
     if n_o <= DIRECT_MAX_OUT:
         work = w3.size * n_k
+        empty = np.empty((0, n_g))
         _launch(
             _class_cols_direct,
             work,
@@ -1110,12 +1154,12 @@ def class_pass(
             kind,
             shift,
             c,
-            inv_full,
-            inv_part,
+            np.ascontiguousarray(inv_full.T) if use_f else empty,
+            np.ascontiguousarray(inv_part.T) if use_p else empty,
             index,
             use_f,
             use_p,
-            _chunks(n_g * n_o, work=work),
+            _chunks(n_k, work=work),
             col,
         )
         return h_sum, off, col
