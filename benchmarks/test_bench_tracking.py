@@ -223,10 +223,10 @@ def _independent_workers(checkpoints, tmp_path, r: int) -> dict:
     """What workers that never wait for each other give: one interpreter per core, each
     pinned to its core, one thread, kernels loaded (a report() first, untimed), freed
     memory kept as in a worker, each sweeping its share of the checkpoints serially, all
-    at once. "s" is the slowest one's
-    sweep() time. Cores that share a physical core's units (SMT siblings, as the two
-    vCPUs of the benchmark VM behave) slow each other down here as they would slow the
-    workers, which a single one-core run halved would not show."""
+    at once. "s" is the slowest one's sweep() time. Cores that share a physical core's
+    units (SMT siblings, as the two vCPUs of the benchmark VM behave) slow each other down
+    here as they would slow the workers, which a single one-core run halved would not
+    show."""
     cores = machine()["cores"]
     procs = []
     for i in range(cores):

@@ -319,12 +319,13 @@ def _keep_freed_memory() -> bool:
     ignore these settings, returning 0).
 
     Each checkpoint's tensors are new allocations of the checkpoint's size, freed after
-    its report. glibc returns such blocks to the system (``mmap`` above its threshold,
+    its report. glibc hands such blocks back to the system (``mmap`` for large blocks,
     trimming the heap top), so every checkpoint's load touches fresh pages: one page fault
     per 4 KiB, about 11,000 for a ResNet-18 checkpoint (a virtual machine's faults are
-    slow: a worker's load took 40-57 ms on the 2-core VM). With blocks up to 32 MiB taken
-    from the heap and the heap never trimmed below 1 GiB, the next checkpoint reuses the
-    same memory: the load fell to 25-33 ms, with no faults after the second.
+    slow: a worker's load took 40-57 ms on the 2-core VM). With every block taken from the
+    heap (no ``mmap``) and the heap never trimmed, the next checkpoint reuses the same
+    memory: the load fell to 25-33 ms, with no faults after the second. The process keeps
+    the most memory it ever held until it exits.
 
     Process-wide and permanent (glibc has no way back to its adaptive thresholds), so the
     library calls it only in processes it owns: sweep workers and the ``sweep`` command.
@@ -339,8 +340,10 @@ def _keep_freed_memory() -> bool:
         mallopt = libc.mallopt
     except (OSError, AttributeError):  # a C library without mallopt
         return False
-    m_trim_threshold, m_mmap_threshold = -1, -3
-    return bool(mallopt(m_mmap_threshold, 32 << 20)) and bool(mallopt(m_trim_threshold, 1 << 30))
+    m_trim_threshold, m_mmap_max = -1, -4
+    # no block is mmap-ed (so none is unmapped when freed); a trim threshold of -1 turns
+    # trimming off
+    return bool(mallopt(m_mmap_max, 0)) and bool(mallopt(m_trim_threshold, -1))
 
 
 def _init_worker(plan_or_bytes: Plan | bytes, threads: int) -> None:

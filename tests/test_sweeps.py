@@ -337,7 +337,9 @@ kept = _keep_freed_memory() if sys.argv[1] == "keep" else None
 faults = []
 for _ in range(5):
     before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-    blocks = [torch.ones(1 << 20) for _ in range(12)]  # 48 MiB, as a checkpoint's tensors
+    # a checkpoint's tensors: two of 40 MiB (glibc always maps blocks over 32 MiB afresh)
+    # and four of 4 MiB
+    blocks = [torch.ones(10 << 20) for _ in range(2)] + [torch.ones(1 << 20) for _ in range(4)]
     del blocks
     faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
 print(kept, max(faults[2:]))
@@ -365,10 +367,11 @@ def test_kept_memory_spares_the_next_checkpoint_its_page_faults():
     if kept != "True":
         pytest.skip("this C library has no mallopt (not glibc)")
     _, faults_default = run("default")
-    assert faults_default > 6000  # 48 MiB of fresh pages each round
-    # kept: at most a block or two mapped afresh as the heap's layout settles (1024 faults
-    # seen once in a round after the second), against every page each round
-    assert faults < faults_default / 4
+    if faults_default < 10000:  # 80 MiB of 4 KiB pages would be 20,480
+        pytest.skip(f"the default allocator faulted {faults_default} times a round (huge pages?)")
+    # kept: a 4 MiB block at most mapped afresh while the heap's layout settles (1024
+    # faults, seen in the third round), against every page each round
+    assert faults < faults_default / 8
 
 
 def test_one_thread_runs_serial_twins(monkeypatch):
