@@ -873,21 +873,18 @@ def class_index(
 
 
 @numba.njit(inline="always")
-def _add_dots(w, g, o, n_rows, kind, shift, c, x, col, buf):
-    """``col[g, o + r, k] += sum_l (f(w[g, o + r, l]) - c) x[g, k, l]`` for the ``n_rows``
-    (at most 4) kernel rows from ``o`` and every class ``k``.
+def _add_dots(g, o, n_rows, x, col, buf):
+    """``col[g, o + r, k] += sum_l buf[r, l] x[g, k, l]`` for the ``n_rows`` (at most 4)
+    mapped kernel rows in ``buf`` (rows ``o``, ``o + 1``, ... of group ``g``) and every
+    class ``k``.
 
-    The rows are mapped once into ``buf``; then four rows and four classes at a time make
-    16 dot products in one sweep over ``l``, so each load of a row or of a class's ``1/Z``
-    serves four multiply-adds instead of one (the gathered ``1/Z`` of a layer's classes
-    lives in L2, and loads, not arithmetic, bound the single dot product): 2-3x faster on
-    ResNet-50's 3x3 layers.
+    Four rows and four classes at a time make 16 dot products in one sweep over ``l``, so
+    each load of a row or of a class's ``1/Z`` serves four multiply-adds instead of one
+    (the gathered ``1/Z`` of a layer's classes lives in L2, and loads, not arithmetic,
+    bound the single dot product): 2-3x faster on ResNet-50's 3x3 layers.
     """
-    n_l = w.shape[2]
+    n_l = buf.shape[1]
     n_k = x.shape[1]
-    for r in range(n_rows):
-        for j in range(n_l):
-            buf[r, j] = _f_only(np.float64(w[g, o + r, j]), kind, shift) - c
     if n_rows < 4:
         for r in range(n_rows):
             br = buf[r]
@@ -986,10 +983,18 @@ def _class_cols(w, kind, shift, c, xf, xp, use_f, use_p, n_chunks, col):
             o = task - g * n_o
             n_rows = min(4, hi - task, n_o - o)
             col[g, o : o + n_rows] = 0.0
+            # each row mapped once: f for the full rows, then f - c for the partial ones
+            for r in range(n_rows):
+                for j in range(n_l):
+                    buf[r, j] = _f_only(np.float64(w[g, o + r, j]), kind, shift)
             if use_f:
-                _add_dots(w, g, o, n_rows, kind, shift, 0.0, xf, col, buf)
+                _add_dots(g, o, n_rows, xf, col, buf)
             if use_p:
-                _add_dots(w, g, o, n_rows, kind, shift, c, xp, col, buf)
+                if c != 0.0:
+                    for r in range(n_rows):
+                        for j in range(n_l):
+                            buf[r, j] -= c
+                _add_dots(g, o, n_rows, xp, col, buf)
             task += n_rows
 
 
