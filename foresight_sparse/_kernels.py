@@ -322,7 +322,8 @@ def _reduce_rows(
             tt = 0.0
             if fast:  # branch-free, so this loop vectorises
                 for e in range(start, stop):
-                    f, flf = _lin_terms(bits[e], False)
+                    a, flf = _lin_terms(bits[e])
+                    f = max(a, 0.0)
                     buf[e - start] = f
                     z += f
                     tt += flf
@@ -435,8 +436,10 @@ def _dense_row_sums(w, kind, shift, z, t, n_chunks):
 def _dense_row_sums_relu32(bits, keep_negative, z_out, t_out, n_chunks, bad_out):
     """:func:`_dense_row_sums` for float32 weights (read as their bits) under ``relu``, or
     with no norm (``keep_negative``: ``z`` sums every entry, ``t`` the positive ones).
-    ``bad_out[task]`` counts the NaN and infinite weights each task read (exponent bits all
-    set), so that the pass doubles as the layer's finiteness check.
+    ``bad_out[task]`` is 1 where the task read a NaN or infinite weight, else 0, so that
+    the pass doubles as the layer's finiteness check: the float64 sum of every weight it
+    read (``z`` itself with no norm) is finite exactly when they all are, since no sum of
+    float32 values overflows a float64.
 
     Branch-free with the polynomial :func:`_log2_f32_bits`, so LLVM vectorises it across
     columns (four lanes with AVX2, eight with AVX-512: see :func:`_wide_vectors`). Each
@@ -455,7 +458,7 @@ def _dense_row_sums_relu32(bits, keep_negative, z_out, t_out, n_chunks, bad_out)
         n = hi - lo
         z = np.zeros(n)
         t = np.zeros(n)
-        bad = 0
+        s = np.zeros(n)  # under relu, the sum of every weight read
         o = 0
         base = g * n_out
         while o + 4 <= n_out:
@@ -464,40 +467,42 @@ def _dense_row_sums_relu32(bits, keep_negative, z_out, t_out, n_chunks, bad_out)
             r2 = rows[base + o + 2, lo:hi]
             r3 = rows[base + o + 3, lo:hi]
             for j in range(n):
-                z0, t0 = _lin_terms(r0[j], keep_negative)
-                z1, t1 = _lin_terms(r1[j], keep_negative)
-                z2, t2 = _lin_terms(r2[j], keep_negative)
-                z3, t3 = _lin_terms(r3[j], keep_negative)
+                a0, t0 = _lin_terms(r0[j])
+                a1, t1 = _lin_terms(r1[j])
+                a2, t2 = _lin_terms(r2[j])
+                a3, t3 = _lin_terms(r3[j])
+                z0 = _relu_or_identity(a0, keep_negative)
+                z1 = _relu_or_identity(a1, keep_negative)
+                z2 = _relu_or_identity(a2, keep_negative)
+                z3 = _relu_or_identity(a3, keep_negative)
                 z[j] += (z0 + z1) + (z2 + z3)
                 t[j] += (t0 + t1) + (t2 + t3)
-                bad += (_non_finite32(r0[j]) + _non_finite32(r1[j])) + (
-                    _non_finite32(r2[j]) + _non_finite32(r3[j])
-                )
+                if not keep_negative:
+                    s[j] += (a0 + a1) + (a2 + a3)
             o += 4
         while o < n_out:
             r0 = rows[base + o, lo:hi]
             for j in range(n):
-                z0, t0 = _lin_terms(r0[j], keep_negative)
-                z[j] += z0
+                a0, t0 = _lin_terms(r0[j])
+                z[j] += _relu_or_identity(a0, keep_negative)
                 t[j] += t0
-                bad += _non_finite32(r0[j])
+                if not keep_negative:
+                    s[j] += a0
             o += 1
         z_out[g, lo:hi] = z
         t_out[g, lo:hi] = t
-        bad_out[task] = bad
-
-
-@numba.njit(inline="always")
-def _non_finite32(b):
-    """1 for the bits of a NaN or infinite float32 (exponent all ones), else 0."""
-    return np.int64((b & 0x7F800000) == 0x7F800000)
+        total = 0.0
+        read = z if keep_negative else s
+        for j in range(n):
+            total += read[j]
+        bad_out[task] = 0 if np.isfinite(total) else 1
 
 
 @numba.njit(inline="always")
 def _relu_or_identity(x, keep_negative):
     if keep_negative:
         return x
-    return x if x > 0.0 else 0.0
+    return max(x, 0.0)
 
 
 @numba.njit(parallel=True, cache=True, nogil=True, fastmath=_FM_REDUCE, error_model="numpy")
@@ -577,7 +582,11 @@ def dense_row_sums(
             bad,
         )
         if non_finite is not None:
-            non_finite.append(int(bad.sum()))
+            # the pass only flags them: count them where there are any
+            n_bad = 0
+            if bad.any():
+                n_bad = int(np.count_nonzero(~np.isfinite(w3)))
+            non_finite.append(n_bad)
     else:
         _launch(_dense_row_sums, w3.size, w3, kind, shift, z, t, n_chunks)
     return (z, t) if w.ndim == 3 else (z[0], t[0])
@@ -747,15 +756,15 @@ def _log2_f64(a):
 
 
 @numba.njit(inline="always")
-def _lin_terms(b, keep_negative):
-    """``(f, f log2 f)`` of the float32 with bits ``b``, ``f`` relu (or the identity when
-    ``keep_negative``); ``f log2 f`` over positive normal floats only (a subnormal's term,
-    below 3e-36 in magnitude, is dropped)."""
+def _lin_terms(b):
+    """The float32 with bits ``b`` as a float64 ``a``, and ``relu(a) log2 relu(a)``: the
+    log of a positive normal float, 0 for the rest (a subnormal's term, below 3e-36 in
+    magnitude, is dropped; for a NaN or infinity ``a`` it is non-finite or 0). The log's
+    argument is clamped to the smallest normal float32, so that every lane's log is
+    finite and one multiply by ``max(a, 0)`` selects the term."""
     a = np.float64(_i32_as_f32(b))
-    lg = _log2_f32_bits(b)
-    f = a if (keep_negative or b > 0) else 0.0
-    flf = a * lg if b >= 0x00800000 else 0.0
-    return f, flf
+    lg = _log2_f32_bits(max(b, np.int32(0x00800000)))
+    return a, max(a, 0.0) * lg
 
 
 # --------------------------------------------------------------------------- position classes

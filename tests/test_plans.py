@@ -458,15 +458,16 @@ def test_conv_row_pass_catches_every_non_finite_weight(norm, value):
 @pytest.mark.parametrize("value", [float("nan"), -float("nan"), float("inf"), -float("inf")])
 def test_linear_row_pass_catches_every_non_finite_weight(norm, value):
     """Under relu or no norm a float32 Linear is checked by its row pass (no separate scan):
-    NaN of either sign and infinities of either sign are all refused, in any position."""
+    NaN of either sign and infinities of either sign are all refused, in any position, the
+    rows past the last sweep of four included."""
     torch.manual_seed(8)
-    model = nn.Sequential(nn.Linear(600, 300))  # large enough for the parallel kernel
+    model = nn.Sequential(nn.Linear(600, 302))  # large enough for the parallel kernel
     x = torch.zeros(1, 600)
     p = _quiet(fs.plan, model, x, norm=norm)
-    for row, col in [(0, 0), (299, 599), (150, 301)]:
+    for row, col in [(0, 0), (301, 599), (150, 301)]:
         sd = {"0.weight": model[0].weight.detach().clone()}
         sd["0.weight"][row, col] = value
-        with pytest.raises(fs.NonFiniteWeightsError, match=r"1 of 180000 weights.*0.weight"):
+        with pytest.raises(fs.NonFiniteWeightsError, match=r"1 of 181200 weights.*0.weight"):
             p.report(sd)
 
 
