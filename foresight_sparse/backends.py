@@ -630,9 +630,8 @@ class NumbaBackend(TorchBackend):
         w3, sf, st = self._kernel_sums(conn, shift, non_finite)
         if fused:
             conn.check_finite(non_finite[0])
-        classes = conn.memo.get("class_arrays")
-        if classes is None:
-            classes = conn.memo["class_arrays"] = _class_arrays(conn)
+        key = (conn.axis_h, conn.axis_w, conn.cin_g, conn.cout_g, conn.out_chw[0])
+        classes = conn.shared_memo("class_arrays", key, lambda: _class_arrays(conn))
         geometry, index, rows_full, weights = classes
         h_sum, off, col = _kernels().class_pass(
             w3,
@@ -707,8 +706,8 @@ def _class_arrays(conn: Stencil):
     (writable, contiguous, float64 or int64), the gather index of the column pass, whether
     any row class stores every entry and whether any has absent ones, and the multiplicity
     of every output column of the class columns (``(C_out, P, Q)`` flattened; never
-    written to). Made once per plan
-    (:attr:`~foresight_sparse.connectivity.Connectivity.memo`)."""
+    written to). Made once per plan for all the layers of the same window geometry and
+    channel counts (:meth:`~foresight_sparse.connectivity.Connectivity.shared_memo`)."""
     ch, cw = conn.axis_h.classes(), conn.axis_w.classes()
 
     def f64(a):

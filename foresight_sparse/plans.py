@@ -23,6 +23,7 @@ from torch import nn
 from .backends import Backend, resolve_backend
 from .budget import format_bytes, resolve_budget
 from .connectivity import Connectivity, LayerSelection, connectivity
+from .connectivity.base import SHARED_MEMO
 from .engines import ENGINES, LayerJob, check_engine, pick_engine
 from .entropy import entropy_from_terms
 from .exceptions import DeviceError, NonFiniteWeightsError, UnknownNameError, WeightsError
@@ -482,10 +483,11 @@ def plan(
     selection = LayerSelection(layers)
     trace = resolve_layers(model, input, shapes, layers=selection)
     warn_skipped(trace, selection.refused)
+    shared: dict = {}  # what layers of equal geometry share (Connectivity.shared_memo)
     return Plan(
         model,
         [
-            _plan_layer(t, norm_obj, dev, engine, legacy, budget, selection, backend_obj)
+            _plan_layer(t, norm_obj, dev, engine, legacy, budget, selection, backend_obj, shared)
             for t in trace.layers
         ],
         trace.skipped,
@@ -508,6 +510,7 @@ def _plan_layer(
     budget: int,
     selection: LayerSelection,
     backend: Backend,
+    shared: dict,
 ) -> PlannedLayer:
     conn = connectivity(
         t.module,
@@ -517,6 +520,7 @@ def _plan_layer(
         label=t.label,
         adapter=selection.get(type(t.module)),
     )
+    conn.memo[SHARED_MEMO] = shared
     job = LayerJob(conn, norm, dev, budget, backend)
     name = pick_engine(engine, job)
     names = conn.weight_names if conn.weight_names is not None else _own_tensor_names(t.module)

@@ -471,6 +471,35 @@ def test_linear_row_pass_catches_every_non_finite_weight(norm, value):
             p.report(sd)
 
 
+def test_layers_of_equal_geometry_share_their_position_classes():
+    """A plan makes a convolution's position classes once for all its layers of the same
+    window geometry and channel counts; a layer that differs in any of them gets its own,
+    and every layer's EI matches the sparse engine's."""
+    torch.manual_seed(13)
+    model = nn.Sequential(
+        nn.Conv2d(16, 16, 3, padding=1),
+        nn.Conv2d(16, 16, 3, padding=1),  # the same key as layer 0
+        nn.Conv2d(16, 16, 3, padding=1, groups=4),
+        nn.Conv2d(16, 8, 3, padding=1),
+        nn.Conv2d(8, 16, 3, padding=1),  # differs from layer 0 in input channels only
+        nn.Conv2d(16, 32, 3, padding=1, groups=2),  # from layer 4 in output channels only
+        nn.Conv2d(32, 16, 3, padding=1, groups=2),  # from layer 0 in channels per group only
+        nn.Conv2d(16, 16, 3, padding=(1, 0)),  # from layer 0 in its W window only
+        nn.Conv2d(16, 16, 3, padding=(0, 1)),  # from layer 7 in its H and W windows
+        nn.Conv2d(16, 16, 3, padding=(0, 1)),  # from layer 8 in its H window only
+    )
+    x = torch.zeros(1, 16, 8, 8)
+    p = _quiet(fs.plan, model, x)
+    got = p.report()
+    arrays = [layer.conn.memo["class_arrays"] for layer in p.layers]
+    assert arrays[1] is arrays[0]
+    for i in range(2, len(arrays)):
+        assert all(arrays[i] is not arrays[j] for j in range(i)), i
+    want = _quiet(fs.report, model, x, engine="sparse")
+    for g, w in zip(got.layers, want.layers, strict=True):
+        assert_close(g.ei, w.ei, rel=1e-9)
+
+
 def test_geometry_memo_is_shared_by_bound_weights():
     """What depends on the geometry alone (position classes, memory estimates) is made once
     per plan: every connectivity bound to new weights shares the planned layer's memo, and

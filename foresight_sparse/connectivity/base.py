@@ -6,7 +6,7 @@ from __future__ import annotations
 import copy
 import math
 import warnings
-from collections.abc import Mapping
+from collections.abc import Callable, Hashable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -16,9 +16,13 @@ import torch
 from ..budget import check_budget, resolve_budget
 from ..exceptions import DeviceError, UnknownNameError
 
-__all__ = ["Block", "Connectivity", "weight_scan"]
+__all__ = ["SHARED_MEMO", "Block", "Connectivity", "weight_scan"]
 
 _INT32_MAX = 2**31 - 1
+
+#: The :attr:`Connectivity.memo` entry, one dict per plan, through which
+#: :meth:`Connectivity.shared_memo` makes a value once for the plan's layers of equal key.
+SHARED_MEMO = "plan_shared"
 
 
 @dataclass
@@ -81,6 +85,25 @@ class Connectivity:
         if memo is None:
             memo = self.__dict__["_memo"] = {}
         return memo
+
+    def shared_memo(self, name: str, key: Hashable, make: Callable[[], Any]) -> Any:
+        """``memo[name]``, made by ``make()`` on first use; in a plan, made once for every
+        layer whose ``key`` is equal. ``key`` holds everything ``make`` reads (a
+        convolution's position classes are the same for every layer of the same window
+        geometry and channel counts), and the plan puts one dict under
+        :data:`SHARED_MEMO` in each of its layers' memos."""
+        memo = self.memo
+        value = memo.get(name)
+        if value is None:
+            shared = memo.get(SHARED_MEMO)
+            if shared is None:
+                value = make()
+            else:
+                value = shared.get((name, key))
+                if value is None:
+                    value = shared[(name, key)] = make()
+            memo[name] = value
+        return value
 
     def _rebound(self, **changes) -> Connectivity:
         self.memo  # noqa: B018 - made before the copy, so that the copy shares it
