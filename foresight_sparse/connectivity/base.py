@@ -16,7 +16,7 @@ import torch
 from ..budget import check_budget, resolve_budget
 from ..exceptions import DeviceError, UnknownNameError
 
-__all__ = ["SHARED_MEMO", "Block", "Connectivity", "weight_scan"]
+__all__ = ["Block", "Connectivity", "weight_scan"]
 
 _INT32_MAX = 2**31 - 1
 
@@ -90,8 +90,8 @@ class Connectivity:
         """``memo[name]``, made by ``make()`` on first use; in a plan, made once for every
         layer whose ``key`` is equal. ``key`` holds everything ``make`` reads (a
         convolution's position classes are the same for every layer of the same window
-        geometry and channel counts), and the plan puts one dict under
-        :data:`SHARED_MEMO` in each of its layers' memos."""
+        geometry and channel counts), and the plan puts one dict under the entry
+        ``SHARED_MEMO`` of each of its layers' memos."""
         memo = self.memo
         value = memo.get(name)
         if value is None:
