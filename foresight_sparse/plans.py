@@ -103,6 +103,10 @@ class PlannedLayer:
     keys: tuple[str, ...]
     module: nn.Module = field(repr=False, compare=False)
     conn: Connectivity = field(repr=False, compare=False)
+    #: The leaf modules that ran just before and just after the layer
+    #: (:class:`~foresight_sparse.tracing.TracedLayer`); None where unknown.
+    before: nn.Module | None = field(default=None, repr=False, compare=False)
+    after: nn.Module | None = field(default=None, repr=False, compare=False)
 
     @property
     def label(self) -> str:
@@ -539,4 +543,6 @@ def _plan_layer(
         keys,
         t.module,
         conn,
+        t.before,
+        t.after,
     )

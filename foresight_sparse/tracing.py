@@ -39,6 +39,12 @@ class TracedLayer:
     module: nn.Module
     in_shape: tuple[int, ...]
     out_shape: tuple[int, ...]
+    #: The leaf module that returned just before this layer was called, and the first one
+    #: that returned after it (None at either end of the pass, and when the layers come
+    #: from ``shapes``): where an activation around the layer is found (the perturbation
+    #: measure reads them).
+    before: nn.Module | None = field(default=None, repr=False, compare=False)
+    after: nn.Module | None = field(default=None, repr=False, compare=False)
 
     @property
     def label(self) -> str:
@@ -143,6 +149,12 @@ class _Recorder:
         # modules entered and not yet returned from: after a failure, the innermost one
         # (the last) is the module whose own code raised
         self.running: list[nn.Module] = []
+        # the leaf modules around each registered layer's first call (TracedLayer.before
+        # and .after): the last leaf that returned, and the layers awaiting a successor
+        self.last_leaf: nn.Module | None = None
+        self.before: dict[nn.Module, nn.Module | None] = {}
+        self.after: dict[nn.Module, nn.Module | None] = {}
+        self.awaiting: list[nn.Module] = []
 
     def failed_in(self) -> str:
         """How a ForwardError names the module that raised: ``'features.3' (Conv2d)``."""
@@ -158,13 +170,24 @@ class _Recorder:
         """``module`` (the model's own) returned ``output`` from ``args``."""
         if self.running and self.running[-1] is module:
             self.running.pop()
-        if type(module) in self.registry:
+        counted = type(module) in self.registry
+        leaf = all(child is None for child in module._modules.values())
+        if counted or leaf:
+            for waiting in self.awaiting:
+                self.after[waiting] = module
+            self.awaiting.clear()
+        if counted:
             in_shape = tuple(args[0].shape) if args and isinstance(args[0], torch.Tensor) else ()
             out = output[0] if isinstance(output, (tuple, list)) else output
             shapes = self.shapes[module] = (in_shape, tuple(out.shape))
             self.seen_shapes.setdefault(module, set()).add(shapes)
-        elif all(child is None for child in module._modules.values()):  # a leaf
+            if module not in self.before:
+                self.before[module] = self.last_leaf
+                self.awaiting.append(module)
+        elif leaf:
             self.skipped.setdefault(module)
+        if counted or leaf:
+            self.last_leaf = module
 
     def run_real(self, model: nn.Module, x) -> None:
         """The forward pass of the model itself, observed through hooks on every module."""
@@ -292,7 +315,10 @@ def trace(
             raise _forward_error(rec, exc) from exc
     shapes, seen_shapes, skipped = rec.shapes, rec.seen_shapes, rec.skipped
 
-    layers = [TracedLayer(names.get(m, ""), m, *s) for m, s in shapes.items()]
+    layers = [
+        TracedLayer(names.get(m, ""), m, *s, rec.before.get(m), rec.after.get(m))
+        for m, s in shapes.items()
+    ]
     for layer in layers:
         if len(seen_shapes[layer.module]) > 1:
             warn_caller(
