@@ -2,7 +2,9 @@
 
 ``import foresight_sparse.ei as ei`` is a drop-in replacement for the old ``foresight.ei``.
 :func:`report` gives the totals with a per-layer breakdown; :func:`register` adds a
-connectivity builder for a new layer type.
+connectivity builder for a new layer type. ``measure='perturbation'`` and ``measure='svd'``
+compute the other measures of :mod:`foresight_sparse.measures` through the same plans and
+reports; ``convention='graph'`` splits the EI as einet does.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from .exceptions import (
     DeviceError,
     ForesightError,
     ForwardError,
+    MeasureSettingsError,
     MemoryBudgetError,
     MissingInputError,
     NonFiniteWeightsError,
@@ -29,6 +32,7 @@ from .exceptions import (
     WeightsError,
 )
 from .history import History
+from .measures import MEASURES, Measure
 from .norms import lin_norm, sig_norm, soft_norm
 from .plans import Plan, PlannedLayer, plan
 from .results import LayerReport, Report
@@ -49,6 +53,8 @@ __all__ = [
     "sweep",
     "SweepResult",
     "History",
+    "Measure",
+    "MEASURES",
     "register",
     "unregister",
     "Connectivity",
@@ -61,6 +67,7 @@ __all__ = [
     "ForesightError",
     "ForwardError",
     "MemoryBudgetError",
+    "MeasureSettingsError",
     "MissingInputError",
     "NoSupportedLayersError",
     "NonFiniteWeightsError",

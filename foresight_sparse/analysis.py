@@ -24,6 +24,8 @@ def report(
     progress: bool = False,
     layers="seed",
     backend: str = "auto",
+    measure="ei",
+    convention: str = "seed",
 ) -> Report:
     """Determinism, degeneracy and EI of ``model``, with a per-layer breakdown.
 
@@ -39,6 +41,10 @@ def report(
         Which layers count (see :func:`~foresight_sparse.plan`).
     backend : {'auto', 'numba', 'torch'}, default 'auto'
         The numeric forms the engines use (see :func:`~foresight_sparse.plan`).
+    measure : {'ei', 'perturbation', 'svd'} or Measure, default 'ei'
+        What is computed (see :func:`~foresight_sparse.plan`).
+    convention : {'seed', 'graph'}, default 'seed'
+        How the connectivity EI is split (see :func:`~foresight_sparse.plan`).
 
     Returns
     -------
@@ -56,4 +62,6 @@ def report(
         max_memory=max_memory,
         layers=layers,
         backend=backend,
+        measure=measure,
+        convention=convention,
     ).report(progress=progress)

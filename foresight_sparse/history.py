@@ -26,7 +26,7 @@ import json
 import os
 import tempfile
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 from .exceptions import HistoryFileError
@@ -68,6 +68,11 @@ class Record:
         The checkpoint file (sweeps); None for a tracker.
     error : str or None
         Why the checkpoint could not be evaluated (error records only).
+    extra : dict
+        The measure's or convention's further values (``effectiveness``, ``sensitivity``,
+        ``gamma_alpha``, ...: :attr:`Report.columns
+        <foresight_sparse.results.Report.columns>`); empty for the seed's connectivity EI.
+        In a CSV file each is a column of its own, after the fixed ones.
     """
 
     label: str
@@ -81,6 +86,7 @@ class Record:
     degeneracy: float | None = None
     file: str | None = None
     error: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self):
         if self.kind not in KINDS:
@@ -91,8 +97,9 @@ class Record:
         return asdict(self)
 
 
-#: The CSV columns, in order: the fields of :class:`Record`.
-FIELDS: tuple[str, ...] = tuple(f.name for f in fields(Record))
+#: The fixed CSV columns, in order: the fields of :class:`Record` but ``extra``, whose
+#: values follow as columns of their own.
+FIELDS: tuple[str, ...] = tuple(f.name for f in fields(Record) if f.name != "extra")
 _INTS = ("step", "epoch")
 _FLOATS = ("ei", "determinism", "degeneracy")
 _OPTIONAL_STR = ("file", "error")
@@ -136,6 +143,7 @@ def records_from_report(
             report.determinism,
             report.degeneracy,
             file,
+            extra=dict(report.extra),
         )
     ]
     out += [
@@ -150,6 +158,7 @@ def records_from_report(
             lay.mean_row_entropy,
             lay.degeneracy,
             file,
+            extra=dict(lay.extra),
         )
         for lay in report.layers
     ]
@@ -159,6 +168,8 @@ def records_from_report(
 def _cell(value: Any) -> str:
     if value is None:
         return ""
+    if isinstance(value, bool):  # written as JSON writes it, and read back as a bool
+        return "true" if value else "false"
     if isinstance(value, float):
         return repr(value)  # repr round-trips every float exactly
     return str(value)
@@ -182,6 +193,23 @@ def _parse_meta(line: str) -> tuple[str, Any]:
     return key.strip(), value
 
 
+def _extra_value(raw: Any) -> Any:
+    """A measure's value as read from a CSV cell (or a JSON record): empty is None,
+    ``true``/``false`` a bool, then an int, a float, or the text as it is."""
+    if not isinstance(raw, str):
+        return raw
+    if raw == "":
+        return None
+    if raw in ("true", "false"):
+        return raw == "true"
+    for kind in (int, float):
+        try:
+            return kind(raw)
+        except ValueError:
+            pass
+    return raw
+
+
 def _record_from_row(row: dict[str, Any], where: str) -> Record:
     missing = [k for k in ("label", "kind") if row.get(k) in (None, "")]
     if missing:
@@ -198,6 +226,12 @@ def _record_from_row(row: dict[str, Any], where: str) -> Record:
                 values[name] = None if raw in (None, "") else str(raw)
             else:
                 values[name] = "" if raw is None else str(raw)
+        extra = row.get("extra")
+        if extra is None:  # a CSV row: the columns after the fixed ones
+            extra = {k: v for k, v in row.items() if k not in FIELDS}
+        if not isinstance(extra, dict):
+            raise TypeError(f"extra must be an object, not {type(extra).__name__}")
+        values["extra"] = {k: _extra_value(v) for k, v in extra.items()}
         return Record(**values)
     except (TypeError, ValueError) as exc:
         raise HistoryFileError(f"{where}: record {dict(row)!r} is malformed: {exc}") from None
@@ -217,28 +251,45 @@ class CSVAppender:
     meta : dict, optional
         Written as leading ``# key: value`` lines when the file is new.
     append : bool, default True
-        Keep an existing file and add to it (its header must be this format's); with False,
-        start the file anew.
+        Keep an existing file and add to it (its header must be this format's, with the
+        same ``columns``); with False, start the file anew.
+    columns : sequence of str, optional
+        The records' ``extra`` values written, as columns after the fixed ones
+        (:attr:`Plan.columns <foresight_sparse.plans.Plan.columns>`).
 
     Raises
     ------
     HistoryFileError
-        When ``append`` is True and the existing file's header row is not this format's.
+        When ``append`` is True and the existing file's header row is not this format's
+        with these columns.
     """
 
     def __init__(
-        self, path: str | os.PathLike, meta: dict[str, Any] | None = None, *, append: bool = True
+        self,
+        path: str | os.PathLike,
+        meta: dict[str, Any] | None = None,
+        *,
+        append: bool = True,
+        columns: Sequence[str] = (),
     ):
         self.path = os.fspath(path)
+        self.columns = tuple(columns)
         fresh = not append or not os.path.exists(self.path) or os.path.getsize(self.path) == 0
         if not fresh:
-            _read_csv(self.path)  # refuses a file of another format before adding to it
+            # refuses a file of another format before adding to it
+            _, _, old = _read_csv(self.path)
+            if old != self.columns:
+                raise HistoryFileError(
+                    f"{self.path!r} has the columns {', '.join(old) or 'of no measure'} "
+                    f"after the fixed ones, not {', '.join(self.columns) or 'none'}: it "
+                    "holds another measure's records; write to a new file"
+                )
             _drop_cut_line(self.path)
             self._fh = open(self.path, "a", encoding="utf-8", newline="")
         else:
             self._fh = open(self.path, "w", encoding="utf-8", newline="")
             self._fh.write(_meta_lines(meta or {}))
-            self._fh.write(",".join(FIELDS) + "\r\n")
+            self._fh.write(",".join((*FIELDS, *self.columns)) + "\r\n")
             self._fh.flush()
 
     def write(self, records: Iterable[Record]) -> None:
@@ -246,7 +297,10 @@ class CSVAppender:
         buf = io.StringIO()
         writer = csv.writer(buf)
         for rec in records:
-            writer.writerow([_cell(getattr(rec, name)) for name in FIELDS])
+            writer.writerow(
+                [_cell(getattr(rec, name)) for name in FIELDS]
+                + [_cell(rec.extra.get(name)) for name in self.columns]
+            )
         self._fh.write(buf.getvalue())
         self._fh.flush()
 
@@ -270,8 +324,8 @@ def _drop_cut_line(path: str) -> None:
             fh.truncate(data.rfind(b"\n") + 1)
 
 
-def _read_csv(path: str) -> tuple[dict[str, Any], list[Record]]:
-    """Meta and records of a CSV file as :class:`CSVAppender` writes it.
+def _read_csv(path: str) -> tuple[dict[str, Any], list[Record], tuple[str, ...]]:
+    """Meta, records and extra columns of a CSV file as :class:`CSVAppender` writes it.
 
     A last line without its newline (a write cut off by an interruption) is dropped, and so
     is any line that does not have every column.
@@ -294,17 +348,17 @@ def _read_csv(path: str) -> tuple[dict[str, Any], list[Record]]:
         raise HistoryFileError(f"{path!r} has no header row; it is not a history CSV file")
     reader = csv.reader(lines[i:])
     header = next(reader)
-    if tuple(header) != FIELDS:
+    if tuple(header[: len(FIELDS)]) != FIELDS or len(set(header)) != len(header):
         raise HistoryFileError(
             f"{path!r} is not a history CSV file: its columns are "
-            f"{', '.join(header)}; a history has {', '.join(FIELDS)}"
+            f"{', '.join(header)}; a history has {', '.join(FIELDS)}, then the measure's"
         )
     records = []
     for n, cells in enumerate(reader, start=i + 2):
-        if len(cells) != len(FIELDS):
+        if len(cells) != len(header):
             continue  # a line cut short by an interruption
-        records.append(_record_from_row(dict(zip(FIELDS, cells)), f"{path!r} line {n}"))
-    return meta, records
+        records.append(_record_from_row(dict(zip(header, cells)), f"{path!r} line {n}"))
+    return meta, records, tuple(header[len(FIELDS) :])
 
 
 def _write_atomically(path: str, write) -> None:
@@ -420,6 +474,14 @@ class History:
         return list(dict.fromkeys(r.layer for r in self.records if r.kind == "layer"))
 
     @property
+    def columns(self) -> tuple[str, ...]:
+        """The names of the records' ``extra`` values, in order of first appearance."""
+        names: dict[str, None] = {}
+        for r in self.records:
+            names.update(dict.fromkeys(r.extra))
+        return tuple(names)
+
+    @property
     def errors(self) -> list[Record]:
         """The error records."""
         return [r for r in self.records if r.kind == "error"]
@@ -445,8 +507,9 @@ class History:
         Returns
         -------
         dict of str to list
-            ``label``, ``step``, ``epoch``, ``ei``, ``determinism`` and ``degeneracy``, one
-            entry per label at which the layer was evaluated, in record order.
+            ``label``, ``step``, ``epoch``, ``ei``, ``determinism`` and ``degeneracy``, then
+            each of :attr:`columns` (``effectiveness``, ``sensitivity``, ...), one entry
+            per label at which the layer was evaluated, in record order.
 
         Raises
         ------
@@ -457,10 +520,13 @@ class History:
         if not recs:
             names = ", ".join([NETWORK, *self.layers][:12])
             raise KeyError(f"the history has no layer {layer!r}; it has {names}")
-        return {
+        out = {
             name: [getattr(r, name) for r in recs]
             for name in ("label", "step", "epoch", "ei", "determinism", "degeneracy")
         }
+        for name in self.columns:
+            out[name] = [r.extra.get(name) for r in recs]
+        return out
 
     def sorted(self, labels: Sequence[str]) -> History:
         """A copy with the records grouped by label in the order of ``labels``.
@@ -483,7 +549,7 @@ class History:
         """
 
         def write(tmp: str) -> None:
-            with CSVAppender(tmp, self.meta, append=False) as out:
+            with CSVAppender(tmp, self.meta, append=False, columns=self.columns) as out:
                 out.write(self.records)
 
         _write_atomically(os.fspath(path), write)
@@ -499,7 +565,7 @@ class History:
         HistoryFileError
             When the file is not a history CSV file; the message names it.
         """
-        meta, records = _read_csv(os.fspath(path))
+        meta, records, _ = _read_csv(os.fspath(path))
         return cls(records, meta)
 
     def to_json(self, path: str | os.PathLike) -> None:

@@ -24,9 +24,11 @@ from .backends import Backend, resolve_backend
 from .budget import format_bytes, resolve_budget
 from .connectivity import Connectivity, LayerSelection, connectivity
 from .connectivity.base import SHARED_MEMO
+from .conventions import GRAPH_COLUMNS, check_convention, graph_values
 from .engines import ENGINES, LayerJob, check_engine, pick_engine
 from .entropy import entropy_from_terms
 from .exceptions import DeviceError, NonFiniteWeightsError, UnknownNameError, WeightsError
+from .measures import Measure, MeasureLayer, get_measure
 from .norms import Norm, get_norm, lin_norm
 from .results import LayerReport, Report
 from .tracing import TracedLayer, resolve_layers, warn_skipped
@@ -145,6 +147,12 @@ class Plan:
         The working-memory budget in bytes.
     layer_set : str or tuple of type
         The ``layers=`` option the plan was made with (``'seed'``, ``'all'`` or types).
+    measure : Measure or None
+        What :meth:`report` computes: None for the connectivity EI, else a
+        :class:`~foresight_sparse.measures.Measure` object.
+    convention : str
+        How the connectivity EI is split (``'seed'`` or ``'graph'``;
+        :mod:`foresight_sparse.conventions`).
     """
 
     def __init__(
@@ -159,6 +167,8 @@ class Plan:
         max_memory: int,
         layer_set="seed",
         backend: Backend | str = "auto",
+        measure: Measure | None = None,
+        convention: str = "seed",
     ):
         self.model = model
         self.layers = layers
@@ -170,6 +180,36 @@ class Plan:
         self.max_memory = max_memory
         self.layer_set = layer_set
         self.backend = resolve_backend(backend, device, norm)
+        self.measure = measure
+        self.convention = convention
+
+    @property
+    def measure_name(self) -> str:
+        """``'ei'`` for the connectivity EI, else the measure's name."""
+        return "ei" if self.measure is None else self.measure.name
+
+    @property
+    def columns(self) -> tuple[str, ...]:
+        """The quantities a report of this plan carries beyond determinism, degeneracy and
+        EI (each :class:`LayerReport`'s ``extra`` keys, in order)."""
+        if self.measure is not None:
+            return tuple(self.measure.columns)
+        return GRAPH_COLUMNS if self.convention == "graph" else ()
+
+    def settings(self) -> dict:
+        """The settings a report of this plan was computed with, JSON-ready: what a
+        history records once and a resumed sweep must match."""
+        out = {
+            "measure": self.measure_name,
+            "convention": self.convention,
+            "norm": self.norm.name,
+            "legacy": self.legacy,
+            "layers": self._layers_label,
+            "max_memory": self.max_memory,
+        }
+        if self.measure is not None:
+            out["settings"] = self.measure.settings()
+        return out
 
     # ------------------------------------------------------------------ evaluation
 
@@ -205,7 +245,10 @@ class Plan:
         if progress:
             from tqdm.auto import tqdm
 
-            layers = tqdm(layers, desc="EI", unit="layer")
+            layers = tqdm(layers, desc=self.measure_name, unit="layer")
+        if self.measure is not None:
+            return self._measure_report(layers, weights, start)
+        graph = self.convention == "graph"
         h_total = 0.0
         n_total = 0
         terms = [0.0, 0.0, 0.0, 0.0]
@@ -235,6 +278,12 @@ class Plan:
                 terms = [a + b for a, b in zip(terms, layer_terms)]
                 mean_h = stats.h_sum / stats.n_rows if stats.n_rows else 0.0
                 deg = entropy_from_terms(layer_terms)
+                extra = {}
+                if graph:
+                    g = graph_values(stats.h_sum, layer_terms[0] + layer_terms[2], deg)
+                    mean_h, deg = g.pop("determinism"), g.pop("degeneracy")
+                    g.pop("ei")
+                    extra = g
                 seconds = time.perf_counter() - t0
                 rows.append(
                     LayerReport(
@@ -247,10 +296,11 @@ class Plan:
                         layer.nnz,
                         mean_h,
                         deg,
-                        deg - mean_h,
+                        mean_h - deg if graph else deg - mean_h,
                         stats.engine,
                         seconds,
                         stats.backend,
+                        extra,
                     )
                 )
                 log.debug(
@@ -263,10 +313,17 @@ class Plan:
                 del stats  # free the column sums before the next layer allocates its own
         determinism = h_total / n_total if n_total else 0.0
         degeneracy = entropy_from_terms(terms)
+        ei = degeneracy - determinism
+        extra = {}
+        if graph:
+            extra = graph_values(h_total, terms[0] + terms[2], degeneracy)
+            determinism, degeneracy, ei = (
+                extra.pop(k) for k in ("determinism", "degeneracy", "ei")
+            )
         return Report(
             determinism,
             degeneracy,
-            degeneracy - determinism,
+            ei,
             rows,
             list(self.skipped),
             norm=self.norm.name,
@@ -276,6 +333,79 @@ class Plan:
             legacy=self.legacy,
             seconds=time.perf_counter() - start,
             max_memory=self.max_memory,
+            convention=self.convention,
+            extra=extra,
+        )
+
+    def _measure_report(self, layers, weights, start: float) -> Report:
+        """:meth:`report` for a measure other than the connectivity EI: the measure
+        evaluates each layer, bound to the weights, and combines them."""
+        measure = self.measure
+        values: list[dict] = []
+        rows: list[LayerReport] = []
+        for layer in layers:
+            t0 = time.perf_counter()
+            vals = measure.layer(self._measure_layer(layer, weights))
+            values.append(vals)
+            rows.append(
+                LayerReport(
+                    layer.name,
+                    layer.type,
+                    layer.in_shape,
+                    layer.out_shape,
+                    layer.n_rows,
+                    layer.n_cols,
+                    layer.nnz,
+                    vals["determinism"],
+                    vals["degeneracy"],
+                    vals["ei"],
+                    measure.name,
+                    time.perf_counter() - t0,
+                    None,
+                    {k: vals[k] for k in measure.columns},
+                )
+            )
+            log.debug("%s: %s, %.3f s", layer.label, measure.name, rows[-1].seconds)
+        net = measure.network(values)
+        return Report(
+            net["determinism"],
+            net["degeneracy"],
+            net["ei"],
+            rows,
+            list(self.skipped),
+            norm=self.norm.name,
+            engine=self.engine,
+            backend=self.backend.name,
+            device=str(self.device),
+            legacy=self.legacy,
+            seconds=time.perf_counter() - start,
+            max_memory=self.max_memory,
+            measure=measure.name,
+            convention=self.convention,
+            settings=measure.settings(),
+            extra={k: net[k] for k in measure.columns},
+        )
+
+    def _measure_layer(self, layer: PlannedLayer, weights) -> MeasureLayer:
+        """What a measure reads of ``layer``: its module and connectivity made of the
+        given (or the model's current) weights, with its shapes and neighbours."""
+        module = layer.module
+        if weights is not None:
+            names = _own_tensor_names(module)
+            if names:
+                module = _module_with(module, self._tensors(layer, names, weights))
+        return MeasureLayer(
+            layer.name,
+            layer.label,
+            module,
+            self._bind(layer, weights),
+            layer.in_shape,
+            layer.out_shape,
+            layer.before,
+            layer.after,
+            self.norm,
+            self.device,
+            self.max_memory,
         )
 
     def _bind(self, layer: PlannedLayer, weights) -> Connectivity:
@@ -354,7 +484,10 @@ class Plan:
                 + ", ".join(f"{n} {t}" for t, n in sorted(counts.items()))
             )
         lines.append(
-            f"{len(self.layers)} layers, {self.nnz} entries; norm {self.norm.name}, "
+            f"{len(self.layers)} layers, {self.nnz} entries; "
+            f"{'' if self.measure is None else 'measure ' + self.measure.name + ', '}"
+            f"{'' if self.convention == 'seed' else 'convention ' + self.convention + ', '}"
+            f"norm {self.norm.name}, "
             f"engine {self.engine}, device {self.device}"
             f"{', legacy' if self.legacy else ''}"
             f"{'' if self.layer_set == 'seed' else ', layers ' + self._layers_label}"
@@ -421,6 +554,8 @@ def plan(
     max_memory=None,
     layers="seed",
     backend: str = "auto",
+    measure: str | Measure | None = "ei",
+    convention: str = "seed",
 ) -> Plan:
     """Plan the EI computation of ``model`` for one input shape.
 
@@ -467,6 +602,16 @@ def plan(
         (what CUDA runs, also on CPU tensors). ``'numba'``: the numba kernels, CPU and
         built-in norms only. Under ``'auto'`` and ``'numba'`` a Linear layer with float16 or
         bfloat16 weights takes the torch forms; each layer's report names its backend.
+    measure : {'ei', 'perturbation', 'svd'} or Measure, default 'ei'
+        What :meth:`Plan.report` computes (:mod:`foresight_sparse.measures`): the
+        connectivity EI, the perturbation EI of the Entropy 2020 paper
+        (:class:`~foresight_sparse.perturbation.Perturbation`), or the SVD reversibility
+        and causal emergence (:class:`~foresight_sparse.svd.Reversibility`). A name takes
+        the measure's default settings; pass an object to set them.
+    convention : {'seed', 'graph'}, default 'seed'
+        How the connectivity EI is split into determinism and degeneracy: the old
+        module's, or einet's graph convention with effectiveness
+        (:mod:`foresight_sparse.conventions`). Only for ``measure='ei'``.
 
     Returns
     -------
@@ -477,9 +622,20 @@ def plan(
     DeviceError
         For ``backend='numba'`` on a CUDA device.
     UnsupportedEngineError
-        For ``backend='numba'`` with a custom norm (the kernels know only the built-in ones).
+        For ``backend='numba'`` with a custom norm (the kernels know only the built-in ones),
+        and for ``convention='graph'`` with a norm that does not normalise rows.
+    UnknownNameError
+        For an unknown ``measure`` or ``convention``, or a convention other than
+        ``'seed'`` with another measure than ``'ei'``.
     """
     norm_obj = get_norm(norm)
+    measure_obj = get_measure(measure)
+    check_convention(convention, norm_obj)
+    if measure_obj is not None and convention != "seed":
+        raise UnknownNameError(
+            f"convention={convention!r} splits the connectivity EI; measure="
+            f"{measure_obj.name!r} has its own quantities. Use convention='seed' with it"
+        )
     dev = resolve_device(device)
     budget = resolve_budget(max_memory, dev)
     check_engine(engine)
@@ -488,7 +644,7 @@ def plan(
     trace = resolve_layers(model, input, shapes, layers=selection)
     warn_skipped(trace, selection.refused)
     shared: dict = {}  # what layers of equal geometry share (Connectivity.shared_memo)
-    return Plan(
+    result = Plan(
         model,
         [
             _plan_layer(t, norm_obj, dev, engine, legacy, budget, selection, backend_obj, shared)
@@ -502,7 +658,13 @@ def plan(
         budget,
         selection.layers,
         backend_obj,
+        measure_obj,
+        convention,
     )
+    if measure_obj is not None:
+        for layer in result.layers:  # refuse what the measure cannot do before any work
+            measure_obj.check(result._measure_layer(layer, None))
+    return result
 
 
 def _plan_layer(

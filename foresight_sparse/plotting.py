@@ -113,36 +113,97 @@ def plot_report(report: Report, path: str | os.PathLike, title: str | None = Non
 
     names = [layer.name or layer.type for layer in report.layers]
     x = list(range(len(names)))
-    width = 0.27
+    series = _report_series(report)
+    width = 0.8 / len(series)
     fig = Figure(figsize=(max(6.0, 0.5 * len(names) + 2.0), 4.8), layout="constrained")
     ax = fig.subplots()
-    series = [
-        ("EI", [lay.ei for lay in report.layers]),
-        ("mean row entropy (determinism)", [lay.mean_row_entropy for lay in report.layers]),
-        ("degeneracy", [lay.degeneracy for lay in report.layers]),
-    ]
     for i, (label, values) in enumerate(series):
-        ax.bar([j + (i - 1) * width for j in x], values, width, label=label)
-    ax.axhline(
-        report.ei,
-        color="black",
-        linestyle="--",
-        linewidth=1,
-        label=f"network EI ({report.ei:.4f} bits)",
-    )
+        offset = (i - (len(series) - 1) / 2) * width
+        ax.bar(
+            [j + offset for j in x],
+            [float("nan") if v is None else v for v in values],
+            width,
+            label=label,
+        )
+    if report.ei is not None:
+        ax.axhline(
+            report.ei,
+            color="black",
+            linestyle="--",
+            linewidth=1,
+            label=f"network EI ({report.ei:.4f} bits)",
+        )
     ax.axhline(0.0, color="grey", linewidth=0.5)
     ax.set_xticks(x, names, rotation=60, ha="right", fontsize="small")
     ax.set_xlim(-0.5, len(names) - 0.5)
-    ax.set_ylabel("bits")
-    totals = (
-        f"EI {report.ei:.4f} bits (determinism {report.determinism:.4f}, degeneracy "
-        f"{report.degeneracy:.4f})"
-    )
+    ax.set_ylabel("bits" if report.ei is not None else report.measure)
+    if report.ei is not None and report.determinism is not None:
+        totals = (
+            f"EI {report.ei:.4f} bits (determinism {report.determinism:.4f}, degeneracy "
+            f"{report.degeneracy:.4f})"
+        )
+    else:
+        values = {"EI": report.ei, "degeneracy": report.degeneracy, **report.extra}
+        totals = f"{report.measure}: " + ", ".join(
+            f"{k} {v:.4f}" for k, v in values.items() if isinstance(v, float)
+        )
     ax.set_title(f"{title}\n{totals}" if title else totals, fontsize="medium")
     # Above the axes: a legend at the right would leave an empty band on a wide chart.
     fig.legend(loc="outside upper center", ncols=4, fontsize="small", frameon=False)
     fig.savefig(path, format=fmt, dpi=120, bbox_inches="tight")
     return fig
+
+
+def _report_series(report: Report) -> list[tuple[str, list]]:
+    """The bars of :func:`plot_report`: EI, determinism and degeneracy where the measure
+    has them, then a perturbation's sensitivity; a measure with none of them (the SVD's)
+    shows its first three numeric quantities."""
+    layers = report.layers
+    core = [
+        ("EI", [lay.ei for lay in layers]),
+        (
+            "determinism" if report.convention != "seed" else "mean row entropy (determinism)",
+            [lay.mean_row_entropy for lay in layers],
+        ),
+        ("degeneracy", [lay.degeneracy for lay in layers]),
+    ]
+    series = [(label, values) for label, values in core if any(v is not None for v in values)]
+    numeric = [
+        name
+        for name in report.columns
+        if name != "unconnected_bias"
+        and all(isinstance(lay.extra.get(name), float) for lay in layers)
+    ]
+    if "sensitivity" in numeric:
+        series.append(("sensitivity", [lay.extra["sensitivity"] for lay in layers]))
+    if not series:
+        series = [(name, [lay.extra[name] for lay in layers]) for name in numeric[:3]]
+    return series or [("EI", [None for _ in layers])]
+
+
+def _plane_x(records: list) -> tuple[str, list]:
+    """The x axis of the causal plane: determinism, or a perturbation's sensitivity (its
+    EI is sensitivity minus degeneracy, so lines of equal EI are parallel to the
+    diagonal either way)."""
+    if records and all(r.determinism is not None for r in records):
+        return "determinism", [r.determinism for r in records]
+    if records and all(isinstance(r.extra.get("sensitivity"), float) for r in records):
+        return "sensitivity", [r.extra["sensitivity"] for r in records]
+    raise ValueError(
+        "the causal plane needs each record's determinism (or sensitivity) and "
+        "degeneracy; this history's measure has neither. Use kind='layers'"
+    )
+
+
+def _history_y(records: list) -> tuple[str, list]:
+    """What the ``'layers'`` chart draws: EI, or the first numeric quantity of a measure
+    without one (the SVD's ``gamma_alpha``)."""
+    if all(r.ei is not None for r in records):
+        return "EI (bits)", [r.ei for r in records]
+    for name in dict.fromkeys(k for r in records for k in r.extra):
+        if all(isinstance(r.extra.get(name), float) for r in records):
+            return name, [r.extra[name] for r in records]
+    raise ValueError("the history's records hold no EI nor any numeric quantity to draw")
 
 
 def _history_x(network: list) -> tuple[str, list[float], list[str] | None]:
@@ -211,15 +272,16 @@ def plot_history(history, path: str | os.PathLike, kind: str = "layers", title: 
             recs = [r for r in history.records if r.kind == "layer" and r.layer == name]
             ax.plot(
                 [pos[r.label] for r in recs],
-                [r.ei for r in recs],
+                _history_y(recs)[1],
                 color=color,
                 linewidth=1,
                 marker="." if len(recs) < 30 else None,
                 label=legend[name],
             )
+        ylabel, ys = _history_y(network)
         ax.plot(
             xs,
-            [r.ei for r in network],
+            ys,
             color="black",
             linewidth=2.5,
             marker="o" if len(network) < 30 else None,
@@ -228,12 +290,12 @@ def plot_history(history, path: str | os.PathLike, kind: str = "layers", title: 
         if ticks is not None:
             ax.set_xticks(xs, ticks, rotation=60, ha="right", fontsize="small")
         ax.set_xlabel(axis)
-        ax.set_ylabel("EI (bits)")
+        ax.set_ylabel(ylabel)
     else:
         for name, color in zip([*names, NETWORK], [*colors, "black"]):
             kind_of = "network" if name == NETWORK else "layer"
             recs = [r for r in history.records if r.kind == kind_of and r.layer == name]
-            x = [r.determinism for r in recs]
+            xlabel, x = _plane_x(recs)
             y = [r.degeneracy for r in recs]
             width = 2.5 if name == NETWORK else 1
             ax.plot(
@@ -248,7 +310,11 @@ def plot_history(history, path: str | os.PathLike, kind: str = "layers", title: 
         lo, hi = ax.get_xlim()
         ax.axline((lo, lo), slope=1, color="grey", linestyle=":", linewidth=1, label="EI = 0")
         ax.set_xlim(lo, hi)
-        ax.set_xlabel("determinism: mean row entropy (bits)")
+        ax.set_xlabel(
+            "determinism: mean row entropy (bits)"
+            if xlabel == "determinism"
+            else "sensitivity (bits)"
+        )
         ax.set_ylabel("degeneracy (bits)")
     if title:
         ax.set_title(title, fontsize="medium")

@@ -45,6 +45,20 @@ def _unsigned(x: float, digits: int) -> float:
     return round(x, digits) + 0.0
 
 
+def _cell(value: Any, width: int, digits: int) -> str:
+    """A table cell: floats to ``digits`` places (no signed zero), ints and words as they
+    are, None as ``-``; right-aligned in ``width``."""
+    if value is None:
+        text = "-"
+    elif isinstance(value, bool) or not isinstance(value, (int, float)):
+        text = str(value)
+    elif isinstance(value, int):
+        text = str(value)
+    else:
+        text = f"{_unsigned(value, digits):.{digits}f}"
+    return f"{text:>{width}}"
+
+
 def _dims(shape) -> str:
     return "x".join(str(s) for s in shape)
 
@@ -69,19 +83,31 @@ class LayerReport:
         Output neurons (columns).
     nnz : int
         Stored (structural) entries of the connectivity matrix.
-    mean_row_entropy : float
-        The layer's own determinism: mean entropy of its normalised rows, in bits.
-    degeneracy : float
-        Entropy of the layer's own normalised column sums, in bits.
-    ei : float
-        ``degeneracy - mean_row_entropy``: the EI of the layer alone.
+    mean_row_entropy : float or None
+        The layer's own determinism: mean entropy of its normalised rows, in bits. Under
+        ``convention='graph'``, ``log2 N`` minus the mean entropy of its N non-empty rows
+        (:mod:`foresight_sparse.conventions`); None for a measure without a determinism
+        (:mod:`foresight_sparse.measures`).
+    degeneracy : float or None
+        Entropy of the layer's own normalised column sums, in bits (under
+        ``convention='graph'``, ``log2 N`` minus it); another measure's degeneracy, or None.
+    ei : float or None
+        ``degeneracy - mean_row_entropy``: the EI of the layer alone (under
+        ``convention='graph'``, ``mean_row_entropy - degeneracy``); another measure's EI,
+        or None.
     engine : str
-        The engine that served the layer.
+        The engine that served the layer (for a measure other than ``'ei'``, the
+        measure's name).
     seconds : float
         Wall time spent on the layer.
     backend : str or None
         The backend that served the layer (``'numba'`` or ``'torch'``; see
-        :mod:`foresight_sparse.backends`); None when read from a report that does not say.
+        :mod:`foresight_sparse.backends`); None when read from a report that does not say,
+        or computed by another measure.
+    extra : dict
+        The layer's values of :attr:`Report.columns`, the quantities of the measure or
+        convention beyond the three above (``effectiveness``, ``sensitivity``,
+        ``gamma_alpha``, ...); empty for the seed's connectivity EI.
     """
 
     name: str
@@ -91,12 +117,13 @@ class LayerReport:
     n_in: int
     n_out: int
     nnz: int
-    mean_row_entropy: float
-    degeneracy: float
-    ei: float
+    mean_row_entropy: float | None
+    degeneracy: float | None
+    ei: float | None
     engine: str
     seconds: float
     backend: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -105,11 +132,12 @@ class Report:
 
     Attributes
     ----------
-    determinism : float
-        Mean entropy of every row of every layer, in bits.
-    degeneracy : float
+    determinism : float or None
+        Mean entropy of every row of every layer, in bits (the graph convention's and other
+        measures' values as for :class:`LayerReport`; None where a measure has none).
+    degeneracy : float or None
         Entropy of the pooled, normalised column sums, in bits.
-    ei : float
+    ei : float or None
         ``degeneracy - determinism``, in bits.
     layers : list of LayerReport
         In forward order.
@@ -142,11 +170,22 @@ class Report:
         The torch version it ran with.
     created : str or None
         When the report was made: an ISO-8601 time in UTC.
+    measure : str
+        What was computed: ``'ei'`` (the connectivity EI), ``'perturbation'``, ``'svd'``
+        (:data:`foresight_sparse.measures.MEASURES`).
+    convention : str
+        How the connectivity EI is split: ``'seed'`` (the old module's) or ``'graph'``
+        (einet's; see :mod:`foresight_sparse.conventions`).
+    settings : dict
+        The measure's settings (:meth:`Measure.settings
+        <foresight_sparse.measures.Measure.settings>`); empty for ``'ei'``.
+    extra : dict
+        The network's values of :attr:`columns`.
     """
 
-    determinism: float
-    degeneracy: float
-    ei: float
+    determinism: float | None
+    degeneracy: float | None
+    ei: float | None
     layers: list[LayerReport]
     skipped: list[tuple[str, str]] = field(default_factory=list)
     norm: str = "lin"
@@ -160,6 +199,19 @@ class Report:
     version: str | None = field(default_factory=_library_version)
     torch_version: str | None = field(default_factory=_torch_version)
     created: str | None = field(default_factory=_now)
+    measure: str = "ei"
+    convention: str = "seed"
+    settings: dict[str, Any] = field(default_factory=dict)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def columns(self) -> tuple[str, ...]:
+        """The names of the quantities in :attr:`extra` and each layer's ``extra``, in
+        order (network values first, then any a layer adds)."""
+        names = dict.fromkeys(self.extra)
+        for layer in self.layers:
+            names.update(dict.fromkeys(layer.extra))
+        return tuple(names)
 
     @property
     def nnz(self) -> int:
@@ -273,6 +325,8 @@ class Report:
                 "determinism",
                 "degeneracy",
                 "ei",
+                "measure",
+                "convention",
                 "norm",
                 "engine",
                 "backend",
@@ -286,17 +340,22 @@ class Report:
             )
         }
         head["nnz"] = self.nnz
+        head.update(self.extra)
+        if self.settings:
+            head["settings"] = self.settings
         head.update(self.meta)
         return head
 
     def save_csv(self, path: str | os.PathLike) -> None:
-        """Write one row per layer, the fields of :class:`LayerReport` as columns.
+        """Write one row per layer, the fields of :class:`LayerReport` as columns (its
+        ``extra`` values as columns of their own, named by :attr:`columns`).
 
         Shapes are written as ``1x3x224x224``. The rest of the report (:meth:`csv_header`)
         comes first, one ``# key: value`` line each: strings as they are, other values as
         JSON. ``pandas.read_csv(path, comment="#")`` reads the rows.
         """
-        names = [f.name for f in dataclasses.fields(LayerReport)]
+        names = [f.name for f in dataclasses.fields(LayerReport) if f.name != "extra"]
+        names += list(self.columns)
         with open(path, "w", encoding="utf-8", newline="") as fh:
             for key, value in self.csv_header().items():
                 text = value if isinstance(value, str) else json.dumps(value)
@@ -305,29 +364,58 @@ class Report:
             writer.writeheader()
             for layer in self.layers:
                 row = asdict(layer)
+                row.update(row.pop("extra"))
                 row["in_shape"] = _dims(layer.in_shape)
                 row["out_shape"] = _dims(layer.out_shape)
                 writer.writerow(row)
 
     def table(self) -> str:
-        """A fixed-width text table of the layers and the totals."""
+        """A fixed-width text table of the layers and the totals.
+
+        The three core columns are the connectivity EI's (or what a measure puts in their
+        place; a column a measure leaves empty is left out), then :attr:`columns`.
+        """
+        core = [
+            (title, attr, net)
+            for title, attr, net in (
+                (
+                    "H(row)" if self.convention == "seed" else "determ",
+                    "mean_row_entropy",
+                    "determinism",
+                ),
+                ("degen", "degeneracy", "degeneracy"),
+                ("EI", "ei", "ei"),
+            )
+            if getattr(self, net) is not None
+            or any(getattr(lay, attr) is not None for lay in self.layers)
+        ]
+        extra = list(self.columns)
         head = (
             f"{'layer':<24} {'type':<10} {'in':>10} {'out':>10} {'entries':>14} "
-            f"{'H(row)':>9} {'degen':>9} {'EI':>9} {'engine':>8} {'s':>7}"
+            + "".join(f"{title:>9} " for title, _, _ in core)
+            + "".join(f"{name[:12]:>12} " for name in extra)
+            + f"{'engine':>8} {'s':>7}"
         )
         lines = [head, "-" * len(head)]
         for lay in self.layers:
-            h, deg, ei = (_unsigned(v, 4) for v in (lay.mean_row_entropy, lay.degeneracy, lay.ei))
             lines.append(
                 f"{lay.name[:24]:<24} {lay.type[:10]:<10} {lay.n_in:>10} "
-                f"{lay.n_out:>10} {lay.nnz:>14} {h:>9.4f} {deg:>9.4f} {ei:>9.4f} "
-                f"{lay.engine:>8} {lay.seconds:>7.3f}"
+                f"{lay.n_out:>10} {lay.nnz:>14} "
+                + "".join(f"{_cell(getattr(lay, attr), 9, 4)} " for _, attr, _ in core)
+                + "".join(f"{_cell(lay.extra.get(name), 12, 4)} " for name in extra)
+                + f"{lay.engine[:8]:>8} {lay.seconds:>7.3f}"
             )
         lines.append("-" * len(head))
-        det, deg, ei = (_unsigned(v, 6) for v in (self.determinism, self.degeneracy, self.ei))
+        names = {"mean_row_entropy": "determinism", "degeneracy": "degeneracy", "ei": "EI"}
+        totals = [f"{names[attr]} {_cell(getattr(self, net), 0, 6)}" for _, attr, net in core] + [
+            f"{name} {_cell(self.extra[name], 0, 6)}" for name in extra if name in self.extra
+        ]
+        what = "" if self.measure == "ei" else f"{self.measure}: "
+        if self.convention != "seed":
+            what = f"{self.convention} convention: "
+        unit = " bits" if self.measure == "ei" and not self.columns else ""
         lines.append(
-            f"network: determinism {det:.6f}  degeneracy {deg:.6f}  EI {ei:.6f} bits  "
-            f"({self.nnz} entries, {self.seconds:.2f} s)"
+            f"network: {what}{'  '.join(totals)}{unit}  ({self.nnz} entries, {self.seconds:.2f} s)"
         )
         return "\n".join(lines)
 
