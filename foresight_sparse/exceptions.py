@@ -28,6 +28,7 @@ __all__ = [
     "ReportFileError",
     "MissingDependencyError",
     "HistoryFileError",
+    "MeasureSettingsError",
 ]
 
 
@@ -131,3 +132,9 @@ class MissingDependencyError(ForesightError, ImportError):
 class HistoryFileError(ForesightError, ValueError):
     """A saved history (CSV or JSON) cannot be read, or does not fit the sweep resuming it;
     the message names the file."""
+
+
+class MeasureSettingsError(ForesightError, ValueError):
+    """A measure's setting is outside its domain (a bin count below 2, an empty range, a
+    sample count below 1); the message names the setting, the value and the layer where
+    known."""
