@@ -176,15 +176,17 @@ def noise(
     device = torch.device(device)
     lo, hi = in_range
     gen = torch.Generator(device=device)
-    parts = []
+    x = torch.empty((max(stop - start, 0), *in_shape), device=device, dtype=dtype)
     for block in range(start // BLOCK, (stop - 1) // BLOCK + 1 if stop > start else 0):
         gen.manual_seed(_block_seed(seed, stream, block))
-        values = torch.rand((BLOCK, *in_shape), generator=gen, device=device, dtype=dtype)
         b0 = block * BLOCK
-        parts.append(values[max(start - b0, 0) : min(stop - b0, BLOCK)])
-    if not parts:
-        return torch.empty((0, *in_shape), device=device, dtype=dtype)
-    x = parts[0] if len(parts) == 1 else torch.cat(parts)
+        i0, i1 = max(start - b0, 0), min(stop - b0, BLOCK)
+        dest = x[b0 + i0 - start : b0 + i1 - start]
+        if i0 == 0 and i1 == BLOCK:  # a whole block: drawn in place, no copy
+            torch.rand((BLOCK, *in_shape), generator=gen, out=dest)
+        else:
+            values = torch.rand((BLOCK, *in_shape), generator=gen, device=device, dtype=dtype)
+            dest.copy_(values[i0:i1])
     return x.mul_(hi - lo).add_(lo)
 
 
