@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import inspect
+import json
 import os
 import re
 import sys
@@ -32,6 +34,7 @@ from .analysis import report as _report
 from .budget import parse_bytes
 from .checkpoints import CheckpointError
 from .connectivity import LAYER_SETS
+from .conventions import CONVENTIONS
 from .engines import ENGINE_NAMES
 from .exceptions import (
     DeviceError,
@@ -40,6 +43,7 @@ from .exceptions import (
     MissingDependencyError,
     UnknownNameError,
 )
+from .measures import MEASURES, get_measure
 from .models import DEFAULT_IMAGE_SHAPE, ModelError, UsageError, load_model
 from .norms import NORMS
 from .plans import plan, resolve_device
@@ -85,6 +89,8 @@ _FLAGS = [
     ("legacy", "--legacy", False),
     ("layers", "--layers", True),
     ("trust_pickle", "--trust-pickle", False),
+    ("measure", "--measure", True),
+    ("convention", "--convention", True),
 ]
 _VALUE = r"(?:'([^'\s]*)'|([^\s,;()']+))?"
 # Names that stand for their flag even without "=": they are not ordinary English words.
@@ -233,6 +239,56 @@ def _add_plan_args(p: argparse.ArgumentParser) -> None:
         "AvgPool2d; the default) or all (every built-in type: 1-d/3-d, "
         "transposed and adaptive layers, and subclasses that inherit forward)",
     )
+    p.add_argument(
+        "--measure",
+        choices=tuple(MEASURES),
+        default="ei",
+        help="what is computed: ei (the connectivity EI; the default), perturbation (the "
+        "perturbation EI of the Entropy 2020 paper: ei_parts, sensitivity, degeneracy) or "
+        "svd (SVD reversibility Gamma_alpha and causal emergence)",
+    )
+    p.add_argument(
+        "--measure-arg",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a setting of the measure, repeatable: --measure-arg samples=100000 "
+        "--measure-arg in_range=[0,1] (VALUE is read as JSON, else as text)",
+    )
+    p.add_argument(
+        "--convention",
+        choices=CONVENTIONS,
+        default="seed",
+        help="how the EI is split: seed (the old module's; the default) or graph (einet's "
+        "determinism and degeneracy, with effectiveness)",
+    )
+
+
+def _measure(args: argparse.Namespace):
+    """The ``measure=`` argument of the command line: a name, or the measure built with
+    the ``--measure-arg`` settings."""
+    if not args.measure_arg:
+        return args.measure
+    if args.measure == "ei":
+        raise UsageError("--measure-arg sets a measure's options; give --measure too")
+    settings = {}
+    for item in args.measure_arg:
+        key, sep, text = item.partition("=")
+        if not sep or not key.strip():
+            raise UsageError(f"--measure-arg {item!r}: write KEY=VALUE, e.g. samples=100000")
+        try:
+            settings[key.strip()] = json.loads(text)
+        except json.JSONDecodeError:
+            settings[key.strip()] = text
+    cls = type(get_measure(args.measure))
+    try:
+        inspect.signature(cls).bind(**settings)
+    except TypeError as exc:
+        raise UsageError(f"--measure-arg: {args.measure} takes no such setting ({exc})") from None
+    try:
+        return cls(**settings)
+    except (TypeError, ValueError) as exc:  # MeasureSettingsError is a ValueError
+        raise UsageError(f"--measure-arg: {exc}") from None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -467,6 +523,7 @@ def _cmd_ei(args: argparse.Namespace) -> int:
         _check_plot(args.plot)
     for path, option in ((args.json, "--json"), (args.csv, "--csv"), (args.plot, "--plot")):
         _check_writable(path, option)
+    measure = _measure(args)
     model, shape = _load(args)
     progress = not args.no_progress and sys.stderr.isatty()
     with _shape_hint(shape):
@@ -480,6 +537,8 @@ def _cmd_ei(args: argparse.Namespace) -> int:
             max_memory=args.max_memory,
             progress=progress,
             layers=args.layers,
+            measure=measure,
+            convention=args.convention,
         )
     rep.meta.update(
         model=args.model,
@@ -492,7 +551,10 @@ def _cmd_ei(args: argparse.Namespace) -> int:
         print(rep.table().splitlines()[-1])
     else:
         print(
-            f"{args.model}: input {_dims(shape)}, norm {rep.norm}, engine {rep.engine}, "
+            f"{args.model}: input {_dims(shape)}, "
+            f"{'' if rep.measure == 'ei' else 'measure ' + rep.measure + ', '}"
+            f"{'' if rep.convention == 'seed' else 'convention ' + rep.convention + ', '}"
+            f"norm {rep.norm}, engine {rep.engine}, "
             f"device {rep.device}{', legacy' if rep.legacy else ''}"
             f"{', layers all' if args.layers == 'all' else ''}"
         )
@@ -510,6 +572,7 @@ def _cmd_ei(args: argparse.Namespace) -> int:
 
 def _cmd_layers(args: argparse.Namespace) -> int:
     device = _device(args.device)
+    measure = _measure(args)
     model, shape = _load(args)
     with _shape_hint(shape):
         p = plan(
@@ -521,6 +584,8 @@ def _cmd_layers(args: argparse.Namespace) -> int:
             legacy=args.legacy,
             max_memory=args.max_memory,
             layers=args.layers,
+            measure=measure,
+            convention=args.convention,
         )
     print(f"{args.model}: input {_dims(shape)}")
     print(p.table())
@@ -545,6 +610,7 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
         (args.plane_plot, "--plane-plot"),
     ):
         _check_writable(path, option)
+    measure = _measure(args)
     model, shape = load_model(
         args.model, seed=args.seed, input_shape=args.input_shape, trust_pickle=args.trust_pickle
     )
@@ -570,23 +636,49 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
             ray_address=args.ray or None,
             meta={"model": args.model, "input_shape": list(shape)},
             layers=args.layers,
+            measure=measure,
+            convention=args.convention,
         )
     hist = res.history
     print(
         f"{args.model}: input {_dims(shape)}, norm {args.norm}, {len(res.checkpoints)} checkpoints"
     )
+    network = [r for r in hist.records if r.kind == "network"]
+    extra = [
+        k
+        for k in hist.columns
+        if any(
+            isinstance(r.extra.get(k), float) and not isinstance(r.extra.get(k), bool)
+            for r in network
+        )
+    ]
+    core = [
+        (title, name, width)
+        for title, name, width in (
+            ("determinism", "determinism", 12),
+            ("degeneracy", "degeneracy", 11),
+            ("EI", "ei", 10),
+        )
+        if not network or any(getattr(r, name) is not None for r in network)
+    ]
+    columns = core + [(k[:12], k, 12) for k in extra]
     print(
-        f"{'checkpoint':<32} {'step':>8} {'epoch':>6} {'determinism':>12} {'degeneracy':>11} "
-        f"{'EI':>10}"
+        f"{'checkpoint':<32} {'step':>8} {'epoch':>6} "
+        + " ".join(f"{title:>{width}}" for title, _, width in columns)
     )
     for rec in hist.records:
         step = "" if rec.step is None else rec.step
         epoch = "" if rec.epoch is None else rec.epoch
         if rec.kind == "network":
-            print(
-                f"{rec.label[:32]:<32} {step:>8} {epoch:>6} {rec.determinism:>12.6f} "
-                f"{rec.degeneracy:>11.6f} {rec.ei:>10.6f}"
-            )
+            cells = []
+            for _, name, width in columns:
+                value = (
+                    getattr(rec, name)
+                    if name in ("determinism", "degeneracy", "ei")
+                    else rec.extra.get(name)
+                )
+                cells.append(f"{'-':>{width}}" if value is None else f"{value:>{width}.6f}")
+            print(f"{rec.label[:32]:<32} {step:>8} {epoch:>6} " + " ".join(cells))
         elif rec.kind == "error":
             print(f"{rec.label[:32]:<32} {step:>8} {epoch:>6} {'error: see below':>35}")
     if args.json:

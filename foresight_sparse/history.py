@@ -71,8 +71,9 @@ class Record:
     extra : dict
         The measure's or convention's further values (``effectiveness``, ``sensitivity``,
         ``gamma_alpha``, ...: :attr:`Report.columns
-        <foresight_sparse.results.Report.columns>`); empty for the seed's connectivity EI.
-        In a CSV file each is a column of its own, after the fixed ones.
+        <foresight_sparse.results.Report.columns>`) that are not None; empty for the seed's
+        connectivity EI and for errors. In a CSV file each is a column of its own, after
+        the fixed ones.
     """
 
     label: str
@@ -143,7 +144,7 @@ def records_from_report(
             report.determinism,
             report.degeneracy,
             file,
-            extra=dict(report.extra),
+            extra=_known(report.extra),
         )
     ]
     out += [
@@ -158,11 +159,17 @@ def records_from_report(
             lay.mean_row_entropy,
             lay.degeneracy,
             file,
-            extra=dict(lay.extra),
+            extra=_known(lay.extra),
         )
         for lay in report.layers
     ]
     return out
+
+
+def _known(values: dict[str, Any]) -> dict[str, Any]:
+    """A record's ``extra``: the values that are not None (an empty CSV cell reads back as
+    no value, so a record and its file agree)."""
+    return {k: v for k, v in values.items() if v is not None}
 
 
 def _cell(value: Any) -> str:
@@ -231,7 +238,7 @@ def _record_from_row(row: dict[str, Any], where: str) -> Record:
             extra = {k: v for k, v in row.items() if k not in FIELDS}
         if not isinstance(extra, dict):
             raise TypeError(f"extra must be an object, not {type(extra).__name__}")
-        values["extra"] = {k: _extra_value(v) for k, v in extra.items()}
+        values["extra"] = _known({k: _extra_value(v) for k, v in extra.items()})
         return Record(**values)
     except (TypeError, ValueError) as exc:
         raise HistoryFileError(f"{where}: record {dict(row)!r} is malformed: {exc}") from None
@@ -542,14 +549,17 @@ class History:
 
     # ------------------------------------------------------------------ files
 
-    def to_csv(self, path: str | os.PathLike) -> None:
+    def to_csv(self, path: str | os.PathLike, *, columns: Sequence[str] | None = None) -> None:
         """Write every record as a CSV row, after ``# key: value`` lines of :attr:`meta`.
 
-        The file is replaced as a whole (written beside it, then renamed).
+        The file is replaced as a whole (written beside it, then renamed). ``columns``
+        names the ``extra`` values written as columns (default :attr:`columns`; a sweep
+        passes its plan's, so that a file started before any result has them).
         """
+        columns = self.columns if columns is None else tuple(columns)
 
         def write(tmp: str) -> None:
-            with CSVAppender(tmp, self.meta, append=False, columns=self.columns) as out:
+            with CSVAppender(tmp, self.meta, append=False, columns=columns) as out:
                 out.write(self.records)
 
         _write_atomically(os.fspath(path), write)

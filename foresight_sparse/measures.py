@@ -30,12 +30,47 @@ from torch import nn
 from .connectivity import Connectivity
 from .exceptions import UnknownNameError
 
-__all__ = ["MEASURES", "CORE", "Measure", "MeasureLayer", "get_measure", "measure_name"]
+__all__ = [
+    "MEASURES",
+    "CORE",
+    "RESERVED",
+    "Measure",
+    "MeasureLayer",
+    "get_measure",
+    "measure_name",
+]
 
 #: The keys every layer's and the network's values carry: they fill the
 #: ``determinism``, ``degeneracy`` and ``ei`` slots of reports and history records
 #: (None where the measure has no such quantity).
 CORE = ("determinism", "degeneracy", "ei")
+
+#: Names a measure's :attr:`~Measure.columns` may not take: the fields of a layer report
+#: and of a history record, which share a row (and a CSV header) with them.
+RESERVED = (
+    "label",
+    "kind",
+    "layer",
+    "type",
+    "step",
+    "epoch",
+    "ei",
+    "determinism",
+    "degeneracy",
+    "file",
+    "error",
+    "extra",
+    "name",
+    "in_shape",
+    "out_shape",
+    "n_in",
+    "n_out",
+    "nnz",
+    "mean_row_entropy",
+    "engine",
+    "seconds",
+    "backend",
+)
 
 #: Measure names and where their classes live (imported on first use).
 MEASURES: dict[str, str | None] = {
@@ -137,12 +172,13 @@ def get_measure(measure: str | Measure | None) -> Measure | None:
     Raises
     ------
     UnknownNameError
-        For any other value; the message lists the valid names.
+        For any other value (the message lists the valid names), and for a measure whose
+        :attr:`~Measure.columns` repeat a name or take one of :data:`RESERVED`.
     """
     if measure is None or measure == "ei":
         return None
     if isinstance(measure, Measure):
-        return measure
+        return _checked(measure)
     target = MEASURES.get(measure) if isinstance(measure, str) else None
     if target is None:
         raise UnknownNameError(
@@ -150,4 +186,15 @@ def get_measure(measure: str | Measure | None) -> Measure | None:
             "(or a Measure object such as foresight_sparse.perturbation.Perturbation(...))"
         )
     module, _, cls = target.partition(":")
-    return getattr(importlib.import_module(module), cls)()
+    return _checked(getattr(importlib.import_module(module), cls)())
+
+
+def _checked(measure: Measure) -> Measure:
+    clash = [c for c in measure.columns if c in RESERVED]
+    if clash or len(set(measure.columns)) != len(measure.columns):
+        raise UnknownNameError(
+            f"measure {measure.name!r} has the columns {', '.join(measure.columns)}; "
+            f"{', '.join(clash) or 'one name twice'} would clash with a report's or a "
+            "history's own fields. Rename them"
+        )
+    return measure

@@ -390,10 +390,11 @@ class Report:
             or any(getattr(lay, attr) is not None for lay in self.layers)
         ]
         extra = list(self.columns)
+        widths = [max(12, len(name)) for name in extra]
         head = (
             f"{'layer':<24} {'type':<10} {'in':>10} {'out':>10} {'entries':>14} "
             + "".join(f"{title:>9} " for title, _, _ in core)
-            + "".join(f"{name[:12]:>12} " for name in extra)
+            + "".join(f"{name:>{w}} " for name, w in zip(extra, widths))
             + f"{'engine':>8} {'s':>7}"
         )
         lines = [head, "-" * len(head)]
@@ -402,7 +403,7 @@ class Report:
                 f"{lay.name[:24]:<24} {lay.type[:10]:<10} {lay.n_in:>10} "
                 f"{lay.n_out:>10} {lay.nnz:>14} "
                 + "".join(f"{_cell(getattr(lay, attr), 9, 4)} " for _, attr, _ in core)
-                + "".join(f"{_cell(lay.extra.get(name), 12, 4)} " for name in extra)
+                + "".join(f"{_cell(lay.extra.get(name), w, 4)} " for name, w in zip(extra, widths))
                 + f"{lay.engine[:8]:>8} {lay.seconds:>7.3f}"
             )
         lines.append("-" * len(head))

@@ -43,7 +43,6 @@ import torch
 from torch import nn
 
 from .checkpoints import fit_state_dict, load_state_dict
-from .connectivity import LayerSelection
 from .exceptions import (
     CheckpointError,
     ForesightError,
@@ -608,7 +607,16 @@ def _resume(
     """The finished checkpoints recorded in ``output`` (error records are dropped: those
     checkpoints are tried again)."""
     old = History.from_csv(output)
-    for k in ("norm", "legacy", "layers", "input_shape", "model"):
+    for k in (
+        "measure",
+        "convention",
+        "settings",
+        "norm",
+        "legacy",
+        "layers",
+        "input_shape",
+        "model",
+    ):
         if k in old.meta and k in meta and old.meta[k] != meta[k]:
             raise HistoryFileError(
                 f"{output!r} was made with {k}={old.meta[k]!r}, but this sweep has "
@@ -654,6 +662,8 @@ def sweep(
     ray_address: str | None = None,
     meta: dict[str, Any] | None = None,
     layers="seed",
+    measure="ei",
+    convention: str = "seed",
 ) -> SweepResult:
     """Determinism, degeneracy and EI of every checkpoint of one architecture.
 
@@ -679,7 +689,7 @@ def sweep(
         Ray; an already initialised Ray is used as it is); the checkpoint paths must be
         readable where the tasks run. Default: ``'process'`` when ``workers`` is more
         than 1, else ``'serial'``.
-    norm, device, engine, legacy, max_memory, shapes, layers
+    norm, device, engine, legacy, max_memory, shapes, layers, measure, convention
         As for :func:`foresight_sparse.plan`.
     key : str, optional
         The checkpoint key holding the state dict, when it is not a usual one.
@@ -693,8 +703,8 @@ def sweep(
     resume : bool, default False
         Keep the checkpoints already complete in ``output`` (matched by label) and compute
         only the others; error records in it are dropped and tried again. ``output`` must
-        have been written with the same norm, legacy and layers settings, input shape and
-        model.
+        have been written with the same measure (and its settings), convention, norm,
+        legacy and layers settings, input shape and model.
     progress : bool, default False
         A tqdm progress bar over the checkpoints (on stderr).
     ray_address : str, optional
@@ -752,17 +762,16 @@ def sweep(
         legacy=legacy,
         max_memory=max_memory,
         layers=layers,
+        measure=measure,
+        convention=convention,
     )
     in_shape = list(p.layers[0].in_shape) if p.layers else []
     info = {
         "model": type(model).__name__,
         "input_shape": in_shape,
-        "norm": p.norm.name,
         "engine": engine,
         "device": str(p.device),
-        "legacy": legacy,
-        "layers": LayerSelection(layers).label,
-        "max_memory": p.max_memory,
+        **p.settings(),
         **(meta or {}),
     }
     history = History(meta=info)
@@ -780,8 +789,9 @@ def sweep(
     todo = [e for e in entries if e.label not in set(resumed)]
     writer = None
     if out_path is not None:
-        history.to_csv(out_path)  # what is kept, in order; then the new results are appended
-        writer = CSVAppender(out_path, info)
+        # what is kept, in order; then the new results are appended
+        history.to_csv(out_path, columns=p.columns)
+        writer = CSVAppender(out_path, info, columns=p.columns)
     bar = None
     if progress:
         from tqdm.auto import tqdm
@@ -827,5 +837,5 @@ def sweep(
             bar.close()
     history = history.sorted([e.label for e in entries])
     if out_path is not None:
-        history.to_csv(out_path)
+        history.to_csv(out_path, columns=p.columns)
     return SweepResult(history, entries, resumed, time.perf_counter() - start)

@@ -18,7 +18,6 @@ import numpy as np
 import torch
 from torch import nn
 
-from .connectivity import LayerSelection
 from .history import History
 from .plans import Plan, plan
 from .results import Report
@@ -72,6 +71,8 @@ class Tracker:
     legacy : bool, default False
     max_memory : int or str, optional
     layers : {'seed', 'all'} or sequence of module types, default 'seed'
+    measure : {'ei', 'perturbation', 'svd'} or Measure, default 'ei'
+    convention : {'seed', 'graph'}, default 'seed'
         As for :func:`foresight_sparse.plan`.
 
     Attributes
@@ -104,6 +105,8 @@ class Tracker:
         legacy: bool = False,
         max_memory=None,
         layers="seed",
+        measure="ei",
+        convention: str = "seed",
     ):
         if isinstance(every, bool) or not isinstance(every, int) or every < 1:
             raise ValueError(
@@ -123,16 +126,15 @@ class Tracker:
                 legacy=legacy,
                 max_memory=max_memory,
                 layers=layers,
+                measure=measure,
+                convention=convention,
             )
         self.history = History(
             meta={
                 "model": type(model).__name__,
-                "norm": self.plan.norm.name,
                 "engine": engine,
                 "device": str(self.plan.device),
-                "legacy": legacy,
-                "layers": LayerSelection(layers).label,
-                "max_memory": self.plan.max_memory,
+                **self.plan.settings(),
             }
         )
         self.last: Report | None = None

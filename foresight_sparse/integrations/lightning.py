@@ -59,6 +59,10 @@ class EICallback(Callback):
         Log each layer's figures too, not only the network totals.
     prefix : str, default ''
         Put before every key, e.g. ``"ei_stats/"``.
+    measure, convention
+        As for :class:`~foresight_sparse.Tracker`. A measure's or convention's numeric
+        quantities (``sensitivity``, ``effectiveness``, ``gamma_alpha``, ...) are logged
+        under their own names too; a value the measure does not have (None) is not logged.
 
     Attributes
     ----------
@@ -85,6 +89,8 @@ class EICallback(Callback):
         layers="seed",
         per_layer: bool = True,
         prefix: str = "",
+        measure="ei",
+        convention: str = "seed",
     ):
         for name, value in (("every_n_steps", every_n_steps), ("every_n_epochs", every_n_epochs)):
             if value is not None and (
@@ -103,6 +109,8 @@ class EICallback(Callback):
             "legacy": legacy,
             "max_memory": max_memory,
             "layers": layers,
+            "measure": measure,
+            "convention": convention,
         }
         self.per_layer = per_layer
         self.prefix = prefix
@@ -138,17 +146,25 @@ class EICallback(Callback):
     def metrics(self, report: Report) -> dict[str, float]:
         """The keys and values logged for ``report``."""
         p = self.prefix
-        out = {
-            f"{p}ei": report.ei,
-            f"{p}determinism": report.determinism,
-            f"{p}degeneracy": report.degeneracy,
-        }
+        out = _numbers(
+            p,
+            "",
+            {
+                "ei": report.ei,
+                "determinism": report.determinism,
+                "degeneracy": report.degeneracy,
+                **report.extra,
+            },
+        )
         if self.per_layer:
             for lay in report.layers:
-                name = lay.name or lay.type
-                out[f"{p}ei/{name}"] = lay.ei
-                out[f"{p}determinism/{name}"] = lay.mean_row_entropy
-                out[f"{p}degeneracy/{name}"] = lay.degeneracy
+                values = {
+                    "ei": lay.ei,
+                    "determinism": lay.mean_row_entropy,
+                    "degeneracy": lay.degeneracy,
+                    **lay.extra,
+                }
+                out.update(_numbers(p, f"/{lay.name or lay.type}", values))
         return out
 
     def on_train_batch_end(
@@ -172,3 +188,12 @@ class EICallback(Callback):
             rep = self.tracker.last  # evaluated at this very step already
         if rep is not None:
             pl_module.log_dict(self.metrics(rep), on_step=False, on_epoch=True, rank_zero_only=True)
+
+
+def _numbers(prefix: str, suffix: str, values: dict) -> dict[str, float]:
+    """The loggable values (numbers, not None, flags or words) under their metric keys."""
+    return {
+        f"{prefix}{k}{suffix}": float(v)
+        for k, v in values.items()
+        if isinstance(v, (int, float)) and not isinstance(v, bool)
+    }
