@@ -129,9 +129,10 @@ def gamma_alpha(singular_values, alpha: float = 1.0) -> float:
     -------
     float
     """
-    alpha = _check_alpha(alpha)
-    s = np.clip(np.asarray(singular_values, dtype=np.float64).ravel(), 0.0, None)
-    return float(np.sum(s**alpha))
+    s = np.asarray(singular_values, dtype=np.float64).ravel()
+    return Spectrum.from_singular_values(
+        s, s.size, s.size, _check_alpha(alpha), 0.0, ""
+    ).gamma_alpha
 
 
 def delta_gamma(singular_values, alpha: float = 1.0, eps: float = DEFAULT_EPS, n=None) -> float:
@@ -155,11 +156,9 @@ def delta_gamma(singular_values, alpha: float = 1.0, eps: float = DEFAULT_EPS, n
     float
     """
     alpha, eps = _check_alpha(alpha), _check_eps(eps)
-    s = np.clip(np.asarray(singular_values, dtype=np.float64).ravel(), 0.0, None)
+    s = np.asarray(singular_values, dtype=np.float64).ravel()
     n = s.size if n is None else int(n)
-    top = s[s > eps]
-    first = float(np.sum(top**alpha)) / top.size if top.size else 0.0
-    return first - (float(np.sum(s**alpha)) / n if n else 0.0)
+    return Spectrum.from_singular_values(s, n, s.size, alpha, eps, "").delta_gamma
 
 
 def _emergence(g_r: float, r: float, g: float, n: int) -> float:
