@@ -391,11 +391,12 @@ class Report:
         ]
         extra = list(self.columns)
         widths = [max(12, len(name)) for name in extra]
+        ew = max([8, *(len(lay.engine) for lay in self.layers)])
         head = (
             f"{'layer':<24} {'type':<10} {'in':>10} {'out':>10} {'entries':>14} "
             + "".join(f"{title:>9} " for title, _, _ in core)
             + "".join(f"{name:>{w}} " for name, w in zip(extra, widths))
-            + f"{'engine':>8} {'s':>7}"
+            + f"{'engine':>{ew}} {'s':>7}"
         )
         lines = [head, "-" * len(head)]
         for lay in self.layers:
@@ -404,7 +405,7 @@ class Report:
                 f"{lay.n_out:>10} {lay.nnz:>14} "
                 + "".join(f"{_cell(getattr(lay, attr), 9, 4)} " for _, attr, _ in core)
                 + "".join(f"{_cell(lay.extra.get(name), w, 4)} " for name, w in zip(extra, widths))
-                + f"{lay.engine[:8]:>8} {lay.seconds:>7.3f}"
+                + f"{lay.engine:>{ew}} {lay.seconds:>7.3f}"
             )
         lines.append("-" * len(head))
         names = {"mean_row_entropy": "determinism", "degeneracy": "degeneracy", "ei": "EI"}
