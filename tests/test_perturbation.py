@@ -106,20 +106,22 @@ def test_numba_and_torch_forms_count_identically():
     # the counts themselves: the same tables cell by cell
     from foresight_sparse.perturbation.estimator import NumbaForm, TorchForm
 
-    rowptr = np.array([0, 2, 3], dtype=np.int64)
-    cols = np.array([0, 2, 1], dtype=np.int64)
+    # a gathered row (0, 2), runs of consecutive outputs (1; 1, 2) and an empty row
+    rowptr = np.array([0, 2, 3, 3, 5], dtype=np.int64)
+    cols = np.array([0, 2, 1, 1, 2], dtype=np.int64)
+    pairs = [(r, c) for r in range(4) for c in cols[rowptr[r] : rowptr[r + 1]]]
     gen = torch.Generator().manual_seed(0)
-    xb = torch.randint(-1, 4, (50, 2), generator=gen, dtype=torch.int16)
+    xb = torch.randint(-1, 4, (50, 4), generator=gen, dtype=torch.int16)
     yb = torch.randint(-1, 3, (50, 3), generator=gen, dtype=torch.int16)
     tables = []
     for form in (NumbaForm(), TorchForm()):
-        h = form.zeros(3, 4, 3, "cpu")
+        h = form.zeros(5, 4, 3, "cpu")
         form.accumulate(h, xb, yb, rowptr, cols, 3)
-        tables.append(form.counts(h, 3, 4, 3))
+        tables.append(form.counts(h, 5, 4, 3))
     np.testing.assert_array_equal(tables[0], tables[1])
-    brute = np.zeros((3, 4, 3), dtype=np.int64)
+    brute = np.zeros((5, 4, 3), dtype=np.int64)
     for s in range(50):
-        for e, (a, b) in enumerate([(0, 0), (0, 2), (1, 1)]):
+        for e, (a, b) in enumerate(pairs):
             if xb[s, a] >= 0 and yb[s, b] >= 0:
                 brute[e, xb[s, a], yb[s, b]] += 1
     np.testing.assert_array_equal(tables[0], brute)

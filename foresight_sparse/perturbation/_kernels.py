@@ -24,6 +24,10 @@ def pair_counts(hist, xbt, yb, rowptr, cols, out_bins):  # pragma: no cover - nu
     hist : int32[in_bins * E * out_bins], xbt : int16[rows, samples] (input bins, -1 out of
     range), yb : int16[samples, n_out] (output bins, -1 out of range), rowptr : int64[rows + 1]
     and cols : int64[E] (the pairs of each input row, CSR).
+
+    A row whose pairs are one run of consecutive outputs (every row of a Linear) reads them
+    straight from the sample's output bins, without the gather through ``cols`` that costs
+    about a third of the time of the general loop.
     """
     n_rows = xbt.shape[0]
     n_samples = xbt.shape[1]
@@ -32,15 +36,33 @@ def pair_counts(hist, xbt, yb, rowptr, cols, out_bins):  # pragma: no cover - nu
     for r in prange(n_rows):
         e0 = rowptr[r]
         e1 = rowptr[r + 1]
+        m = e1 - e0
+        if m == 0:
+            continue
+        c = cols[e0:e1]
+        first = c[0]
+        run = True
+        for k in range(1, m):
+            if c[k] != first + k:
+                run = False
+                break
         for s in range(n_samples):
             ia = xbt[r, s]
             if ia < 0:
                 continue
-            base = ia * stride
-            for e in range(e0, e1):
-                jb = yb[s, cols[e]]
-                if jb >= 0:
-                    hist[base + e * out_bins + jb] += 1
+            h = hist[ia * stride + e0 * out_bins : ia * stride + e1 * out_bins]
+            y = yb[s]
+            if run:
+                y = y[first : first + m]
+                for k in range(m):
+                    jb = y[k]
+                    if jb >= 0:
+                        h[k * out_bins + jb] += 1
+            else:
+                for k in range(m):
+                    jb = y[c[k]]
+                    if jb >= 0:
+                        h[k * out_bins + jb] += 1
 
 
 @njit(cache=True, parallel=True)
