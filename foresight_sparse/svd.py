@@ -246,19 +246,28 @@ class Spectrum:
         powers = s**alpha
         keep = s > eps
         g, g_r, r = float(powers.sum()), float(powers[keep].sum()), int(keep.sum())
-        return cls(
-            gamma_alpha=g,
-            gamma=g / n if n else 0.0,
-            gamma_alpha_r=g_r,
-            r_eps=r,
-            delta_gamma=_emergence(g_r, r, g, n),
-            n=n,
+        return cls.from_sums(
+            g, g_r, r, n,
             n_cols=n_cols,
             alpha=alpha,
             eps=eps,
             method=method,
             sigma_max=float(s[0]) if s.size else 0.0,
             singular_values=np.ascontiguousarray(s),
+        )  # fmt: skip
+
+    @classmethod
+    def from_sums(cls, g: float, g_r: float, r_eps, n: int, **fields) -> Spectrum:
+        """The spectrum with ``Gamma_alpha = g``, ``Gamma_alpha(r_eps) = g_r``, ``r_eps``
+        and ``N = n``; ``gamma`` and ``delta_gamma`` follow. ``fields`` are the others."""
+        return cls(
+            gamma_alpha=g,
+            gamma=g / n if n else 0.0,
+            gamma_alpha_r=g_r,
+            r_eps=r_eps,
+            delta_gamma=_emergence(g_r, r_eps, g, n),
+            n=n,
+            **fields,
         )
 
 
@@ -298,13 +307,11 @@ def combine(spectra: Sequence[Spectrum | dict]) -> Spectrum:
             + (quad("gamma_alpha_stderr") / n) ** 2
         )
     first = rows[0]
-    return Spectrum(
-        gamma_alpha=g,
-        gamma=g / n if n else 0.0,
-        gamma_alpha_r=g_r,
-        r_eps=r_eps,
-        delta_gamma=_emergence(g_r, r_eps, g, n),
-        n=n,
+    return Spectrum.from_sums(
+        g,
+        g_r,
+        r_eps,
+        n,
         n_cols=sum(int(r.get("n_cols", 0)) for r in rows),
         alpha=float(first.get("alpha", 1.0)),
         eps=float(first.get("eps", DEFAULT_EPS)),
@@ -832,13 +839,11 @@ def _slq(
         d_err = float(lin.std(ddof=1) / math.sqrt(p))
     else:
         d_err = float(err[0] / n) if n else 0.0
-    return Spectrum(
-        gamma_alpha=g,
-        gamma=g / n if n else 0.0,
-        gamma_alpha_r=g_r,
-        r_eps=r,
-        delta_gamma=_emergence(g_r, r, g, n),
-        n=n,
+    return Spectrum.from_sums(
+        g,
+        g_r,
+        r,
+        n,
         n_cols=op.n_cols,
         alpha=alpha,
         eps=eps,
