@@ -48,6 +48,7 @@ from .models import DEFAULT_IMAGE_SHAPE, ModelError, UsageError, load_model
 from .norms import NORMS
 from .plans import plan, resolve_device
 from .plotting import PLOT_HINT
+from .results import _cell
 from .sweeps import RAY_HINT
 from .tracing import SKIPPED_HINT
 
@@ -644,14 +645,7 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
         f"{args.model}: input {_dims(shape)}, norm {args.norm}, {len(res.checkpoints)} checkpoints"
     )
     network = [r for r in hist.records if r.kind == "network"]
-    extra = [
-        k
-        for k in hist.columns
-        if any(
-            isinstance(r.extra.get(k), float) and not isinstance(r.extra.get(k), bool)
-            for r in network
-        )
-    ]
+    extra = [k for k in hist.columns if any(isinstance(r.extra.get(k), float) for r in network)]
     core = [
         (title, name, width)
         for title, name, width in (
@@ -661,7 +655,7 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
         )
         if not network or any(getattr(r, name) is not None for r in network)
     ]
-    columns = core + [(k[:12], k, 12) for k in extra]
+    columns = core + [(k, k, max(12, len(k))) for k in extra]
     print(
         f"{'checkpoint':<32} {'step':>8} {'epoch':>6} "
         + " ".join(f"{title:>{width}}" for title, _, width in columns)
@@ -677,7 +671,7 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
                     if name in ("determinism", "degeneracy", "ei")
                     else rec.extra.get(name)
                 )
-                cells.append(f"{'-':>{width}}" if value is None else f"{value:>{width}.6f}")
+                cells.append(_cell(value, width, 6))
             print(f"{rec.label[:32]:<32} {step:>8} {epoch:>6} " + " ".join(cells))
         elif rec.kind == "error":
             print(f"{rec.label[:32]:<32} {step:>8} {epoch:>6} {'error: see below':>35}")
