@@ -25,7 +25,7 @@ from .budget import format_bytes, resolve_budget
 from .connectivity import Connectivity, LayerSelection, connectivity
 from .connectivity.base import SHARED_MEMO
 from .conventions import GRAPH_COLUMNS, check_convention, graph_values
-from .engines import ENGINES, LayerJob, check_engine, pick_engine
+from .engines import LayerJob, check_engine, pick_engine, reduce_layer, working_bytes
 from .entropy import entropy_from_terms
 from .exceptions import DeviceError, NonFiniteWeightsError, UnknownNameError, WeightsError
 from .measures import Measure, MeasureLayer, get_measure
@@ -263,7 +263,7 @@ class Plan:
                 job = LayerJob(conn, self.norm, self.device, self.max_memory, self.backend)
                 try:
                     name = pick_engine(self.engine, job)
-                    stats = ENGINES[name](job)  # each engine checks the weights are finite
+                    stats = reduce_layer(name, job)
                 except NonFiniteWeightsError as exc:
                     if weights is None:
                         raise
@@ -530,18 +530,6 @@ def _module_with(module: nn.Module, tensors: dict[str, torch.Tensor]) -> nn.Modu
     return clone
 
 
-def _working_bytes(engine: str, conn: Connectivity, budget: int, backend: Backend) -> int:
-    if engine == "implicit":
-        from .engines.implicit import working_bytes
-
-        return working_bytes(conn, budget)
-    if engine == "dense":
-        return conn.n_rows * conn.n_cols * 8 * 3
-    from .engines.sparse import working_bytes
-
-    return working_bytes(conn, budget, backend)
-
-
 def plan(
     model: nn.Module,
     input=None,
@@ -700,7 +688,7 @@ def _plan_layer(
         conn.n_cols,
         conn.nnz,
         name,
-        _working_bytes(name, conn, budget, job.backend),
+        working_bytes(name, conn, budget, job.backend),
         job.backend.name,
         keys,
         t.module,

@@ -35,6 +35,8 @@ __all__ = [
     "check_engine",
     "layer_shift",
     "pick_engine",
+    "reduce_layer",
+    "working_bytes",
 ]
 
 
@@ -144,3 +146,23 @@ def pick_engine(requested: str, job: LayerJob) -> str:
 
         return "implicit" if supports(job) else "sparse"
     return requested
+
+
+def reduce_layer(engine: str, job: LayerJob) -> LayerStats:
+    """Reduce ``job`` with the engine named ``engine`` (one already picked by
+    :func:`pick_engine`, not ``'auto'``); each engine checks the weights are finite."""
+    return ENGINES[engine](job)
+
+
+def working_bytes(engine: str, conn: Connectivity, budget: int, backend: Backend) -> int:
+    """Bytes the engine named ``engine`` holds for one layer under ``budget`` and
+    ``backend`` (an estimate, for plans)."""
+    if engine == "implicit":
+        from .implicit import working_bytes as implicit_bytes
+
+        return implicit_bytes(conn, budget)
+    if engine == "dense":
+        return conn.n_rows * conn.n_cols * 8 * 3
+    from .sparse import working_bytes as sparse_bytes
+
+    return sparse_bytes(conn, budget, backend)
