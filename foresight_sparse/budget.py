@@ -9,7 +9,7 @@ import re
 
 import torch
 
-from .exceptions import MemoryBudgetError
+from .exceptions import MemoryBudgetError, Opt
 
 __all__ = [
     "DEFAULT_MAX_MEMORY",
@@ -109,17 +109,21 @@ def resolve_budget(
     return max(available_memory(device) // 2, 1)
 
 
-def check_budget(needed: int, budget: int, what: str, fix: str) -> None:
+def check_budget(needed: int, budget: int, what: str, fix) -> None:
     """Raise :class:`MemoryBudgetError` when ``needed`` bytes exceed ``budget``.
 
-    ``what`` names the layer and the allocation; ``fix`` says how to proceed.
+    ``what`` names the layer and the allocation; ``fix`` says how to proceed: a string, or
+    a tuple of message parts (text and :class:`~foresight_sparse.exceptions.Opt`).
     """
     if needed > budget:
+        fix_parts = (fix,) if isinstance(fix, str) else tuple(fix)
         raise MemoryBudgetError(
-            f"{what} needs about {format_bytes(needed)} but max_memory is "
-            f"{format_bytes(budget)}; {fix}",
-            needed,
-            budget,
+            f"{what} needs about {format_bytes(needed)} but ",
+            Opt("max_memory"),
+            f" is {format_bytes(budget)}; ",
+            *fix_parts,
+            needed=needed,
+            budget=budget,
         )
 
 
@@ -158,7 +162,7 @@ def row_blocks(
             int(cost.max()) + reserved,
             budget,
             f"{label}: one row of the connectivity matrix and the layer's column accumulators",
-            "raise max_memory to at least that",
+            ("raise ", Opt("max_memory"), " to at least that"),
         )
     budget -= reserved
     cum = np.cumsum(cost)

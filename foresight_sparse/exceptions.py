@@ -11,6 +11,7 @@ import sys
 import warnings
 
 __all__ = [
+    "Opt",
     "ForesightError",
     "UnsupportedLayerError",
     "ShapeMismatchError",
@@ -32,8 +33,97 @@ __all__ = [
 ]
 
 
+class Opt:
+    """An option of the library named in a message, rendered where the message is shown.
+
+    In Python (``str(error)``) it reads as the keyword argument: ``Opt("engine", "sparse",
+    "implicit")`` is ``engine='sparse' or 'implicit'``, ``Opt("legacy", True)`` is
+    ``legacy=True`` and ``Opt("max_memory")`` is ``max_memory``. The command line renders
+    the same message with its flags (:meth:`ForesightError.render`): ``--engine sparse or
+    implicit``, ``--legacy``, ``--max-memory``.
+
+    Parameters
+    ----------
+    name : str
+        The keyword argument, as the public functions spell it.
+    *values
+        The values to suggest (none for the bare name).
+    """
+
+    __slots__ = ("name", "values")
+
+    def __init__(self, name: str, *values):
+        self.name = name
+        self.values = values
+
+    def render(self, flags: dict[str, str] | None = None) -> str:
+        """The option as Python code (``flags`` None) or as the flag ``flags[name]``; an
+        option without a flag stays in its Python form."""
+        flag = None if flags is None else flags.get(self.name)
+        if flag is None:
+            if not self.values:
+                return self.name
+            return f"{self.name}=" + " or ".join(repr(v) for v in self.values)
+        if not self.values:
+            return flag
+        if all(isinstance(v, bool) for v in self.values):
+            return " or ".join(flag if v else f"no {flag}" for v in self.values)
+        return f"{flag} " + " or ".join(
+            "none" if v is None else str(v).lower() if isinstance(v, bool) else str(v)
+            for v in self.values
+        )
+
+    def __repr__(self) -> str:
+        return f"Opt({self.render()})"
+
+
+def render_parts(parts, flags: dict[str, str] | None = None) -> str:
+    """Join a message's parts: text as it is, each :class:`Opt` rendered for ``flags``."""
+    return "".join(p.render(flags) if isinstance(p, Opt) else str(p) for p in parts)
+
+
 class ForesightError(Exception):
-    """Base class of every error this library raises on purpose."""
+    """Base class of every error this library raises on purpose.
+
+    Made of message parts: text and :class:`Opt` markers for the options it names, so the
+    same error reads as Python in a traceback and as flags on the command line.
+
+    Parameters
+    ----------
+    *parts : str or Opt
+        The message, in pieces.
+    param : str, optional
+        The option the error concerns (by default the first :class:`Opt` of the message):
+        what the command line maps to its flag.
+
+    Attributes
+    ----------
+    parts : tuple
+        The message's pieces.
+    param : str or None
+        The option the error concerns, if any.
+    """
+
+    def __init__(self, *parts, param: str | None = None):
+        self.parts = parts
+        if param is None:
+            param = next((p.name for p in parts if isinstance(p, Opt)), None)
+        self.param = param
+        super().__init__(render_parts(parts))
+
+    def render(self, flags: dict[str, str] | None = None) -> str:
+        """The message with every option as ``flags`` spells it (Python by default)."""
+        return render_parts(self.parts, flags)
+
+    def __reduce__(self):  # pickles (sweeps send errors between processes) with its parts
+        return (_rebuild, (type(self), self.parts, self.param, dict(self.__dict__)))
+
+
+def _rebuild(cls, parts, param, state):
+    exc = Exception.__new__(cls)  # no subclass __init__: their arguments differ
+    ForesightError.__init__(exc, *parts, param=param)
+    exc.__dict__.update(state)
+    return exc
 
 
 class UnsupportedLayerError(ForesightError, TypeError):
@@ -71,8 +161,8 @@ class MemoryBudgetError(ForesightError, MemoryError):
         The budget in bytes that refused it.
     """
 
-    def __init__(self, message: str, needed: int, budget: int):
-        super().__init__(message)
+    def __init__(self, *parts, needed: int, budget: int, param: str | None = "max_memory"):
+        super().__init__(*parts, param=param)
         self.needed = needed
         self.budget = budget
 

@@ -44,7 +44,7 @@ from torch import nn
 from .budget import check_budget, format_bytes, resolve_budget
 from .connectivity import Connectivity, FullyConnected
 from .engines import layer_shift
-from .exceptions import MemoryBudgetError, UnknownNameError, warn_caller
+from .exceptions import MemoryBudgetError, Opt, UnknownNameError, warn_caller
 from .measures import Measure, MeasureLayer
 from .norms import ElementwiseNorm, Norm, get_norm
 
@@ -783,10 +783,13 @@ def _slq(
     if batch < 1:
         raise MemoryBudgetError(
             f"{label}: SLQ keeps {m} Lanczos vectors of length {k} per probe (about "
-            f"{format_bytes(per_probe)}) but max_memory is {format_bytes(budget)}; raise "
-            "max_memory or lower lanczos_steps",
-            per_probe,
-            budget,
+            f"{format_bytes(per_probe)}) but ",
+            Opt("max_memory"),
+            f" is {format_bytes(budget)}; raise ",
+            Opt("max_memory"),
+            " or lower lanczos_steps",
+            needed=per_probe,
+            budget=budget,
         )
     gen = torch.Generator(device="cpu").manual_seed(int(seed))
 
