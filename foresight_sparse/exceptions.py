@@ -30,6 +30,7 @@ __all__ = [
     "MissingDependencyError",
     "HistoryFileError",
     "MeasureSettingsError",
+    "OptionError",
 ]
 
 
@@ -228,3 +229,9 @@ class MeasureSettingsError(ForesightError, ValueError):
     """A measure's setting is outside its domain (a bin count below 2, an empty range, a
     sample count below 1); the message names the setting, the value and the layer where
     known."""
+
+
+class OptionError(ForesightError, ValueError, TypeError):
+    """An option has a value outside its domain or of the wrong type (``max_memory='lots'``,
+    ``workers=0``, ``every=1.5``); the message names the option, the value and what it
+    accepts. A ``ValueError`` and a ``TypeError`` both, so either ``except`` catches it."""
