@@ -36,6 +36,7 @@ from .measures import MEASURES, Measure
 from .norms import lin_norm, sig_norm, soft_norm
 from .plans import Plan, PlannedLayer, plan
 from .results import LayerReport, Report
+from .settings import Settings
 from .sweeps import SweepResult, sweep
 from .tracking import Tracker
 
@@ -45,6 +46,7 @@ __all__ = [
     "ei",
     "report",
     "plan",
+    "Settings",
     "Plan",
     "PlannedLayer",
     "Report",

@@ -19,13 +19,14 @@ def report(
     device="cpu",
     *,
     engine: str = "auto",
+    backend: str = "auto",
     legacy: bool = False,
     max_memory=None,
-    progress: bool = False,
     layers="seed",
-    backend: str = "auto",
     measure="ei",
     convention: str = "seed",
+    skipped: str = "warn",
+    progress: bool = False,
 ) -> Report:
     """Determinism, degeneracy and EI of ``model``, with a per-layer breakdown.
 
@@ -35,16 +36,12 @@ def report(
 
     Parameters
     ----------
+    model, input, shapes, norm, device, engine, backend, legacy, max_memory
+        As for :func:`~foresight_sparse.plan`, with the same defaults.
+    layers, measure, convention, skipped
+        As for :func:`~foresight_sparse.plan`, with the same defaults.
     progress : bool, default False
         Show a tqdm progress bar over the layers (on stderr).
-    layers : {'seed', 'all'} or sequence of module types, default 'seed'
-        Which layers count (see :func:`~foresight_sparse.plan`).
-    backend : {'auto', 'numba', 'torch'}, default 'auto'
-        The numeric forms the engines use (see :func:`~foresight_sparse.plan`).
-    measure : {'ei', 'perturbation', 'svd'} or Measure, default 'ei'
-        What is computed (see :func:`~foresight_sparse.plan`).
-    convention : {'seed', 'graph'}, default 'seed'
-        How the connectivity EI is split (see :func:`~foresight_sparse.plan`).
 
     Returns
     -------
@@ -64,4 +61,5 @@ def report(
         backend=backend,
         measure=measure,
         convention=convention,
+        skipped=skipped,
     ).report(progress=progress)

@@ -31,6 +31,7 @@ import torch
 
 from . import __version__
 from .analysis import report as _report
+from .backends import BACKENDS
 from .budget import parse_bytes
 from .checkpoints import CheckpointError
 from .connectivity import LAYER_SETS
@@ -49,6 +50,7 @@ from .norms import NORMS
 from .plans import plan, resolve_device
 from .plotting import PLOT_HINT
 from .results import _cell
+from .settings import SKIPPED
 from .sweeps import RAY_HINT
 from .tracing import SKIPPED_HINT
 
@@ -262,6 +264,37 @@ def _add_plan_args(p: argparse.ArgumentParser) -> None:
         default="seed",
         help="how the EI is split: seed (the old module's; the default) or graph (einet's "
         "determinism and degeneracy, with effectiveness)",
+    )
+    p.add_argument(
+        "--backend",
+        choices=BACKENDS,
+        default="auto",
+        help="the numeric forms: auto (numba kernels on the CPU, torch on CUDA; the "
+        "default), numba or torch",
+    )
+    p.add_argument(
+        "--skipped",
+        choices=SKIPPED,
+        default="warn",
+        help="warn (the default) or ignore: whether a warning names the layers that ran "
+        "but do not count",
+    )
+
+
+def _options(args: argparse.Namespace, device: torch.device, measure) -> dict:
+    """The library's options (:class:`~foresight_sparse.settings.Settings`) from the flags:
+    one flag per option, with the library's defaults."""
+    return dict(
+        norm=args.norm,
+        device=device,
+        engine=args.engine,
+        backend=args.backend,
+        legacy=args.legacy,
+        max_memory=args.max_memory,
+        layers=args.layers,
+        measure=measure,
+        convention=args.convention,
+        skipped=args.skipped,
     )
 
 
@@ -531,15 +564,8 @@ def _cmd_ei(args: argparse.Namespace) -> int:
         rep = _report(
             model,
             torch.zeros(shape),
-            norm=args.norm,
-            device=device,
-            engine=args.engine,
-            legacy=args.legacy,
-            max_memory=args.max_memory,
             progress=progress,
-            layers=args.layers,
-            measure=measure,
-            convention=args.convention,
+            **_options(args, device, measure),
         )
     rep.meta.update(
         model=args.model,
@@ -579,18 +605,17 @@ def _cmd_layers(args: argparse.Namespace) -> int:
         p = plan(
             model,
             torch.zeros(shape),
-            norm=args.norm,
-            device=device,
-            engine=args.engine,
-            legacy=args.legacy,
-            max_memory=args.max_memory,
-            layers=args.layers,
-            measure=measure,
-            convention=args.convention,
+            **_options(args, device, measure),
         )
     print(f"{args.model}: input {_dims(shape)}")
     print(p.table())
     return 0
+
+
+def _sweep_options(args, device, measure) -> dict:  # interim, until sweep takes them all
+    opts = _options(args, device, measure)
+    del opts["backend"], opts["skipped"]
+    return opts
 
 
 def _cmd_sweep(args: argparse.Namespace) -> int:
@@ -624,11 +649,6 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
             torch.zeros(shape),
             workers=args.workers,
             backend=backend,
-            norm=args.norm,
-            device=device,
-            engine=args.engine,
-            legacy=args.legacy,
-            max_memory=args.max_memory,
             key=args.weights_key,
             trust_pickle=args.trust_pickle,
             output=args.csv,
@@ -636,9 +656,7 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
             progress=not args.no_progress and sys.stderr.isatty(),
             ray_address=args.ray or None,
             meta={"model": args.model, "input_shape": list(shape)},
-            layers=args.layers,
-            measure=measure,
-            convention=args.convention,
+            **_sweep_options(args, device, measure),
         )
     hist = res.history
     print(

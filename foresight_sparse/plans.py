@@ -9,6 +9,7 @@ alone. :func:`foresight_sparse.report` and the drop-in functions are ``plan(...)
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import time
@@ -21,45 +22,22 @@ import torch
 from torch import nn
 
 from .backends import Backend, resolve_backend
-from .budget import format_bytes, resolve_budget
-from .connectivity import Connectivity, LayerSelection, connectivity
+from .budget import format_bytes
+from .connectivity import Connectivity, connectivity
 from .connectivity.base import SHARED_MEMO
-from .conventions import GRAPH_COLUMNS, check_convention, graph_values
-from .engines import LayerJob, check_engine, pick_engine, reduce_layer, working_bytes
+from .conventions import GRAPH_COLUMNS, graph_values
+from .engines import LayerJob, pick_engine, reduce_layer, working_bytes
 from .entropy import entropy_from_terms
-from .exceptions import DeviceError, NonFiniteWeightsError, UnknownNameError, WeightsError
-from .measures import Measure, MeasureLayer, get_measure
-from .norms import Norm, get_norm, lin_norm
+from .exceptions import NonFiniteWeightsError, WeightsError
+from .measures import Measure, MeasureLayer
+from .norms import Norm, lin_norm
 from .results import LayerReport, Report
+from .settings import Settings, resolve_device
 from .tracing import TracedLayer, resolve_layers, warn_skipped
 
-__all__ = ["Plan", "PlannedLayer", "plan", "resolve_device"]
+__all__ = ["Plan", "PlannedLayer", "LayerResult", "Totals", "plan", "resolve_device"]
 
 log = logging.getLogger("foresight_sparse")
-
-
-def resolve_device(device) -> torch.device:
-    """Check and normalise a ``device`` argument.
-
-    Raises
-    ------
-    DeviceError
-        For a CUDA device when CUDA is not available.
-    UnknownNameError
-        For anything that is not a CPU or CUDA device.
-    """
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError) as exc:
-        raise UnknownNameError(f"device={device!r} is not a device; use 'cpu' or 'cuda'") from exc
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise DeviceError(
-            f"device={device!r} asks for CUDA, but this torch has no CUDA "
-            "device available; use device='cpu'"
-        )
-    if dev.type not in ("cpu", "cuda"):
-        raise UnknownNameError(f"device={device!r} is not supported; use 'cpu' or 'cuda'")
-    return dev
 
 
 @dataclass
@@ -132,27 +110,13 @@ class Plan:
         The counted layers in forward order.
     skipped : list of (str, str)
         ``(name, type)`` of leaf modules that ran but do not count.
-    norm : Norm
-        The row normalisation.
-    device : torch.device
-        Where the reductions run.
-    engine : str
-        The engine requested.
+    settings : Settings
+        Every option the plan was made with, checked and resolved
+        (:class:`~foresight_sparse.settings.Settings`); ``norm``, ``device``, ``engine``,
+        ``legacy``, ``max_memory``, ``measure`` and ``convention`` read from it.
     backend : Backend
-        The backend the reductions run with, resolved from ``backend=`` once
+        The backend the reductions run with, resolved from ``settings.backend`` once
         (:func:`~foresight_sparse.backends.resolve_backend`).
-    legacy : bool
-        Whether the old module's cross-channel AvgPool2d connectivity is used.
-    max_memory : int
-        The working-memory budget in bytes.
-    layer_set : str or tuple of type
-        The ``layers=`` option the plan was made with (``'seed'``, ``'all'`` or types).
-    measure : Measure or None
-        What :meth:`report` computes: None for the connectivity EI, else a
-        :class:`~foresight_sparse.measures.Measure` object.
-    convention : str
-        How the connectivity EI is split (``'seed'`` or ``'graph'``;
-        :mod:`foresight_sparse.conventions`).
     """
 
     def __init__(
@@ -160,33 +124,79 @@ class Plan:
         model: nn.Module,
         layers: list[PlannedLayer],
         skipped: list[tuple[str, str]],
-        norm: Norm,
-        device: torch.device,
-        engine: str,
-        legacy: bool,
-        max_memory: int,
-        layer_set="seed",
-        backend: Backend | str = "auto",
-        measure: Measure | None = None,
-        convention: str = "seed",
+        settings: Settings,
     ):
         self.model = model
         self.layers = layers
         self.skipped = skipped
-        self.norm = norm
-        self.device = device
-        self.engine = engine
-        self.legacy = legacy
-        self.max_memory = max_memory
-        self.layer_set = layer_set
-        self.backend = resolve_backend(backend, device, norm)
-        self.measure = measure
-        self.convention = convention
+        self.settings = settings
+        self.backend = resolve_backend(settings.backend, settings.device, settings.norm)
+
+    @classmethod
+    def build(cls, model: nn.Module, settings: Settings, input=None, shapes=None) -> Plan:
+        """Plan ``model`` under ``settings`` (what :func:`plan` does once it has checked its
+        options): trace it with ``input`` (or take ``shapes``), build each counted layer's
+        connectivity, pick its engine and estimate its memory; then let a measure other
+        than the connectivity EI refuse what it cannot do, before any work."""
+        selection = settings.selection
+        trace = resolve_layers(model, input, shapes, layers=selection)
+        if settings.skipped == "warn":
+            warn_skipped(trace, selection.refused)
+        backend = resolve_backend(settings.backend, settings.device, settings.norm)
+        shared: dict = {}  # what layers of equal geometry share (Connectivity.shared_memo)
+        layers = [_plan_layer(t, settings, backend, shared) for t in trace.layers]
+        result = cls(model, layers, trace.skipped, settings)
+        if settings.measure is not None:
+            for layer in layers:
+                settings.measure.check(result._measure_layer(layer, None))
+        return result
+
+    @property
+    def norm(self) -> Norm:
+        """The row normalisation."""
+        return self.settings.norm
+
+    @property
+    def device(self) -> torch.device:
+        """Where the reductions run."""
+        return self.settings.device
+
+    @property
+    def engine(self) -> str:
+        """The engine requested (``'auto'``, ``'implicit'``, ``'sparse'`` or ``'dense'``)."""
+        return self.settings.engine
+
+    @property
+    def legacy(self) -> bool:
+        """Whether the old module's cross-channel AvgPool2d connectivity is used."""
+        return self.settings.legacy
+
+    @property
+    def max_memory(self) -> int:
+        """The working-memory budget in bytes."""
+        return self.settings.max_memory
+
+    @property
+    def layer_set(self):
+        """The ``layers=`` option (``'seed'``, ``'all'`` or a tuple of types)."""
+        return self.settings.layers
+
+    @property
+    def measure(self) -> Measure | None:
+        """What :meth:`report` computes: None for the connectivity EI, else a
+        :class:`~foresight_sparse.measures.Measure`."""
+        return self.settings.measure
+
+    @property
+    def convention(self) -> str:
+        """How the connectivity EI is split (``'seed'`` or ``'graph'``;
+        :mod:`foresight_sparse.conventions`)."""
+        return self.settings.convention
 
     @property
     def measure_name(self) -> str:
         """``'ei'`` for the connectivity EI, else the measure's name."""
-        return "ei" if self.measure is None else self.measure.name
+        return self.settings.measure_name
 
     @property
     def columns(self) -> tuple[str, ...]:
@@ -196,27 +206,15 @@ class Plan:
             return tuple(self.measure.columns)
         return GRAPH_COLUMNS if self.convention == "graph" else ()
 
-    def settings(self) -> dict:
-        """The settings a report of this plan was computed with, JSON-ready: what a
-        history records once and a resumed sweep must match."""
-        out = {
-            "measure": self.measure_name,
-            "convention": self.convention,
-            "norm": self.norm.name,
-            "legacy": self.legacy,
-            "layers": self._layers_label,
-            "max_memory": self.max_memory,
-        }
-        if self.measure is not None:
-            out["settings"] = self.measure.settings()
-        return out
-
     # ------------------------------------------------------------------ evaluation
 
     def report(
         self, weights: Mapping[str, torch.Tensor] | None = None, *, progress: bool = False
     ) -> Report:
         """Determinism, degeneracy and EI, with a per-layer breakdown.
+
+        Each layer is evaluated by :meth:`evaluate_layer` and added to the network's totals
+        (:class:`Totals`) as it finishes.
 
         Parameters
         ----------
@@ -238,153 +236,71 @@ class Plan:
         start = time.perf_counter()
         if weights is not None and not isinstance(weights, Mapping):
             raise WeightsError(
-                f"weights must be a state dict {{key: tensor}} as "
-                f"model.state_dict() returns, not {type(weights).__name__}"
+                "weights must be a state dict {key: tensor} as model.state_dict() "
+                f"returns, not {type(weights).__name__}",
+                param="weights",
             )
         layers = self.layers
         if progress:
-            from tqdm.auto import tqdm
+            from tqdm.auto import tqdm  # an optional display: loaded only when asked for
 
             layers = tqdm(layers, desc=self.measure_name, unit="layer")
-        if self.measure is not None:
-            return self._measure_report(layers, weights, start)
-        graph = self.convention == "graph"
-        h_total = 0.0
-        n_total = 0
-        terms = [0.0, 0.0, 0.0, 0.0]
-        rows: list[LayerReport] = []
-        # torch's "beta" notices (sparse layouts) would repeat for every layer; one filter
-        # for the whole loop, which costs less than one per layer
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", UserWarning)
+        totals = Totals(self)
+        with _torch_notices_silenced():
             for layer in layers:
-                t0 = time.perf_counter()
-                conn = self._bind(layer, weights)
-                job = LayerJob(conn, self.norm, self.device, self.max_memory, self.backend)
-                try:
-                    name = pick_engine(self.engine, job)
-                    stats = reduce_layer(name, job)
-                except NonFiniteWeightsError as exc:
-                    if weights is None:
-                        raise
-                    raise NonFiniteWeightsError(
-                        f"{exc} (state dict keys {', '.join(layer.keys)})"
-                    ) from None
-                layer_terms = job.backend.column_terms(
-                    stats.col_sums, stats.col_offset, stats.col_weights
-                ).tolist()
-                h_total += stats.h_sum
-                n_total += stats.n_rows
-                terms = [a + b for a, b in zip(terms, layer_terms)]
-                mean_h = stats.h_sum / stats.n_rows if stats.n_rows else 0.0
-                deg = entropy_from_terms(layer_terms)
-                extra = {}
-                if graph:
-                    g = graph_values(stats.h_sum, layer_terms[0] + layer_terms[2], deg)
-                    mean_h, deg = g.pop("determinism"), g.pop("degeneracy")
-                    g.pop("ei")
-                    extra = g
-                seconds = time.perf_counter() - t0
-                rows.append(
-                    LayerReport(
-                        layer.name,
-                        layer.type,
-                        layer.in_shape,
-                        layer.out_shape,
-                        layer.n_rows,
-                        layer.n_cols,
-                        layer.nnz,
-                        mean_h,
-                        deg,
-                        mean_h - deg if graph else deg - mean_h,
-                        stats.engine,
-                        seconds,
-                        stats.backend,
-                        extra,
-                    )
-                )
-                log.debug(
-                    "%s: %s engine, %s backend, %.3f s",
-                    layer.label,
-                    stats.engine,
-                    stats.backend,
-                    seconds,
-                )
-                del stats  # free the column sums before the next layer allocates its own
-        determinism = h_total / n_total if n_total else 0.0
-        degeneracy = entropy_from_terms(terms)
-        ei = degeneracy - determinism
-        extra = {}
-        if graph:
-            extra = graph_values(h_total, terms[0] + terms[2], degeneracy)
-            determinism, degeneracy, ei = (
-                extra.pop(k) for k in ("determinism", "degeneracy", "ei")
-            )
-        return Report(
-            determinism,
-            degeneracy,
-            ei,
-            rows,
-            list(self.skipped),
-            norm=self.norm.name,
-            engine=self.engine,
-            backend=self.backend.name,
-            device=str(self.device),
-            legacy=self.legacy,
-            seconds=time.perf_counter() - start,
-            max_memory=self.max_memory,
-            convention=self.convention,
-            extra=extra,
-        )
+                totals.add(self.evaluate_layer(layer, weights))
+        return totals.report(time.perf_counter() - start)
 
-    def _measure_report(self, layers, weights, start: float) -> Report:
-        """:meth:`report` for a measure other than the connectivity EI: the measure
-        evaluates each layer, bound to the weights, and combines them."""
-        measure = self.measure
-        values: list[dict] = []
-        rows: list[LayerReport] = []
-        for layer in layers:
-            t0 = time.perf_counter()
-            vals = measure.layer(self._measure_layer(layer, weights))
-            values.append(vals)
-            rows.append(
-                LayerReport(
-                    layer.name,
-                    layer.type,
-                    layer.in_shape,
-                    layer.out_shape,
-                    layer.n_rows,
-                    layer.n_cols,
-                    layer.nnz,
-                    vals["determinism"],
-                    vals["degeneracy"],
-                    vals["ei"],
-                    measure.name,
-                    time.perf_counter() - t0,
-                    None,
-                    {k: vals[k] for k in measure.columns},
-                )
+    def evaluate_layer(
+        self, layer: PlannedLayer, weights: Mapping[str, torch.Tensor] | None = None
+    ) -> LayerResult:
+        """One planned layer of this plan evaluated on ``weights`` (as for :meth:`report`):
+        its report row and what the network's totals need of it."""
+        t0 = time.perf_counter()
+        if self.measure is not None:
+            values = self.measure.layer(self._measure_layer(layer, weights))
+            row = _row(
+                layer,
+                (values["determinism"], values["degeneracy"], values["ei"]),
+                self.measure.name,
+                None,
+                {k: values[k] for k in self.measure.columns},
+                time.perf_counter() - t0,
             )
-            log.debug("%s: %s, %.3f s", layer.label, measure.name, rows[-1].seconds)
-        net = measure.network(values)
-        return Report(
-            net["determinism"],
-            net["degeneracy"],
-            net["ei"],
-            rows,
-            list(self.skipped),
-            norm=self.norm.name,
-            engine=self.engine,
-            backend=self.backend.name,
-            device=str(self.device),
-            legacy=self.legacy,
-            seconds=time.perf_counter() - start,
-            max_memory=self.max_memory,
-            measure=measure.name,
-            convention=self.convention,
-            settings=measure.settings(),
-            extra={k: net[k] for k in measure.columns},
+            log.debug("%s: %s, %.3f s", layer.label, self.measure.name, row.seconds)
+            return LayerResult(row, values=values)
+        conn = self._bind(layer, weights)
+        job = LayerJob(conn, self.norm, self.device, self.max_memory, self.backend)
+        try:
+            stats = reduce_layer(pick_engine(self.engine, job), job)
+        except NonFiniteWeightsError as exc:
+            if weights is None:
+                raise
+            raise NonFiniteWeightsError(
+                *exc.parts, f" (state dict keys {', '.join(layer.keys)})", param=exc.param
+            ) from None
+        terms = tuple(
+            job.backend.column_terms(stats.col_sums, stats.col_offset, stats.col_weights).tolist()
         )
+        mean_h = stats.h_sum / stats.n_rows if stats.n_rows else 0.0
+        deg = entropy_from_terms(terms)
+        extra: dict = {}
+        if self.convention == "graph":
+            extra = graph_values(stats.h_sum, terms[0] + terms[2], deg)
+            mean_h, deg = extra.pop("determinism"), extra.pop("degeneracy")
+            extra.pop("ei")
+            values3 = (mean_h, deg, mean_h - deg)
+        else:
+            values3 = (mean_h, deg, deg - mean_h)
+        row = _row(layer, values3, stats.engine, stats.backend, extra, time.perf_counter() - t0)
+        log.debug(
+            "%s: %s engine, %s backend, %.3f s",
+            layer.label,
+            stats.engine,
+            stats.backend,
+            row.seconds,
+        )
+        return LayerResult(row, stats.h_sum, stats.n_rows, terms)
 
     def _measure_layer(self, layer: PlannedLayer, weights) -> MeasureLayer:
         """What a measure reads of ``layer``: its module and connectivity made of the
@@ -498,7 +414,7 @@ class Plan:
 
     @property
     def _layers_label(self) -> str:
-        return LayerSelection(self.layer_set).label
+        return self.settings.layers_label
 
     def __str__(self) -> str:
         return self.table()
@@ -508,6 +424,136 @@ class Plan:
             f"<Plan of {type(self.model).__name__}: {len(self.layers)} layers, "
             f"{self.nnz} entries, norm {self.norm.name}, engine {self.engine}>"
         )
+
+
+@dataclass
+class LayerResult:
+    """One layer evaluated (:meth:`Plan.evaluate_layer`): its report row and what the
+    network's totals need of it.
+
+    Attributes
+    ----------
+    row : LayerReport
+        The layer's line of the report.
+    h_sum : float
+        The sum of its rows' entropies (the connectivity EI; 0 for another measure).
+    n_rows : int
+        Its rows (input neurons) counted by determinism.
+    terms : tuple of float
+        Its column terms (:func:`~foresight_sparse.entropy.column_terms`), which add up
+        across layers into the network's degeneracy.
+    values : dict or None
+        Another measure's values for the layer, which its
+        :meth:`~foresight_sparse.measures.Measure.network` combines; None for the
+        connectivity EI.
+    """
+
+    row: LayerReport
+    h_sum: float = 0.0
+    n_rows: int = 0
+    terms: tuple[float, ...] = (0.0, 0.0, 0.0, 0.0)
+    values: dict | None = None
+
+
+class Totals:
+    """The network's totals, accumulated one :class:`LayerResult` at a time, and the
+    :class:`Report` they make (what :meth:`Plan.report` returns).
+
+    Parameters
+    ----------
+    plan : Plan
+        The plan whose layers are added; its settings go into the report.
+    """
+
+    def __init__(self, plan: Plan):
+        self.plan = plan
+        self.rows: list[LayerReport] = []
+        self.h_sum = 0.0
+        self.n_rows = 0
+        self.terms = [0.0, 0.0, 0.0, 0.0]
+        self.values: list[dict] = []
+
+    def add(self, result: LayerResult) -> None:
+        """Add one layer's result."""
+        self.rows.append(result.row)
+        if result.values is not None:
+            self.values.append(result.values)
+            return
+        self.h_sum += result.h_sum
+        self.n_rows += result.n_rows
+        self.terms = [a + b for a, b in zip(self.terms, result.terms)]
+
+    def report(self, seconds: float) -> Report:
+        """The report of the layers added so far, which took ``seconds``."""
+        plan, s = self.plan, self.plan.settings
+        common = dict(
+            norm=s.norm.name,
+            engine=s.engine,
+            backend=plan.backend.name,
+            device=str(s.device),
+            legacy=s.legacy,
+            seconds=seconds,
+            max_memory=s.max_memory,
+            convention=s.convention,
+        )
+        skipped = list(plan.skipped)
+        if s.measure is not None:
+            net = s.measure.network(self.values)
+            return Report(
+                net["determinism"],
+                net["degeneracy"],
+                net["ei"],
+                self.rows,
+                skipped,
+                measure=s.measure.name,
+                settings=s.measure.settings(),
+                extra={k: net[k] for k in s.measure.columns},
+                **common,
+            )
+        determinism = self.h_sum / self.n_rows if self.n_rows else 0.0
+        degeneracy = entropy_from_terms(self.terms)
+        ei = degeneracy - determinism
+        extra: dict = {}
+        if s.convention == "graph":
+            extra = graph_values(self.h_sum, self.terms[0] + self.terms[2], degeneracy)
+            determinism, degeneracy, ei = (
+                extra.pop(k) for k in ("determinism", "degeneracy", "ei")
+            )
+        return Report(determinism, degeneracy, ei, self.rows, skipped, extra=extra, **common)
+
+
+def _row(layer: PlannedLayer, values, engine: str, backend, extra: dict, seconds: float):
+    """A layer's report row: its planned shapes and sizes, ``values`` (determinism,
+    degeneracy, EI) and what served it."""
+    det, deg, ei = values
+    return LayerReport(
+        layer.name,
+        layer.type,
+        layer.in_shape,
+        layer.out_shape,
+        layer.n_rows,
+        layer.n_cols,
+        layer.nnz,
+        det,
+        deg,
+        ei,
+        engine,
+        seconds,
+        backend,
+        extra,
+    )
+
+
+@contextlib.contextmanager
+def _torch_notices_silenced():
+    """Silence torch's "Sparse ... tensor support is in beta" notices (one filter for a
+    whole report, cheaper than one per layer); every other warning, a user builder's
+    included, reaches the caller."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings(
+            "ignore", message=r"Sparse \w+ tensor support is in beta", category=UserWarning
+        )
+        yield
 
 
 def _dims(shape) -> str:
@@ -544,6 +590,7 @@ def plan(
     backend: str = "auto",
     measure: str | Measure | None = "ei",
     convention: str = "seed",
+    skipped: str = "warn",
 ) -> Plan:
     """Plan the EI computation of ``model`` for one input shape.
 
@@ -600,6 +647,15 @@ def plan(
         How the connectivity EI is split into determinism and degeneracy: the old
         module's, or einet's graph convention with effectiveness
         (:mod:`foresight_sparse.conventions`). Only for ``measure='ei'``.
+    skipped : {'warn', 'ignore'}, default 'warn'
+        Whether one warning names the layers that ran but do not count (and the subclasses
+        ``layers='all'`` refused); :attr:`Plan.skipped` lists them either way.
+
+    The options are checked and resolved once into a
+    :class:`~foresight_sparse.settings.Settings` that the plan carries; every other entry
+    point (:func:`~foresight_sparse.report`, :func:`~foresight_sparse.sweep`, the tracker,
+    the Lightning callback, the command line) takes the same options with the same
+    defaults.
 
     Returns
     -------
@@ -616,67 +672,33 @@ def plan(
         For an unknown ``measure`` or ``convention``, or a convention other than
         ``'seed'`` with another measure than ``'ei'``.
     """
-    norm_obj = get_norm(norm)
-    measure_obj = get_measure(measure)
-    check_convention(convention, norm_obj)
-    if measure_obj is not None and convention != "seed":
-        raise UnknownNameError(
-            f"convention={convention!r} splits the connectivity EI; measure="
-            f"{measure_obj.name!r} has its own quantities. Use convention='seed' with it"
-        )
-    dev = resolve_device(device)
-    budget = resolve_budget(max_memory, dev)
-    check_engine(engine)
-    backend_obj = resolve_backend(backend, dev, norm_obj)
-    selection = LayerSelection(layers)
-    trace = resolve_layers(model, input, shapes, layers=selection)
-    warn_skipped(trace, selection.refused)
-    shared: dict = {}  # what layers of equal geometry share (Connectivity.shared_memo)
-    result = Plan(
-        model,
-        [
-            _plan_layer(t, norm_obj, dev, engine, legacy, budget, selection, backend_obj, shared)
-            for t in trace.layers
-        ],
-        trace.skipped,
-        norm_obj,
-        dev,
-        engine,
-        legacy,
-        budget,
-        selection.layers,
-        backend_obj,
-        measure_obj,
-        convention,
+    settings = Settings.make(
+        norm=norm,
+        device=device,
+        engine=engine,
+        backend=backend,
+        legacy=legacy,
+        max_memory=max_memory,
+        layers=layers,
+        measure=measure,
+        convention=convention,
+        skipped=skipped,
     )
-    if measure_obj is not None:
-        for layer in result.layers:  # refuse what the measure cannot do before any work
-            measure_obj.check(result._measure_layer(layer, None))
-    return result
+    return Plan.build(model, settings, input, shapes)
 
 
-def _plan_layer(
-    t: TracedLayer,
-    norm: Norm,
-    dev: torch.device,
-    engine: str,
-    legacy: bool,
-    budget: int,
-    selection: LayerSelection,
-    backend: Backend,
-    shared: dict,
-) -> PlannedLayer:
+def _plan_layer(t: TracedLayer, settings: Settings, backend: Backend, shared: dict) -> PlannedLayer:
     conn = connectivity(
         t.module,
         t.in_shape,
         t.out_shape,
-        legacy=legacy,
+        legacy=settings.legacy,
         label=t.label,
-        adapter=selection.get(type(t.module)),
+        adapter=settings.selection.get(type(t.module)),
     )
     conn.memo[SHARED_MEMO] = shared
-    job = LayerJob(conn, norm, dev, budget, backend)
-    name = pick_engine(engine, job)
+    job = LayerJob(conn, settings.norm, settings.device, settings.max_memory, backend)
+    name = pick_engine(settings.engine, job)
     names = conn.weight_names if conn.weight_names is not None else _own_tensor_names(t.module)
     keys = tuple(f"{t.name}.{n}" if t.name else n for n in names)
     return PlannedLayer(
@@ -688,7 +710,7 @@ def _plan_layer(
         conn.n_cols,
         conn.nnz,
         name,
-        working_bytes(name, conn, budget, job.backend),
+        working_bytes(name, conn, settings.max_memory, job.backend),
         job.backend.name,
         keys,
         t.module,

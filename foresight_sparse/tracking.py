@@ -18,9 +18,12 @@ import numpy as np
 import torch
 from torch import nn
 
+from .exceptions import Opt, OptionError
 from .history import History
-from .plans import Plan, plan
+from .norms import lin_norm
+from .plans import Plan
 from .results import Report
+from .settings import Settings
 
 __all__ = ["Tracker", "preserved_rng"]
 
@@ -43,12 +46,6 @@ def preserved_rng() -> Iterator[None]:
         random.setstate(py_state)
 
 
-def _model_device(model: nn.Module) -> torch.device:
-    for t in (*model.parameters(), *model.buffers()):
-        return t.device
-    return torch.device("cpu")
-
-
 class Tracker:
     """Evaluate a network's EI every ``every`` training steps and keep the results.
 
@@ -62,18 +59,11 @@ class Tracker:
         :func:`foresight_sparse.plan`.
     every : int, default 100
         :meth:`step` evaluates when ``step % every == 0``.
-    norm : Norm, str, callable or None, default 'lin'
-        Row normalisation, as for :func:`foresight_sparse.plan`.
-    device : str or torch.device, optional
-        Where the reductions run; by default the model's device, so the weights of a model
-        training on CUDA are read on the GPU and never copied to the CPU.
-    engine : {'auto', 'implicit', 'sparse', 'dense'}, default 'auto'
-    legacy : bool, default False
-    max_memory : int or str, optional
-    layers : {'seed', 'all'} or sequence of module types, default 'seed'
-    measure : {'ei', 'perturbation', 'svd'} or Measure, default 'ei'
-    convention : {'seed', 'graph'}, default 'seed'
-        As for :func:`foresight_sparse.plan`.
+    norm, device, engine, backend, legacy, max_memory, layers, measure, convention, skipped
+        As for :func:`foresight_sparse.plan`, with the same defaults
+        (:class:`~foresight_sparse.settings.Settings`). The reductions run on the CPU
+        unless ``device`` says otherwise: pass ``device='cuda'`` to read the weights of a
+        model training on the GPU where they are.
 
     Attributes
     ----------
@@ -99,42 +89,55 @@ class Tracker:
         model: nn.Module,
         input,
         every: int = 100,
-        norm="lin",
-        device=None,
+        norm=lin_norm,
+        device="cpu",
+        *,
         engine: str = "auto",
+        backend: str = "auto",
         legacy: bool = False,
         max_memory=None,
         layers="seed",
         measure="ei",
         convention: str = "seed",
+        skipped: str = "warn",
     ):
         if isinstance(every, bool) or not isinstance(every, int) or every < 1:
-            raise ValueError(
-                f"every={every!r} must be a positive int: the tracker evaluates "
-                "when step % every == 0"
+            raise OptionError(
+                Opt("every"),
+                f"={every!r} must be a positive int: the tracker evaluates when step % every == 0",
             )
+        settings = Settings.make(
+            norm=norm,
+            device=device,
+            engine=engine,
+            backend=backend,
+            legacy=legacy,
+            max_memory=max_memory,
+            layers=layers,
+            measure=measure,
+            convention=convention,
+            skipped=skipped,
+        )
+        self._start(model, input, every, settings)
+
+    @classmethod
+    def from_settings(cls, model: nn.Module, input, settings: Settings, every: int = 100):
+        """A tracker of ``model`` under options already checked into ``settings``."""
+        tracker = cls.__new__(cls)
+        tracker._start(model, input, every, settings)
+        return tracker
+
+    def _start(self, model: nn.Module, input, every: int, settings: Settings) -> None:
         self.model = model
         self.every = every
-        dev = _model_device(model) if device is None else device
         with preserved_rng():  # a real forward pass (the trace's fallback) may draw numbers
-            self.plan: Plan = plan(
-                model,
-                input,
-                norm=norm,
-                device=dev,
-                engine=engine,
-                legacy=legacy,
-                max_memory=max_memory,
-                layers=layers,
-                measure=measure,
-                convention=convention,
-            )
+            self.plan: Plan = Plan.build(model, settings, input)
         self.history = History(
             meta={
                 "model": type(model).__name__,
-                "engine": engine,
-                "device": str(self.plan.device),
-                **self.plan.settings(),
+                "engine": settings.engine,
+                "device": str(settings.device),
+                **settings.metadata(),
             }
         )
         self.last: Report | None = None

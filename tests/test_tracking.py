@@ -211,7 +211,7 @@ def test_tracker_settings():
 def test_tracker_on_cuda_reads_weights_on_the_gpu():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten(), nn.Linear(4 * 6 * 6, 5)).cuda()
-    tracker = Tracker(model, torch.zeros(1, 3, 8, 8), every=1)
+    tracker = Tracker(model, torch.zeros(1, 3, 8, 8), every=1, device="cuda")
     assert tracker.plan.device.type == "cuda"
     before = {k: v.clone() for k, v in model.state_dict().items()}
     rep = tracker.step(0)

@@ -9,9 +9,11 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..exceptions import MissingDependencyError, MissingInputError
+from ..exceptions import MissingDependencyError, MissingInputError, Opt, OptionError
 from ..history import History
+from ..norms import lin_norm
 from ..results import Report
+from ..settings import Settings
 from ..tracking import Tracker
 
 try:
@@ -31,8 +33,8 @@ __all__ = ["EICallback"]
 class EICallback(Callback):
     """Log determinism, degeneracy and EI of the LightningModule every N steps or epochs.
 
-    The module is planned on the first evaluation (:class:`~foresight_sparse.Tracker`), on
-    the device it trains on; each evaluation then reads its current weights, leaving the
+    The module is planned on the first evaluation (:class:`~foresight_sparse.Tracker`);
+    each evaluation then reads its current weights, leaving the
     model, its gradients and the random generators as they were. The figures go to the
     trainer's loggers (at the global step; per epoch through
     :meth:`LightningModule.log_dict`, so the epoch figures can also be monitored, e.g. by
@@ -52,17 +54,17 @@ class EICallback(Callback):
     every_n_epochs : int, optional
         Evaluate at the end of every ``every_n_epochs``-th training epoch. When neither is
         given, once per epoch.
-    norm, device, engine, legacy, max_memory, layers
-        As for :class:`~foresight_sparse.Tracker` (``device`` defaults to the module's;
-        ``layers`` selects which layers count).
+    norm, device, engine, backend, legacy, max_memory, layers, measure, convention, skipped
+        As for :func:`foresight_sparse.plan`, with the same defaults, checked when the
+        callback is made (:class:`~foresight_sparse.settings.Settings`). A measure's or
+        convention's numeric quantities (``sensitivity``, ``effectiveness``,
+        ``gamma_alpha``, ...) are logged under their own names too; a value the measure
+        does not have (None) is not logged. Pass ``device='cuda'`` to evaluate the
+        weights of a module training on the GPU where they are.
     per_layer : bool, default True
         Log each layer's figures too, not only the network totals.
     prefix : str, default ''
         Put before every key, e.g. ``"ei_stats/"``.
-    measure, convention
-        As for :class:`~foresight_sparse.Tracker`. A measure's or convention's numeric
-        quantities (``sensitivity``, ``effectiveness``, ``gamma_alpha``, ...) are logged
-        under their own names too; a value the measure does not have (None) is not logged.
 
     Attributes
     ----------
@@ -81,37 +83,43 @@ class EICallback(Callback):
         input=None,
         every_n_steps: int | None = None,
         every_n_epochs: int | None = None,
-        norm="lin",
-        device=None,
+        norm=lin_norm,
+        device="cpu",
+        *,
         engine: str = "auto",
+        backend: str = "auto",
         legacy: bool = False,
         max_memory=None,
         layers="seed",
-        per_layer: bool = True,
-        prefix: str = "",
         measure="ei",
         convention: str = "seed",
+        skipped: str = "warn",
+        per_layer: bool = True,
+        prefix: str = "",
     ):
         for name, value in (("every_n_steps", every_n_steps), ("every_n_epochs", every_n_epochs)):
             if value is not None and (
                 isinstance(value, bool) or not isinstance(value, int) or value < 1
             ):
-                raise ValueError(f"{name}={value!r} must be a positive int or None")
+                raise OptionError(Opt(name), f"={value!r} must be a positive int or None")
         if every_n_steps is None and every_n_epochs is None:
             every_n_epochs = 1
         self.input = input
         self.every_n_steps = every_n_steps
         self.every_n_epochs = every_n_epochs
-        self.settings = {
-            "norm": norm,
-            "device": device,
-            "engine": engine,
-            "legacy": legacy,
-            "max_memory": max_memory,
-            "layers": layers,
-            "measure": measure,
-            "convention": convention,
-        }
+        # checked here, before training starts; the tracker plans with them on first use
+        self.settings = Settings.make(
+            norm=norm,
+            device=device,
+            engine=engine,
+            backend=backend,
+            legacy=legacy,
+            max_memory=max_memory,
+            layers=layers,
+            measure=measure,
+            convention=convention,
+            skipped=skipped,
+        )
         self.per_layer = per_layer
         self.prefix = prefix
         self.tracker: Tracker | None = None
@@ -139,7 +147,7 @@ class EICallback(Callback):
                     "EICallback needs an example input: pass EICallback(input=...) or set "
                     "the LightningModule's example_input_array"
                 )
-            self.tracker = Tracker(pl_module, example, every=1, **self.settings)
+            self.tracker = Tracker.from_settings(pl_module, example, self.settings, every=1)
         self._last_step = step
         return self.tracker.record(step, epoch=int(trainer.current_epoch))
 
