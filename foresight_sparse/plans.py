@@ -598,6 +598,12 @@ def plan(
     layer's connectivity geometry, picks its engine and estimates its working memory.
     Nothing here depends on the weights' values except the check that they are finite.
 
+    The options are checked and resolved once into a
+    :class:`~foresight_sparse.settings.Settings` that the plan carries; every other entry
+    point (:func:`~foresight_sparse.report`, :func:`~foresight_sparse.sweep`, the tracker,
+    the Lightning callback, the command line) takes the same options with the same
+    defaults.
+
     Parameters
     ----------
     model : torch.nn.Module
@@ -650,12 +656,6 @@ def plan(
     skipped : {'warn', 'ignore'}, default 'warn'
         Whether one warning names the layers that ran but do not count (and the subclasses
         ``layers='all'`` refused); :attr:`Plan.skipped` lists them either way.
-
-    The options are checked and resolved once into a
-    :class:`~foresight_sparse.settings.Settings` that the plan carries; every other entry
-    point (:func:`~foresight_sparse.report`, :func:`~foresight_sparse.sweep`, the tracker,
-    the Lightning callback, the command line) takes the same options with the same
-    defaults.
 
     Returns
     -------
