@@ -6,7 +6,9 @@ take the same options with the same defaults, and each turns them into one
 :class:`Settings` with :meth:`Settings.make`. The :class:`~foresight_sparse.plans.Plan`
 carries it, and the metadata that reports, histories and CSV files record comes from it
 (:meth:`Settings.metadata`), so no entry point declares an option's meaning or default
-twice.
+twice. The drop-in functions of :mod:`foresight_sparse.ei` keep the old module's
+signatures: they take a subset of the options (``norm``, ``device``, ``engine``,
+``legacy``, ``max_memory``), with the same defaults.
 """
 
 from __future__ import annotations
