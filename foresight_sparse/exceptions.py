@@ -2,6 +2,9 @@
 
 Each subclasses the built-in exception a caller would expect, so ``except ValueError``
 keeps working, and every message names the layer, the shapes involved and what to do.
+Errors and warnings (:class:`ForesightWarning`, emitted by :func:`warn_caller`) are made
+of message parts, text and an :class:`Opt` for each option they name, so that the command
+line can print the options as its flags.
 """
 
 from __future__ import annotations
@@ -21,9 +24,13 @@ __all__ = [
     "ForwardError",
     "MemoryBudgetError",
     "UnknownNameError",
+    "UnknownLayerError",
     "DeviceError",
     "UnsupportedEngineError",
     "WeightsError",
+    "ForesightWarning",
+    "ForesightFutureWarning",
+    "ForesightDeprecationWarning",
     "warn_caller",
     "CheckpointError",
     "ReportFileError",
@@ -38,10 +45,11 @@ class Opt:
     """An option of the library named in a message, rendered where the message is shown.
 
     In Python (``str(error)``) it reads as the keyword argument: ``Opt("engine", "sparse",
-    "implicit")`` is ``engine='sparse' or 'implicit'``, ``Opt("legacy", True)`` is
-    ``legacy=True`` and ``Opt("max_memory")`` is ``max_memory``. The command line renders
-    the same message with its flags (:meth:`ForesightError.render`): ``--engine sparse or
-    implicit``, ``--legacy``, ``--max-memory``.
+    "implicit")`` is ``engine='sparse' or 'implicit'`` (three values read ``'a', 'b' or
+    'c'``), ``Opt("legacy", True)`` is ``legacy=True`` and ``Opt("max_memory")`` is
+    ``max_memory``. The command line renders the same message with its flags
+    (``error.render(flags)``): ``--engine sparse or implicit``, ``--legacy``,
+    ``--max-memory``.
 
     Parameters
     ----------
@@ -49,27 +57,37 @@ class Opt:
         The keyword argument, as the public functions spell it.
     *values
         The values to suggest (none for the bare name).
+    metavar : str, optional
+        A placeholder for the value, written as it is, as argparse's ``metavar``:
+        ``Opt("key", metavar="NAME")`` is ``key=NAME`` in Python and ``--weights-key NAME``
+        on the command line; ``Opt("weights", metavar="")`` is ``weights=`` and
+        ``--weights``.
     """
 
-    __slots__ = ("name", "values")
+    __slots__ = ("name", "values", "metavar")
 
-    def __init__(self, name: str, *values):
+    def __init__(self, name: str, *values, metavar: str | None = None):
         self.name = name
         self.values = values
+        self.metavar = metavar
 
     def render(self, flags: dict[str, str] | None = None) -> str:
         """The option as Python code (``flags`` None) or as the flag ``flags[name]``; an
         option without a flag stays in its Python form."""
         flag = None if flags is None else flags.get(self.name)
         if flag is None:
+            if self.metavar is not None:
+                return f"{self.name}={self.metavar}"
             if not self.values:
                 return self.name
-            return f"{self.name}=" + " or ".join(repr(v) for v in self.values)
+            return f"{self.name}=" + _alternatives(repr(v) for v in self.values)
+        if self.metavar is not None:
+            return f"{flag} {self.metavar}" if self.metavar else flag
         if not self.values:
             return flag
         if all(isinstance(v, bool) for v in self.values):
-            return " or ".join(flag if v else f"no {flag}" for v in self.values)
-        return f"{flag} " + " or ".join(
+            return _alternatives(flag if v else f"no {flag}" for v in self.values)
+        return f"{flag} " + _alternatives(
             "none" if v is None else str(v).lower() if isinstance(v, bool) else str(v)
             for v in self.values
         )
@@ -78,12 +96,44 @@ class Opt:
         return f"Opt({self.render()})"
 
 
+def _alternatives(words) -> str:
+    """``a``, ``a or b``, ``a, b or c``."""
+    words = list(words)
+    return " or ".join(filter(None, (", ".join(words[:-1]), words[-1])))
+
+
 def render_parts(parts, flags: dict[str, str] | None = None) -> str:
     """Join a message's parts: text as it is, each :class:`Opt` rendered for ``flags``."""
     return "".join(p.render(flags) if isinstance(p, Opt) else str(p) for p in parts)
 
 
-class ForesightError(Exception):
+class _Message:
+    """What the errors and warnings of this library share: a message made of parts, and
+    the option it concerns."""
+
+    def __init__(self, *parts, param: str | None = None):
+        self.parts = parts
+        if param is None:
+            param = next((p.name for p in parts if isinstance(p, Opt)), None)
+        self.param = param
+        super().__init__(render_parts(parts))
+
+    def render(self, flags: dict[str, str] | None = None) -> str:
+        """The message with every option as ``flags`` spells it (Python by default)."""
+        return render_parts(self.parts, flags)
+
+    def __reduce__(self):  # pickles (sweeps send errors between processes) with its parts
+        return (_rebuild, (type(self), self.parts, self.param, dict(self.__dict__)))
+
+
+def _rebuild(cls, parts, param, state):
+    exc = Exception.__new__(cls)  # no subclass __init__: their arguments differ
+    _Message.__init__(exc, *parts, param=param)
+    exc.__dict__.update(state)
+    return exc
+
+
+class ForesightError(_Message, Exception):
     """Base class of every error this library raises on purpose.
 
     Made of message parts: text and :class:`Opt` markers for the options it names, so the
@@ -103,28 +153,13 @@ class ForesightError(Exception):
         The message's pieces.
     param : str or None
         The option the error concerns, if any.
+
+    Notes
+    -----
+    ``str(error)`` is the message with every option in Python form; ``error.render(flags)``
+    spells each option as the mapping ``flags`` (``{"engine": "--engine", ...}``) does, so
+    ``Opt("engine", "sparse")`` reads ``--engine sparse``.
     """
-
-    def __init__(self, *parts, param: str | None = None):
-        self.parts = parts
-        if param is None:
-            param = next((p.name for p in parts if isinstance(p, Opt)), None)
-        self.param = param
-        super().__init__(render_parts(parts))
-
-    def render(self, flags: dict[str, str] | None = None) -> str:
-        """The message with every option as ``flags`` spells it (Python by default)."""
-        return render_parts(self.parts, flags)
-
-    def __reduce__(self):  # pickles (sweeps send errors between processes) with its parts
-        return (_rebuild, (type(self), self.parts, self.param, dict(self.__dict__)))
-
-
-def _rebuild(cls, parts, param, state):
-    exc = Exception.__new__(cls)  # no subclass __init__: their arguments differ
-    ForesightError.__init__(exc, *parts, param=param)
-    exc.__dict__.update(state)
-    return exc
 
 
 class UnsupportedLayerError(ForesightError, TypeError):
@@ -172,6 +207,15 @@ class UnknownNameError(ForesightError, ValueError):
     """A name (norm, engine, layout) is not one of the valid choices."""
 
 
+class UnknownLayerError(ForesightError, KeyError):
+    """A layer or layer type looked up is not there: a layer a history holds no record of,
+    a type with no registered builder to unregister. A ``KeyError``; the message lists what
+    there is."""
+
+    def __str__(self) -> str:  # the message as it is (KeyError's own str quotes it)
+        return self.render()
+
+
 class DeviceError(ForesightError, ValueError):
     """The device cannot serve the request: CUDA asked for where this torch has none, or a
     CPU-only result (a scipy matrix) asked of tensors on CUDA."""
@@ -190,9 +234,59 @@ class WeightsError(ForesightError, ValueError):
 _PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
 
 
-def warn_caller(message: str, category: type[Warning] = UserWarning) -> None:
+class ForesightWarning(_Message, UserWarning):
+    """Base class of the warnings of this library, made of message parts as
+    :class:`ForesightError` is: ``str(warning)`` reads as Python, ``warning.render(flags)``
+    with the command line's flags, ``warning.parts`` and ``warning.param`` as for errors.
+
+    Parameters
+    ----------
+    *parts : str or Opt
+        The message, in pieces.
+    param : str, optional
+        The option the warning concerns (by default the first :class:`Opt` of the message).
+    """
+
+
+class ForesightFutureWarning(ForesightWarning, FutureWarning):
+    """A :class:`ForesightWarning` that is a ``FutureWarning`` too: a behaviour that will
+    change (``warn_caller(..., category=FutureWarning)`` emits it)."""
+
+
+class ForesightDeprecationWarning(ForesightWarning, DeprecationWarning):
+    """A :class:`ForesightWarning` that is a ``DeprecationWarning`` too: an argument or
+    function on its way out (``warn_caller(..., category=DeprecationWarning)`` emits it)."""
+
+
+# The built-in categories warn_caller accepts, and the warning class that carries its parts.
+_WARNINGS = {
+    UserWarning: ForesightWarning,
+    FutureWarning: ForesightFutureWarning,
+    DeprecationWarning: ForesightDeprecationWarning,
+}
+
+
+def warn_caller(
+    *parts, category: type[Warning] = ForesightWarning, param: str | None = None
+) -> None:
     """Warn with the location of the first frame outside this package: the user's line,
-    whichever public entry point (drop-in function, report, plan, tracker, sweep) led here."""
+    whichever public entry point (drop-in function, report, plan, tracker, sweep) led here.
+
+    Parameters
+    ----------
+    *parts : str or Opt
+        The message, in pieces, as for :class:`ForesightError`. A warning class as the
+        last of them is taken as ``category`` (``warn_caller(message, FutureWarning)``).
+    category : type of Warning, default ForesightWarning
+        A :class:`ForesightWarning` subclass, or ``UserWarning``, ``FutureWarning`` or
+        ``DeprecationWarning`` (emitted as :class:`ForesightWarning`,
+        :class:`ForesightFutureWarning` or :class:`ForesightDeprecationWarning`); any
+        other category gets the message as plain text.
+    param : str, optional
+        The option the warning concerns (by default its first :class:`Opt`).
+    """
+    if parts and isinstance(parts[-1], type) and issubclass(parts[-1], Warning):
+        *parts, category = parts
     level = 2  # stacklevel 2 is the caller of this function
     frame = sys._getframe(1)
     while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(
@@ -200,7 +294,11 @@ def warn_caller(message: str, category: type[Warning] = UserWarning) -> None:
     ):
         frame = frame.f_back
         level += 1
-    warnings.warn(message, category, stacklevel=level)
+    cls = category if issubclass(category, ForesightWarning) else _WARNINGS.get(category)
+    if cls is None:
+        warnings.warn(render_parts(parts), category, stacklevel=level)
+    else:
+        warnings.warn(cls(*parts, param=param), stacklevel=level)
 
 
 class CheckpointError(ForesightError, ValueError):
