@@ -9,7 +9,7 @@ import re
 
 import torch
 
-from .exceptions import MemoryBudgetError, Opt
+from .exceptions import MemoryBudgetError, Opt, OptionError
 
 __all__ = [
     "DEFAULT_MAX_MEMORY",
@@ -47,31 +47,32 @@ def parse_bytes(value: int | float | str) -> int:
 
     Raises
     ------
-    ValueError
-        For a number below one byte, NaN or infinity, or an unknown unit; every message
-        names ``max_memory``.
-    TypeError
-        For anything that is neither a number nor a string (``bool`` included).
+    OptionError
+        For a number below one byte, NaN or infinity, or an unknown unit (as a
+        ``ValueError``), and for anything that is neither a number nor a string, ``bool``
+        included (as a ``TypeError``); every message names ``max_memory``, its ``param``.
     """
     if isinstance(value, numbers.Real) and not isinstance(value, bool):
         if not math.isfinite(value):  # int() would raise a bare ValueError/OverflowError
-            raise ValueError(f"max_memory must be a finite number of bytes, got {value!r}")
+            raise OptionError(
+                Opt("max_memory"), f" must be a finite number of bytes, got {value!r}"
+            )
         n = int(value)
     elif isinstance(value, str):
         m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", value)
         if not m or m.group(2).lower() not in _UNITS:
-            raise ValueError(
-                f"max_memory={value!r} is not a byte count; write e.g. 2GiB, "
-                "512MiB or a number of bytes"
+            raise OptionError(
+                Opt("max_memory", value),
+                " is not a byte count; write e.g. 2GiB, 512MiB or a number of bytes",
             )
         n = int(float(m.group(1)) * _UNITS[m.group(2).lower()])
     else:
-        raise TypeError(
-            f"max_memory must be a number of bytes or a string like '2GiB', "
-            f"not {type(value).__name__}"
+        raise OptionError(
+            Opt("max_memory"),
+            f" must be a number of bytes or a string like '2GiB', not {type(value).__name__}",
         )
     if n <= 0:
-        raise ValueError(f"max_memory must be positive, got {value!r}")
+        raise OptionError(Opt("max_memory"), f" must be positive, got {value!r}")
     return n
 
 

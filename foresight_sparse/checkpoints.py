@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .exceptions import CheckpointError
+from .exceptions import CheckpointError, Opt
 
 __all__ = ["STATE_DICT_KEYS", "load_state_dict", "fit_state_dict", "load_weights"]
 
@@ -107,8 +107,9 @@ def _torch_load(path: str, trust_pickle: bool) -> Any:
             raise CheckpointError(f"cannot read {path!r}: {_first_line(exc)}") from None
         raise CheckpointError(
             f"{path!r} holds pickled code (it refers to {found.group(1)}), and loading it runs "
-            "code from the file; if you trust the file, pass trust_pickle=True, or save a state "
-            "dict instead: torch.save(model.state_dict(), FILE)"
+            "code from the file; if you trust the file, pass ",
+            Opt("trust_pickle", True),
+            ", or save a state dict instead: torch.save(model.state_dict(), FILE)",
         ) from None
     except AttributeError as exc:
         found = _MAIN_ATTRIBUTE.search(str(exc))
@@ -175,7 +176,8 @@ def load_state_dict(
         if key is not None:
             raise CheckpointError(
                 f"{path!r} is a safetensors file, which holds one flat state "
-                f"dict: there is no key {key!r} to choose; drop it"
+                f"dict: there is no key {key!r} to choose; drop it",
+                param="key",
             )
         return _read_safetensors(path)
     obj = _torch_load(path, trust_pickle)
@@ -184,7 +186,8 @@ def load_state_dict(
         if key is not None:
             raise CheckpointError(
                 f"{path!r} holds a bare state dict, not a checkpoint with "
-                f"keys: there is no key {key!r} to choose; drop it"
+                f"keys: there is no key {key!r} to choose; drop it",
+                param="key",
             )
         return state
     if not isinstance(obj, Mapping):
@@ -198,14 +201,16 @@ def load_state_dict(
     if key is not None:
         if key not in obj:
             raise CheckpointError(
-                f"{path!r} has no key {key!r}; the keys that hold state dicts are: {listed}"
+                f"{path!r} has no key {key!r}; the keys that hold state dicts are: {listed}",
+                param="key",
             )
         state = _as_state(obj[key])
         if state is None:
             raise CheckpointError(
                 f"{path!r}: key {key!r} holds a {type(obj[key]).__name__}, "
                 f"not a state dict; the keys that hold state dicts are: "
-                f"{listed}"
+                f"{listed}",
+                param="key",
             )
         return state
     for usual in STATE_DICT_KEYS:
@@ -216,7 +221,8 @@ def load_state_dict(
     raise CheckpointError(
         f"{path!r} is a dict with keys {keys} and none of the usual state dict keys "
         f"({', '.join(STATE_DICT_KEYS)}); the keys that hold state dicts are: {listed}; choose "
-        "one with key=NAME"
+        "one with ",
+        Opt("key", metavar="NAME"),
     )
 
 

@@ -36,7 +36,7 @@ from __future__ import annotations
 
 import math
 
-from .exceptions import UnknownNameError, UnsupportedEngineError
+from .exceptions import Opt, UnknownNameError, UnsupportedEngineError
 
 __all__ = ["CONVENTIONS", "GRAPH_COLUMNS", "check_convention", "graph_values"]
 
@@ -59,12 +59,18 @@ def check_convention(convention: str, norm) -> str:
     """
     if convention not in CONVENTIONS:
         raise UnknownNameError(
-            f"unknown convention={convention!r}; valid conventions are {', '.join(CONVENTIONS)}"
+            "unknown ",
+            Opt("convention", convention),
+            f"; valid conventions are {', '.join(CONVENTIONS)}",
         )
     if convention == "graph" and not getattr(norm, "normalizes", False):
         raise UnsupportedEngineError(
-            f"convention='graph' needs rows that are distributions, but norm={norm.name!r} "
-            "does not normalise them; use norm='lin', 'soft' or 'sig'"
+            Opt("convention", "graph"),
+            " needs rows that are distributions, but ",
+            Opt("norm", norm.name),
+            " does not normalise them; use ",
+            Opt("norm", "lin", "soft", "sig"),
+            param="norm",
         )
     return convention
 

@@ -21,6 +21,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .exceptions import OptionError, UnknownNameError
+
 __all__ = [
     "PADDING_MODES",
     "AXIS_KINDS",
@@ -93,11 +95,15 @@ def shape_tuple(shape) -> tuple[int, ...]:
 
     Raises
     ------
+    OptionError
+        When ``shape`` is a string (a ``TypeError``: a shape is a sequence of ints).
     TypeError
-        When ``shape`` is not a sequence of ints (a string is not).
+        When an element is not an int.
     """
     if isinstance(shape, (str, bytes)):
-        raise TypeError(f"a shape is a sequence of ints, not {type(shape).__name__}")
+        raise OptionError(
+            f"a shape is a sequence of ints, not {type(shape).__name__}", param="shape"
+        )
     return tuple(operator.index(d) for d in shape)
 
 
@@ -108,8 +114,8 @@ def conv_padding(padding, kernel, dilation) -> list[tuple[int, int]]:
 
     Raises
     ------
-    ValueError
-        For any other string.
+    UnknownNameError
+        For any other string (a ``ValueError``).
     """
     nd = len(kernel)
     if isinstance(padding, str):
@@ -121,7 +127,10 @@ def conv_padding(padding, kernel, dilation) -> list[tuple[int, int]]:
                 total = d * (k - 1)
                 pads.append((total // 2, total - total // 2))
             return pads
-        raise ValueError(f"unknown padding {padding!r}; use 'same', 'valid', an int or a tuple")
+        raise UnknownNameError(
+            f"unknown padding {padding!r}; use 'same', 'valid', an int or a tuple",
+            param="padding",
+        )
     return [(p, p) for p in ntuple(padding, nd)]
 
 
@@ -194,8 +203,11 @@ class Axis:
             mapped = np.clip(x, 0, n - 1)
         elif self.mode == "circular":
             mapped = np.mod(x, n)
-        else:  # pragma: no cover - callers validate the mode
-            raise ValueError(f"unknown padding mode {self.mode!r}")
+        else:  # pragma: no cover - the adapters validate the mode
+            raise UnknownNameError(
+                f"unknown padding mode {self.mode!r}; valid modes are {', '.join(PADDING_MODES)}",
+                param="mode",
+            )
         if self.mode == "zeros":
             valid = inside
         else:

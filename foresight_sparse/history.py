@@ -91,7 +91,11 @@ class Record:
 
     def __post_init__(self):
         if self.kind not in KINDS:
-            raise ValueError(f"Record kind={self.kind!r} is not one of {', '.join(KINDS)}")
+            from .exceptions import UnknownNameError  # (the import lines are another change's)
+
+            raise UnknownNameError(
+                f"Record kind={self.kind!r} is not one of {', '.join(KINDS)}", param="kind"
+            )
 
     def to_dict(self) -> dict[str, Any]:
         """The record as a plain dict, the fields in order."""
@@ -409,7 +413,11 @@ class History:
     def append(self, record: Record) -> None:
         """Add one record at the end."""
         if not isinstance(record, Record):
-            raise TypeError(f"History.append takes a Record, not {type(record).__name__}")
+            from .exceptions import OptionError  # (the import lines are another change's)
+
+            raise OptionError(
+                f"History.append takes a Record, not {type(record).__name__}", param="record"
+            )
         self.records.append(record)
 
     def extend(self, records: Iterable[Record]) -> None:
@@ -520,13 +528,17 @@ class History:
 
         Raises
         ------
-        KeyError
-            When no record names ``layer``; the message lists the layers.
+        UnknownLayerError
+            When no record names ``layer`` (a ``KeyError``); the message lists the layers.
         """
         recs = [r for r in self.records if r.kind != "error" and r.layer == layer]
         if not recs:
+            from .exceptions import UnknownLayerError  # (the import lines are another change's)
+
             names = ", ".join([NETWORK, *self.layers][:12])
-            raise KeyError(f"the history has no layer {layer!r}; it has {names}")
+            raise UnknownLayerError(
+                f"the history has no layer {layer!r}; it has {names}", param="layer"
+            )
         out = {
             name: [getattr(r, name) for r in recs]
             for name in ("label", "step", "epoch", "ei", "determinism", "degeneracy")

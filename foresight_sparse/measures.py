@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from .connectivity import Connectivity
-from .exceptions import UnknownNameError
+from .exceptions import Opt, UnknownNameError
 
 __all__ = [
     "MEASURES",
@@ -182,8 +182,10 @@ def get_measure(measure: str | Measure | None) -> Measure | None:
     target = MEASURES.get(measure) if isinstance(measure, str) else None
     if target is None:
         raise UnknownNameError(
-            f"unknown measure={measure!r}; valid measures are {', '.join(MEASURES)} "
-            "(or a Measure object such as foresight_sparse.perturbation.Perturbation(...))"
+            "unknown ",
+            Opt("measure", measure),
+            f"; valid measures are {', '.join(MEASURES)} "
+            "(or a Measure object such as foresight_sparse.perturbation.Perturbation(...))",
         )
     module, _, cls = target.partition(":")
     return _checked(getattr(importlib.import_module(module), cls)())
@@ -195,6 +197,7 @@ def _checked(measure: Measure) -> Measure:
         raise UnknownNameError(
             f"measure {measure.name!r} has the columns {', '.join(measure.columns)}; "
             f"{', '.join(clash) or 'one name twice'} would clash with a report's or a "
-            "history's own fields. Rename them"
+            "history's own fields. Rename them",
+            param="measure",
         )
     return measure

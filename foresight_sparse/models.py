@@ -12,7 +12,8 @@
   with ``trust_pickle=True``.
 
 Weights come from :mod:`foresight_sparse.checkpoints`. Messages name the arguments of
-:func:`load_model`; the command line rewrites them as its flags.
+:func:`load_model` as :class:`~foresight_sparse.exceptions.Opt` parts, which the command
+line renders as its flags.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ import torch
 from torch import nn
 
 from .checkpoints import fit_state_dict, load_state_dict
-from .exceptions import ForesightError
+from .exceptions import ForesightError, Opt
 
 __all__ = ["load_model", "UsageError", "ModelError", "DEFAULT_IMAGE_SHAPE"]
 
@@ -155,8 +156,9 @@ def _main_class(path: str, name: str) -> UsageError:
     return UsageError(
         f"{path!r} holds a {name} whose class was defined in the script that saved it "
         "(__main__), so it cannot be imported here; define the class in a module, or save a "
-        "state dict (torch.save(model.state_dict(), FILE)) and load it with weights= into "
-        "MODEL=package.module:callable"
+        "state dict (torch.save(model.state_dict(), FILE)) and load it with ",
+        Opt("weights", metavar=""),
+        " into MODEL=package.module:callable",
     )
 
 
@@ -166,16 +168,16 @@ def _describe(path: str, obj: Any) -> UsageError:
     article = "an" if what[:1].lower() in "aeiou" else "a"
     if isinstance(obj, dict) and obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
         return UsageError(
-            f"{path!r} holds {article} {what} (a state dict): pass it with "
-            "weights= to a model (a torchvision name or "
-            "package.module:callable), not as the model"
+            f"{path!r} holds {article} {what} (a state dict): pass it with ",
+            Opt("weights", metavar=""),
+            " to a model (a torchvision name or package.module:callable), not as the model",
         )
     if isinstance(obj, dict):
         keys = ", ".join(repr(str(k)) for k in list(obj)[:5]) + (" ..." if len(obj) > 5 else "")
         return UsageError(
-            f"{path!r} holds a dict with keys {keys} (a training checkpoint?): "
-            "pass it with weights= to a model (a torchvision name or "
-            "package.module:callable), not as the model"
+            f"{path!r} holds a dict with keys {keys} (a training checkpoint?): pass it with ",
+            Opt("weights", metavar=""),
+            " to a model (a torchvision name or package.module:callable), not as the model",
         )
     return UsageError(f"{path!r} holds {article} {what}, not a torch.nn.Module")
 
@@ -205,9 +207,11 @@ def _from_file(path: str, trust_pickle: bool) -> nn.Module:
         if not trust_pickle:
             raise UsageError(
                 f"{path!r} holds a pickled {name} (saved with torch.save(model, FILE)), and "
-                "loading it runs code from the file; if you trust the file, pass "
-                "trust_pickle=True, or save a state dict (torch.save(model.state_dict(), "
-                "FILE)) and load it with weights= into MODEL=package.module:callable"
+                "loading it runs code from the file; if you trust the file, pass ",
+                Opt("trust_pickle", True),
+                ", or save a state dict (torch.save(model.state_dict(), FILE)) and load it with ",
+                Opt("weights", metavar=""),
+                " into MODEL=package.module:callable",
             ) from None
         obj = _unpickle(path)
     except Exception as exc:  # truncated, corrupt or not a torch file at all
@@ -358,7 +362,7 @@ def load_model(
     """
     kind = _kind(spec)
     if weights is not None and not os.path.isfile(weights):
-        raise UsageError(f"weights= file {os.fspath(weights)!r} does not exist")
+        raise UsageError(Opt("weights", metavar=""), f" file {os.fspath(weights)!r} does not exist")
     default_shape = None
     if kind == "torchvision":
         model, default_shape = _from_torchvision(spec, seed)
@@ -372,7 +376,8 @@ def load_model(
     shape = input_shape or default_shape
     if shape is None:
         raise UsageError(
-            f"input_shape= is required for {spec!r}: only torchvision image "
-            "models have a default (e.g. 1,3,224,224)"
+            Opt("input_shape", metavar=""),
+            f" is required for {spec!r}: only torchvision image "
+            "models have a default (e.g. 1,3,224,224)",
         )
     return model, tuple(shape)

@@ -15,7 +15,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from .exceptions import UnknownNameError
+from .exceptions import Opt, OptionError, UnknownNameError
 
 __all__ = [
     "Norm",
@@ -239,7 +239,9 @@ def get_norm(norm) -> Norm:
     Raises
     ------
     UnknownNameError
-        For an unknown name; TypeError for anything that is not callable.
+        For an unknown name.
+    OptionError
+        For anything that is not callable (a ``TypeError``).
     """
     if norm is None:
         return UNNORMALISED
@@ -251,12 +253,14 @@ def get_norm(norm) -> Norm:
         except KeyError:
             raise UnknownNameError(
                 f"unknown norm {norm!r}; valid names are "
-                f"{', '.join(sorted(NORMS))}, or pass a callable"
+                f"{', '.join(sorted(NORMS))}, or pass a callable",
+                param="norm",
             ) from None
     if callable(norm):
         return RowwiseNorm(norm)
-    raise TypeError(
-        f"norm must be a norm such as foresight_sparse.ei.lin_norm, a name "
+    raise OptionError(
+        Opt("norm"),
+        " must be a norm such as foresight_sparse.ei.lin_norm, a name "
         f"({', '.join(sorted(NORMS))}), None or a callable, not "
-        f"{type(norm).__name__}"
+        f"{type(norm).__name__}",
     )

@@ -31,7 +31,9 @@ import torch.nn.functional as F
 from foresight_sparse.exceptions import (
     MissingInputError,
     NoSupportedLayersError,
+    Opt,
     ShapeMismatchError,
+    UnknownNameError,
     UnsupportedLayerError,
 )
 
@@ -336,7 +338,9 @@ def avgpool2d_create_matrix(
     if legacy and any(p != 0 for p in _pair(module.padding)):
         raise UnsupportedLayerError(
             f"{_describe(module, in_shape, out_shape)}: the legacy AvgPool2d matrix does not "
-            f"support padding={module.padding}; use legacy=False for the true connectivity."
+            f"support padding={module.padding}; use ",
+            Opt("legacy", False),
+            " for the true connectivity.",
         )
     if in_image[0] != out_image[0]:
         raise ShapeMismatchError(
@@ -600,7 +604,7 @@ def _modules_for(layers: str) -> dict[type[nn.Module], Callable[..., torch.Tenso
         return VALID_MODULES
     if layers == "all":
         return ALL_MODULES
-    raise ValueError(f"layers={layers!r}: the reference knows 'seed' and 'all'")
+    raise UnknownNameError(Opt("layers", layers), ": the reference knows 'seed' and 'all'")
 
 
 # --------------------------------------------------------------------------------------------
@@ -661,7 +665,8 @@ def _measures(
         if input is None:
             raise MissingInputError(
                 "Neither `input` nor `shapes` was given: pass an input tensor for the model, "
-                "or the shapes recorded by get_shapes()."
+                "or the shapes recorded by get_shapes().",
+                param="input",
             )
         shapes = get_shapes(model, input, layers=layers)
     if not shapes:

@@ -312,7 +312,7 @@ class Report:
         try:
             return cls.from_dict(data)
         except ReportFileError as exc:
-            raise ReportFileError(f"{os.fspath(path)!r}: {exc}") from None
+            raise ReportFileError(f"{os.fspath(path)!r}: ", *exc.parts, param=exc.param) from None
 
     def csv_header(self) -> dict[str, Any]:
         """What :meth:`save_csv` writes as leading ``# key: value`` lines, in order.

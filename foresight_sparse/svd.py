@@ -88,15 +88,26 @@ _MIN_PROBES = 4
 # --------------------------------------------------------------------------- formulas
 
 
+def _option_error(*parts, param: str | None = None):
+    """An :class:`~foresight_sparse.exceptions.OptionError` (imported here, not with the
+    module's imports, which another change is reorganising)."""
+    from .exceptions import OptionError
+
+    return OptionError(*parts, param=param)
+
+
 def _check_alpha(alpha: float) -> float:
     try:
         a = float(alpha)
     except (TypeError, ValueError):
-        raise TypeError(f"alpha must be a number in (0, 2), not {type(alpha).__name__}") from None
+        raise _option_error(
+            Opt("alpha"), f" must be a number in (0, 2), not {type(alpha).__name__}"
+        ) from None
     if not (0.0 < a < 2.0):
-        raise ValueError(
-            f"alpha={alpha!r} is outside (0, 2); Gamma_alpha is defined for 0 < alpha < 2 "
-            "(Zhang et al. 2025), alpha=1 (the nuclear norm) is the default"
+        raise _option_error(
+            Opt("alpha", alpha),
+            " is outside (0, 2); Gamma_alpha is defined for 0 < alpha < 2 "
+            "(Zhang et al. 2025), alpha=1 (the nuclear norm) is the default",
         )
     return a
 
@@ -105,11 +116,14 @@ def _check_eps(eps: float) -> float:
     try:
         e = float(eps)
     except (TypeError, ValueError):
-        raise TypeError(f"eps must be a non-negative number, not {type(eps).__name__}") from None
+        raise _option_error(
+            Opt("eps"), f" must be a non-negative number, not {type(eps).__name__}"
+        ) from None
     if not (math.isfinite(e) and e >= 0.0):
-        raise ValueError(
-            f"eps={eps!r} must be a finite number >= 0 (the threshold on singular values "
-            f"that defines r_eps; default {DEFAULT_EPS})"
+        raise _option_error(
+            Opt("eps", eps),
+            " must be a finite number >= 0 (the threshold on singular values "
+            f"that defines r_eps; default {DEFAULT_EPS})",
         )
     return e
 
@@ -287,7 +301,7 @@ def combine(spectra: Sequence[Spectrum | dict]) -> Spectrum:
     """
     rows = [s.as_dict() if isinstance(s, Spectrum) else s for s in spectra]
     if not rows:
-        raise ValueError("combine() needs at least one layer's spectrum")
+        raise _option_error("combine() needs at least one layer's spectrum", param="spectra")
     g = sum(float(r["gamma_alpha"]) for r in rows)
     g_r = sum(float(r["gamma_alpha_r"]) for r in rows)
     r_eps = sum(r["r_eps"] for r in rows)
@@ -442,14 +456,18 @@ def transition_operator(
     ------
     MemoryBudgetError
         When only the sparse form applies and it is over budget.
-    TypeError
-        For a norm that is not elementwise (custom row-wise callables need ``'dense'``).
+    OptionError
+        For a norm that is not elementwise (custom row-wise callables need ``'dense'``); a
+        ``TypeError``.
     """
     norm, shift, c = _norm_and_shift(norm, conn)
     if not isinstance(norm, ElementwiseNorm):
-        raise TypeError(
+        raise _option_error(
             f"{conn.label}: the matrix-free operator needs an elementwise norm (lin, soft, "
-            f"sig or None), not {norm.name!r}; use method='dense' for a custom row-wise norm"
+            f"sig or None), not {norm.name!r}; use ",
+            Opt("method", "dense"),
+            " for a custom row-wise norm",
+            param="norm",
         )
     device = torch.device(device) if device is not None else conn.device
     op = None
@@ -610,8 +628,12 @@ def _sparse_g(conn, norm, shift, c, max_memory, what):
         budget,
         f"{conn.label}: {what} ({conn.n_rows} x {conn.n_cols}, {conn.nnz} entries, "
         "float64 CSR and its transpose)",
-        "pass a larger max_memory, or give the module and its input shape so that "
-        "convolutions, pools and Linear layers run matrix-free",
+        (
+            "pass a larger ",
+            Opt("max_memory"),
+            ", or give the module and its input shape so that "
+            "convolutions, pools and Linear layers run matrix-free",
+        ),
     )
     import scipy.sparse
 
@@ -934,9 +956,10 @@ def _resolve_layer(layer, in_shape):
         return layer, None, None, layer.label
     if isinstance(layer, nn.Module):
         if in_shape is None:
-            raise TypeError(
-                f"layer_spectrum({type(layer).__name__}) needs in_shape=(batch, C, ...) to "
-                "build its connectivity; or pass a Connectivity"
+            raise _option_error(
+                f"layer_spectrum({type(layer).__name__}) needs ",
+                Opt("in_shape", metavar="(batch, C, ...)"),
+                " to build its connectivity; or pass a Connectivity",
             )
         from .connectivity import connectivity
 
@@ -945,9 +968,10 @@ def _resolve_layer(layer, in_shape):
             out_shape = tuple(layer(torch.zeros(in_shape, device=_module_device(layer))).shape)
         conn = connectivity(layer, in_shape, out_shape)
         return conn, layer, in_shape, conn.label
-    raise TypeError(
-        f"layer_spectrum needs a Connectivity, a MeasureLayer or an nn.Module, not "
-        f"{type(layer).__name__}"
+    raise _option_error(
+        "layer_spectrum needs a Connectivity, a MeasureLayer or an nn.Module, not "
+        f"{type(layer).__name__}",
+        param="layer",
     )
 
 
@@ -972,7 +996,9 @@ def choose_method(conn: Connectivity, norm, method: str, budget: int, label: str
         When the method asked for (or the only one a custom norm allows) is over budget.
     """
     if method not in METHODS:
-        raise UnknownNameError(f"unknown method={method!r}; valid methods are {', '.join(METHODS)}")
+        raise UnknownNameError(
+            "unknown ", Opt("method", method), f"; valid methods are {', '.join(METHODS)}"
+        )
     norm = get_norm(norm)
     k = min(conn.n_rows, conn.n_cols)
     dense_bytes = 3 * 8 * conn.n_rows * conn.n_cols
@@ -981,13 +1007,21 @@ def choose_method(conn: Connectivity, norm, method: str, budget: int, label: str
         gram_bytes += conn.sparse_bytes("csr") + 3 * 8 * conn.nnz
     if not isinstance(norm, ElementwiseNorm) and method != "dense":
         if method != "auto":
-            raise TypeError(
-                f"{label}: method={method!r} needs an elementwise norm (lin, soft, sig or "
-                f"None); the custom norm {norm.name!r} is applied to dense rows: use "
-                "method='dense'"
+            raise _option_error(
+                f"{label}: ",
+                Opt("method", method),
+                " needs an elementwise norm (lin, soft, sig or "
+                f"None); the custom norm {norm.name!r} is applied to dense rows: use ",
+                Opt("method", "dense"),
             )
         method = "dense"
-    fix = "pass a larger max_memory or method='slq' (matrix-free, statistical error)"
+    fix = (
+        "pass a larger ",
+        Opt("max_memory"),
+        " or ",
+        Opt("method", "slq"),
+        " (matrix-free, statistical error)",
+    )
     if method == "dense":
         check_budget(dense_bytes, budget, f"{label}: the dense {conn.n_rows} x {conn.n_cols} "
                      "transition matrix and its SVD", fix)  # fmt: skip
@@ -1071,9 +1105,10 @@ def layer_spectrum(
 
     Raises
     ------
-    ValueError
+    OptionError
         For ``alpha`` outside ``(0, 2)``, a negative or non-finite ``eps``, ``tol <= 0``,
-        ``max_probes < 2`` or ``lanczos_steps < 1``.
+        ``max_probes < 2`` or ``lanczos_steps < 1`` (a ``ValueError``); ``param`` names
+        the setting.
     UnknownNameError
         For an unknown ``method``.
     NonFiniteWeightsError
@@ -1102,11 +1137,13 @@ def layer_spectrum(
     """
     alpha, eps = _check_alpha(alpha), _check_eps(eps)
     if not (isinstance(tol, (int, float)) and math.isfinite(tol) and tol > 0):
-        raise ValueError(f"tol={tol!r} must be a positive number (relative standard error)")
+        raise _option_error(Opt("tol", tol), " must be a positive number (relative standard error)")
     if int(max_probes) < 2:
-        raise ValueError(f"max_probes={max_probes!r} must be at least 2 (for a standard error)")
+        raise _option_error(
+            Opt("max_probes", max_probes), " must be at least 2 (for a standard error)"
+        )
     if int(lanczos_steps) < 1:
-        raise ValueError(f"lanczos_steps={lanczos_steps!r} must be at least 1")
+        raise _option_error(Opt("lanczos_steps", lanczos_steps), " must be at least 1")
     conn, module, in_shape, label = _resolve_layer(layer, in_shape)
     if device is None:
         device = layer.device if isinstance(layer, MeasureLayer) else conn.device
@@ -1133,8 +1170,10 @@ def layer_spectrum(
         if 0 < eps < floor:
             warn_caller(
                 f"{label}: eps={eps:g} is near the Gram method's resolution (~{floor:.1e}: "
-                "singular values below it are rounding noise), so r_eps may count noise; "
-                "use method='dense' or a larger eps"
+                "singular values below it are rounding noise), so r_eps may count noise; use ",
+                Opt("method", "dense"),
+                " or a larger eps",
+                param="eps",
             )
         return Spectrum.from_singular_values(s, n, conn.n_cols, alpha, eps, "gram")
     op = transition_operator(
@@ -1198,12 +1237,18 @@ class Reversibility(Measure):
         self.eps = _check_eps(eps)
         if method not in METHODS:
             raise UnknownNameError(
-                f"unknown method={method!r}; valid methods are {', '.join(METHODS)}"
+                "unknown ", Opt("method", method), f"; valid methods are {', '.join(METHODS)}"
             )
         if not (math.isfinite(float(tol)) and tol > 0):
-            raise ValueError(f"tol={tol!r} must be a positive number")
+            raise _option_error(Opt("tol", tol), " must be a positive number")
         if int(max_probes) < 2 or int(lanczos_steps) < 1:
-            raise ValueError("max_probes must be at least 2 and lanczos_steps at least 1")
+            raise _option_error(
+                Opt("max_probes"),
+                " must be at least 2 and ",
+                Opt("lanczos_steps"),
+                " at least 1",
+                param="max_probes" if int(max_probes) < 2 else "lanczos_steps",
+            )
         self.method, self.tol = method, float(tol)
         self.max_probes, self.lanczos_steps, self.seed = (
             int(max_probes),
@@ -1234,7 +1279,7 @@ class Reversibility(Measure):
                     layer.max_memory,
                     f"{layer.label}: SLQ's sparse operator ({layer.conn.n_rows} x "
                     f"{layer.conn.n_cols}, {layer.conn.nnz} entries)",
-                    "pass a larger max_memory",
+                    ("pass a larger ", Opt("max_memory")),
                 )
 
     def layer(self, layer: MeasureLayer) -> dict[str, Any]:

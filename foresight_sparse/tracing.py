@@ -15,6 +15,8 @@ from .exceptions import (
     ForwardError,
     MissingInputError,
     NoSupportedLayersError,
+    Opt,
+    OptionError,
     ShapeMismatchError,
     UnknownNameError,
     warn_caller,
@@ -279,7 +281,8 @@ def trace(
     registry = LayerSelection() if registry is None else registry
     if method not in TRACE_METHODS:
         raise UnknownNameError(
-            f"unknown trace method {method!r}; valid methods are {', '.join(TRACE_METHODS)}"
+            f"unknown trace method {method!r}; valid methods are {', '.join(TRACE_METHODS)}",
+            param="method",
         )
     model = _unwrap(model)
     names = _names(model)
@@ -289,8 +292,9 @@ def trace(
     if twin is None and method == "meta":
         raise ForwardError(
             f"{type(model).__name__} cannot be copied to the meta device (a scripted "
-            "module, or one whose attributes cannot be copied); use the real forward pass "
-            "(method='real' or 'auto')"
+            "module, or one whose attributes cannot be copied); use the real forward pass (",
+            Opt("method", "real", "auto"),
+            ")",
         )
     if twin is not None:
         rec = _Recorder(registry, names, twin[1])
@@ -301,7 +305,9 @@ def trace(
                 raise ForwardError(
                     f"the meta-device forward pass failed in module "
                     f"{rec.failed_in()} ({type(exc).__name__}: {exc}); use "
-                    "the real forward pass (method='real' or 'auto')"
+                    "the real forward pass (",
+                    Opt("method", "real", "auto"),
+                    ")",
                 ) from exc
             log.debug(
                 "meta trace failed (%s: %s); running the real forward pass", type(exc).__name__, exc
@@ -364,7 +370,8 @@ def warn_skipped(tr: Trace, refused: Mapping[type, type] | None = None) -> None:
         what = ", ".join(f"{n} {t}" for t, n in sorted(counts.items()))
         warn_caller(
             f"skipped layers with no connectivity builder: {what}. They do not "
-            f"count towards EI, as in the old module; {SKIPPED_HINT}"
+            "count towards EI, as in the old module; ",
+            SKIPPED_HINT,
         )
 
 
@@ -402,8 +409,8 @@ def layers_from_shapes(
 
     Raises
     ------
-    TypeError
-        When ``shapes`` is not a mapping.
+    OptionError
+        When ``shapes`` is not a mapping (a ``TypeError``).
     ShapeMismatchError
         When ``shapes`` names a module that is not part of ``model``, or a value is not a
         pair of valid shapes.
@@ -414,28 +421,31 @@ def layers_from_shapes(
     model = _unwrap(model)
     names = _names(model)
     if not isinstance(shapes, Mapping):
-        raise TypeError(
-            f"shapes must be a dict {{module: (in_shape, out_shape)}} as "
-            f"get_shapes(model, input) returns, not {type(shapes).__name__}"
+        raise OptionError(
+            Opt("shapes"),
+            " must be a dict {module: (in_shape, out_shape)} as "
+            f"get_shapes(model, input) returns, not {type(shapes).__name__}",
         )
     layers = []
     for module, value in shapes.items():
         if not isinstance(module, nn.Module):
             raise ShapeMismatchError(
-                f"shapes is keyed by modules of the model, got the key {module!r}; build it "
-                "with get_shapes(model, input)"
+                Opt("shapes"),
+                f" is keyed by modules of the model, got the key {module!r}; build it "
+                "with get_shapes(model, input)",
             )
         if module not in names:
             raise ShapeMismatchError(
-                f"shapes holds a {type(module).__name__} that is not part of "
+                Opt("shapes"),
+                f" holds a {type(module).__name__} that is not part of "
                 f"{type(model).__name__}; were the shapes traced from another model? "
-                "Recompute them with get_shapes(model, input)"
+                "Recompute them with get_shapes(model, input)",
             )
         try:
             in_shape, out_shape = value
         except (TypeError, ValueError):
             raise ShapeMismatchError(
-                f"shapes[{names[module]!r}] must be (in_shape, out_shape), got {value!r}"
+                Opt("shapes"), f"[{names[module]!r}] must be (in_shape, out_shape), got {value!r}"
             ) from None
         where = f"shapes[{names[module]!r}] ({type(module).__name__})"
         in_shape = _checked_shape(in_shape, where, "in_shape")
@@ -444,7 +454,7 @@ def layers_from_shapes(
             layers.append(TracedLayer(names[module], module, in_shape, out_shape))
     if not layers:
         raise NoSupportedLayersError(
-            f"shapes holds no module of a supported type for {type(model).__name__}"
+            Opt("shapes"), f" holds no module of a supported type for {type(model).__name__}"
         )
     return Trace(layers)
 
@@ -462,7 +472,10 @@ def resolve_layers(
         return layers_from_shapes(model, shapes, layers)
     if input is None:
         raise MissingInputError(
-            f"cannot find the layers of {type(model).__name__}: pass input (an example "
-            "batch, e.g. torch.zeros(1, 3, 224, 224)) or shapes (from get_shapes)"
+            f"cannot find the layers of {type(model).__name__}: pass ",
+            Opt("input"),
+            " (an example batch, e.g. torch.zeros(1, 3, 224, 224)) or ",
+            Opt("shapes"),
+            " (from get_shapes)",
         )
     return trace(model, input, layers, method=method)

@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..exceptions import ShapeMismatchError, UnsupportedLayerError
+from ..exceptions import Opt, ShapeMismatchError, UnknownNameError, UnsupportedLayerError
 from ..geometry import (
     PADDING_MODES,
     Axis,
@@ -119,8 +119,8 @@ def _conv(module, in_shape, out_shape, nd: int, label: str) -> Stencil:
         )
     try:
         pads = conv_padding(module.padding, kernel, dilation)
-    except ValueError as exc:
-        raise UnsupportedLayerError(f"{label}: {exc}") from None
+    except UnknownNameError as exc:
+        raise UnsupportedLayerError(f"{label}: ", *exc.parts, param=exc.param) from None
     expected = tuple(
         conv_output_size(n, k, s, d, pb + pa)
         for n, k, s, d, (pb, pa) in zip(size, kernel, stride, dilation, pads)
@@ -284,9 +284,12 @@ def _avgpool(module, in_shape, out_shape, nd: int, label: str, legacy: bool = Fa
     if legacy:
         if any(pads):
             raise UnsupportedLayerError(
-                f"{label}: legacy=True reproduces the old module, which refuses AvgPool2d "
-                f"padding (got padding={module.padding}, input {tuple(in_shape)}); use "
-                "legacy=False for the true pooling connectivity"
+                f"{label}: ",
+                Opt("legacy", True),
+                " reproduces the old module, which refuses AvgPool2d "
+                f"padding (got padding={module.padding}, input {tuple(in_shape)}); use ",
+                Opt("legacy", False),
+                " for the true pooling connectivity",
             )
         axes = [Axis(n, o, k, s) for n, o, k, s in zip(size, osize, kernel, stride)]
         weight = torch.full((c_in, c_in) + kernel, 1.0 / math.prod(kernel), dtype=torch.float64)

@@ -12,7 +12,13 @@ from typing import Any
 
 from torch import nn
 
-from ..exceptions import UnknownNameError, UnsupportedLayerError
+from ..exceptions import (
+    Opt,
+    OptionError,
+    UnknownLayerError,
+    UnknownNameError,
+    UnsupportedLayerError,
+)
 from .base import Connectivity
 
 __all__ = [
@@ -60,9 +66,16 @@ def register(module_type: type, adapter: Adapter | None = None):
     The adapter is called as ``adapter(module, in_shape, out_shape, *, legacy, label)`` and
     returns a :class:`Connectivity` (for instance an :class:`ExplicitMatrix`). Usable as a
     decorator: ``@register(MyLayer)``. A registered type counts whatever ``layers=`` says.
+
+    Raises
+    ------
+    OptionError
+        When ``module_type`` is not a class (a ``TypeError``).
     """
     if not isinstance(module_type, type):
-        raise TypeError(f"register() takes a module class, got {module_type!r}")
+        raise OptionError(
+            f"register() takes a module class, got {module_type!r}", param="module_type"
+        )
 
     def deco(fn: Adapter) -> Adapter:
         REGISTRY[module_type] = fn
@@ -73,7 +86,19 @@ def register(module_type: type, adapter: Adapter | None = None):
 
 
 def unregister(module_type: type) -> None:
-    """Remove the builder of ``module_type`` (a KeyError if there is none)."""
+    """Remove the builder of ``module_type``.
+
+    Raises
+    ------
+    UnknownLayerError
+        When none is registered (a ``KeyError``); the message lists the registered types.
+    """
+    if module_type not in REGISTRY:
+        raise UnknownLayerError(
+            f"no connectivity builder is registered for {module_type!r}; registered types: "
+            f"{', '.join(sorted(t.__name__ for t in REGISTRY))}",
+            param="module_type",
+        )
     del REGISTRY[module_type]
     EXTENDED.discard(module_type)
 
@@ -133,9 +158,10 @@ class LayerSelection:
         if isinstance(layers, str):
             if layers not in LAYER_SETS:
                 raise UnknownNameError(
-                    f"unknown layers={layers!r}; use 'seed' (the old "
-                    "module's Linear, Conv2d and AvgPool2d), 'all' (every "
-                    "built-in layer type) or a sequence of module types"
+                    "unknown ",
+                    Opt("layers", layers),
+                    "; use 'seed' (the old module's Linear, Conv2d and AvgPool2d), 'all' "
+                    "(every built-in layer type) or a sequence of module types",
                 )
             self.layers = layers
             self._listed: dict[type, Adapter] | None = None
@@ -144,7 +170,8 @@ class LayerSelection:
                 types = tuple(layers)
             except TypeError:
                 raise UnknownNameError(
-                    f"layers={layers!r} is neither 'seed', 'all' nor a sequence of module types"
+                    Opt("layers", layers),
+                    " is neither 'seed', 'all' nor a sequence of module types",
                 ) from None
             self._listed = {}
             for t in types:
@@ -152,10 +179,11 @@ class LayerSelection:
                 if adapter is None:
                     what = t.__name__ if isinstance(t, type) else repr(t)
                     raise UnsupportedLayerError(
-                        f"layers= lists {what}, which has no connectivity builder (or defines "
+                        Opt("layers", metavar=""),
+                        f" lists {what}, which has no connectivity builder (or defines "
                         "its own forward pass). Register one with foresight_sparse.register("
                         f"{what}, builder); built-in types: "
-                        f"{', '.join(sorted(b.__name__ for b in BUILTIN))}"
+                        f"{', '.join(sorted(b.__name__ for b in BUILTIN))}",
                     )
                 self._listed[t] = adapter
             self.layers = types

@@ -92,7 +92,8 @@ def resolve(
             raise UnsupportedLayerError(
                 f"{label}: the activation before it, {type(before).__name__}, has no known "
                 "range, so the input range of the perturbation is undefined; pass "
-                f"in_range=(low, high) (known ranges: {_known()})"
+                f"in_range=(low, high) (known ranges: {_known()})",
+                param="in_range",
             )
     if out_range is None:
         out_range = activation_range(after)
@@ -100,7 +101,8 @@ def resolve(
             raise UnsupportedLayerError(
                 f"{label}: its activation, {type(after).__name__}, has no known range, so "
                 "the output bins are undefined; pass out_range=(low, high) (known ranges: "
-                f"{_known()})"
+                f"{_known()})",
+                param="out_range",
             )
     activation = after if is_activation(after) else None
     in_range = (float(in_range[0]), float(in_range[1]))

@@ -97,18 +97,20 @@ def check_settings(
             lo, hi = (float(v) for v in value)
         except (TypeError, ValueError):
             raise MeasureSettingsError(
-                f"{label}: {name}={value!r} is not a pair (low, high) of numbers"
+                f"{label}: {name}={value!r} is not a pair (low, high) of numbers", param=name
             ) from None
         if not (math.isfinite(lo) and math.isfinite(hi)) or not lo < hi:
             raise MeasureSettingsError(
                 f"{label}: {name}={value!r} is empty, reversed or not finite; give "
-                "(low, high) with low < high"
+                "(low, high) with low < high",
+                param=name,
             )
     for name, value in (("in_bins", in_bins), ("out_bins", out_bins)):
         if not _is_int(value) or not 2 <= value <= 32767:
             raise MeasureSettingsError(
                 f"{label}: {name}={value!r}; a histogram needs an integer number of bins "
-                "from 2 to 32767"
+                "from 2 to 32767",
+                param=name,
             )
     for name, value in (
         ("samples", samples),
@@ -117,11 +119,14 @@ def check_settings(
         ("batch_size", batch_size),
     ):
         if value is not None and (not _is_int(value) or value <= 0):
-            raise MeasureSettingsError(f"{label}: {name}={value!r}; it must be a positive integer")
+            raise MeasureSettingsError(
+                f"{label}: {name}={value!r}; it must be a positive integer", param=name
+            )
     if not isinstance(threshold, (int, float)) or not math.isfinite(threshold) or threshold <= 0:
         raise MeasureSettingsError(
             f"{label}: threshold={threshold!r}; the convergence threshold must be a positive "
-            "number (deep-ei's default is 0.05)"
+            "number (deep-ei's default is 0.05)",
+            param="threshold",
         )
 
 
@@ -337,7 +342,8 @@ def histogram_form(device: torch.device | str, form: str = "auto") -> HistogramF
     if form not in FORMS or (form == "numba" and device.type != "cpu"):
         raise UnknownNameError(
             f"form={form!r} cannot run on {device}; valid forms are 'auto', 'torch' and "
-            "'numba' (CPU only)"
+            "'numba' (CPU only)",
+            param="form",
         )
     return FORMS[form]()
 
@@ -529,12 +535,14 @@ def _chunks(ctx: _Context, conn: Connectivity | None, pairs: str) -> list[_Chunk
     reserved = ctx.batch * _BATCH_BYTES_PER_VALUE * (ctx.n_in + ctx.n_out)
     reserved = min(reserved, ctx.budget // 2)
     if len(counts) and int(counts.max()) * cell_bytes + reserved > ctx.budget:
+        from ..exceptions import Opt  # (this module's import block is being reorganised)
+
         check_budget(
             int(counts.max()) * cell_bytes + reserved,
             ctx.budget,
             f"{ctx.label}: the {ctx.in_bins} x {ctx.out_bins} histograms of the "
             f"{int(counts.max())} pairs of one input neuron and a batch of {ctx.batch} samples",
-            "raise max_memory, or lower in_bins/out_bins or batch_size",
+            ("raise ", Opt("max_memory"), ", or lower in_bins/out_bins or batch_size"),
         )
     out = []
     for r0, r1 in row_blocks(counts, cell_bytes, 0, ctx.budget, ctx.label, reserved):
@@ -885,7 +893,9 @@ def pairwise_mi(
     bins, activation, seed, batch_size, max_memory, form, device).
     """
     if pairs not in ("connected", "all"):
-        raise UnknownNameError(f"pairs={pairs!r}; valid values are 'connected' and 'all'")
+        raise UnknownNameError(
+            f"pairs={pairs!r}; valid values are 'connected' and 'all'", param="pairs"
+        )
     check_settings(samples=samples)
     conn = options.pop("conn", None)
     ctx = _context(
@@ -905,7 +915,11 @@ def pairwise_mi(
         label=options.pop("label", None),
     )
     if options:
-        raise TypeError(f"pairwise_mi() got unexpected options {sorted(options)}")
+        from ..exceptions import OptionError  # (this module's import block is being reorganised)
+
+        raise OptionError(
+            f"pairwise_mi() got unexpected options {sorted(options)}", param=min(options)
+        )
     if pairs == "connected":
         conn = _connectivity(ctx, conn)
     rows, cols, mis = [], [], []
