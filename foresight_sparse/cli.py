@@ -11,8 +11,8 @@ from :mod:`foresight_sparse.models`, weights from :mod:`foresight_sparse.checkpo
 from :mod:`foresight_sparse.plotting`.
 
 Exit status: 0 on success, 2 on a usage error (the command line cannot work as written), 1
-when the computation fails; the reason is printed as one line on stderr, with the library's
-argument names rewritten as this command's flags (:func:`cli_message`).
+when the computation fails; the reason is printed as one line on stderr, with the options
+the library's error names spelled as this command's flags (:func:`cli_message`).
 """
 
 from __future__ import annotations
@@ -22,7 +22,6 @@ import contextlib
 import inspect
 import json
 import os
-import re
 import sys
 import warnings
 from collections.abc import Sequence
@@ -40,8 +39,10 @@ from .engines import ENGINE_NAMES
 from .exceptions import (
     DeviceError,
     ForesightError,
+    ForesightWarning,
     ForwardError,
     MissingDependencyError,
+    Opt,
     UnknownNameError,
 )
 from .measures import MEASURES, get_measure
@@ -78,71 +79,56 @@ class _Parser(argparse.ArgumentParser):
 
 # --------------------------------------------------------------------------- messages
 
-# The library's messages name its arguments (engine='sparse', max_memory); on the command
-# line the user typed flags. Each rule: an argument, its flag, and whether it takes a value.
-_FLAGS = [
-    ("engine", "--engine", True),
-    ("device", "--device", True),
-    ("norm", "--norm", True),
-    ("max_memory", "--max-memory", True),
-    ("input_shape", "--input-shape", True),
-    ("weights_key", "--weights-key", True),
-    ("key", "--weights-key", True),
-    ("weights", "--weights", True),
-    ("legacy", "--legacy", False),
-    ("layers", "--layers", True),
-    ("trust_pickle", "--trust-pickle", False),
-    ("measure", "--measure", True),
-    ("convention", "--convention", True),
-]
-_VALUE = r"(?:'([^'\s]*)'|([^\s,;()']+))?"
-# Names that stand for their flag even without "=": they are not ordinary English words.
-_BARE = {
+# The library's errors and warnings mark the options they name (Opt parts); on the command
+# line each option is the flag that sets it. An option without a flag keeps its Python form.
+_FLAGS = {
+    "engine": "--engine",
+    "backend": "--backend",
+    "device": "--device",
+    "norm": "--norm",
     "max_memory": "--max-memory",
     "input_shape": "--input-shape",
-    "trust_pickle": "--trust-pickle",
     "weights_key": "--weights-key",
+    "key": "--weights-key",
+    "weights": "--weights",
+    "legacy": "--legacy",
+    "layers": "--layers",
+    "trust_pickle": "--trust-pickle",
+    "measure": "--measure",
+    "convention": "--convention",
+    "skipped": "--skipped",
+    "workers": "--workers",
 }
 
 
-def cli_message(text: str) -> str:
-    """Rewrite a library message for the command line: arguments become flags.
+def cli_message(message: BaseException | str) -> str:
+    """A library error or warning as the command line prints it: one line, every option
+    it names (:class:`~foresight_sparse.exceptions.Opt`) spelled as its flag.
 
-    ``engine='sparse' or 'implicit'`` becomes ``--engine sparse or implicit``,
-    ``raise max_memory`` becomes ``raise --max-memory``, ``device='cpu'`` becomes
-    ``--device cpu``, ``norm=None`` becomes ``--norm none``, ``legacy=True`` becomes
-    ``--legacy``, ``trust_pickle=True`` becomes ``--trust-pickle``, ``weights=`` becomes
-    ``--weights`` and ``key=NAME`` becomes ``--weights-key NAME``; the skipped-layers
-    warning points to the ``layers`` command. The result is one line.
+    A :class:`~foresight_sparse.exceptions.ForesightError` or
+    :class:`~foresight_sparse.exceptions.ForesightWarning` renders its parts with the
+    flags: ``Opt("engine", "sparse", "implicit")`` reads ``--engine sparse or implicit``,
+    ``Opt("max_memory")`` ``--max-memory``, ``Opt("norm", None)`` ``--norm none`` and
+    ``Opt("legacy", True)`` ``--legacy``; the skipped-layers warning points to the
+    ``layers`` command. Anything else (another exception, or the text of an error stored in
+    a history) is printed as it reads.
 
     Parameters
     ----------
-    text : str
-        A message of the library.
+    message : BaseException or str
+        An exception or warning (a ``Warning`` is an exception), or a message's text.
 
     Returns
     -------
     str
         The message as the command line prints it.
     """
-    text = " ".join(str(text).split())
+    if isinstance(message, (ForesightError, ForesightWarning)):
+        text = message.render(_FLAGS)
+    else:
+        text = str(message)
     text = text.replace(SKIPPED_HINT, "foresight-sparse layers MODEL lists them")
-    for name, flag, takes_value in _FLAGS:
-
-        def swap(m: re.Match, flag=flag, takes_value=takes_value) -> str:
-            value = m.group(1) if m.group(1) is not None else m.group(2)
-            if not takes_value:
-                return flag if value in (None, "True") else f"no {flag}"
-            if value is None:
-                return flag
-            return f"{flag} {'none' if value == 'None' else value}"
-
-        text = re.sub(rf"(?<![\w.-]){name}={_VALUE}", swap, text)
-    # engine='sparse' or 'implicit': the alternatives lose their quotes too.
-    text = re.sub(r"(--(?:engine|device|norm) [\w:]+) or '([\w:]+)'", r"\1 or \2", text)
-    for name, flag in _BARE.items():
-        text = re.sub(rf"(?<![\w.-]){name}(?![\w=])", flag, text)
-    return text
+    return " ".join(text.split())
 
 
 # --------------------------------------------------------------------------- arguments
@@ -167,7 +153,7 @@ def _memory(text: str) -> int:
     try:
         return parse_bytes(text)
     except (TypeError, ValueError) as exc:
-        raise argparse.ArgumentTypeError(cli_message(str(exc))) from None
+        raise argparse.ArgumentTypeError(cli_message(exc)) from None
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
@@ -321,7 +307,9 @@ def _measure(args: argparse.Namespace):
         raise UsageError(f"--measure-arg: {args.measure} takes no such setting ({exc})") from None
     try:
         return cls(**settings)
-    except (TypeError, ValueError) as exc:  # MeasureSettingsError is a ValueError
+    except ForesightError as exc:  # MeasureSettingsError, OptionError: keep the parts
+        raise UsageError("--measure-arg: ", *exc.parts, param=exc.param) from None
+    except (TypeError, ValueError) as exc:  # the measure's own checks
         raise UsageError(f"--measure-arg: {exc}") from None
 
 
@@ -494,7 +482,7 @@ def _load(args: argparse.Namespace):
             trust_pickle=args.trust_pickle,
         )
     except CheckpointError as exc:  # the --weights file, not the model, is wrong
-        raise UsageError(f"--weights: {exc}") from None
+        raise UsageError("--weights: ", *exc.parts, param=exc.param or "weights") from None
 
 
 def _dims(shape: Sequence[int]) -> str:
@@ -517,7 +505,7 @@ def _check_plot(path: str) -> None:
     except MissingDependencyError:
         raise UsageError(f"--plot needs matplotlib: {PLOT_HINT}") from None
     except UnknownNameError as exc:
-        raise UsageError(f"--plot {exc}") from None
+        raise UsageError("--plot ", *exc.parts, param=exc.param) from None
 
 
 @contextlib.contextmanager
@@ -527,12 +515,16 @@ def _shape_hint(shape: tuple[int, ...]):
         yield
     except ForwardError as exc:
         raise ForwardError(
-            f"{exc} (the input had shape {','.join(map(str, shape))}; set it with --input-shape)"
+            *exc.parts,
+            f" (the input had shape {','.join(map(str, shape))}; set it with ",
+            Opt("input_shape"),
+            ")",
+            param=exc.param or "input_shape",
         ) from exc
 
 
 def _show_warning(message, category, filename, lineno, file=None, line=None):
-    print(f"{PROG}: warning: {cli_message(str(message))}", file=sys.stderr)
+    print(f"{PROG}: warning: {cli_message(message)}", file=sys.stderr)
 
 
 # --------------------------------------------------------------------------- commands
@@ -701,6 +693,8 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
     if args.plane_plot and drawn:
         hist.plot(args.plane_plot, kind="plane", title=os.path.basename(args.model))
     for rec in res.errors:
+        # a record keeps its error as text (a history is data, saved as CSV): it reads in
+        # the library's words, options as keyword arguments
         print(f"{PROG}: error: {rec.label}: {cli_message(rec.error or '')}", file=sys.stderr)
     if res.errors:
         print(
@@ -733,11 +727,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         try:
             return args.func(args)
         except UsageError as exc:
-            print(f"{PROG}: error: {cli_message(str(exc))}", file=sys.stderr)
+            print(f"{PROG}: error: {cli_message(exc)}", file=sys.stderr)
             return 2
         except (ForesightError, RuntimeError, MemoryError, OSError) as exc:
-            msg = str(exc) if isinstance(exc, ForesightError) else f"{type(exc).__name__}: {exc}"
-            print(f"{PROG}: error: {cli_message(msg)}", file=sys.stderr)
+            msg = cli_message(exc)
+            if not isinstance(exc, ForesightError):
+                msg = f"{type(exc).__name__}: {msg}"
+            print(f"{PROG}: error: {msg}", file=sys.stderr)
             return 1
         except KeyboardInterrupt:
             print(f"{PROG}: interrupted", file=sys.stderr)

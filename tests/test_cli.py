@@ -23,8 +23,16 @@ from conftest import structural_row_counts
 from torch import nn
 
 import foresight_sparse
-from foresight_sparse import Report, reference
+from foresight_sparse import Report, reference, svd
+from foresight_sparse.budget import parse_bytes
+from foresight_sparse.checkpoints import load_state_dict
 from foresight_sparse.cli import cli_message, main
+from foresight_sparse.connectivity import LayerSelection
+from foresight_sparse.conventions import check_convention
+from foresight_sparse.exceptions import ForesightWarning
+from foresight_sparse.measures import get_measure
+from foresight_sparse.models import load_model
+from foresight_sparse.norms import get_norm
 from foresight_sparse.tracing import trace
 
 SHAPE_ARG = ",".join(map(str, SHAPE))
@@ -629,36 +637,131 @@ def test_forward_failure_in_the_top_module_names_its_class(capsys):
     assert "''" not in err
 
 
+def _raised(call, *args, **kwargs) -> Exception:
+    """The library error ``call(*args, **kwargs)`` raises."""
+    with pytest.raises(foresight_sparse.ForesightError) as info:
+        call(*args, **kwargs)
+    return info.value
+
+
+def _bad_checkpoint(tmp_path) -> str:
+    path = tmp_path / "two.pt"
+    torch.save({"ema": TinyNet().state_dict(), "student": TinyNet().state_dict()}, path)
+    return str(path)
+
+
+def _state_dict_file(tmp_path) -> str:
+    path = tmp_path / "sd.pt"
+    torch.save(TinyNet().state_dict(), path)
+    return str(path)
+
+
 @pytest.mark.parametrize(
-    "library, cli",
+    "make, python, cli",
     [
         (
-            "use engine='sparse' or 'implicit', or raise max_memory",
-            "use --engine sparse or implicit, or raise --max-memory",
+            lambda _: _raised(parse_bytes, "lots"),
+            "max_memory='lots' is not a byte count",
+            "--max-memory lots is not a byte count",
         ),
-        ("max_memory='lots' is not a byte count", "--max-memory lots is not a byte count"),
         (
-            "no CUDA device available; use device='cpu'",
-            "no CUDA device available; use --device cpu",
+            lambda _: _raised(parse_bytes, float("inf")),
+            "max_memory must be a finite number",
+            "--max-memory must be a finite number",
         ),
-        ("norm=None keeps the raw weights", "--norm none keeps the raw weights"),
-        ("pass norm='soft'", "pass --norm soft"),
-        ("legacy=True reproduces the old module", "--legacy reproduces the old module"),
         (
-            "if you trust the file, pass trust_pickle=True",
-            "if you trust the file, pass --trust-pickle",
+            lambda _: _raised(check_convention, "graph", get_norm(None)),
+            "convention='graph' needs rows that are distributions, but norm='none' does not "
+            "normalise them; use norm='lin', 'soft' or 'sig'",
+            "--convention graph needs rows that are distributions, but --norm none does not "
+            "normalise them; use --norm lin, soft or sig",
         ),
-        ("choose one with key=NAME", "choose one with --weights-key NAME"),
-        ("pass it with weights= to a model", "pass it with --weights to a model"),
-        ("input_shape= is required", "--input-shape is required"),
-        # Not arguments: left alone.
-        ("weights_only=True refused it", "weights_only=True refused it"),
-        ("the engine reduced the norm of the device", "the engine reduced the norm of the device"),
-        ("--engine sparse", "--engine sparse"),
+        (
+            lambda _: _raised(get_measure, "phi"),
+            "unknown measure='phi'",
+            "unknown --measure phi",
+        ),
+        (
+            lambda _: _raised(LayerSelection, "most"),
+            "unknown layers='most'",
+            "unknown --layers most",
+        ),
+        (
+            lambda tmp: _raised(load_state_dict, _bad_checkpoint(tmp)),
+            "choose one with key=NAME",
+            "choose one with --weights-key NAME",
+        ),
+        (
+            lambda tmp: _raised(load_model, _state_dict_file(tmp)),
+            "pass it with weights= to a model",
+            "pass it with --weights to a model",
+        ),
+        (
+            lambda _: _raised(load_model, "_cli_models:tiny_cnn"),
+            "input_shape= is required",
+            "--input-shape is required",
+        ),
+        (  # an option without a flag keeps its Python form
+            lambda _: _raised(svd.Reversibility, alpha=3.0),
+            "alpha=3.0 is outside (0, 2)",
+            "alpha=3.0 is outside (0, 2)",
+        ),
     ],
 )
-def test_cli_message_names_flags(library, cli):
-    assert cli_message(library) == cli
+def test_cli_message_spells_the_options_of_real_errors_as_flags(tmp_path, make, python, cli):
+    exc = make(tmp_path)
+    assert python in str(exc)
+    assert cli in cli_message(exc)
+    assert python not in cli_message(exc) or python == cli
+
+
+def test_cli_message_prints_other_text_as_it_reads():
+    # an error kept as text (a sweep's record) and a foreign exception are not rewritten
+    assert cli_message("use engine='sparse',\n or raise max_memory") == (
+        "use engine='sparse', or raise max_memory"
+    )
+    assert cli_message(ValueError("norm='soft' is bad")) == "norm='soft' is bad"
+
+
+def test_cli_message_renders_warnings_and_points_to_the_layers_command():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.MaxPool2d(2))
+    with pytest.warns(ForesightWarning, match="skipped layers") as caught:
+        foresight_sparse.plan(model, torch.zeros(1, 3, 8, 8))
+    (warning,) = [w.message for w in caught if "skipped layers" in str(w.message)]
+    assert "foresight_sparse.plan(model, input).skipped" in str(warning)
+    assert cli_message(warning).endswith("foresight-sparse layers MODEL lists them")
+
+
+@pytest.mark.parametrize(
+    "engine",
+    [
+        "sparse",
+        pytest.param(
+            "dense",
+            marks=pytest.mark.xfail(
+                strict=True,
+                reason="engines/dense.py passes its budget fix to check_budget as text, not "
+                "as Opt parts (another change owns it): the flags read as Python there",
+            ),
+        ),
+    ],
+)
+def test_memory_budget_error_names_the_flags(capsys, engine):
+    rc, _, err = run(
+        capsys,
+        "ei",
+        "_cli_models:tiny_cnn",
+        "--input-shape",
+        SHAPE_ARG,
+        "--engine",
+        engine,
+        "--max-memory",
+        "16",
+    )
+    assert_usage_error(rc, err, "--max-memory is 16 B", status=1)
+    assert "max_memory" not in err and "engine=" not in err
+    if engine == "dense":
+        assert "use --engine sparse or implicit, or raise --max-memory" in err
 
 
 def test_forward_failure_exits_1(capsys):
@@ -677,22 +780,6 @@ def test_unwritable_output_exits_1(capsys, tmp_path):
 def test_failing_factory_exits_1(capsys):
     rc, _, err = run(capsys, "ei", "_cli_models:fails_to_build", "--input-shape", "1,2")
     assert_usage_error(rc, err, "fails_to_build() failed", "always fails", status=1)
-
-
-def test_memory_budget_error_exits_1(capsys):
-    rc, _, err = run(
-        capsys,
-        "ei",
-        "_cli_models:tiny_cnn",
-        "--input-shape",
-        SHAPE_ARG,
-        "--engine",
-        "sparse",
-        "--max-memory",
-        "16",
-    )
-    assert_usage_error(rc, err, "--max-memory", status=1)
-    assert "max_memory" not in err
 
 
 # --------------------------------------------------------------------------- entry points
