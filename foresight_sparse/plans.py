@@ -27,7 +27,7 @@ from .connectivity import Connectivity, connectivity
 from .connectivity.base import SHARED_MEMO
 from .conventions import GRAPH_COLUMNS, graph_values
 from .engines import LayerJob, pick_engine, reduce_layer, working_bytes
-from .entropy import entropy_from_terms
+from .entropy import column_terms, entropy_from_terms
 from .exceptions import NonFiniteWeightsError, WeightsError
 from .measures import Measure, MeasureLayer
 from .norms import Norm, lin_norm
@@ -280,7 +280,9 @@ class Plan:
                 *exc.parts, f" (state dict keys {', '.join(layer.keys)})", param=exc.param
             ) from None
         terms = tuple(
-            job.backend.column_terms(stats.col_sums, stats.col_offset, stats.col_weights).tolist()
+            column_terms(
+                stats.col_sums, stats.col_offset, stats.col_weights, backend=job.backend
+            ).tolist()
         )
         mean_h = stats.h_sum / stats.n_rows if stats.n_rows else 0.0
         deg = entropy_from_terms(terms)
