@@ -61,7 +61,7 @@ def test_conv_kernel_only(benchmark, smoke):
     """The numba fill kernel alone, writing into reused buffers (no page faults)."""
     import numpy as np
 
-    from foresight_sparse import _kernels
+    from foresight_sparse.connectivity import _fill_kernels as _kernels
     from foresight_sparse.connectivity.base import _rowptr
 
     size = 14 if smoke else 56

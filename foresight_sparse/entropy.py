@@ -6,6 +6,8 @@ import math
 
 import torch
 
+from .backends import default_backend, numba_kernels
+
 __all__ = [
     "H",
     "row_entropy",
@@ -77,15 +79,42 @@ def column_terms(
     ``[sum x, sum x log2 x]`` over the positive entries and ``[sum x, sum |x| log2 |x|]``
     over the negative ones, each entry counted ``weights[j]`` times when ``weights`` is
     given. They add up across layers, so the network's degeneracy needs no concatenated
-    column vector (see :func:`entropy_from_terms`). Computed by ``backend`` (a
+    column vector (see :func:`entropy_from_terms`). Computed in the form of ``backend`` (a
     :class:`~foresight_sparse.backends.Backend`; by default the one for ``v``'s device:
-    numba on the CPU, torch elsewhere).
+    numba on the CPU, torch elsewhere), and returned on the CPU.
     """
     if backend is None:
-        from .backends import default_backend  # the backends build on this module
-
         backend = default_backend(v.device)
-    return backend.column_terms(v, add, weights)
+    return _COLUMN_TERMS[backend.name](v, add, weights)
+
+
+def _column_terms_torch(v: torch.Tensor, add: float, weights: torch.Tensor | None):
+    x = v.to(torch.float64) + add
+    pos, neg = x > 0, x < 0
+    ax = torch.where(pos | neg, x.abs(), torch.ones_like(x))
+    xlx = ax * torch.log2(ax)
+    if weights is not None:
+        w = weights.to(x.device, torch.float64)
+        x, xlx = x * w, xlx * w
+    zero = torch.zeros((), dtype=torch.float64, device=x.device)
+    return torch.stack(
+        [
+            torch.where(pos, x, zero).sum(),
+            torch.where(pos, xlx, zero).sum(),
+            torch.where(neg, x, zero).sum(),
+            torch.where(neg, xlx, zero).sum(),
+        ]
+    ).cpu()
+
+
+def _column_terms_numba(v: torch.Tensor, add: float, weights: torch.Tensor | None):
+    arr = v.detach().contiguous().numpy()
+    w = None if weights is None else weights.detach().to(torch.float64).contiguous().numpy()
+    return torch.from_numpy(numba_kernels("_entropy_kernels").column_terms(arr, float(add), w))
+
+
+#: The forms of :func:`column_terms`, by backend name.
+_COLUMN_TERMS = {"numba": _column_terms_numba, "torch": _column_terms_torch}
 
 
 def entropy_from_terms(terms) -> float:

@@ -38,10 +38,11 @@ import foresight_sparse as fs
 from foresight_sparse import connectivity as C
 from foresight_sparse import ei
 from foresight_sparse import reference as R
-from foresight_sparse.backends import TORCH, reduce_block_torch
+from foresight_sparse.backends import TORCH
 from foresight_sparse.budget import format_bytes
 from foresight_sparse.engines import ENGINES, LayerJob
 from foresight_sparse.engines import sparse as sparse_engine
+from foresight_sparse.engines.blocks import reduce_block_torch
 from foresight_sparse.norms import UNNORMALISED, ElementwiseNorm
 from foresight_sparse.tracing import trace
 
@@ -646,7 +647,7 @@ def test_numba_threads_do_not_change_the_result():
     # per-thread column accumulators must not make the result depend on the thread count
     import numba
 
-    from foresight_sparse import _kernels
+    from foresight_sparse import _numba
 
     torch.manual_seed(5)
     model = nn.Sequential(nn.Conv2d(8, 16, 3), nn.Flatten(), nn.Linear(16 * 22 * 22, 9))
@@ -654,7 +655,7 @@ def test_numba_threads_do_not_change_the_result():
     x = torch.zeros(1, 8, 24, 24, dtype=F64)
     # both layers are above the size where kernels run on their serial twins
     sizes = [layer.nnz for layer in quiet_report(model, x, engine="sparse").layers]
-    assert min(sizes) >= _kernels.PARALLEL_MIN_WORK, sizes
+    assert min(sizes) >= _numba.PARALLEL_MIN_WORK, sizes
     before = numba.get_num_threads()
     results = []
     try:
@@ -678,7 +679,7 @@ def test_serial_twins_do_not_share_the_parallel_kernels_cache(tmp_path):
 
     script = (
         "import numpy as np\n"
-        "from foresight_sparse import _kernels as K\n"
+        "from foresight_sparse import _entropy_kernels as K\n"
         "small, large = np.arange(10.0) - 4.5, np.arange(float(1 << 17)) - 9.5\n"
         "for v in (small, large):\n"
         "    got = K.column_terms(v)\n"
@@ -689,8 +690,11 @@ def test_serial_twins_do_not_share_the_parallel_kernels_cache(tmp_path):
     env = {**os.environ, "NUMBA_CACHE_DIR": str(tmp_path)}
     for _ in range(2):  # the second run loads both from the cache
         subprocess.run([sys.executable, "-c", script], env=env, check=True, timeout=300)
+    # each twin has a cache index of its own, beside its parallel kernel's
     names = {p.name.split("-")[0] for p in tmp_path.rglob("*.nbi")}
-    assert {"_kernels._column_terms", "_kernels._column_terms_serial"} <= names, names
+    twins = {n for n in names if n.endswith("_serial")}
+    assert twins, names
+    assert all(n.removesuffix("_serial") in names for n in twins), names
 
 
 def test_wide_vectors_marks_the_prange_body():
@@ -699,11 +703,11 @@ def test_wide_vectors_marks_the_prange_body():
     # renders attributes another way would silently lose it
     import numba
 
-    from foresight_sparse import _kernels
+    from foresight_sparse import _numba
 
     @numba.njit
     def body(x, out):
-        _kernels._wide_vectors()
+        _numba._wide_vectors()
         for i in range(x.shape[0]):
             out[i] = x[i] * 2.0
 

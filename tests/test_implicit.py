@@ -14,10 +14,11 @@ from hypothesis import strategies as st
 from torch import nn
 
 import foresight_sparse.ei as ei
-from foresight_sparse import _kernels, report
+from foresight_sparse import _entropy_kernels, _numba, report
 from foresight_sparse.backends import TORCH, resolve_backend
 from foresight_sparse.connectivity import conv2d, linear
-from foresight_sparse.engines import LayerJob, implicit
+from foresight_sparse.engines import LayerJob, _conv_kernels, conv, implicit
+from foresight_sparse.engines.linear import linear_passes_torch
 from foresight_sparse.entropy import H, column_terms, entropy_from_terms
 from foresight_sparse.exceptions import UnsupportedEngineError
 from foresight_sparse.norms import NORMS, get_norm
@@ -60,13 +61,13 @@ def test_conv_columns_and_rows_equal_the_dense_matrix(case, norm_name, column_pa
     matrix's, so the classes lose nothing; for both forms of the column pass, whatever the
     output channels per group: from a gathered copy of ``1/Z`` cut into slices of one
     output class each (a one-byte gather budget), and reading ``1/Z`` through the index."""
-    from foresight_sparse import backends, reference
+    from foresight_sparse import reference
 
     if column_pass == "gathered-sliced":
-        monkeypatch.setattr(backends, "GATHER_BYTES", 1)
-        monkeypatch.setattr(_kernels, "DIRECT_MAX_OUT", 0)
+        monkeypatch.setattr(conv, "GATHER_BYTES", 1)
+        monkeypatch.setattr(_conv_kernels, "DIRECT_MAX_OUT", 0)
     elif column_pass == "direct":
-        monkeypatch.setattr(_kernels, "DIRECT_MAX_OUT", 1 << 30)
+        monkeypatch.setattr(_conv_kernels, "DIRECT_MAX_OUT", 1 << 30)
     module, conn = _conv_case(case)
     norm = NORMS[norm_name]
     stats = implicit.layer_stats(LayerJob(conn, norm, torch.device("cpu"), 1 << 30))
@@ -166,8 +167,9 @@ def test_kernel_terms_numba_equals_torch(case, norm_name, dtype):
     norm = NORMS[norm_name]
     shift = norm.shift(conn.weight_bound())
     cpu = torch.device("cpu")
-    numba_terms = resolve_backend("numba", cpu, norm).kernel_terms(conn, norm, shift, cpu)
-    torch_terms = TORCH.kernel_terms(conn, norm, shift, cpu)
+    kind = resolve_backend("numba", cpu, norm).kind
+    numba_terms = conv.kernel_terms_numba(conn, kind, shift)
+    torch_terms = conv.kernel_terms_torch(conn, norm, shift, cpu)
     for a, b in zip(numba_terms, torch_terms):
         torch.testing.assert_close(a, b, rtol=1e-13, atol=1e-15)
 
@@ -190,7 +192,9 @@ def test_linear_numba_equals_torch(norm_name, dtype):
     from foresight_sparse.entropy import row_entropy
 
     for block in (1 << 21, 80):  # one block; blocks of two rows
-        z, t, inv, col = TORCH.linear_passes(conn, norm, shift, cpu, block)
+        z, t, inv, col = linear_passes_torch(
+            LayerJob(conn, norm, cpu, 1 << 30, TORCH), shift, block
+        )
         assert numba_stats.h_sum == pytest.approx(float(row_entropy(z, t).sum()), rel=1e-12)
         torch.testing.assert_close(numba_stats.col_sums, col, rtol=1e-12, atol=1e-15)
 
@@ -213,7 +217,7 @@ def test_fast_log2_of_float32_bits_is_exact_to_float64_rounding():
     x = np.concatenate([x, np.float32([1.0, 2.0, 0.5, 1.9999999, 3.4e38])])
 
     def fast(bits):
-        return _each(_kernels._log2_f32_bits, bits)
+        return _each(_numba._log2_f32_bits, bits)
 
     got = fast(x.view(np.int32))
     want = np.log2(x.astype(np.float64))
@@ -234,7 +238,7 @@ def test_fast_log2_of_float64_is_exact_to_float64_rounding():
     x = np.concatenate([x, edges])
 
     def fast(a):
-        return _each(_kernels._log2_f64, a)
+        return _each(_numba._log2_f64, a)
 
     np.testing.assert_allclose(fast(x), np.log2(x), rtol=0, atol=2.5e-13)  # 1 ulp at 1023
     near_one = 1.0 + np.arange(-1000, 1000) * 2.0**-40
@@ -249,7 +253,7 @@ def test_column_terms_skip_nan_entries_and_take_subnormal_ones(n):
     v[::7] = 0.0
     v[1], v[2], v[3] = np.nan, 1e-310, -1e-310
     w = rng.random(n) * 3.0
-    got = _kernels.column_terms(v, 0.0, w)
+    got = _entropy_kernels.column_terms(v, 0.0, w)
     x = v[np.isfinite(v)]
     wx = w[np.isfinite(v)]
     pos, neg = x > 0, x < 0
@@ -294,7 +298,7 @@ def test_column_terms_torch_path_equals_numba():
         ]
     )
     torch.testing.assert_close(numba_terms, want, rtol=1e-12, atol=1e-12)
-    torch.testing.assert_close(TORCH.column_terms(v, 0.25), want, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(column_terms(v, 0.25, backend=TORCH), want, rtol=1e-12, atol=1e-12)
 
 
 def test_weighted_column_terms_count_each_entry_weight_times():
@@ -304,7 +308,9 @@ def test_weighted_column_terms_count_each_entry_weight_times():
     repeated = torch.repeat_interleave(v, w.long())
     want = column_terms(repeated, -0.1)
     torch.testing.assert_close(column_terms(v, -0.1, w), want, rtol=1e-12, atol=1e-12)
-    torch.testing.assert_close(TORCH.column_terms(v, -0.1, w), want, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(
+        column_terms(v, -0.1, w, backend=TORCH), want, rtol=1e-12, atol=1e-12
+    )
 
 
 def test_column_terms_adds_layers():

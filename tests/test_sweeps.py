@@ -378,7 +378,7 @@ def test_one_thread_runs_serial_twins(monkeypatch):
     """With one numba thread a kernel's parallel form never runs, whatever its work."""
     import numpy as np
 
-    from foresight_sparse import _kernels
+    from foresight_sparse import _numba as _kernels
 
     calls = []
 

@@ -13,8 +13,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..backends import default_backend
 from ..budget import check_budget, resolve_budget
-from ..exceptions import DeviceError, UnknownNameError
+from ..exceptions import DeviceError, NonFiniteWeightsError, UnknownNameError
 
 __all__ = ["Block", "Connectivity", "weight_scan"]
 
@@ -319,11 +320,7 @@ class Connectivity:
 
 def _fill_backend(backend, device: torch.device):
     """``backend``, or the default one for ``device`` where none is given (outside a plan)."""
-    if backend is not None:
-        return backend
-    from ..backends import default_backend  # the backends build on this package
-
-    return default_backend(device)
+    return backend if backend is not None else default_backend(device)
 
 
 def _same_memory(a: torch.Tensor, b: torch.Tensor) -> bool:
@@ -369,8 +366,6 @@ def weight_scan(t: torch.Tensor) -> tuple[float, float, int]:
 
 def _check_finite_tensor(t: torch.Tensor, label: str, scan=None) -> float:
     """Raise on NaN/Inf weights; return the largest weight."""
-    from ..exceptions import NonFiniteWeightsError
-
     mx, _, n_bad = scan if scan is not None else weight_scan(t)
     if n_bad:
         raise NonFiniteWeightsError(

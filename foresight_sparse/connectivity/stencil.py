@@ -1,6 +1,7 @@
 """Sliding-window layers (convolutions, transposed convolutions, average pools) as a
 :class:`Stencil`: a kernel and two lanes of :class:`~foresight_sparse.geometry.Axis` geometry,
-with the tap tables and the kernel folding that map 1-d and 3-d layers onto two lanes."""
+with the tap tables and the kernel folding that map 1-d and 3-d layers onto two lanes, and
+its block fill in both forms (numba kernels in ``_fill_kernels``; torch index arithmetic)."""
 
 from __future__ import annotations
 
@@ -11,8 +12,9 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from ..backends import NUMBA_FLOATS, TORCH, numba_kernels
 from ..geometry import Axis, AxisPairs, AxisProduct
-from .base import Block, Connectivity
+from .base import Block, Connectivity, _buffer, _rowptr
 
 __all__ = ["Stencil"]
 
@@ -219,9 +221,11 @@ class Stencil(Connectivity):
         index_dtype=torch.int64,
         workspace: dict | None = None,
     ):
-        return backend.stencil_block(
-            self, r0, r1, dtype, self._device(device), with_rows, index_dtype, workspace
-        )
+        # the backend's form: numba kernels (CPU arrays), or torch index arithmetic on
+        # ``device``
+        if backend.name == "numba":
+            return _numba_block(self, r0, r1, dtype, with_rows, index_dtype, workspace)
+        return _torch_block(self, r0, r1, dtype, self._device(device), with_rows, index_dtype)
 
     def block_torch(
         self,
@@ -235,8 +239,6 @@ class Stencil(Connectivity):
     ) -> Block:
         """Rows ``r0 .. r1`` by vectorised torch index arithmetic, on any device: the torch
         backend's form (what CUDA runs), the same block as the numba kernel's."""
-        from ..backends import TORCH
-
         return self.rows(
             TORCH, r0, r1, dtype=dtype, device=device, with_rows=with_rows, index_dtype=index_dtype
         )
@@ -258,3 +260,111 @@ def _fold_kernel(weight: torch.Tensor, fold: tuple[bool, int] | None) -> torch.T
         )
     k = weight.shape[2:]
     return weight.reshape(*weight.shape[:2], math.prod(k[:-1]), k[-1])
+
+
+def _numba_block(
+    conn: Stencil,
+    r0: int,
+    r1: int,
+    dtype: torch.dtype,
+    with_rows: bool,
+    index_dtype: torch.dtype,
+    workspace: dict | None,
+) -> Block:
+    """The numba form of :meth:`Stencil.rows`: a kernel fills CPU arrays.
+
+    ``workspace`` (a dict the caller keeps across blocks) lets the kernel write into the
+    same buffers every time instead of mapping fresh memory per block; the returned arrays
+    are then views valid until the next call.
+    """
+    rowptr = _rowptr(conn.row_counts(r0, r1))
+    nnz = int(rowptr[-1])
+    # numpy has no bfloat16: such values are made in float32 and cast by torch
+    fill_dtype = dtype if dtype in NUMBA_FLOATS else torch.float32
+    np_idx = np.int32 if index_dtype == torch.int32 else np.int64
+    cols = _buffer(workspace, "cols", nnz, np_idx)
+    vals = torch.from_numpy(
+        _buffer(workspace, "vals", nnz, torch.empty((), dtype=fill_dtype).numpy().dtype)
+    )
+    rows = _buffer(workspace, "rows", nnz if with_rows else 0, np.int64)
+    kernels = numba_kernels("connectivity._fill_kernels")
+    kernels.fill_stencil_rows(r0, r1 - r0, conn, rowptr, cols, vals.numpy(), rows)
+    return Block(
+        r0,
+        torch.from_numpy(rowptr),
+        torch.from_numpy(cols),
+        vals.to(dtype),
+        torch.from_numpy(rows) if with_rows else None,
+    )
+
+
+def _torch_block(
+    conn: Stencil,
+    r0: int,
+    r1: int,
+    dtype: torch.dtype,
+    device: torch.device,
+    with_rows: bool,
+    index_dtype: torch.dtype,
+) -> Block:
+    """The torch form of :meth:`Stencil.rows`, on any device.
+
+    Every entry's position in its row is decomposed into (output channel, H pair, W pair)
+    and its value gathered from the kernel, duplicate taps summed through a padded tap
+    table: the same block as the numba kernel.
+    """
+    _, height, width = conn.in_chw
+    _, out_h, out_w = conn.out_chw
+
+    def t(a):
+        return torch.tensor(a, device=device)  # copies: geometry arrays are read-only
+
+    counts = t(conn.row_counts(r0, r1))
+    rowptr = torch.zeros(r1 - r0 + 1, dtype=torch.int64, device=device)
+    torch.cumsum(counts, 0, out=rowptr[1:])
+    nnz = int(rowptr[-1])
+    local_row = torch.repeat_interleave(
+        torch.arange(r1 - r0, device=device), counts, output_size=nnz
+    )
+    pos = torch.arange(nnz, device=device) - rowptr[local_row]
+    r = local_row + r0
+    ci = r // (height * width)
+    ih = (r // width) % height
+    iw = r % width
+    nh = t(conn.pairs_h.counts)[ih]
+    nw = t(conn.pairs_w.counts)[iw]
+    lq = pos % nw
+    rest = pos // nw
+    lp = rest % nh
+    co_l = rest // nh
+    del rest, pos
+    p = t(conn.pairs_h.ptr)[ih] + lp
+    q = t(conn.pairs_w.ptr)[iw] + lq
+    oh = t(conn.pairs_h.out)[p]
+    ow = t(conn.pairs_w.out)[q]
+    g = ci // conn.cin_g
+    co = g * conn.cout_g + co_l
+    ci_l = ci - g * conn.cin_g
+    kernel = conn.kernel.detach().to(device, torch.float64)
+    taps_h = _tap_table(conn.pairs_h, device)
+    taps_w = _tap_table(conn.pairs_w, device)
+    vals = torch.zeros(nnz, dtype=torch.float64, device=device)
+    for a in range(taps_h.shape[1]):
+        kh = taps_h[p, a]
+        for b in range(taps_w.shape[1]):
+            kw = taps_w[q, b]
+            ok = (kh >= 0) & (kw >= 0)
+            vals += torch.where(ok, kernel[co, ci_l, kh.clamp(min=0), kw.clamp(min=0)], 0.0)
+    vals *= t(conn.scale_h)[oh] * t(conn.scale_w)[ow]
+    cols = (co * out_h + oh) * out_w + ow
+    return Block(r0, rowptr, cols.to(index_dtype), vals.to(dtype), r if with_rows else None)
+
+
+def _tap_table(pairs: AxisPairs, device) -> torch.Tensor:
+    """Taps of each pair, padded with -1 to the widest pair: shape ``(n_pairs, max_taps)``."""
+    n_taps = np.diff(pairs.tap_ptr)
+    width = int(n_taps.max(initial=1))
+    table = np.full((len(pairs.out), width), -1, dtype=np.int64)
+    col = np.arange(len(pairs.tap)) - np.repeat(pairs.tap_ptr[:-1], n_taps)
+    table[np.repeat(np.arange(len(pairs.out)), n_taps), col] = pairs.tap
+    return torch.as_tensor(table, device=device)

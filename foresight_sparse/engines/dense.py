@@ -12,7 +12,7 @@ import torch
 
 from ..budget import check_budget
 from ..entropy import H
-from . import LayerJob, LayerStats
+from .base import LayerJob, LayerStats
 
 __all__ = ["layer_stats"]
 

@@ -19,17 +19,17 @@ column only through the input classes its taps read, so both passes run on the l
 position classes (:class:`~foresight_sparse.geometry.AxisClasses`; one interior class per
 stride offset plus the border positions), each class weighted by its size. The column
 pass is then a float64 matrix product of the kernel with ``1/Z`` gathered per class;
-everything is float64. The job's backend runs both passes
-(:meth:`Backend.conv_pass <foresight_sparse.backends.Backend.conv_pass>`: a few numba
-kernels, or torch matrix products and :func:`~foresight_sparse.backends.column_classes`).
+everything is float64. Both passes run in the form of the job's backend
+(:mod:`.conv`: a few numba kernels, or torch matrix products and
+:func:`~foresight_sparse.engines.conv.column_classes`).
 
 Average pools have a constant kernel and a per-output divisor, so ``f`` of an entry depends
 only on its column: ``F[j] = f(d_j)``; the row sums are ``Mh_o @ F @ Mw_o.T`` with the 0/1
-input-to-output matrices, and the column pass is a window sum of ``1/Z``.
+input-to-output matrices, and the column pass is a window sum of ``1/Z`` (:mod:`.pool`:
+torch operations, whatever the backend).
 
 Linear layers are read twice, with float64 accumulation: one pass for ``Z`` and ``T``,
-one for the columns (:meth:`Backend.linear_passes
-<foresight_sparse.backends.Backend.linear_passes>`).
+one for the columns, in the form of the job's backend (:mod:`.linear`).
 
 Layers with summed duplicate taps (most reflect/replicate padding), custom norms and
 user-registered builders are not expressible this way: :func:`supports` says so and
@@ -42,16 +42,15 @@ starts.
 
 from __future__ import annotations
 
-import numpy as np
-import torch
-
-from ..backends import GATHER_BYTES
 from ..budget import check_budget
 from ..connectivity import FullyConnected, Stencil
-from ..entropy import complete_row_sums, row_entropy
+from ..entropy import row_entropy
 from ..exceptions import UnsupportedEngineError
 from ..norms import ElementwiseNorm, SoftNorm
-from . import LayerJob, LayerStats, layer_shift
+from .base import LayerJob, LayerStats, layer_shift
+from .conv import GATHER_BYTES
+from .dispatch import form
+from .pool import pool_pass
 
 __all__ = [
     "supports",
@@ -116,11 +115,11 @@ def layer_stats(job: LayerJob) -> LayerStats:
         "raise max_memory",
     )
     if isinstance(conn, FullyConnected):
-        return _linear(conn, job.norm, job)  # the backend checks finiteness
+        return _linear(conn, job.norm, job)  # the form checks finiteness
     if _constant_kernel(conn):
         conn.check_finite()
         return _pool(conn, job.norm, job)
-    return _conv(conn, job.norm, job)  # the backend checks finiteness
+    return _conv(conn, job.norm, job)  # the form checks finiteness
 
 
 def working_bytes(conn, budget: int | None = None) -> int:
@@ -207,59 +206,20 @@ def _constant_kernel(conn: Stencil) -> bool:
     return conn.kernel.numel() > 0 and lo == hi
 
 
-def _stored_counts(conn: Stencil, device) -> torch.Tensor:
-    nh = torch.tensor(conn.pairs_h.counts, device=device, dtype=torch.float64)
-    nw = torch.tensor(conn.pairs_w.counts, device=device, dtype=torch.float64)
-    return conn.cout_g * nh[:, None] * nw[None, :]
-
-
 def _conv(conn: Stencil, norm: ElementwiseNorm, job: LayerJob) -> LayerStats:
     """Row and column pass on the layer's position classes (see :class:`AxisClasses`);
     the column pass streams blocks of output channels when the kernel is large."""
     shift = layer_shift(norm, conn)
     step = _block_step(conn, job.budget)
-    h_sum, off, col, weights = job.backend.conv_pass(conn, norm, shift, job.device, step)
+    h_sum, off, col, weights = form("implicit", job)(job, shift, step)
     return LayerStats(h_sum, conn.n_rows, col, "implicit", off, weights, backend=job.backend.name)
 
 
 def _pool(conn: Stencil, norm: ElementwiseNorm, job: LayerJob) -> LayerStats:
-    """Constant kernel ``kappa`` times a per-output scale: f depends on the column only.
-    Torch operations on maps of the output's size, whatever the backend."""
-    device = job.device
-    kappa = conn.weight_range()[1]
-    _, oh, ow = conn.out_chw
-    v = kappa * torch.as_tensor(np.outer(conn.scale_h, conn.scale_w), device=device)
-    shift = norm.shift(float(v.max()))
-    c = norm.zero(shift)
-    fv, tv = norm.f(v, shift), norm.f_log2f(v, shift)
-    # 0/1 input->output matrices per axis (zero padding: one tap per pair)
-    ch = _in_out_matrix(conn.pairs_h, oh, device)
-    cw = _in_out_matrix(conn.pairs_w, ow, device)
-    z = (conn.cout_g * (ch @ fv @ cw.T))[None]  # same for every input channel
-    t = (conn.cout_g * (ch @ tv @ cw.T))[None]
-    z, t, inv = complete_row_sums(norm, shift, _stored_counts(conn, device), conn.n_cols, z, t)
-    c_in = conn.in_chw[0]
-    h_sum = row_entropy(z, t).sum() * c_in
-    # sum of 1/Z over each output's window, summed over the input channels of its group
-    inv_map = inv.expand(c_in, -1, -1)
-    grouped = inv_map.reshape(conn.groups, conn.cin_g, *inv_map.shape[1:]).sum(1)
-    window = ch.T @ grouped @ cw  # (groups, OH, OW)
-    window = window.repeat_interleave(conn.cout_g, dim=0)
-    col = ((fv - c) * window).reshape(-1)
-    return LayerStats(
-        float(h_sum),
-        conn.n_rows,
-        col,
-        "implicit",
-        c * float(inv.sum()) * c_in,
-        backend=job.backend.name,
-    )
-
-
-def _in_out_matrix(pairs, size_out: int, device) -> torch.Tensor:
-    m = np.zeros((len(pairs.ptr) - 1, size_out))
-    m[np.repeat(np.arange(len(pairs.ptr) - 1), pairs.counts), pairs.out] = 1.0
-    return torch.as_tensor(m, device=device)
+    """Constant kernel ``kappa`` times a per-output scale: f depends on the column only
+    (:mod:`.pool`)."""
+    h_sum, col, off = pool_pass(conn, norm, job.device)
+    return LayerStats(h_sum, conn.n_rows, col, "implicit", off, backend=job.backend.name)
 
 
 def _linear(conn: FullyConnected, norm: ElementwiseNorm, job: LayerJob) -> LayerStats:
@@ -267,6 +227,6 @@ def _linear(conn: FullyConnected, norm: ElementwiseNorm, job: LayerJob) -> Layer
     shift = layer_shift(norm, conn)
     spare = job.budget - _linear_sums_bytes(conn)
     block = max(_LINEAR_BLOCK, spare // _LINEAR_BYTES_PER_ELEMENT)
-    z, t, _, col = job.backend.linear_passes(conn, norm, shift, job.device, block)
+    z, t, _, col = form("implicit", job)(job, shift, block)
     h_sum = row_entropy(z, t).sum()
     return LayerStats(float(h_sum), conn.n_rows, col, "implicit", backend=job.backend.name)

@@ -2,9 +2,8 @@
 
 Rows are produced in blocks sized to the memory budget; each block is reduced to row
 entropies and column contributions with the absent-entry formulas of the mathematics page,
-in float64. The job's backend fills and reduces the blocks
-(:meth:`Backend.reduce_blocks <foresight_sparse.backends.Backend.reduce_blocks>`): numba
-kernels on the CPU, torch operations on CUDA or with ``backend='torch'``.
+in float64, in the form of the job's backend (:mod:`.blocks`): numba kernels on the CPU,
+torch operations on CUDA or with ``backend='torch'``.
 """
 
 from __future__ import annotations
@@ -14,7 +13,8 @@ import torch
 
 from ..budget import row_blocks
 from ..entropy import H
-from . import LayerJob, LayerStats, layer_shift
+from .base import LayerJob, LayerStats, layer_shift
+from .dispatch import form
 
 __all__ = ["layer_stats", "working_bytes"]
 
@@ -35,7 +35,7 @@ def layer_stats(job: LayerJob) -> LayerStats:
         conn.label,
         reserved=_column_bytes(conn, backend),
     )
-    h_sum, off_sum, col = backend.reduce_blocks(conn, norm, shift, blocks, counts, job.device)
+    h_sum, off_sum, col = form("sparse", job)(job, shift, blocks, counts)
     return LayerStats(h_sum, conn.n_rows, col, "sparse", off_sum, backend=backend.name)
 
 
