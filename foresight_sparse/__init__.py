@@ -45,7 +45,7 @@ from .norms import lin_norm, sig_norm, soft_norm
 from .plans import Plan, PlannedLayer, plan
 from .results import LayerReport, Report
 from .settings import Settings
-from .sweeps import SweepResult, sweep
+from .sweeps import Executor, ProcessExecutor, RayExecutor, SerialExecutor, SweepResult, sweep
 from .tracking import Tracker
 
 __version__ = "0.1.0"
@@ -62,6 +62,10 @@ __all__ = [
     "Tracker",
     "sweep",
     "SweepResult",
+    "Executor",
+    "SerialExecutor",
+    "ProcessExecutor",
+    "RayExecutor",
     "History",
     "Measure",
     "MEASURES",

@@ -632,7 +632,7 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
     model, shape = load_model(
         args.model, seed=args.seed, input_shape=args.input_shape, trust_pickle=args.trust_pickle
     )
-    backend = "ray" if args.ray is not None else None
+    executor = "ray" if args.ray is not None else None
     _keep_freed_memory()  # this process is the command's: serial sweeps reuse the memory
     with _shape_hint(shape):
         res = sweep(
@@ -640,7 +640,7 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
             args.checkpoints,
             torch.zeros(shape),
             workers=args.workers,
-            backend=backend,
+            executor=executor,
             key=args.weights_key,
             trust_pickle=args.trust_pickle,
             output=args.csv,

@@ -1,14 +1,16 @@
-"""EI of many checkpoints of one architecture: :func:`sweep`, serially, in worker processes,
-or on a Ray cluster.
+"""EI of many checkpoints of one architecture: :func:`sweep`, through an :class:`Executor`:
+serially (:class:`SerialExecutor`), in worker processes (:class:`ProcessExecutor`) or on a
+Ray cluster (:class:`RayExecutor`); a subclass of :class:`Executor` plugs in another.
 
 The architecture is planned once, in the calling process. Each worker (a process of the
-pool, or a Ray worker) receives the plan once and then only checkpoint paths; it reads each
+pool, or a Ray actor) receives the plan once and then only checkpoint paths; it reads each
 checkpoint file once, with :func:`foresight_sparse.checkpoints.load_state_dict` (so state
 dicts and Lightning ``.ckpt`` files load with ``weights_only=True``, and a whole pickled
 module only with ``trust_pickle=True``), fits it to the model with
 :func:`~foresight_sparse.checkpoints.fit_state_dict` and evaluates it with
-:meth:`Plan.report <foresight_sparse.plans.Plan.report>`. A checkpoint that cannot be read,
-does not fit, or holds non-finite weights becomes an error record; the others go on.
+:meth:`Plan.report <foresight_sparse.plans.Plan.report>` (:meth:`Executor.evaluate`). A
+checkpoint that cannot be read, does not fit, or holds non-finite weights becomes an error
+record; the others go on.
 
 Labels, steps and epochs come from the file names (:func:`checkpoint_entries`): the label
 is the file name without its extension, and the checkpoints are sorted naturally
@@ -25,6 +27,7 @@ Lightning's ``epoch=3-step=1200.ckpt`` gives epoch 3 and step 1200.
 
 from __future__ import annotations
 
+import abc
 import logging
 import os
 import pickle
@@ -34,7 +37,7 @@ import threading
 import time
 import warnings
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from dataclasses import dataclass, field
 from typing import Any
@@ -48,7 +51,10 @@ from .exceptions import (
     ForesightError,
     HistoryFileError,
     MissingDependencyError,
+    Opt,
+    OptionError,
     UnknownNameError,
+    warn_caller,
 )
 from .history import CSVAppender, History, Record, records_from_report
 from .norms import lin_norm
@@ -56,10 +62,14 @@ from .plans import Plan, plan
 from .results import Report
 
 __all__ = [
-    "BACKENDS",
     "Checkpoint",
     "SweepResult",
     "sweep",
+    "Executor",
+    "SerialExecutor",
+    "ProcessExecutor",
+    "RayExecutor",
+    "EXECUTORS",
     "checkpoint_entries",
     "natural_key",
     "RAY_HINT",
@@ -67,15 +77,14 @@ __all__ = [
 
 log = logging.getLogger("foresight_sparse")
 
-#: The ways :func:`sweep` can run.
-BACKENDS = ("serial", "process", "ray")
+#: The executors :func:`sweep` knows by name (``executor='serial'``, ...).
+EXECUTORS = ("serial", "process", "ray")
 
-#: How to install what the Ray backend needs.
+#: How to install what the Ray executor needs.
 RAY_HINT = "pip install 'foresight-sparse[ray]'"
 
 #: Extensions of checkpoint files, tried when ``checkpoints`` is a folder.
 CHECKPOINT_SUFFIXES = (".pt", ".pth", ".ckpt", ".bin", ".safetensors", ".pkl", ".tar")
-
 _EPOCH_RE = re.compile(r"(?<![a-z])epoch[=_-]?(\d+)", re.IGNORECASE)
 _STEP_RE = re.compile(
     r"(?<![a-z])(?:global_step|step|iteration|iter|ckpt|checkpoint)[=_-]?(\d+)", re.IGNORECASE
@@ -290,9 +299,9 @@ def _read_ahead(p: Plan, todo: Sequence[Checkpoint], key, trust_pickle) -> Itera
 #: tests turn it off to send every checkpoint through the workers).
 _HELP_WHILE_STARTING = True
 
-# Worker processes keep the plan they were started with; Ray workers keep one per object.
+
+# A worker process keeps the plan it was started with (the pool's initializer sets it).
 _WORKER_PLAN: Plan | None = None
-_RAY_PLANS: dict[str, Plan] = {}
 
 
 def _set_threads(threads: int) -> None:
@@ -367,28 +376,6 @@ def _process_task(path: str, key: str | None, trust_pickle: bool) -> Report | st
     return _evaluate(_WORKER_PLAN, path, key, trust_pickle)
 
 
-def _ray_task(plan_box: list, path: str, key: str | None, trust_pickle: bool) -> Report | str:
-    # The reference comes in a list so that Ray does not fetch the plan for every task:
-    # each worker fetches and unpickles it once, then keeps it.
-    import ray
-
-    ref = plan_box[0]
-    p = _RAY_PLANS.get(ref.hex())
-    if p is None:
-        # Ray sets OMP_NUM_THREADS to the task's CPUs, which torch follows, but numba
-        # starts one thread per core of the machine: give both the task's share.
-        cpus = ray.get_runtime_context().get_assigned_resources().get("CPU", 1)
-        _set_threads(max(1, int(cpus)))
-        _RAY_PLANS.clear()
-        p = _RAY_PLANS[ref.hex()] = ray.get(ref)
-    return _evaluate(p, path, key, trust_pickle)
-
-
-# --------------------------------------------------------------------------- backends
-
-Done = Callable[[Checkpoint, "Report | str"], None]
-
-
 def _cores() -> int:
     try:
         return len(os.sched_getaffinity(0))
@@ -396,20 +383,19 @@ def _cores() -> int:
         return os.cpu_count() or 1
 
 
-def _run_serial(p: Plan, todo: Sequence[Checkpoint], key, trust_pickle, done: Done) -> None:
-    for entry, state in _read_ahead(p, todo, key, trust_pickle):
-        done(entry, _compute(p, state))
-
-
 def _worker_modules(model: nn.Module) -> list[str]:
-    """Modules a worker imports to unpickle the plan and evaluate checkpoints."""
+    """Modules a worker imports to unpickle the plan and evaluate checkpoints (the server
+    skips a name it cannot import)."""
     names = [
         __name__,
         "scipy.sparse",
-        "foresight_sparse._kernels",
-        "foresight_sparse.engines.implicit",
-        "foresight_sparse.engines.sparse",
-        "foresight_sparse.engines.dense",
+        "foresight_sparse._numba",
+        "foresight_sparse._entropy_kernels",
+        "foresight_sparse.connectivity._fill_kernels",
+        "foresight_sparse.engines",
+        "foresight_sparse.engines._block_kernels",
+        "foresight_sparse.engines._conv_kernels",
+        "foresight_sparse.engines._dense_kernels",
     ]
     for mod in model.modules():
         owner = type(mod).__module__
@@ -431,7 +417,7 @@ def _start_method(threads: int) -> str:
     - numba's threading layer does not survive a fork once started (the ``omp`` layer
       terminates a child that runs a parallel kernel, ``workqueue`` frees its queues in
       the child); a worker on one thread runs every kernel's serial twin
-      (:func:`foresight_sparse._kernels._launch`), which opens no parallel region, so it
+      (:func:`foresight_sparse._numba._launch`), which opens no parallel region, so it
       never touches the layer, whether or not this process started it;
     - CUDA cannot be used in a forked child once this process has initialised it.
 
@@ -445,88 +431,9 @@ def _start_method(threads: int) -> str:
     return "forkserver" if "forkserver" in methods else "spawn"
 
 
-def _run_processes(
-    p: Plan, todo: Sequence[Checkpoint], key, trust_pickle, done: Done, workers: int
-) -> None:
-    import multiprocessing
-
-    workers = min(workers, len(todo))
-    threads = max(1, _cores() // workers)
-    method = _start_method(threads)
-    ctx = multiprocessing.get_context(method)
-    log.debug("sweep: %d %s workers, %d threads each", workers, method, threads)
-    if method == "fork":
-        # The workers inherit the plan: nothing to pickle, and they start in milliseconds,
-        # here in this thread, while no parallel region of this process is running.
-        pool = ProcessPoolExecutor(
-            max_workers=workers, mp_context=ctx, initializer=_init_worker, initargs=(p, threads)
-        )
-        try:
-            with warnings.catch_warnings():
-                # Python 3.12+ warns about forking a process with threads; the ones here
-                # are torch's idle OpenMP workers, which the checks above make safe.
-                warnings.filterwarnings("ignore", ".*fork", DeprecationWarning)
-                started = [pool.submit(_worker_ready) for _ in range(workers)]
-        except BaseException:
-            pool.shutdown(wait=False, cancel_futures=True)
-            raise
-        _feed(pool, deque(todo), key, trust_pickle, done, workers, started)
-        return
-    if method == "forkserver":
-        # The server imports what a worker needs once (torch, numba, scipy, the engines,
-        # the model's module: seconds), so each child starts by a fork instead of importing
-        # them again.
-        ctx.set_forkserver_preload(_worker_modules(p.model))
-    plan_bytes = pickle.dumps(p, protocol=pickle.HIGHEST_PROTOCOL)  # pickled once
-    pool = ProcessPoolExecutor(
-        max_workers=workers,
-        mp_context=ctx,
-        initializer=_init_worker,
-        initargs=(plan_bytes, threads),
-    )
-    queue = deque(todo)
-    starting: list = []
-    failure: list[BaseException] = []
-    # The first submission blocks until the server has imported torch and numba and forked
-    # the workers (seconds), so a thread makes it: an empty task per worker, which starts
-    # the pool without committing a checkpoint to it.
-    starter = threading.Thread(
-        target=_start_pool,
-        args=(pool, workers, starting, failure),
-        name="foresight-sparse-pool-start",
-    )
-    handed_over = False
-    try:
-        starter.start()
-        # Meanwhile this process evaluates checkpoints itself, so a pool never makes a
-        # short sweep slower than a serial one.
-        while (
-            _HELP_WHILE_STARTING
-            and queue
-            and (starter.is_alive() or not any(f.done() for f in starting))
-            and not failure
-        ):
-            entry = queue.popleft()
-            done(entry, _evaluate(p, entry.path, key, trust_pickle))
-        if queue:
-            starter.join()
-            if failure:
-                raise failure[0]
-            handed_over = True
-            _feed(pool, queue, key, trust_pickle, done, workers, starting)
-    finally:
-        if not handed_over:
-            # Nothing was left for the pool, or an error: rather than wait for the pool to
-            # finish starting, stop it from a thread once it has (not a daemon thread, so a
-            # program ending now still closes the workers cleanly).
-            threading.Thread(
-                target=_stop_pool, args=(pool, starter), name="foresight-sparse-pool-stop"
-            ).start()
-
-
-def _feed(pool, queue: deque, key, trust_pickle, done: Done, workers: int, started) -> None:
+def _feed(pool, queue: deque, key, trust_pickle, workers: int, started) -> Iterator[tuple]:
     """Hand the checkpoints in ``queue`` to a started pool, two per worker at a time (each
-    worker has the next one ready), report each as it finishes, then shut the pool down."""
+    worker has the next one ready), yield each as it finishes, then shut the pool down."""
     pending: dict[Any, Checkpoint] = {}
     try:
         for fut in started:
@@ -537,7 +444,8 @@ def _feed(pool, queue: deque, key, trust_pickle, done: Done, workers: int, start
                 pending[pool.submit(_process_task, entry.path, key, trust_pickle)] = entry
             finished, _ = wait(pending, return_when=FIRST_COMPLETED)
             for fut in finished:
-                done(pending.pop(fut), fut.result())
+                entry = pending.pop(fut)
+                yield entry, fut.result()
     finally:
         pool.shutdown(wait=not pending, cancel_futures=True)
 
@@ -560,42 +468,424 @@ def _import_ray():
     try:
         import ray
     except ImportError:
-        raise MissingDependencyError(f"backend='ray' needs Ray: {RAY_HINT}") from None
+        raise MissingDependencyError(Opt("executor", "ray"), f" needs Ray: {RAY_HINT}") from None
     return ray
 
 
-def _run_ray(
-    p: Plan,
-    todo: Sequence[Checkpoint],
-    key,
-    trust_pickle,
-    done: Done,
-    workers: int | None,
-    address: str | None,
-) -> None:
-    ray = _import_ray()
-    started = False
-    if not ray.is_initialized():
-        # A local Ray needs no dashboard; a cluster's own settings are left alone.
-        extra = {"include_dashboard": False} if address is None else {}
-        ray.init(address=address, log_to_driver=False, **extra)
-        started = True
-    try:
-        plan_ref = ray.put(p)  # the object store holds the plan once
-        task = ray.remote(num_cpus=1, max_retries=0)(_ray_task)
-        queue = list(todo)
-        cap = workers or len(queue)
-        running: dict[Any, Checkpoint] = {}
-        while queue or running:
-            while queue and len(running) < cap:
-                entry = queue.pop(0)
-                running[task.remote([plan_ref], entry.path, key, trust_pickle)] = entry
-            ready, _ = ray.wait(list(running), num_returns=1)
-            for ref in ready:
-                done(running.pop(ref), ray.get(ref))
-    finally:
-        if started:
-            ray.shutdown()
+class _RayWorker:
+    """A Ray actor holding the plan: Ray resolves the object reference given to it once,
+    when the actor starts, so each actor fetches and unpickles the plan once and then
+    receives only checkpoint paths."""
+
+    def __init__(self, p: Plan):
+        import ray
+
+        # Ray sets OMP_NUM_THREADS to the actor's CPUs, which torch follows, but numba
+        # starts one thread per core of the machine: give both the actor's share.
+        cpus = ray.get_runtime_context().get_assigned_resources().get("CPU", 1)
+        self.threads = max(1, int(cpus))
+        self.plan = p
+
+    def ready(self) -> bool:
+        return True
+
+    def evaluate(self, path: str, key: str | None, trust_pickle: bool) -> Report | str:
+        # each call: numba's thread count belongs to the thread that sets it
+        _set_threads(self.threads)
+        return _evaluate(self.plan, path, key, trust_pickle)
+
+
+def _check_workers(workers) -> int | None:
+    if workers is not None and (
+        isinstance(workers, bool) or not isinstance(workers, int) or workers < 1
+    ):
+        raise OptionError(Opt("workers"), f"={workers!r} must be a positive int")
+    return workers
+
+
+# --------------------------------------------------------------------------- executors
+
+
+class Executor(abc.ABC):
+    """How :func:`sweep` evaluates its checkpoints: subclass it and implement :meth:`run`
+    to plug in another (a Dask cluster, a job queue).
+
+    Attributes
+    ----------
+    name : str
+        A short name for messages (``'serial'``, ``'process'``, ``'ray'``).
+    """
+
+    name = "custom"
+
+    @abc.abstractmethod
+    def run(
+        self,
+        plan: Plan,
+        checkpoints: Sequence[Checkpoint],
+        *,
+        key: str | None = None,
+        trust_pickle: bool = False,
+    ) -> Iterator[tuple[Checkpoint, Report | str]]:
+        """Evaluate ``checkpoints`` with ``plan``, yielding each as it finishes.
+
+        Parameters
+        ----------
+        plan : Plan
+            The architecture's plan, made once by :func:`sweep`; a worker elsewhere needs
+            it once (it pickles), then only the checkpoint paths.
+        checkpoints : sequence of Checkpoint
+            What is left to do, sorted (resumed ones are not included); never empty.
+        key, trust_pickle
+            As for :func:`sweep`: pass them on to :meth:`evaluate`.
+
+        Yields
+        ------
+        (Checkpoint, Report or str)
+            Each checkpoint once, in the order they finish, with its report or the one
+            line saying why it has none (what :meth:`evaluate` returns). The sweep writes
+            each to its output as it comes, and closes the iterator if it stops early.
+        """
+
+    @staticmethod
+    def evaluate(
+        plan: Plan, path: str, *, key: str | None = None, trust_pickle: bool = False
+    ) -> Report | str:
+        """The report of one checkpoint file, or why there is none: what a worker runs.
+
+        Reads the file (:func:`~foresight_sparse.checkpoints.load_state_dict`), fits it
+        to the plan's model and evaluates it under ``torch.no_grad()``. A file that cannot
+        be read, does not fit or holds non-finite weights gives one line saying why (the
+        sweep's error record) instead of an exception.
+        """
+        return _evaluate(plan, path, key, trust_pickle)
+
+    def __repr__(self) -> str:
+        args = ", ".join(f"{k}={v!r}" for k, v in vars(self).items())
+        return f"{type(self).__name__}({args})"
+
+
+class SerialExecutor(Executor):
+    """Every checkpoint in the calling process, one at a time, in order; a thread reads
+    the next file into the page cache meanwhile."""
+
+    name = "serial"
+
+    def run(self, plan, checkpoints, *, key=None, trust_pickle=False):
+        for entry, state in _read_ahead(plan, checkpoints, key, trust_pickle):
+            yield entry, _compute(plan, state)
+
+
+class ProcessExecutor(Executor):
+    """A pool of worker processes on this machine, the cores shared between them.
+
+    On Linux the workers are forked when that is safe (each on one thread, CUDA not
+    initialised here), else started with forkserver or spawn while the calling process
+    evaluates the first checkpoints itself. Each worker keeps the plan, and the memory one
+    checkpoint frees for the next, and has its next checkpoint queued.
+
+    Parameters
+    ----------
+    workers : int, optional
+        The number of processes (at most one per checkpoint); default one per core.
+    """
+
+    name = "process"
+
+    def __init__(self, workers: int | None = None):
+        self.workers = _check_workers(workers)
+
+    def run(self, plan, checkpoints, *, key=None, trust_pickle=False):
+        import multiprocessing
+
+        p, todo = plan, list(checkpoints)
+        if not todo:
+            return
+        workers = min(self.workers or _cores(), len(todo))
+        threads = max(1, _cores() // workers)
+        method = _start_method(threads)
+        ctx = multiprocessing.get_context(method)
+        log.debug("sweep: %d %s workers, %d threads each", workers, method, threads)
+        if method == "fork":
+            # The workers inherit the plan: nothing to pickle, and they start in
+            # milliseconds, here in this thread, while no parallel region of this process
+            # is running.
+            pool = ProcessPoolExecutor(
+                max_workers=workers,
+                mp_context=ctx,
+                initializer=_init_worker,
+                initargs=(p, threads),
+            )
+            try:
+                with warnings.catch_warnings():
+                    # Python 3.12+ warns about forking a process with threads; the ones
+                    # here are torch's idle OpenMP workers, which the checks above make safe.
+                    warnings.filterwarnings("ignore", ".*fork", DeprecationWarning)
+                    started = [pool.submit(_worker_ready) for _ in range(workers)]
+            except BaseException:
+                pool.shutdown(wait=False, cancel_futures=True)
+                raise
+            yield from _feed(pool, deque(todo), key, trust_pickle, workers, started)
+            return
+        if method == "forkserver":
+            # The server imports what a worker needs once (torch, numba, scipy, the
+            # engines, the model's module: seconds), so each child starts by a fork
+            # instead of importing them again.
+            ctx.set_forkserver_preload(_worker_modules(p.model))
+        plan_bytes = pickle.dumps(p, protocol=pickle.HIGHEST_PROTOCOL)  # pickled once
+        pool = ProcessPoolExecutor(
+            max_workers=workers,
+            mp_context=ctx,
+            initializer=_init_worker,
+            initargs=(plan_bytes, threads),
+        )
+        queue = deque(todo)
+        starting: list = []
+        failure: list[BaseException] = []
+        # The first submission blocks until the server has imported torch and numba and
+        # forked the workers (seconds), so a thread makes it: an empty task per worker,
+        # which starts the pool without committing a checkpoint to it.
+        starter = threading.Thread(
+            target=_start_pool,
+            args=(pool, workers, starting, failure),
+            name="foresight-sparse-pool-start",
+        )
+        handed_over = False
+        try:
+            starter.start()
+            # Meanwhile this process evaluates checkpoints itself, so a pool never makes a
+            # short sweep slower than a serial one.
+            while (
+                _HELP_WHILE_STARTING
+                and queue
+                and (starter.is_alive() or not any(f.done() for f in starting))
+                and not failure
+            ):
+                entry = queue.popleft()
+                yield entry, _evaluate(p, entry.path, key, trust_pickle)
+            if queue:
+                starter.join()
+                if failure:
+                    raise failure[0]
+                handed_over = True
+                yield from _feed(pool, queue, key, trust_pickle, workers, starting)
+        finally:
+            if not handed_over:
+                # Nothing was left for the pool, an error, or the sweep stopped early:
+                # rather than wait for the pool to finish starting, stop it from a thread
+                # once it has (not a daemon thread, so a program ending now still closes
+                # the workers cleanly).
+                threading.Thread(
+                    target=_stop_pool, args=(pool, starter), name="foresight-sparse-pool-stop"
+                ).start()
+
+
+class RayExecutor(Executor):
+    """Ray actors on a cluster, or on a local Ray, each evaluating one checkpoint at a time.
+
+    The plan goes into the object store once (``ray.put``); each actor fetches it once,
+    when it starts, and then receives only checkpoint paths, so they must be readable
+    where the actors run. An actor gets a checkpoint once it has started and each time it
+    finishes one; one still waiting for a CPU gets none. A Ray already initialised in the
+    calling process is used as it is; otherwise the executor connects to ``address`` (or
+    starts a local Ray) and shuts down what it started.
+
+    Parameters
+    ----------
+    workers : int, optional
+        The number of actors (one CPU each; at most one per checkpoint); default as many
+        as the cluster has CPUs when the sweep starts.
+    address : str, optional
+        The cluster to connect to (``"auto"``, ``"ray://host:10001"``, ...).
+
+    Raises
+    ------
+    MissingDependencyError
+        When Ray is not installed (``pip install 'foresight-sparse[ray]'``).
+    """
+
+    name = "ray"
+
+    def __init__(self, workers: int | None = None, address: str | None = None):
+        self.workers = _check_workers(workers)
+        self.address = address
+        _import_ray()  # fail before planning
+
+    def run(self, plan, checkpoints, *, key=None, trust_pickle=False):
+        ray = _import_ray()
+        todo = deque(checkpoints)
+        if not todo:
+            return
+        started = False
+        if not ray.is_initialized():
+            # A local Ray needs no dashboard; a cluster's own settings are left alone.
+            extra = {"include_dashboard": False} if self.address is None else {}
+            ray.init(address=self.address, log_to_driver=False, **extra)
+            started = True
+        actors: list = []
+        try:
+            plan_ref = ray.put(plan)  # the object store holds the plan once
+            worker = ray.remote(num_cpus=1, max_restarts=0, max_task_retries=0)(_RayWorker)
+            cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
+            actors = [worker.remote(plan_ref) for _ in range(min(self.workers or cpus, len(todo)))]
+            calls = {actor.ready.remote(): (actor, None) for actor in actors}
+            busy = 0
+            while todo or busy:
+                (ref,), _ = ray.wait(list(calls), num_returns=1)
+                actor, entry = calls.pop(ref)
+                result = ray.get(ref)
+                if entry is not None:
+                    busy -= 1
+                    yield entry, result
+                if todo:  # the actor is free: give it the next checkpoint
+                    entry = todo.popleft()
+                    calls[actor.evaluate.remote(entry.path, key, trust_pickle)] = (actor, entry)
+                    busy += 1
+        finally:
+            for actor in actors:
+                ray.kill(actor)
+            if started:
+                ray.shutdown()
+
+
+# --------------------------------------------------------------------------- choosing one
+
+
+def __getattr__(name: str):
+    if name == "BACKENDS":  # the old name of EXECUTORS, kept while backend= is
+        warn_caller("foresight_sparse.sweeps.BACKENDS is now EXECUTORS", category=FutureWarning)
+        return EXECUTORS
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def _from_backend(backend: str | None, executor):
+    """The executor asked for with the deprecated ``backend='serial'|'process'|'ray'``
+    (with a FutureWarning), else ``executor``: the one place ``backend=`` is read."""
+    if backend is None:
+        return executor
+    if executor is not None:
+        raise OptionError(
+            Opt("backend"),
+            f"={backend!r} and ",
+            Opt("executor"),
+            f"={executor!r} both given; ",
+            "give only ",
+            Opt("executor", backend),
+        )
+    if backend not in EXECUTORS:
+        raise UnknownNameError(
+            f"unknown backend {backend!r}; sweeps run with ",
+            Opt("executor", *EXECUTORS),
+        )
+    warn_caller(
+        "sweep's ",
+        Opt("backend", backend),
+        " is deprecated and will be removed: use ",
+        Opt("executor", backend),
+        category=FutureWarning,
+    )
+    return backend
+
+
+def _executor(executor, workers, ray_address) -> Executor:
+    """The executor for ``executor=`` (a name, an :class:`Executor` or None), configured
+    with ``workers`` and ``ray_address``; contradictions refused."""
+    _check_workers(workers)
+    if isinstance(executor, Executor):
+        for name, value in (("workers", workers), ("ray_address", ray_address)):
+            if value is not None:
+                raise OptionError(
+                    Opt(name),
+                    f"={value!r} is for a named executor; configure the "
+                    f"{type(executor).__name__} given as executor= instead",
+                )
+        return executor
+    if executor is None:
+        executor = "process" if workers is not None and workers > 1 else "serial"
+    elif not isinstance(executor, str):
+        raise OptionError(
+            Opt("executor"),
+            f"={executor!r}: give an Executor or ",
+            Opt("executor", *EXECUTORS),
+        )
+    if executor not in EXECUTORS:
+        raise UnknownNameError(
+            f"unknown executor {executor!r}; the executors are ", Opt("executor", *EXECUTORS)
+        )
+    if ray_address is not None and executor != "ray":
+        raise OptionError(
+            Opt("ray_address"),
+            f"={ray_address!r} needs ",
+            Opt("executor", "ray"),
+            f", not executor={executor!r}",
+        )
+    if executor == "serial":
+        if workers not in (None, 1):
+            raise OptionError(
+                Opt("workers"),
+                f"={workers} needs ",
+                Opt("executor", "process", "ray"),
+                "; the serial executor evaluates one checkpoint at a time",
+            )
+        return SerialExecutor()
+    if executor == "process":
+        return ProcessExecutor(workers)
+    return RayExecutor(workers, ray_address)
+
+
+# --------------------------------------------------------------------------- the sink
+
+
+class _Sink:
+    """Where a sweep's results go as they come: the history, the CSV ``output`` (appended
+    to), the progress bar and the log (a warning per failed checkpoint)."""
+
+    def __init__(self, history: History, columns, output: str | None, total: int, progress):
+        self.history = history
+        self.writer = self.bar = None
+        if output is not None:
+            # what is kept, in order; then the new results are appended
+            history.to_csv(output, columns=columns)
+            self.writer = CSVAppender(output, history.meta, columns=columns)
+        if progress:
+            from tqdm.auto import tqdm
+
+            initial = len(history.labels)
+            self.bar = tqdm(total=total, initial=initial, desc="sweep", unit="ckpt")
+
+    def add(self, entry: Checkpoint, result: Report | str) -> None:
+        """Record one checkpoint's report, or its error record when ``result`` says why
+        there is none."""
+        if isinstance(result, Report):
+            recs = records_from_report(
+                result, entry.label, step=entry.step, epoch=entry.epoch, file=entry.path
+            )
+        else:
+            log.warning("checkpoint %s: %s", entry.path, result)
+            recs = [
+                Record(
+                    entry.label,
+                    "error",
+                    step=entry.step,
+                    epoch=entry.epoch,
+                    file=entry.path,
+                    error=result,
+                )
+            ]
+        self.history.extend(recs)
+        if self.writer is not None:
+            self.writer.write(recs)
+        if self.bar is not None:
+            self.bar.update(1)
+
+    def __enter__(self) -> _Sink:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.writer is not None:
+            self.writer.close()
+        if self.bar is not None:
+            self.bar.close()
 
 
 # --------------------------------------------------------------------------- resuming
@@ -646,6 +936,7 @@ def sweep(
     checkpoints,
     input=None,
     *,
+    executor: str | Executor | None = None,
     workers: int | None = None,
     backend: str | None = None,
     norm=lin_norm,
@@ -678,17 +969,21 @@ def sweep(
         the names (see the module's description).
     input : torch.Tensor, tuple or dict, optional
         An example input, as for :func:`foresight_sparse.plan` (or give ``shapes``).
+    executor : {'serial', 'process', 'ray'} or Executor, optional
+        Where the checkpoints are evaluated. ``'serial'`` (:class:`SerialExecutor`): in
+        this process. ``'process'`` (:class:`ProcessExecutor`): a pool of ``workers``
+        processes on this machine (started by fork where safe, else forkserver or spawn),
+        the cores shared between them. ``'ray'`` (:class:`RayExecutor`): Ray actors on a
+        cluster (``ray_address``, or a local Ray; an already initialised Ray is used as it
+        is); the checkpoint paths must be readable where the actors run. An
+        :class:`Executor` is used as it is (configure it yourself). Default:
+        ``'process'`` when ``workers`` is more than 1, else ``'serial'``.
     workers : int, optional
-        How many checkpoints are evaluated at once: the number of worker processes
-        (default: one per core), or the most Ray tasks in flight (default: as many as the
-        cluster runs). The serial backend takes only 1.
+        How many checkpoints are evaluated at once, for a named executor: the number of
+        worker processes (default: one per core), or of Ray actors (default: one per CPU
+        of the cluster). The serial executor takes only 1.
     backend : {'serial', 'process', 'ray'}, optional
-        ``'serial'``: in this process. ``'process'``: a pool of ``workers`` processes on
-        this machine (started with forkserver or spawn), the cores shared between them.
-        ``'ray'``: one task per checkpoint on a Ray cluster (``ray_address``, or a local
-        Ray; an already initialised Ray is used as it is); the checkpoint paths must be
-        readable where the tasks run. Default: ``'process'`` when ``workers`` is more
-        than 1, else ``'serial'``.
+        Deprecated (a FutureWarning): the old name of ``executor``.
     norm, device, engine, legacy, max_memory, shapes, layers, measure, convention
         As for :func:`foresight_sparse.plan`.
     key : str, optional
@@ -709,7 +1004,7 @@ def sweep(
         A tqdm progress bar over the checkpoints (on stderr).
     ray_address : str, optional
         The Ray cluster to connect to (``"auto"``, ``"ray://host:10001"``, ...); with
-        ``backend='ray'`` only.
+        ``executor='ray'`` only.
     meta : dict, optional
         Extra JSON-ready metadata for the history and ``output`` (the command line records
         the model's name here).
@@ -723,34 +1018,22 @@ def sweep(
     Raises
     ------
     UnknownNameError
-        For an unknown backend, or ``workers`` other than 1 with the serial backend.
+        For an unknown executor.
+    OptionError
+        For contradicting options: ``workers`` other than 1 with the serial executor,
+        ``ray_address`` without Ray, ``workers`` or ``ray_address`` with an
+        :class:`Executor`, both ``backend`` and ``executor``; ``resume`` without ``output``.
     MissingDependencyError
-        For ``backend='ray'`` without Ray installed (``pip install 'foresight-sparse[ray]'``).
+        For ``executor='ray'`` without Ray installed (``pip install 'foresight-sparse[ray]'``).
     HistoryFileError
         When ``resume`` finds an ``output`` it cannot read or made with other settings.
     """
     start = time.perf_counter()
-    if backend is None:
-        backend = "process" if workers is not None and workers > 1 else "serial"
-    if backend not in BACKENDS:
-        raise UnknownNameError(
-            f"unknown backend {backend!r}; valid backends are {', '.join(BACKENDS)}"
-        )
-    if workers is not None and (
-        isinstance(workers, bool) or not isinstance(workers, int) or workers < 1
-    ):
-        raise ValueError(f"workers={workers!r} must be a positive int")
-    if backend == "serial" and workers not in (None, 1):
-        raise UnknownNameError(
-            f"workers={workers} needs backend='process' or 'ray'; the "
-            "serial backend runs one checkpoint at a time"
-        )
-    if ray_address is not None and backend != "ray":
-        raise ValueError(f"ray_address={ray_address!r} is for backend='ray', not {backend!r}")
+    runner = _executor(_from_backend(backend, executor), workers, ray_address)
     if resume and output is None:
-        raise ValueError("resume=True needs output=, the CSV file of the run to resume")
-    if backend == "ray":
-        _import_ray()  # fail before planning
+        raise OptionError(
+            Opt("resume", True), " needs ", Opt("output"), ", the CSV file of the run to resume"
+        )
     entries = checkpoint_entries(checkpoints)
     p = plan(
         model,
@@ -775,66 +1058,18 @@ def sweep(
         **(meta or {}),
     }
     history = History(meta=info)
-    resumed: list[str] = []
     out_path = os.fspath(output) if output is not None else None
-    if (
-        resume
-        and out_path is not None
-        and os.path.exists(out_path)
-        and os.path.getsize(out_path) > 0
-    ):
-        kept = _resume(out_path, info, entries, len(p.layers))
-        history.extend(kept.records)
-        resumed = kept.labels
+    if resume and os.path.exists(out_path) and os.path.getsize(out_path) > 0:
+        history.extend(_resume(out_path, info, entries, len(p.layers)).records)
+    resumed = history.labels
     todo = [e for e in entries if e.label not in set(resumed)]
-    writer = None
-    if out_path is not None:
-        # what is kept, in order; then the new results are appended
-        history.to_csv(out_path, columns=p.columns)
-        writer = CSVAppender(out_path, info, columns=p.columns)
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=len(entries), initial=len(resumed), desc="sweep", unit="ckpt")
-
-    def done(entry: Checkpoint, result: Report | str) -> None:
-        if isinstance(result, Report):
-            recs = records_from_report(
-                result, entry.label, step=entry.step, epoch=entry.epoch, file=entry.path
-            )
-        else:
-            log.warning("checkpoint %s: %s", entry.path, result)
-            recs = [
-                Record(
-                    entry.label,
-                    "error",
-                    step=entry.step,
-                    epoch=entry.epoch,
-                    file=entry.path,
-                    error=result,
-                )
-            ]
-        history.extend(recs)
-        if writer is not None:
-            writer.write(recs)
-        if bar is not None:
-            bar.update(1)
-
-    try:
-        if not todo:
-            pass
-        elif backend == "serial":
-            _run_serial(p, todo, key, trust_pickle, done)
-        elif backend == "process":
-            _run_processes(p, todo, key, trust_pickle, done, workers or _cores())
-        else:
-            _run_ray(p, todo, key, trust_pickle, done, workers, ray_address)
-    finally:
-        if writer is not None:
-            writer.close()
-        if bar is not None:
-            bar.close()
+    with _Sink(history, p.columns, out_path, len(entries), progress) as sink:
+        results = runner.run(p, todo, key=key, trust_pickle=trust_pickle) if todo else ()
+        try:
+            for entry, result in results:
+                sink.add(entry, result)
+        finally:  # an executor stopped early (an error here) shuts its workers down now
+            getattr(results, "close", lambda: None)()
     history = history.sorted([e.label for e in entries])
     if out_path is not None:
         history.to_csv(out_path, columns=p.columns)

@@ -1,4 +1,4 @@
-"""sweep(): every backend gives report()'s numbers; bad checkpoints become error rows; resume."""
+"""sweep(): every executor gives report()'s numbers; bad checkpoints become error rows; resume."""
 
 from __future__ import annotations
 
@@ -12,9 +12,23 @@ from torch import nn
 
 import foresight_sparse
 from foresight_sparse import sweep
-from foresight_sparse.exceptions import HistoryFileError, MissingDependencyError, UnknownNameError
+from foresight_sparse.exceptions import (
+    HistoryFileError,
+    MissingDependencyError,
+    OptionError,
+    UnknownNameError,
+)
 from foresight_sparse.history import NETWORK, History
-from foresight_sparse.sweeps import Checkpoint, checkpoint_entries, natural_key
+from foresight_sparse.plans import Plan
+from foresight_sparse.sweeps import (
+    Checkpoint,
+    Executor,
+    ProcessExecutor,
+    RayExecutor,
+    SerialExecutor,
+    checkpoint_entries,
+    natural_key,
+)
 
 pytestmark = pytest.mark.filterwarnings("ignore:skipped layers")
 
@@ -178,7 +192,7 @@ def test_same_names_in_two_folders_keep_the_folder(tmp_path):
         checkpoint_entries([tmp_path / "run_a" / "epoch=1.pt"] * 2)
 
 
-# --------------------------------------------------------------------------- backends
+# --------------------------------------------------------------------------- executors
 
 
 def test_serial_sweep_equals_report(ckpts):
@@ -206,7 +220,7 @@ def test_process_sweep_equals_report_and_reports_errors(
     monkeypatch.setattr(sweeps, "_HELP_WHILE_STARTING", parent_helps)
     _, paths, expected = ckpts
     files = [*paths, bad["step=5"], bad["step=6"], bad["step=7"], bad["step=8"]]
-    res = sweep(tiny_cnn(), files, INPUT, workers=2, backend="process", output=tmp_path / "ei.csv")
+    res = sweep(tiny_cnn(), files, INPUT, workers=2, executor="process", output=tmp_path / "ei.csv")
     assert_matches(res.history, expected)
     _assert_errors(res)
     assert History.from_csv(tmp_path / "ei.csv") == res.history
@@ -324,10 +338,17 @@ def test_reader_thread_only_reads_ahead(ckpts, monkeypatch):
 
 
 def test_warm_file_leaves_errors_to_the_load(tmp_path):
-    from foresight_sparse.sweeps import _warm_file
+    """Reading ahead a missing file or a folder raises nothing; the load that follows
+    turns the same file into the checkpoint's error line."""
+    from foresight_sparse.sweeps import _load, _warm_file
 
-    _warm_file(str(tmp_path / "missing.pt"), bytearray(16))  # no exception
-    _warm_file(str(tmp_path), bytearray(16))  # a folder: no exception either
+    missing = str(tmp_path / "missing.pt")
+    assert _warm_file(missing, bytearray(16)) is None
+    assert _warm_file(str(tmp_path), bytearray(16)) is None  # a folder
+    p = foresight_sparse.plan(tiny_cnn(), INPUT)
+    for path in (missing, str(tmp_path)):
+        why = _load(p, path, None, False)
+        assert isinstance(why, str) and os.path.basename(path) in why, why
 
 
 _FREED_MEMORY = """
@@ -442,12 +463,12 @@ def local_ray():
 def test_ray_sweep_equals_report(local_ray, ckpts, bad, tmp_path):
     _, paths, expected = ckpts
     files = [*paths, bad["step=5"], bad["step=6"], bad["step=7"], bad["step=8"]]
-    res = sweep(tiny_cnn(), files, INPUT, backend="ray", output=tmp_path / "ei.csv")
+    res = sweep(tiny_cnn(), files, INPUT, executor="ray", output=tmp_path / "ei.csv")
     assert_matches(res.history, expected)
     _assert_errors(res)
     serial = sweep(tiny_cnn(), files, INPUT)
     assert res.history.labels == serial.history.labels
-    capped = sweep(tiny_cnn(), paths[:2], INPUT, backend="ray", workers=1)
+    capped = sweep(tiny_cnn(), paths[:2], INPUT, executor=RayExecutor(workers=1))
     assert capped.history.labels == ["epoch=2-step=20", "epoch=10-step=100"]
     assert_matches(capped.history, {k: expected[k] for k in capped.history.labels})
 
@@ -464,19 +485,271 @@ def test_ray_missing_says_how_to_install(monkeypatch, ckpts):
 
     monkeypatch.setattr(builtins, "__import__", no_ray)
     with pytest.raises(MissingDependencyError, match=r"foresight-sparse\[ray\]"):
-        sweep(tiny_cnn(), ckpts[1], INPUT, backend="ray")
+        sweep(tiny_cnn(), ckpts[1], INPUT, executor="ray")
+    with pytest.raises(MissingDependencyError, match=r"executor='ray' needs Ray"):
+        RayExecutor()
 
 
 def test_bad_arguments(ckpts, tmp_path):
+    """Each option outside its domain, and each contradiction, is refused before planning,
+    with a message naming the options."""
     paths = ckpts[1]
-    with pytest.raises(UnknownNameError, match="valid backends"):
+    refused = [
+        (UnknownNameError, "unknown executor 'threads'", {"executor": "threads"}),
+        (OptionError, "executor=3: give an Executor", {"executor": 3}),
+        (
+            OptionError,
+            r"workers=2 needs executor='process' or 'ray'",
+            dict(executor="serial", workers=2),
+        ),
+        (OptionError, r"ray_address='auto' needs executor='ray'", {"ray_address": "auto"}),
+        (
+            OptionError,
+            r"ray_address='auto' needs executor='ray'",
+            dict(executor="process", ray_address="auto"),
+        ),
+        (
+            OptionError,
+            r"workers=2 is for a named executor.*SerialExecutor",
+            dict(executor=SerialExecutor(), workers=2),
+        ),
+        (OptionError, r"workers=0 must be a positive int", {"workers": 0}),
+        (OptionError, r"workers=True must be a positive int", {"workers": True}),
+        (OptionError, r"resume=True needs output", {"resume": True}),
+    ]
+    for error, message, options in refused:
+        with pytest.raises(error, match=message):
+            sweep(tiny_cnn(), paths, INPUT, **options)
+    with pytest.raises(OptionError, match=r"workers=0"):
+        ProcessExecutor(0)
+    assert issubclass(OptionError, ValueError) and issubclass(OptionError, TypeError)
+
+
+def test_executor_names_pick_and_configure_an_executor(monkeypatch):
+    """None keeps the old rule (processes for workers > 1, else serial); a name takes
+    workers and ray_address; an Executor is used as it is."""
+    from foresight_sparse.sweeps import _executor
+
+    monkeypatch.setitem(sys.modules, "ray", FakeRay())  # RayExecutor only imports it here
+    assert type(_executor(None, None, None)) is SerialExecutor
+    assert type(_executor(None, 1, None)) is SerialExecutor
+    assert type(_executor("serial", 1, None)) is SerialExecutor
+    picked = _executor(None, 3, None)
+    assert type(picked) is ProcessExecutor and picked.workers == 3
+    assert _executor("process", None, None).workers is None  # one per core, when it runs
+    ray = _executor("ray", 2, "auto")
+    assert type(ray) is RayExecutor and (ray.workers, ray.address) == (2, "auto")
+    assert repr(ray) == "RayExecutor(workers=2, address='auto')"
+    mine = ProcessExecutor(2)
+    assert _executor(mine, None, None) is mine
+
+
+def test_backend_still_works_with_a_future_warning(ckpts):
+    """backend='serial'|'process'|'ray' is executor= under its old name for one cycle: a
+    FutureWarning at the caller's line, the same records; both at once are refused."""
+    import foresight_sparse.sweeps as sweeps
+
+    _, paths, expected = ckpts
+    with pytest.warns(
+        FutureWarning, match=r"backend='serial' is deprecated.*use executor='serial'"
+    ) as caught:
+        old = sweep(tiny_cnn(), paths[:2], INPUT, backend="serial")
+    assert [w.filename for w in caught if issubclass(w.category, FutureWarning)] == [__file__]
+    new = sweep(tiny_cnn(), paths[:2], INPUT, executor="serial")
+    assert old.history == new.history
+    assert_matches(old.history, {k: expected[k] for k in old.history.labels})
+    with pytest.raises(OptionError, match=r"backend='serial' and executor='process' both"):
+        sweep(tiny_cnn(), paths, INPUT, backend="serial", executor="process")
+    with pytest.raises(UnknownNameError, match=r"unknown backend 'threads'.*executor="):
         sweep(tiny_cnn(), paths, INPUT, backend="threads")
-    with pytest.raises(UnknownNameError, match="serial"):
-        sweep(tiny_cnn(), paths, INPUT, backend="serial", workers=2)
-    with pytest.raises(ValueError, match="workers"):
-        sweep(tiny_cnn(), paths, INPUT, workers=0)
-    with pytest.raises(ValueError, match="output"):
-        sweep(tiny_cnn(), paths, INPUT, resume=True)
+    with pytest.warns(FutureWarning, match="EXECUTORS"):
+        assert sweeps.BACKENDS == sweeps.EXECUTORS == ("serial", "process", "ray")
+
+
+class Reversed(Executor):
+    """A user's executor: the checkpoints last to first, through Executor.evaluate."""
+
+    def __init__(self):
+        self.calls = []
+
+    def run(self, plan, checkpoints, *, key=None, trust_pickle=False):
+        self.calls.append((plan, [c.label for c in checkpoints], key, trust_pickle))
+        for entry in reversed(checkpoints):
+            yield entry, self.evaluate(plan, entry.path, key=key, trust_pickle=trust_pickle)
+
+
+def test_a_user_executor_plugs_in(ckpts, bad, tmp_path):
+    """An Executor subclass receives the plan and what is left to do, and its results, in
+    whatever order it yields them, become the sorted history and the CSV."""
+    _, paths, expected = ckpts
+    out = tmp_path / "ei.csv"
+    mine = Reversed()
+    res = sweep(tiny_cnn(), [*paths, bad["step=5"]], INPUT, executor=mine, output=out)
+    [(plan, labels, key, trust_pickle)] = mine.calls
+    assert isinstance(plan, Plan) and labels == [*ORDER, "step=5"]
+    assert (key, trust_pickle) == (None, False)
+    assert res.history.labels == [*ORDER, "step=5"]
+    assert_matches(res.history, expected)
+    assert [r.label for r in res.errors] == ["step=5"] and "cannot read" in res.errors[0].error
+    assert History.from_csv(out) == res.history
+
+
+def test_a_sweep_that_stops_closes_its_executor_and_keeps_what_finished(
+    ckpts, tmp_path, monkeypatch
+):
+    """When the sweep stops between two results (Ctrl-C, a full disk), it closes the
+    executor's iterator at once, so the executor shuts its workers down then; the CSV holds
+    the checkpoints that finished."""
+    import foresight_sparse.sweeps as sweeps
+
+    _, paths, expected = ckpts
+    closed = []
+
+    class Tracked(Executor):
+        def run(self, plan, checkpoints, *, key=None, trust_pickle=False):
+            try:
+                for entry in checkpoints:
+                    yield entry, self.evaluate(plan, entry.path)
+            finally:
+                closed.append(True)
+
+    add = sweeps._Sink.add
+
+    def interrupted(sink, entry, result):
+        if sink.history.labels:
+            raise KeyboardInterrupt
+        add(sink, entry, result)
+
+    monkeypatch.setattr(sweeps._Sink, "add", interrupted)
+    out = tmp_path / "ei.csv"
+    with pytest.raises(KeyboardInterrupt):
+        sweep(tiny_cnn(), paths, INPUT, executor=Tracked(), output=out)
+    assert closed == [True]  # while the traceback still holds the sweep's frame
+    kept = History.from_csv(out)
+    assert kept.labels == [ORDER[0]]
+    assert_matches(kept, {ORDER[0]: expected[ORDER[0]]})
+
+
+class _Ref:
+    def __init__(self, value):
+        self.value = value
+
+
+class FakeRay:
+    """Enough of Ray to run RayExecutor in this process: actors are built and their calls
+    run at once; ``ray.wait`` says the latest call finished first, so the first actor's
+    start is never seen (an actor left waiting for a CPU)."""
+
+    def __init__(self):
+        self.initialized = False
+        self.inits, self.puts, self.actors, self.killed = [], [], [], []
+
+    def is_initialized(self):
+        return self.initialized
+
+    def init(self, **options):
+        self.inits.append(options)
+        self.initialized = True
+
+    def shutdown(self):
+        self.initialized = False
+
+    def put(self, value):
+        self.puts.append(value)
+        return _Ref(value)
+
+    def get(self, ref):
+        return ref.value
+
+    def wait(self, refs, num_returns=1):
+        return refs[-num_returns:], refs[:-num_returns]
+
+    def kill(self, actor):
+        self.killed.append(actor)
+
+    def cluster_resources(self):
+        return {"CPU": 3.0}
+
+    def get_runtime_context(self):
+        import types
+
+        return types.SimpleNamespace(get_assigned_resources=lambda: {"CPU": 1.0})
+
+    def remote(self, **options):
+        fake = self
+
+        class Handle:
+            def __init__(self, instance):
+                self.instance, self.evaluated = instance, []
+
+            def __getattr__(self, name):
+                method = getattr(self.instance, name)
+                calls = self.evaluated
+
+                class Method:
+                    @staticmethod
+                    def remote(*args):
+                        if name == "evaluate":
+                            calls.append(os.path.basename(args[0]))
+                        return _Ref(method(*args))
+
+                return Method
+
+        def actor_class(cls):
+            class ActorClass:
+                @staticmethod
+                def remote(*args):
+                    refs = [a for a in args if isinstance(a, _Ref)]
+                    # Ray hands an actor the value of an object reference it is given
+                    handle = Handle(cls(*(a.value if isinstance(a, _Ref) else a for a in args)))
+                    fake.actors.append((options, refs, handle))
+                    return handle
+
+            return ActorClass
+
+        return actor_class
+
+
+@pytest.mark.parametrize("workers, actors", [(2, 2), (None, 3)])
+def test_ray_executor_keeps_the_plan_in_the_object_store(ckpts, bad, monkeypatch, workers, actors):
+    """The plan is put in Ray's object store once and handed to each actor as that one
+    reference; nothing in the module keeps it. Checkpoints go only to actors that have
+    started; the actors are killed and the Ray the sweep started is shut down."""
+    import foresight_sparse.sweeps as sweeps
+
+    fake = FakeRay()
+    monkeypatch.setitem(sys.modules, "ray", fake)
+    threads = []
+    monkeypatch.setattr(sweeps, "_set_threads", threads.append)
+    _, paths, expected = ckpts
+    files = [*paths, bad["step=5"], bad["step=6"], bad["step=7"], bad["step=8"]]
+    res = sweep(tiny_cnn(), files, INPUT, executor=RayExecutor(workers))
+    assert_matches(res.history, expected)
+    _assert_errors(res)
+    [plan] = fake.puts
+    assert isinstance(plan, Plan)
+    assert len(fake.actors) == actors  # workers, or the cluster's CPUs
+    for options, refs, handle in fake.actors:
+        assert options["num_cpus"] == 1
+        assert [r.value for r in refs] == [plan] and handle.instance.plan is plan
+    evaluated = [handle.evaluated for _, _, handle in fake.actors]
+    assert evaluated[0] == []  # never started: given nothing
+    assert sorted(sum(evaluated, [])) == sorted(os.path.basename(f) for f in files)
+    assert threads == [1] * len(files)  # each actor's one CPU
+    # no module global keeps the plan (the old per-worker cache did)
+    held = [
+        name
+        for name, value in vars(sweeps).items()
+        if value is plan
+        or isinstance(value, dict)
+        and any(v is plan for v in value.values())
+        or isinstance(value, (list, tuple))
+        and any(v is plan for v in value)
+    ]
+    assert held == []
+    assert fake.killed == [handle for _, _, handle in fake.actors]
+    assert fake.inits == [{"address": None, "log_to_driver": False, "include_dashboard": False}]
+    assert not fake.initialized
 
 
 # --------------------------------------------------------------------------- resume
