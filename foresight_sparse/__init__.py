@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 
 from . import ei
+from ._version import __version__
 from .analysis import report
 from .budget import DEFAULT_MAX_MEMORY
 from .connectivity import Connectivity, ExplicitMatrix, register, unregister
@@ -47,8 +48,6 @@ from .results import LayerReport, Report
 from .settings import Settings
 from .sweeps import Executor, ProcessExecutor, RayExecutor, SerialExecutor, SweepResult, sweep
 from .tracking import Tracker
-
-__version__ = "0.1.0"
 
 __all__ = [
     "ei",

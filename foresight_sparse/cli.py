@@ -28,7 +28,7 @@ from collections.abc import Sequence
 
 import torch
 
-from . import __version__
+from ._version import __version__
 from .analysis import report as _report
 from .backends import BACKENDS
 from .budget import parse_bytes
@@ -49,10 +49,10 @@ from .measures import MEASURES, get_measure
 from .models import DEFAULT_IMAGE_SHAPE, ModelError, UsageError, load_model
 from .norms import NORMS
 from .plans import plan, resolve_device
-from .plotting import PLOT_HINT
+from .plotting import PLOT_HINT, check_plot_path, plot_report
 from .results import _cell
 from .settings import SKIPPED
-from .sweeps import RAY_HINT
+from .sweeps import RAY_HINT, _keep_freed_memory, sweep
 from .tracing import SKIPPED_HINT
 
 __all__ = [
@@ -498,8 +498,6 @@ def _check_writable(path: str | None, option: str) -> None:
 
 
 def _check_plot(path: str) -> None:
-    from .plotting import check_plot_path
-
     try:
         check_plot_path(path)
     except MissingDependencyError:
@@ -583,8 +581,6 @@ def _cmd_ei(args: argparse.Namespace) -> int:
     if args.csv:
         rep.save_csv(args.csv)
     if args.plot:
-        from .plotting import plot_report
-
         plot_report(rep, args.plot, title=os.path.basename(args.model))
     return 0
 
@@ -611,8 +607,6 @@ def _sweep_options(args, device, measure) -> dict:  # interim, until sweep takes
 
 
 def _cmd_sweep(args: argparse.Namespace) -> int:
-    from .sweeps import _keep_freed_memory, sweep
-
     device = _device(args.device)
     if args.workers is not None and args.workers < 1:
         raise UsageError(f"--workers {args.workers}: give a positive number")

@@ -29,7 +29,8 @@ from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
-from .exceptions import HistoryFileError
+from .exceptions import HistoryFileError, OptionError, UnknownLayerError, UnknownNameError
+from .plotting import plot_history
 from .results import Report
 
 __all__ = ["NETWORK", "KINDS", "FIELDS", "Record", "History", "CSVAppender", "records_from_report"]
@@ -91,8 +92,6 @@ class Record:
 
     def __post_init__(self):
         if self.kind not in KINDS:
-            from .exceptions import UnknownNameError  # (the import lines are another change's)
-
             raise UnknownNameError(
                 f"Record kind={self.kind!r} is not one of {', '.join(KINDS)}", param="kind"
             )
@@ -413,8 +412,6 @@ class History:
     def append(self, record: Record) -> None:
         """Add one record at the end."""
         if not isinstance(record, Record):
-            from .exceptions import OptionError  # (the import lines are another change's)
-
             raise OptionError(
                 f"History.append takes a Record, not {type(record).__name__}", param="record"
             )
@@ -533,8 +530,6 @@ class History:
         """
         recs = [r for r in self.records if r.kind != "error" and r.layer == layer]
         if not recs:
-            from .exceptions import UnknownLayerError  # (the import lines are another change's)
-
             names = ", ".join([NETWORK, *self.layers][:12])
             raise UnknownLayerError(
                 f"the history has no layer {layer!r}; it has {names}", param="layer"
@@ -642,8 +637,6 @@ class History:
         title : str, optional
             A title line.
         """
-        from .plotting import plot_history
-
         plot_history(self, path, kind=kind, title=title)
 
 

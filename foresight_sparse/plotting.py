@@ -254,8 +254,6 @@ def plot_history(history, path: str | os.PathLike, kind: str = "layers", title: 
     fmt = check_plot_path(path)
     from matplotlib.figure import Figure
 
-    from .history import NETWORK
-
     network = [r for r in history.records if r.kind == "network"]
     if not network:
         raise ValueError("the history holds no evaluation to draw (only errors, or nothing)")
@@ -292,18 +290,20 @@ def plot_history(history, path: str | os.PathLike, kind: str = "layers", title: 
         ax.set_xlabel(axis)
         ax.set_ylabel(ylabel)
     else:
-        for name, color in zip([*names, NETWORK], [*colors, "black"]):
-            kind_of = "network" if name == NETWORK else "layer"
-            recs = [r for r in history.records if r.kind == kind_of and r.layer == name]
+        # the layers, then the network's totals (None): the records the other chart draws
+        for name, color in zip([*names, None], [*colors, "black"]):
+            if name is None:
+                recs = network
+            else:
+                recs = [r for r in history.records if r.kind == "layer" and r.layer == name]
             xlabel, x = _plane_x(recs)
             y = [r.degeneracy for r in recs]
-            width = 2.5 if name == NETWORK else 1
             ax.plot(
                 x,
                 y,
                 color=color,
-                linewidth=width,
-                label="network" if name == NETWORK else legend[name],
+                linewidth=2.5 if name is None else 1,
+                label="network" if name is None else legend[name],
             )
             ax.plot(x[:1], y[:1], "o", color=color, markersize=4)
             ax.plot(x[-1:], y[-1:], "s", color=color, markersize=5)

@@ -18,14 +18,13 @@ from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from typing import Any
 
+from ._version import __version__
 from .exceptions import ReportFileError
 
 __all__ = ["LayerReport", "Report"]
 
 
 def _library_version() -> str:
-    from . import __version__  # at call time: the package is fully imported by then
-
     return __version__
 
 

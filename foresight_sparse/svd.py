@@ -42,9 +42,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from .budget import check_budget, format_bytes, resolve_budget
-from .connectivity import Connectivity, FullyConnected
+from .connectivity import Connectivity, FullyConnected, connectivity
 from .engines import layer_shift
-from .exceptions import MemoryBudgetError, Opt, UnknownNameError, warn_caller
+from .exceptions import MemoryBudgetError, Opt, OptionError, UnknownNameError, warn_caller
 from .measures import Measure, MeasureLayer
 from .norms import ElementwiseNorm, Norm, get_norm
 
@@ -89,10 +89,7 @@ _MIN_PROBES = 4
 
 
 def _option_error(*parts, param: str | None = None):
-    """An :class:`~foresight_sparse.exceptions.OptionError` (imported here, not with the
-    module's imports, which another change is reorganising)."""
-    from .exceptions import OptionError
-
+    """An :class:`~foresight_sparse.exceptions.OptionError`."""
     return OptionError(*parts, param=param)
 
 
@@ -961,8 +958,6 @@ def _resolve_layer(layer, in_shape):
                 Opt("in_shape", metavar="(batch, C, ...)"),
                 " to build its connectivity; or pass a Connectivity",
             )
-        from .connectivity import connectivity
-
         in_shape = tuple(int(s) for s in in_shape)
         with torch.no_grad():
             out_shape = tuple(layer(torch.zeros(in_shape, device=_module_device(layer))).shape)

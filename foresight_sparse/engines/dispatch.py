@@ -58,14 +58,12 @@ def form(engine: str, job: LayerJob) -> Callable:
     """The form of ``engine`` for ``job``: the entry of :data:`FORMS` for the job's
     backend and its connectivity's type, or the nearest base class that has one.
 
-    Raises
-    ------
-    LookupError
-        Where the table has none (the engine checked it can serve the layer first).
+    The engines check they can serve a layer before they ask: a job the table has no form
+    for is a bug (an ``AssertionError``).
     """
     name = job.backend.name
     for cls in type(job.conn).__mro__:
         found = FORMS.get((engine, cls, name))
         if found is not None:
             return found
-    raise LookupError(f"no {engine} form for {type(job.conn).__name__} on the {name} backend")
+    raise AssertionError(f"no {engine} form for {type(job.conn).__name__} on the {name} backend")

@@ -20,6 +20,7 @@ from typing import Any, ClassVar
 import torch
 
 from ..budget import parse_bytes
+from ..exceptions import ShapeMismatchError
 from ..measures import Measure, MeasureLayer
 from . import activations
 from .activations import RANGES, activation_range, is_activation
@@ -160,8 +161,6 @@ class Perturbation(Measure):
     def check(self, layer: MeasureLayer) -> None:
         """Refuse a layer whose ranges are unknown or whose connectivity does not have one
         row per input neuron, and NaN/Inf weights (each error names the layer and fix)."""
-        from ..exceptions import ShapeMismatchError
-
         activations.resolve(layer.before, layer.after, self.in_range, self.out_range, layer.label)
         layer.conn.check_finite()
         n_in = _prod(layer.in_shape[1:])

@@ -22,6 +22,8 @@ from ..connectivity import connectivity as build_connectivity
 from ..exceptions import (
     MeasureSettingsError,
     NonFiniteWeightsError,
+    Opt,
+    OptionError,
     ShapeMismatchError,
     UnknownNameError,
 )
@@ -535,8 +537,6 @@ def _chunks(ctx: _Context, conn: Connectivity | None, pairs: str) -> list[_Chunk
     reserved = ctx.batch * _BATCH_BYTES_PER_VALUE * (ctx.n_in + ctx.n_out)
     reserved = min(reserved, ctx.budget // 2)
     if len(counts) and int(counts.max()) * cell_bytes + reserved > ctx.budget:
-        from ..exceptions import Opt  # (this module's import block is being reorganised)
-
         check_budget(
             int(counts.max()) * cell_bytes + reserved,
             ctx.budget,
@@ -915,8 +915,6 @@ def pairwise_mi(
         label=options.pop("label", None),
     )
     if options:
-        from ..exceptions import OptionError  # (this module's import block is being reorganised)
-
         raise OptionError(
             f"pairwise_mi() got unexpected options {sorted(options)}", param=min(options)
         )
