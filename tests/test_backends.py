@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import pickle
+import subprocess
+import sys
 import warnings
 
 import numpy as np
@@ -15,6 +17,10 @@ import foresight_sparse as fs
 from foresight_sparse import reference as R
 from foresight_sparse.backends import BACKENDS, TORCH, default_backend, resolve_backend
 from foresight_sparse.connectivity import Block
+from foresight_sparse.engines import LayerJob
+from foresight_sparse.engines import linear as linear_forms
+from foresight_sparse.engines.base import serving_backend
+from foresight_sparse.engines.dispatch import FORMS, form
 from foresight_sparse.norms import NORMS, RowwiseNorm
 
 CPU, CUDA = torch.device("cpu"), torch.device("cuda")
@@ -197,3 +203,38 @@ def test_a_users_connectivity_makes_its_own_rows_under_any_backend(engine, backe
         fs.unregister(_Scale)
     assert got.layers[1].engine == ("dense" if engine == "dense" else "sparse")
     assert_close(got.ei, want.ei, 1e-12)
+
+
+def test_every_engine_form_has_a_numba_and_a_torch_form():
+    keys = set(FORMS)
+    assert keys, "the dispatch table is empty"
+    for engine, cls, name in keys:
+        assert name in ("numba", "torch")
+        twin = "torch" if name == "numba" else "numba"
+        assert (engine, cls, twin) in keys, (engine, cls.__name__, name)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_the_fallback_hands_only_a_linear_weight_numba_cannot_read_to_torch(dtype):
+    numba = resolve_backend("numba", CPU, NORMS["lin"])
+    linear = fs.connectivity.linear(nn.Linear(4, 3).to(dtype), (1, 4), (1, 3))
+    conv = nn.Conv2d(1, 2, 2).to(dtype)
+    stencil = fs.connectivity.conv2d(conv, (1, 1, 3, 3), (1, 2, 2, 2))
+    readable = dtype == torch.float32
+    assert serving_backend(numba, linear) is (numba if readable else TORCH)
+    assert serving_backend(numba, stencil) is numba  # the kernel is widened, never copied
+    assert serving_backend(TORCH, linear) is TORCH
+    job = LayerJob(linear, NORMS["lin"], CPU, 1 << 20, numba)
+    assert job.backend is serving_backend(numba, linear)
+    want = "linear_passes_numba" if readable else "linear_passes_torch"
+    assert form("implicit", job) is getattr(linear_forms, want)
+
+
+def test_numba_loads_on_first_use_not_on_import():
+    script = (
+        "import sys, torch, foresight_sparse as fs\n"
+        "assert 'numba' not in sys.modules\n"
+        "fs.report(torch.nn.Linear(3, 2), torch.zeros(1, 3))\n"
+        "assert 'numba' in sys.modules\n"
+    )
+    subprocess.run([sys.executable, "-c", script], check=True, timeout=300)
