@@ -281,11 +281,10 @@ def test_plan_rebinds_new_weights(cls, nd):
     module = cls(4, 6, 3, stride=2, groups=2).double()
     x = torch.zeros((1, 4) + (4,) * nd, dtype=F64)
     model = nn.Sequential(module)
-    p = fs.plan(model, x, layers="all")
     other = randomize_(copy.deepcopy(model), 9)
     expected = R.ei(other, x, layers="all")
     for engine in ("sparse", "implicit"):
-        p.engine = engine
+        p = fs.plan(model, x, layers="all", engine=engine)
         assert_close(p.report(other.state_dict()).ei, expected, 1e-9, what=engine)
 
 

@@ -10,7 +10,7 @@ import warnings
 
 import pytest
 import torch
-from conftest import ENGINE_RTOL, F64, assert_close, examples, random_nets, randomize_
+from conftest import ENGINE_RTOL, F64, assert_close, examples, quiet, random_nets, randomize_
 from hypothesis import given, settings
 from torch import nn
 
@@ -84,22 +84,16 @@ class _Opaque(nn.Module):
 X = torch.zeros(1, 1, 5, 5, dtype=F64)
 
 
-def quiet_report(model, x, **kwargs):
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)
-        return fs.report(model, x, **kwargs)
-
-
 @pytest.mark.parametrize("norm", ["lin", "soft", "sig", None])
 def test_linear_subclass_counts_under_all_and_not_by_default(norm):
     model = sub_model()
     ref_norm = {"lin": R.lin_norm, "soft": R.soft_norm, "sig": R.sig_norm, None: None}[norm]
-    default = quiet_report(model, X, norm=norm)
+    default = quiet(fs.report, model, X, norm=norm)
     assert [lay.type for lay in default.layers] == ["Conv2d", "Linear"]
     assert ("4", "MyLinear") in default.skipped
     expected = R.ei(plain_twin(model, keep={0, 6}), X, norm=ref_norm)
     assert_close(default.ei, expected, ENGINE_RTOL["auto"], what="seed")
-    everything = quiet_report(model, X, norm=norm, layers="all")
+    everything = quiet(fs.report, model, X, norm=norm, layers="all")
     assert [lay.type for lay in everything.layers] == ["Conv2d", "MyLinear", "Linear"]
     expected_all = R.ei(plain_twin(model, keep={0, 4, 6}), X, norm=ref_norm)
     assert_close(everything.ei, expected_all, ENGINE_RTOL["auto"], what="all")
@@ -133,7 +127,7 @@ def test_registered_type_counts_whatever_layers_says():
     fs.register(ScaledConv, C.conv2d)
     try:
         for layers in ("seed", "all", [nn.Linear]):
-            rep = quiet_report(model, X, layers=layers)
+            rep = quiet(fs.report, model, X, layers=layers)
             assert "ScaledConv" in [lay.type for lay in rep.layers], layers
     finally:
         fs.unregister(ScaledConv)
@@ -142,9 +136,9 @@ def test_registered_type_counts_whatever_layers_says():
 
 def test_sequence_of_types_counts_exactly_those():
     model = sub_model()
-    rep = quiet_report(model, X, layers=[MyLinear, nn.Conv2d])
+    rep = quiet(fs.report, model, X, layers=[MyLinear, nn.Conv2d])
     assert [lay.type for lay in rep.layers] == ["Conv2d", "MyLinear"]
-    p = fs.plan(model, X, layers=(nn.Linear,))
+    p = quiet(fs.plan, model, X, layers=(nn.Linear,))
     assert [lay.type for lay in p.layers] == ["Linear"]
     assert p.layer_set == (nn.Linear,)
 
@@ -162,12 +156,10 @@ def test_bad_layers_values_are_refused_with_the_choices():
 
 def test_dropin_keeps_the_seed_types():
     model = sub_model()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)
-        value = ei.ei(model, X)
-        shapes = ei.get_shapes(model, X)
+    value = quiet(ei.ei, model, X)
+    shapes = quiet(ei.get_shapes, model, X)
     assert [type(m) for m in shapes] == [nn.Conv2d, nn.Linear]
-    assert value == quiet_report(model, X, layers="seed").ei
+    assert value == quiet(fs.report, model, X, layers="seed").ei
     assert set(ei.VALID_MODULES) == {nn.Linear, nn.Conv2d, nn.AvgPool2d}
     for t in C.EXTENDED:
         assert t not in ei.VALID_MODULES
@@ -179,30 +171,28 @@ def test_dropin_keeps_the_seed_types():
 @given(net=random_nets())
 def test_seed_results_are_todays(net):
     # 'seed' is the default, and both equal the reference (which knows only the seed types)
-    a = quiet_report(net.model, net.input)
-    b = quiet_report(net.model, net.input, layers="seed")
+    a = quiet(fs.report, net.model, net.input)
+    b = quiet(fs.report, net.model, net.input, layers="seed")
     assert (a.determinism, a.degeneracy, a.ei) == (b.determinism, b.degeneracy, b.ei)
     assert_close(b.ei, R.ei(net.model, net.input), ENGINE_RTOL["auto"], what="seed")
     # on networks of built-in seed types alone, 'all' counts the same layers
-    c = quiet_report(net.model, net.input, layers="all")
+    c = quiet(fs.report, net.model, net.input, layers="all")
     assert [lay.name for lay in c.layers] == [lay.name for lay in b.layers]
     assert c.ei == b.ei
 
 
 def test_cli_layers_option(capsys):
     argv = ["layers", "test_layers_option:sub_model", "--input-shape", "1,1,5,5"]
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)
-        assert main(argv) == 0
-        seed_out = capsys.readouterr().out
-        assert main(argv + ["--layers", "all"]) == 0
-        all_out = capsys.readouterr().out
-        assert main(["ei", *argv[1:], "--layers", "all", "--quiet"]) == 0
-        ei_out = capsys.readouterr().out
+    assert quiet(main, argv) == 0
+    seed_out = capsys.readouterr().out
+    assert quiet(main, argv + ["--layers", "all"]) == 0
+    all_out = capsys.readouterr().out
+    assert quiet(main, ["ei", *argv[1:], "--layers", "all", "--quiet"]) == 0
+    ei_out = capsys.readouterr().out
     assert "MyLinear" not in seed_out.split("skipped")[0]
     assert "MyLinear" in all_out.split("skipped")[0]
     model = sub_model()
-    rep = quiet_report(model, torch.zeros(1, 1, 5, 5), layers="all")
+    rep = quiet(fs.report, model, torch.zeros(1, 1, 5, 5), layers="all")
     assert f"{rep.ei:.6f}"[:6] in ei_out
 
 
@@ -220,13 +210,11 @@ def test_layer_selection_is_picklable():
 
 def test_tracker_counts_what_layers_selects():
     model = sub_model()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)
-        tracker = fs.Tracker(model, X, every=1, layers="all")
-        default = fs.Tracker(model, X, every=1)
+    tracker = quiet(fs.Tracker, model, X, every=1, layers="all")
+    default = quiet(fs.Tracker, model, X, every=1)
     rep = tracker.step(0)
     assert [lay.type for lay in rep.layers] == ["Conv2d", "MyLinear", "Linear"]
-    assert rep.ei == quiet_report(model, X, layers="all").ei
+    assert rep.ei == quiet(fs.report, model, X, layers="all").ei
     assert tracker.history.meta["layers"] == "all"
     assert [lay.type for lay in default.step(0).layers] == ["Conv2d", "Linear"]
     assert default.history.meta["layers"] == "seed"
@@ -240,47 +228,43 @@ def test_sweep_counts_what_layers_selects_and_resume_checks_it(tmp_path):
         torch.save(m.state_dict(), path)
         paths.append((path, m))
     out = tmp_path / "ei.csv"
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)
-        res = fs.sweep(sub_model(), [p for p, _ in paths], X, layers="all", output=out)
+    res = quiet(fs.sweep, sub_model(), [p for p, _ in paths], X, layers="all", output=out)
     assert res.ok
     nets = [r for r in res.history.records if r.kind == "network"]
     for rec, (_, m) in zip(nets, paths):
-        expected = quiet_report(m, X, layers="all").ei
+        expected = quiet(fs.report, m, X, layers="all").ei
         assert abs(rec.ei - expected) <= 1e-12 * max(1.0, abs(expected))
     assert {r.type for r in res.history.records if r.kind == "layer"} == {
         "Conv2d",
         "MyLinear",
         "Linear",
     }
-    with pytest.raises(fs.exceptions.HistoryFileError, match="layers"), warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)
-        fs.sweep(sub_model(), [p for p, _ in paths], X, output=out, resume=True)
+    with pytest.raises(fs.exceptions.HistoryFileError, match="layers"):
+        quiet(fs.sweep, sub_model(), [p for p, _ in paths], X, output=out, resume=True)
 
 
 def test_cli_sweep_layers_option(tmp_path, capsys):
     m = randomize_(sub_model(), 5)
     torch.save(m.state_dict(), tmp_path / "step=1.pt")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)
-        assert (
-            main(
-                [
-                    "sweep",
-                    "test_layers_option:sub_model",
-                    str(tmp_path / "step=1.pt"),
-                    "--input-shape",
-                    "1,1,5,5",
-                    "--layers",
-                    "all",
-                    "--no-progress",
-                    "--csv",
-                    str(tmp_path / "ei.csv"),
-                ]
-            )
-            == 0
+    assert (
+        quiet(
+            main,
+            [
+                "sweep",
+                "test_layers_option:sub_model",
+                str(tmp_path / "step=1.pt"),
+                "--input-shape",
+                "1,1,5,5",
+                "--layers",
+                "all",
+                "--no-progress",
+                "--csv",
+                str(tmp_path / "ei.csv"),
+            ],
         )
+        == 0
+    )
     out = capsys.readouterr().out
-    expected = quiet_report(m, X, layers="all").ei
+    expected = quiet(fs.report, m, X, layers="all").ei
     assert f"{expected:.4f}"[:5] in out
     assert "layers: all" in (tmp_path / "ei.csv").read_text()

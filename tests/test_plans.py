@@ -21,7 +21,7 @@ import warnings
 import pytest
 import torch
 import torchvision
-from conftest import assert_close, examples, random_nets, smallest_budget
+from conftest import assert_close, examples, quiet, random_nets, smallest_budget
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
@@ -30,12 +30,6 @@ import foresight_sparse as fs
 from foresight_sparse.tracing import trace
 
 F64 = torch.float64
-
-
-def _quiet(fn, *args, **kwargs):
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)  # skipped ReLU/BatchNorm etc.
-        return fn(*args, **kwargs)
 
 
 def _perturbed(model: nn.Module, seed: int) -> dict[str, torch.Tensor]:
@@ -95,11 +89,11 @@ def _assert_unchanged(before, after) -> None:
 @settings(max_examples=examples(25), deadline=None)
 @given(net=random_nets(max_linear=2), norm=st.sampled_from(["lin", "soft", "sig", "none"]))
 def test_plan_report_of_new_weights_equals_report_of_loaded_model(net, norm):
-    p = _quiet(fs.plan, net.model, net.input, norm=norm)
+    p = quiet(fs.plan, net.model, net.input, norm=norm)
     sd = _perturbed(net.model, seed=7)
-    _same_report(p.report(sd), _quiet(fs.report, _loaded(net.model, sd), net.input, norm=norm))
+    _same_report(p.report(sd), quiet(fs.report, _loaded(net.model, sd), net.input, norm=norm))
     # and the model's own weights, again through the same plan
-    _same_report(p.report(), _quiet(fs.report, net.model, net.input, norm=norm))
+    _same_report(p.report(), quiet(fs.report, net.model, net.input, norm=norm))
 
 
 @pytest.mark.parametrize("name, size", [("resnet18", 64), ("mobilenet_v3_small", 64)])
@@ -107,12 +101,12 @@ def test_plan_report_on_torchvision_models(name, size):
     torch.manual_seed(0)
     model = torchvision.models.get_model(name, weights=None).eval()
     x = torch.zeros(1, 3, size, size)
-    p = _quiet(fs.plan, model, x)
+    p = quiet(fs.plan, model, x)
     sd = _perturbed(model, seed=3)
     before = _snapshot(model)
     new = p.report(sd)
     _assert_unchanged(before, _snapshot(model))
-    _same_report(new, _quiet(fs.report, _loaded(model, sd), x))
+    _same_report(new, quiet(fs.report, _loaded(model, sd), x))
     assert not math.isclose(new.ei, p.report().ei, rel_tol=1e-6)  # the weights mattered
 
 
@@ -121,13 +115,13 @@ def test_plan_reads_current_weights_each_time():
     torch.manual_seed(1)
     model = nn.Sequential(nn.Conv2d(2, 3, 3), nn.ReLU(), nn.Flatten(), nn.Linear(12, 4))
     x = torch.zeros(1, 2, 4, 4)
-    p = _quiet(fs.plan, model, x)
+    p = quiet(fs.plan, model, x)
     first = p.report().ei
     with torch.no_grad():
         model[0].weight.mul_(torch.rand_like(model[0].weight))
         model[3].weight.add_(1.0)
     assert not math.isclose(first, p.report().ei, rel_tol=1e-9)
-    _same_report(p.report(), _quiet(fs.report, model, x))
+    _same_report(p.report(), quiet(fs.report, model, x))
 
 
 # --------------------------------------------------------------------------- the model
@@ -142,7 +136,7 @@ def test_plan_and_report_leave_the_model_unchanged():
     x = torch.randn(2, 3, 32, 32)
     model(x).sum().backward()  # grads present
     before = _snapshot(model)
-    p = _quiet(fs.plan, model, x)
+    p = quiet(fs.plan, model, x)
     _assert_unchanged(before, _snapshot(model))
     p.report(_perturbed(model, seed=5))
     p.report()
@@ -197,7 +191,7 @@ def _architecture(name):
 @pytest.mark.parametrize("name", [*ARCHITECTURES, "shared"])
 def test_meta_and_real_traces_give_identical_plans(name):
     model, x = _architecture(name)
-    meta, real, auto = (_quiet(trace, model, x, method=m) for m in ("meta", "real", "auto"))
+    meta, real, auto = (quiet(trace, model, x, method=m) for m in ("meta", "real", "auto"))
     assert _trace_key(meta) == _trace_key(real) == _trace_key(auto)
     assert all(a.module is b.module for a, b in zip(meta.layers, real.layers))
 
@@ -205,8 +199,8 @@ def test_meta_and_real_traces_give_identical_plans(name):
 @settings(max_examples=examples(20), deadline=None)
 @given(net=random_nets(max_linear=2))
 def test_meta_and_real_traces_agree_on_drawn_networks(net):
-    meta = _quiet(trace, net.model, net.input, method="meta")
-    real = _quiet(trace, net.model, net.input, method="real")
+    meta = quiet(trace, net.model, net.input, method="meta")
+    real = quiet(trace, net.model, net.input, method="real")
     assert _trace_key(meta) == _trace_key(real)
 
 
@@ -226,7 +220,7 @@ def _small():
 
 def test_missing_key_names_the_key_and_the_layer():
     model, x = _small()
-    p = _quiet(fs.plan, model, x)
+    p = quiet(fs.plan, model, x)
     sd = model.state_dict()
     del sd["3.weight"]
     with pytest.raises(fs.WeightsError, match=r"3 \(Linear\).*no key '3.weight'.*\(3, 8\)"):
@@ -235,7 +229,7 @@ def test_missing_key_names_the_key_and_the_layer():
 
 def test_wrong_shape_names_the_key_both_shapes_and_the_layer():
     model, x = _small()
-    p = _quiet(fs.plan, model, x)
+    p = quiet(fs.plan, model, x)
     sd = model.state_dict()
     sd["0.weight"] = torch.zeros(2, 1, 2, 2)
     with pytest.raises(
@@ -248,7 +242,7 @@ def test_wrong_shape_names_the_key_both_shapes_and_the_layer():
 
 def test_non_tensor_and_non_mapping_weights_are_refused():
     model, x = _small()
-    p = _quiet(fs.plan, model, x)
+    p = quiet(fs.plan, model, x)
     sd = model.state_dict()
     sd["0.weight"] = [[1.0]]
     with pytest.raises(fs.WeightsError, match="'0.weight'.* list, not a tensor"):
@@ -259,7 +253,7 @@ def test_non_tensor_and_non_mapping_weights_are_refused():
 
 def test_non_finite_weight_names_the_key():
     model, x = _small()
-    p = _quiet(fs.plan, model, x)
+    p = quiet(fs.plan, model, x)
     sd = model.state_dict()
     sd["3.weight"] = sd["3.weight"].clone()
     sd["3.weight"][0, 0] = float("nan")
@@ -269,7 +263,7 @@ def test_non_finite_weight_names_the_key():
 
 def test_keys_of_layers_that_do_not_count_are_ignored():
     model, x = _small()
-    p = _quiet(fs.plan, model, x)
+    p = quiet(fs.plan, model, x)
     sd = {k: v for k, v in model.state_dict().items() if not k.startswith("1.")}  # no BN
     sd["extra.weight"] = torch.ones(3)
     _same_report(p.report(sd), p.report())
@@ -278,7 +272,7 @@ def test_keys_of_layers_that_do_not_count_are_ignored():
 
 def test_weights_in_another_dtype():
     model, x = _small()
-    p = _quiet(fs.plan, model, x)
+    p = quiet(fs.plan, model, x)
     sd = {k: v.double() for k, v in model.state_dict().items()}
     _same_report(p.report(sd), p.report(), rel=1e-6)
 
@@ -288,7 +282,7 @@ def test_weights_in_another_dtype():
 
 def test_plan_pickles_with_its_model():
     model, x = _small()
-    p = _quiet(fs.plan, model, x, norm="soft")
+    p = quiet(fs.plan, model, x, norm="soft")
     q = pickle.loads(pickle.dumps(p))
     sd = _perturbed(model, seed=9)
     _same_report(q.report(sd), p.report(sd))
@@ -317,10 +311,10 @@ def test_plan_of_a_registered_custom_layer_rebinds_its_weights():
         torch.manual_seed(0)
         model = nn.Sequential(Diag(4), nn.Linear(4, 3))
         x = torch.zeros(1, 4)
-        p = _quiet(fs.plan, model, x)
+        p = quiet(fs.plan, model, x)
         sd = {"0.scale": torch.tensor([1.0, 2.0, 0.5, 3.0]), "1.weight": model[1].weight}
         _same_report(
-            p.report(sd), _quiet(fs.report, _loaded(model, {**model.state_dict(), **sd}), x)
+            p.report(sd), quiet(fs.report, _loaded(model, {**model.state_dict(), **sd}), x)
         )
         with pytest.raises(fs.WeightsError, match="'0.scale'"):
             p.report({"1.weight": model[1].weight})
@@ -333,7 +327,7 @@ def test_plan_of_a_registered_custom_layer_rebinds_its_weights():
 
 def test_plan_table_lists_layers_with_counted_sizes():
     model, x = _small()
-    p = _quiet(fs.plan, model, x)
+    p = quiet(fs.plan, model, x)
     text = str(p)
     assert "0" in text and "Conv2d" in text and "Linear" in text
     # sizes counted by hand: Conv2d(1, 2, 3) on 4x4 -> 2x2x2 outputs, 9 taps each: 72
@@ -439,7 +433,7 @@ def test_conv_row_pass_catches_every_non_finite_weight(norm, value):
     torch.manual_seed(9)
     model = nn.Sequential(nn.Conv2d(64, 128, 3), nn.Conv2d(128, 4, 1))
     x = torch.zeros(1, 64, 8, 8)
-    p = _quiet(fs.plan, model, x, norm=norm)
+    p = quiet(fs.plan, model, x, norm=norm)
     assert [layer.engine for layer in p.layers] == ["implicit", "implicit"]
     for key, where in [
         ("0.weight", (0, 0, 0, 0)),
@@ -463,7 +457,7 @@ def test_linear_row_pass_catches_every_non_finite_weight(norm, value):
     torch.manual_seed(8)
     model = nn.Sequential(nn.Linear(600, 302))  # large enough for the parallel kernel
     x = torch.zeros(1, 600)
-    p = _quiet(fs.plan, model, x, norm=norm)
+    p = quiet(fs.plan, model, x, norm=norm)
     for row, col in [(0, 0), (301, 599), (150, 301)]:
         sd = {"0.weight": model[0].weight.detach().clone()}
         sd["0.weight"][row, col] = value
@@ -489,13 +483,13 @@ def test_layers_of_equal_geometry_share_their_position_classes():
         nn.Conv2d(16, 16, 3, padding=(0, 1)),  # from layer 8 in its H window only
     )
     x = torch.zeros(1, 16, 8, 8)
-    p = _quiet(fs.plan, model, x)
+    p = quiet(fs.plan, model, x)
     got = p.report()
     arrays = [layer.conn.memo["class_arrays"] for layer in p.layers]
     assert arrays[1] is arrays[0]
     for i in range(2, len(arrays)):
         assert all(arrays[i] is not arrays[j] for j in range(i)), i
-    want = _quiet(fs.report, model, x, engine="sparse")
+    want = quiet(fs.report, model, x, engine="sparse")
     for g, w in zip(got.layers, want.layers, strict=True):
         assert_close(g.ei, w.ei, rel=1e-9)
 
@@ -507,7 +501,7 @@ def test_geometry_memo_is_shared_by_bound_weights():
     torch.manual_seed(11)
     model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 4, 3))
     x = torch.zeros(1, 3, 9, 9)
-    p = _quiet(fs.plan, model, x)
+    p = quiet(fs.plan, model, x)
     conn = p.layers[0].conn
     gen = torch.Generator().manual_seed(12)
     states = [
@@ -520,6 +514,6 @@ def test_geometry_memo_is_shared_by_bound_weights():
         got = p.report(sd)
         fresh = copy.deepcopy(model)
         fresh.load_state_dict(sd)
-        want = _quiet(fs.report, fresh, x)
+        want = quiet(fs.report, fresh, x)
         assert_close(got.ei, want.ei, rel=1e-12)
     assert "class_arrays" in conn.memo

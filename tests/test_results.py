@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import csv
 import json
-import warnings
 from datetime import datetime, timezone
 
 import pytest
 import torch
 from _cli_models import SHAPE, tiny_cnn
+from conftest import quiet
 from torch import nn
 
 import foresight_sparse
@@ -22,9 +22,7 @@ def rep() -> Report:
     torch.manual_seed(0)
     # AvgPool2d is counted, ReLU and Flatten are not; add a MaxPool2d so `skipped` is filled.
     model = nn.Sequential(*tiny_cnn()[:3], nn.MaxPool2d(1), *tiny_cnn()[3:])
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        r = foresight_sparse.report(model, torch.zeros(SHAPE), norm="sig")
+    r = quiet(foresight_sparse.report, model, torch.zeros(SHAPE), norm="sig")
     r.meta.update(model="tiny", input_shape=list(SHAPE), seed=0)
     return r
 

@@ -8,6 +8,7 @@ import random
 import numpy as np
 import pytest
 import torch
+from conftest import quiet
 from torch import nn
 
 import foresight_sparse
@@ -50,7 +51,7 @@ def _train(tracker_every: int | None, steps: int = 8):
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
     tracker = None
     if tracker_every is not None:
-        tracker = Tracker(model, torch.zeros(1, 3, 16, 16), every=tracker_every)
+        tracker = quiet(Tracker, model, torch.zeros(1, 3, 16, 16), every=tracker_every)
     checks = []
     for step in range(steps):
         x = torch.randn(4, 3, 16, 16)
@@ -64,8 +65,8 @@ def _train(tracker_every: int | None, steps: int = 8):
             if rep is not None:  # an independent plan of a copy, for the comparison below;
                 # its trace runs Noise, so the generators are put back by hand
                 states = torch.get_rng_state(), np.random.get_state(), random.getstate()  # noqa: NPY002
-                ref = foresight_sparse.report(
-                    copy.deepcopy(model).eval(), torch.zeros(1, 3, 16, 16)
+                ref = quiet(
+                    foresight_sparse.report, copy.deepcopy(model).eval(), torch.zeros(1, 3, 16, 16)
                 )
                 torch.set_rng_state(states[0])
                 np.random.set_state(states[1])  # noqa: NPY002
@@ -87,7 +88,6 @@ def _assert_reports_equal(rep, ref):
         assert abs(la.mean_row_entropy - lb.mean_row_entropy) <= TOL * max(1.0, lb.mean_row_entropy)
 
 
-@pytest.mark.filterwarnings("ignore:skipped layers")
 def test_training_with_tracker_gives_the_same_weights():
     plain, _, _ = _train(None)
     tracked, tracker, checks = _train(tracker_every=3)
@@ -105,7 +105,6 @@ def test_training_with_tracker_gives_the_same_weights():
     assert after_plain[1:] == after_tracked[1:]
 
 
-@pytest.mark.filterwarnings("ignore:skipped layers")
 def test_tracker_records_equal_report_of_the_same_weights():
     _, tracker, checks = _train(tracker_every=2, steps=7)
     hist = tracker.history
@@ -162,7 +161,6 @@ def _assert_same(a, b):
     assert a["grad_enabled"] == b["grad_enabled"]
 
 
-@pytest.mark.filterwarnings("ignore:skipped layers")
 def test_step_leaves_the_model_untouched():
     torch.manual_seed(0)
     model = tiny_cnn()
@@ -171,25 +169,24 @@ def test_step_leaves_the_model_untouched():
     model(torch.randn(2, 3, 16, 16)).sum().backward()  # gradients present
     model[0].weight.requires_grad_(False)
     before = _snapshot(model)
-    tracker = Tracker(model, torch.zeros(1, 3, 16, 16), every=1)
+    tracker = quiet(Tracker, model, torch.zeros(1, 3, 16, 16), every=1)
     _assert_same(before, _snapshot(model))
     assert tracker.step(0) is not None
     assert tracker.step(5) is not None
     _assert_same(before, _snapshot(model))
 
 
-@pytest.mark.filterwarnings("ignore:skipped layers")
 def test_step_reads_the_current_weights_in_place():
     torch.manual_seed(0)
     model = tiny_cnn().eval()
-    tracker = Tracker(model, torch.zeros(1, 3, 16, 16), every=10)
+    tracker = quiet(Tracker, model, torch.zeros(1, 3, 16, 16), every=10)
     first = tracker.step(0)
     assert tracker.step(5) is None and len(tracker.history.labels) == 1
     with torch.no_grad():
         model[0].weight.mul_(torch.rand_like(model[0].weight) * 3)
     second = tracker.step(10, epoch=2)
     assert second.layers[0].ei != first.layers[0].ei
-    _assert_reports_equal(second, foresight_sparse.report(model, torch.zeros(1, 3, 16, 16)))
+    _assert_reports_equal(second, quiet(foresight_sparse.report, model, torch.zeros(1, 3, 16, 16)))
     assert tracker.history.series()["epoch"] == [None, 2]
 
 
