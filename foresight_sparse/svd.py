@@ -88,20 +88,15 @@ _MIN_PROBES = 4
 # --------------------------------------------------------------------------- formulas
 
 
-def _option_error(*parts, param: str | None = None):
-    """An :class:`~foresight_sparse.exceptions.OptionError`."""
-    return OptionError(*parts, param=param)
-
-
 def _check_alpha(alpha: float) -> float:
     try:
         a = float(alpha)
     except (TypeError, ValueError):
-        raise _option_error(
+        raise OptionError(
             Opt("alpha"), f" must be a number in (0, 2), not {type(alpha).__name__}"
         ) from None
     if not (0.0 < a < 2.0):
-        raise _option_error(
+        raise OptionError(
             Opt("alpha", alpha),
             " is outside (0, 2); Gamma_alpha is defined for 0 < alpha < 2 "
             "(Zhang et al. 2025), alpha=1 (the nuclear norm) is the default",
@@ -113,11 +108,11 @@ def _check_eps(eps: float) -> float:
     try:
         e = float(eps)
     except (TypeError, ValueError):
-        raise _option_error(
+        raise OptionError(
             Opt("eps"), f" must be a non-negative number, not {type(eps).__name__}"
         ) from None
     if not (math.isfinite(e) and e >= 0.0):
-        raise _option_error(
+        raise OptionError(
             Opt("eps", eps),
             " must be a finite number >= 0 (the threshold on singular values "
             f"that defines r_eps; default {DEFAULT_EPS})",
@@ -298,7 +293,7 @@ def combine(spectra: Sequence[Spectrum | dict]) -> Spectrum:
     """
     rows = [s.as_dict() if isinstance(s, Spectrum) else s for s in spectra]
     if not rows:
-        raise _option_error("combine() needs at least one layer's spectrum", param="spectra")
+        raise OptionError("combine() needs at least one layer's spectrum", param="spectra")
     g = sum(float(r["gamma_alpha"]) for r in rows)
     g_r = sum(float(r["gamma_alpha_r"]) for r in rows)
     r_eps = sum(r["r_eps"] for r in rows)
@@ -459,7 +454,7 @@ def transition_operator(
     """
     norm, shift, c = _norm_and_shift(norm, conn)
     if not isinstance(norm, ElementwiseNorm):
-        raise _option_error(
+        raise OptionError(
             f"{conn.label}: the matrix-free operator needs an elementwise norm (lin, soft, "
             f"sig or None), not {norm.name!r}; use ",
             Opt("method", "dense"),
@@ -953,7 +948,7 @@ def _resolve_layer(layer, in_shape):
         return layer, None, None, layer.label
     if isinstance(layer, nn.Module):
         if in_shape is None:
-            raise _option_error(
+            raise OptionError(
                 f"layer_spectrum({type(layer).__name__}) needs ",
                 Opt("in_shape", metavar="(batch, C, ...)"),
                 " to build its connectivity; or pass a Connectivity",
@@ -963,7 +958,7 @@ def _resolve_layer(layer, in_shape):
             out_shape = tuple(layer(torch.zeros(in_shape, device=_module_device(layer))).shape)
         conn = connectivity(layer, in_shape, out_shape)
         return conn, layer, in_shape, conn.label
-    raise _option_error(
+    raise OptionError(
         "layer_spectrum needs a Connectivity, a MeasureLayer or an nn.Module, not "
         f"{type(layer).__name__}",
         param="layer",
@@ -1002,7 +997,7 @@ def choose_method(conn: Connectivity, norm, method: str, budget: int, label: str
         gram_bytes += conn.sparse_bytes("csr") + 3 * 8 * conn.nnz
     if not isinstance(norm, ElementwiseNorm) and method != "dense":
         if method != "auto":
-            raise _option_error(
+            raise OptionError(
                 f"{label}: ",
                 Opt("method", method),
                 " needs an elementwise norm (lin, soft, sig or "
@@ -1132,13 +1127,13 @@ def layer_spectrum(
     """
     alpha, eps = _check_alpha(alpha), _check_eps(eps)
     if not (isinstance(tol, (int, float)) and math.isfinite(tol) and tol > 0):
-        raise _option_error(Opt("tol", tol), " must be a positive number (relative standard error)")
+        raise OptionError(Opt("tol", tol), " must be a positive number (relative standard error)")
     if int(max_probes) < 2:
-        raise _option_error(
+        raise OptionError(
             Opt("max_probes", max_probes), " must be at least 2 (for a standard error)"
         )
     if int(lanczos_steps) < 1:
-        raise _option_error(Opt("lanczos_steps", lanczos_steps), " must be at least 1")
+        raise OptionError(Opt("lanczos_steps", lanczos_steps), " must be at least 1")
     conn, module, in_shape, label = _resolve_layer(layer, in_shape)
     if device is None:
         device = layer.device if isinstance(layer, MeasureLayer) else conn.device
@@ -1235,9 +1230,9 @@ class Reversibility(Measure):
                 "unknown ", Opt("method", method), f"; valid methods are {', '.join(METHODS)}"
             )
         if not (math.isfinite(float(tol)) and tol > 0):
-            raise _option_error(Opt("tol", tol), " must be a positive number")
+            raise OptionError(Opt("tol", tol), " must be a positive number")
         if int(max_probes) < 2 or int(lanczos_steps) < 1:
-            raise _option_error(
+            raise OptionError(
                 Opt("max_probes"),
                 " must be at least 2 and ",
                 Opt("lanczos_steps"),
