@@ -231,9 +231,6 @@ class Settings:
             out["settings"] = self.measure.settings()
         return out
 
-    def __call__(self) -> dict[str, Any]:  # the former Plan.settings() method
-        return self.metadata()
-
 
 #: The option names :meth:`Settings.make` takes, in order: what every entry point accepts.
 OPTIONS = tuple(f.name for f in dataclasses.fields(Settings) if f.name != "selection")

@@ -1054,7 +1054,7 @@ def sweep(
         "input_shape": in_shape,
         "engine": engine,
         "device": str(p.device),
-        **p.settings(),
+        **p.settings.metadata(),
         **(meta or {}),
     }
     history = History(meta=info)

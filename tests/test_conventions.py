@@ -129,7 +129,7 @@ def test_graph_values_travel_through_json_csv_and_histories(tmp_path):
     text = (tmp_path / "r.csv").read_text()
     assert "# convention: graph" in text
     assert ",effectiveness,nodes" in text.splitlines()[text.count("\n# ") + 1]
-    hist = History(meta=p.settings())
+    hist = History(meta=p.settings.metadata())
     hist.add_report(rep, "a", step=0)
     hist.add_report(p.report(model.state_dict()), "b", step=1)
     hist.to_csv(tmp_path / "h.csv")

@@ -93,7 +93,7 @@ def test_extra_values_of_every_type_round_trip_through_files(tmp_path):
     assert fs.Report.from_dict(json.loads(json.dumps(rep.to_dict()))) == rep
     rep.save_csv(tmp_path / "r.csv")
     assert "# measure: weight_sum" in (tmp_path / "r.csv").read_text()
-    hist = History(meta=p.settings())
+    hist = History(meta=p.settings.metadata())
     hist.add_report(rep, "a", step=1)
     hist.add_error("b", "broken", step=2)
     hist.to_csv(tmp_path / "h.csv")
@@ -246,7 +246,7 @@ def test_svd_through_a_plan_a_history_a_plot_and_the_command_line(tmp_path, caps
     assert "gamma_alpha_r" in table and " EI " not in table
     assert fs.Report.from_dict(json.loads(json.dumps(rep.to_dict()))) == rep
 
-    hist = History(meta=p.settings())
+    hist = History(meta=p.settings.metadata())
     hist.add_report(rep, "a", step=1)
     hist.to_csv(tmp_path / "h.csv", columns=p.columns)
     back = History.from_csv(tmp_path / "h.csv")
