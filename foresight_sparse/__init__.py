@@ -19,6 +19,7 @@ from .connectivity import Connectivity, ExplicitMatrix, register, unregister
 from .exceptions import (
     CheckpointError,
     DeviceError,
+    EmptyHistoryError,
     ForesightDeprecationWarning,
     ForesightError,
     ForesightFutureWarning,
@@ -41,11 +42,11 @@ from .exceptions import (
     WeightsError,
 )
 from .history import History
-from .measures import MEASURES, Measure
+from .measures import Measure
 from .norms import lin_norm, sig_norm, soft_norm
 from .plans import Plan, PlannedLayer, plan
 from .results import LayerReport, Report
-from .settings import Settings
+from .settings import MEASURES, Settings
 from .sweeps import Executor, ProcessExecutor, RayExecutor, SerialExecutor, SweepResult, sweep
 from .tracking import Tracker
 
@@ -77,6 +78,7 @@ __all__ = [
     "sig_norm",
     "DEFAULT_MAX_MEMORY",
     "CheckpointError",
+    "EmptyHistoryError",
     "ForesightError",
     "ForwardError",
     "HistoryFileError",

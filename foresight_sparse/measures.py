@@ -9,7 +9,8 @@ network's. :meth:`Plan.report <foresight_sparse.plans.Plan.report>` turns both i
 :class:`~foresight_sparse.results.Report`, so tables, JSON, CSV, the tracker, sweeps and
 plots serve every measure alike.
 
-The built-in measures (:data:`MEASURES`):
+The built-in measures (:data:`foresight_sparse.settings.MEASURES`, which resolves a
+``measure=`` name; this module knows none of them, so each imports it freely):
 
 - ``"ei"``: the connectivity EI (the default; no object, the plan's engines compute it);
 - ``"perturbation"``: :class:`foresight_sparse.perturbation.Perturbation`, the
@@ -20,7 +21,6 @@ The built-in measures (:data:`MEASURES`):
 
 from __future__ import annotations
 
-import importlib
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -28,15 +28,12 @@ import torch
 from torch import nn
 
 from .connectivity import Connectivity
-from .exceptions import Opt, UnknownNameError
 
 __all__ = [
-    "MEASURES",
     "CORE",
     "RESERVED",
     "Measure",
     "MeasureLayer",
-    "get_measure",
     "measure_name",
 ]
 
@@ -71,13 +68,6 @@ RESERVED = (
     "seconds",
     "backend",
 )
-
-#: Measure names and where their classes live (imported on first use).
-MEASURES: dict[str, str | None] = {
-    "ei": None,
-    "perturbation": "foresight_sparse.perturbation:Perturbation",
-    "svd": "foresight_sparse.svd:Reversibility",
-}
 
 
 @dataclass
@@ -132,7 +122,8 @@ class Measure:
     processes with it).
     """
 
-    #: The measure's name (a key of :data:`MEASURES`).
+    #: The measure's name (a key of :data:`~foresight_sparse.settings.MEASURES` for the
+    #: built-in ones).
     name: ClassVar[str] = ""
     #: The measure's own quantities, beyond :data:`CORE`, in column order: the keys of
     #: every dict :meth:`layer` and :meth:`network` return (besides the core ones).
@@ -162,42 +153,3 @@ def measure_name(measure: str | Measure | None) -> str:
     if isinstance(measure, Measure):
         return measure.name
     return str(measure)
-
-
-def get_measure(measure: str | Measure | None) -> Measure | None:
-    """Resolve a ``measure=`` argument: None for the connectivity EI (``'ei'`` or None), a
-    :class:`Measure` object as it is, a name of :data:`MEASURES` as that measure with its
-    default settings.
-
-    Raises
-    ------
-    UnknownNameError
-        For any other value (the message lists the valid names), and for a measure whose
-        :attr:`~Measure.columns` repeat a name or take one of :data:`RESERVED`.
-    """
-    if measure is None or measure == "ei":
-        return None
-    if isinstance(measure, Measure):
-        return _checked(measure)
-    target = MEASURES.get(measure) if isinstance(measure, str) else None
-    if target is None:
-        raise UnknownNameError(
-            "unknown ",
-            Opt("measure", measure),
-            f"; valid measures are {', '.join(MEASURES)} "
-            "(or a Measure object such as foresight_sparse.perturbation.Perturbation(...))",
-        )
-    module, _, cls = target.partition(":")
-    return _checked(getattr(importlib.import_module(module), cls)())
-
-
-def _checked(measure: Measure) -> Measure:
-    clash = [c for c in measure.columns if c in RESERVED]
-    if clash or len(set(measure.columns)) != len(measure.columns):
-        raise UnknownNameError(
-            f"measure {measure.name!r} has the columns {', '.join(measure.columns)}; "
-            f"{', '.join(clash) or 'one name twice'} would clash with a report's or a "
-            "history's own fields. Rename them",
-            param="measure",
-        )
-    return measure

@@ -171,7 +171,7 @@ class Report:
         When the report was made: an ISO-8601 time in UTC.
     measure : str
         What was computed: ``'ei'`` (the connectivity EI), ``'perturbation'``, ``'svd'``
-        (:data:`foresight_sparse.measures.MEASURES`).
+        (:data:`foresight_sparse.settings.MEASURES`).
     convention : str
         How the connectivity EI is split: ``'seed'`` (the old module's) or ``'graph'``
         (einet's; see :mod:`foresight_sparse.conventions`).

@@ -14,6 +14,7 @@ signatures: they take a subset of the options (``norm``, ``device``, ``engine``,
 from __future__ import annotations
 
 import dataclasses
+import importlib
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -25,13 +26,65 @@ from .connectivity import LayerSelection
 from .conventions import check_convention
 from .engines import check_engine
 from .exceptions import DeviceError, Opt, OptionError, UnknownNameError
-from .measures import Measure, get_measure
+from .measures import RESERVED, Measure
 from .norms import Norm, get_norm, lin_norm
 
-__all__ = ["Settings", "OPTIONS", "SKIPPED", "resolve_device"]
+__all__ = ["Settings", "OPTIONS", "SKIPPED", "MEASURES", "get_measure", "resolve_device"]
 
 #: What ``skipped=`` accepts: warn once about the skipped layers, or say nothing.
 SKIPPED = ("warn", "ignore")
+
+#: The names ``measure=`` accepts, each with the ``"module:class"`` of its
+#: :class:`~foresight_sparse.measures.Measure` (None: the connectivity EI the plans'
+#: engines compute). A measure's module is imported when the measure is first asked for,
+#: so the perturbation measure's numba kernels load only for it. The registry lives here,
+#: above the measures it names: they import the protocol
+#: (:mod:`foresight_sparse.measures`), never this module.
+MEASURES: dict[str, str | None] = {
+    "ei": None,
+    "perturbation": "foresight_sparse.perturbation:Perturbation",
+    "svd": "foresight_sparse.svd:Reversibility",
+}
+
+
+def get_measure(measure: str | Measure | None) -> Measure | None:
+    """Resolve a ``measure=`` argument: None for the connectivity EI (``'ei'`` or None), a
+    :class:`~foresight_sparse.measures.Measure` object as it is, a name of
+    :data:`MEASURES` as that measure with its default settings.
+
+    Raises
+    ------
+    UnknownNameError
+        For any other value (the message lists the valid names), and for a measure whose
+        :attr:`~foresight_sparse.measures.Measure.columns` repeat a name or take one of
+        :data:`~foresight_sparse.measures.RESERVED`.
+    """
+    if measure is None or measure == "ei":
+        return None
+    if isinstance(measure, Measure):
+        return _checked(measure)
+    target = MEASURES.get(measure) if isinstance(measure, str) else None
+    if target is None:
+        raise UnknownNameError(
+            "unknown ",
+            Opt("measure", measure),
+            f"; valid measures are {', '.join(MEASURES)} "
+            "(or a Measure object such as foresight_sparse.perturbation.Perturbation(...))",
+        )
+    module, _, cls = target.partition(":")
+    return _checked(getattr(importlib.import_module(module), cls)())
+
+
+def _checked(measure: Measure) -> Measure:
+    clash = [c for c in measure.columns if c in RESERVED]
+    if clash or len(set(measure.columns)) != len(measure.columns):
+        raise UnknownNameError(
+            f"measure {measure.name!r} has the columns {', '.join(measure.columns)}; "
+            f"{', '.join(clash) or 'one name twice'} would clash with a report's or a "
+            "history's own fields. Rename them",
+            param="measure",
+        )
+    return measure
 
 
 def resolve_device(device) -> torch.device:

@@ -13,8 +13,9 @@ import foresight_sparse as fs
 from foresight_sparse.cli import main
 from foresight_sparse.exceptions import HistoryFileError, ShapeMismatchError
 from foresight_sparse.history import History
-from foresight_sparse.measures import Measure, MeasureLayer, get_measure
+from foresight_sparse.measures import Measure, MeasureLayer
 from foresight_sparse.perturbation import Perturbation, perturb_layer
+from foresight_sparse.settings import get_measure
 
 
 class WeightSum(Measure):

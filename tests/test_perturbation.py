@@ -15,7 +15,6 @@ from foresight_sparse.exceptions import (
     NonFiniteWeightsError,
     UnsupportedLayerError,
 )
-from foresight_sparse.measures import get_measure
 from foresight_sparse.perturbation import (
     Perturbation,
     _kernels,
@@ -26,6 +25,7 @@ from foresight_sparse.perturbation import (
     sensitivity,
 )
 from foresight_sparse.perturbation.estimator import _has_converged
+from foresight_sparse.settings import get_measure
 
 
 def hand_mi(x: np.ndarray, y: np.ndarray, bins, ranges) -> float:

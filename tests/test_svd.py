@@ -23,8 +23,9 @@ from foresight_sparse.exceptions import (
     NonFiniteWeightsError,
     UnknownNameError,
 )
-from foresight_sparse.measures import MeasureLayer, get_measure
+from foresight_sparse.measures import MeasureLayer
 from foresight_sparse.norms import get_norm
+from foresight_sparse.settings import get_measure
 
 F64 = torch.float64
 REF_NORMS = {"lin": ref.lin_norm, "soft": ref.soft_norm, "sig": ref.sig_norm, None: lambda a: a}
