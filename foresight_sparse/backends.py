@@ -31,7 +31,7 @@ from types import ModuleType
 
 import torch
 
-from .exceptions import DeviceError, UnknownNameError, UnsupportedEngineError
+from .exceptions import DeviceError, Opt, UnknownNameError, UnsupportedEngineError
 from .norms import KERNEL_CODES, NORMS, Norm
 
 __all__ = [
@@ -145,14 +145,19 @@ def resolve_backend(backend: str = "auto", device="cpu", norm: Norm | None = Non
     if backend == "numba":
         if dev.type != "cpu":
             raise DeviceError(
-                f"backend='numba' runs on the CPU only, and the device is {dev}; use "
-                "backend='auto' or 'torch' there, or device='cpu'"
+                Opt("backend", "numba"),
+                f" runs on the CPU only, and the device is {dev}; use ",
+                Opt("backend", "auto", "torch"),
+                " there, or ",
+                Opt("device", "cpu"),
             )
         if norm is not None and kind is None:
             raise UnsupportedEngineError(
-                f"backend='numba' has no kernel for the norm {norm.name!r} (the kernels know "
-                f"{', '.join(NORMS)}); use backend='auto' or 'torch', which evaluate any "
-                "norm with torch"
+                Opt("backend", "numba"),
+                f" has no kernel for the norm {norm.name!r} (the kernels know "
+                f"{', '.join(NORMS)}); use ",
+                Opt("backend", "auto", "torch"),
+                ", which evaluate any norm with torch",
             )
         return _NUMBA[kind]
     if dev.type == "cpu" and (norm is None or kind is not None):

@@ -45,13 +45,12 @@ from .exceptions import (
     Opt,
     UnknownNameError,
 )
-from .measures import MEASURES, get_measure
 from .models import DEFAULT_IMAGE_SHAPE, ModelError, UsageError, load_model
 from .norms import NORMS
 from .plans import plan, resolve_device
 from .plotting import PLOT_HINT, check_plot_path, plot_report
 from .results import _cell
-from .settings import SKIPPED
+from .settings import MEASURES, SKIPPED, get_measure
 from .sweeps import RAY_HINT, _keep_freed_memory, sweep
 from .tracing import SKIPPED_HINT
 
@@ -600,12 +599,6 @@ def _cmd_layers(args: argparse.Namespace) -> int:
     return 0
 
 
-def _sweep_options(args, device, measure) -> dict:  # interim, until sweep takes them all
-    opts = _options(args, device, measure)
-    del opts["backend"], opts["skipped"]
-    return opts
-
-
 def _cmd_sweep(args: argparse.Namespace) -> int:
     device = _device(args.device)
     if args.workers is not None and args.workers < 1:
@@ -642,7 +635,7 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
             progress=not args.no_progress and sys.stderr.isatty(),
             ray_address=args.ray or None,
             meta={"model": args.model, "input_shape": list(shape)},
-            **_sweep_options(args, device, measure),
+            **_options(args, device, measure),
         )
     hist = res.history
     print(

@@ -36,6 +36,7 @@ __all__ = [
     "ReportFileError",
     "MissingDependencyError",
     "HistoryFileError",
+    "EmptyHistoryError",
     "MeasureSettingsError",
     "OptionError",
 ]
@@ -321,6 +322,11 @@ class MissingDependencyError(ForesightError, ImportError):
 class HistoryFileError(ForesightError, ValueError):
     """A saved history (CSV or JSON) cannot be read, or does not fit the sweep resuming it;
     the message names the file."""
+
+
+class EmptyHistoryError(ForesightError, ValueError):
+    """A history holds nothing the call can use: no evaluation to draw (only error records,
+    or none), or no quantity to plot; the message says what is missing."""
 
 
 class MeasureSettingsError(ForesightError, ValueError):

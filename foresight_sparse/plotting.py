@@ -10,7 +10,13 @@ from __future__ import annotations
 
 import os
 
-from .exceptions import MissingDependencyError, UnknownNameError
+from .exceptions import (
+    EmptyHistoryError,
+    MissingDependencyError,
+    Opt,
+    OptionError,
+    UnknownNameError,
+)
 from .results import Report
 
 __all__ = ["PLOT_HINT", "plot_formats", "check_plot_path", "plot_report", "plot_history"]
@@ -189,9 +195,10 @@ def _plane_x(records: list) -> tuple[str, list]:
         return "determinism", [r.determinism for r in records]
     if records and all(isinstance(r.extra.get("sensitivity"), float) for r in records):
         return "sensitivity", [r.extra["sensitivity"] for r in records]
-    raise ValueError(
+    raise OptionError(
         "the causal plane needs each record's determinism (or sensitivity) and "
-        "degeneracy; this history's measure has neither. Use kind='layers'"
+        "degeneracy; this history's measure has neither. Use ",
+        Opt("kind", "layers"),
     )
 
 
@@ -203,7 +210,7 @@ def _history_y(records: list) -> tuple[str, list]:
     for name in dict.fromkeys(k for r in records for k in r.extra):
         if all(isinstance(r.extra.get(name), float) for r in records):
             return name, [r.extra[name] for r in records]
-    raise ValueError("the history's records hold no EI nor any numeric quantity to draw")
+    raise EmptyHistoryError("the history's records hold no EI nor any numeric quantity to draw")
 
 
 def _history_x(network: list) -> tuple[str, list[float], list[str] | None]:
@@ -244,19 +251,23 @@ def plot_history(history, path: str | os.PathLike, kind: str = "layers", title: 
     ------
     UnknownNameError
         For another ``kind``, or an extension matplotlib does not write.
-    ValueError
-        When the history holds no evaluation to draw.
+    EmptyHistoryError
+        When the history holds no evaluation to draw, or no quantity to plot.
+    OptionError
+        For ``kind='plane'`` when the records hold neither determinism nor sensitivity.
     MissingDependencyError
         When matplotlib is not installed (``pip install 'foresight-sparse[plot]'``).
     """
     if kind not in ("layers", "plane"):
-        raise UnknownNameError(f"unknown history plot kind={kind!r}; use 'layers' or 'plane'")
+        raise UnknownNameError(
+            f"unknown history plot kind {kind!r}; use ", Opt("kind", "layers", "plane")
+        )
     fmt = check_plot_path(path)
     from matplotlib.figure import Figure
 
     network = [r for r in history.records if r.kind == "network"]
     if not network:
-        raise ValueError("the history holds no evaluation to draw (only errors, or nothing)")
+        raise EmptyHistoryError("the history holds no evaluation to draw (only errors, or nothing)")
     names = history.layers
     types = {r.layer: r.type for r in history.records if r.kind == "layer"}
     legend = {name: f"{name} ({types[name]})" if types.get(name) else name for name in names}

@@ -58,8 +58,9 @@ from .exceptions import (
 )
 from .history import CSVAppender, History, Record, records_from_report
 from .norms import lin_norm
-from .plans import Plan, plan
+from .plans import Plan
 from .results import Report
+from .settings import Settings
 
 __all__ = [
     "Checkpoint",
@@ -151,7 +152,7 @@ def checkpoint_entries(
 
     Raises
     ------
-    ValueError
+    CheckpointError
         When a file is listed twice.
     """
     if isinstance(checkpoints, (str, os.PathLike)):
@@ -171,7 +172,7 @@ def checkpoint_entries(
     for p in paths:
         real = os.path.realpath(p)
         if real in seen:
-            raise ValueError(f"checkpoint {p!r} is listed twice")
+            raise CheckpointError(f"checkpoint {p!r} is listed twice")
         seen.add(real)
     labels = [_strip_suffix(os.path.basename(p)) for p in paths]
     if len(set(labels)) < len(labels):  # same names in several folders: keep the folders
@@ -758,33 +759,32 @@ def __getattr__(name: str):
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-def _from_backend(backend: str | None, executor):
-    """The executor asked for with the deprecated ``backend='serial'|'process'|'ray'``
-    (with a FutureWarning), else ``executor``: the one place ``backend=`` is read."""
-    if backend is None:
-        return executor
+def _from_backend(backend, executor) -> tuple[Any, Any]:
+    """``(numeric backend, executor)`` from sweep's ``backend=`` and ``executor=``: the one
+    place ``backend=`` is read. It names the numeric forms, as for :func:`plan`; its old
+    meaning, an executor name (``'serial'``, ``'process'``, ``'ray'``), still selects the
+    executor, with a FutureWarning, and leaves the numeric backend at ``'auto'``."""
+    if not (isinstance(backend, str) and backend in EXECUTORS):
+        return backend, executor
     if executor is not None:
         raise OptionError(
-            Opt("backend"),
-            f"={backend!r} and ",
-            Opt("executor"),
-            f"={executor!r} both given; ",
-            "give only ",
+            Opt("backend", backend),
+            " and ",
+            Opt("executor", executor),
+            " both given; give only ",
             Opt("executor", backend),
-        )
-    if backend not in EXECUTORS:
-        raise UnknownNameError(
-            f"unknown backend {backend!r}; sweeps run with ",
-            Opt("executor", *EXECUTORS),
         )
     warn_caller(
         "sweep's ",
         Opt("backend", backend),
         " is deprecated and will be removed: use ",
         Opt("executor", backend),
+        " (",
+        Opt("backend", metavar=""),
+        " names the numeric forms now, as for plan())",
         category=FutureWarning,
     )
-    return backend
+    return "auto", backend
 
 
 def _executor(executor, workers, ray_address) -> Executor:
@@ -795,17 +795,18 @@ def _executor(executor, workers, ray_address) -> Executor:
         for name, value in (("workers", workers), ("ray_address", ray_address)):
             if value is not None:
                 raise OptionError(
-                    Opt(name),
-                    f"={value!r} is for a named executor; configure the "
-                    f"{type(executor).__name__} given as executor= instead",
+                    Opt(name, value),
+                    f" is for a named executor; configure the {type(executor).__name__} given as ",
+                    Opt("executor", metavar=""),
+                    " instead",
                 )
         return executor
     if executor is None:
         executor = "process" if workers is not None and workers > 1 else "serial"
     elif not isinstance(executor, str):
         raise OptionError(
-            Opt("executor"),
-            f"={executor!r}: give an Executor or ",
+            Opt("executor", executor),
+            ": give an Executor or ",
             Opt("executor", *EXECUTORS),
         )
     if executor not in EXECUTORS:
@@ -814,16 +815,17 @@ def _executor(executor, workers, ray_address) -> Executor:
         )
     if ray_address is not None and executor != "ray":
         raise OptionError(
-            Opt("ray_address"),
-            f"={ray_address!r} needs ",
+            Opt("ray_address", ray_address),
+            " needs ",
             Opt("executor", "ray"),
-            f", not executor={executor!r}",
+            ", not ",
+            Opt("executor", executor),
         )
     if executor == "serial":
         if workers not in (None, 1):
             raise OptionError(
-                Opt("workers"),
-                f"={workers} needs ",
+                Opt("workers", workers),
+                " needs ",
                 Opt("executor", "process", "ray"),
                 "; the serial executor evaluates one checkpoint at a time",
             )
@@ -909,8 +911,11 @@ def _resume(
     ):
         if k in old.meta and k in meta and old.meta[k] != meta[k]:
             raise HistoryFileError(
-                f"{output!r} was made with {k}={old.meta[k]!r}, but this sweep has "
-                f"{k}={meta[k]!r}; resume with the same settings, or write to a new file"
+                f"{output!r} was made with ",
+                Opt(k, old.meta[k]),
+                ", but this sweep has ",
+                Opt(k, meta[k]),
+                "; resume with the same settings, or write to a new file",
             )
     wanted = {e.label for e in entries}
     by_label: dict[str, list[Record]] = {}
@@ -938,7 +943,7 @@ def sweep(
     *,
     executor: str | Executor | None = None,
     workers: int | None = None,
-    backend: str | None = None,
+    backend: str = "auto",
     norm=lin_norm,
     device="cpu",
     engine: str = "auto",
@@ -955,6 +960,7 @@ def sweep(
     layers="seed",
     measure="ei",
     convention: str = "seed",
+    skipped: str = "warn",
 ) -> SweepResult:
     """Determinism, degeneracy and EI of every checkpoint of one architecture.
 
@@ -982,9 +988,11 @@ def sweep(
         How many checkpoints are evaluated at once, for a named executor: the number of
         worker processes (default: one per core), or of Ray actors (default: one per CPU
         of the cluster). The serial executor takes only 1.
-    backend : {'serial', 'process', 'ray'}, optional
-        Deprecated (a FutureWarning): the old name of ``executor``.
-    norm, device, engine, legacy, max_memory, shapes, layers, measure, convention
+    backend : {'auto', 'numba', 'torch'}, default 'auto'
+        The numeric forms, as for :func:`foresight_sparse.plan`. The old meaning,
+        ``'serial'``, ``'process'`` or ``'ray'``, is deprecated (a FutureWarning) and
+        selects the executor as ``executor=`` does.
+    norm, device, engine, legacy, max_memory, shapes, layers, measure, convention, skipped
         As for :func:`foresight_sparse.plan`.
     key : str, optional
         The checkpoint key holding the state dict, when it is not a usual one.
@@ -1018,7 +1026,9 @@ def sweep(
     Raises
     ------
     UnknownNameError
-        For an unknown executor.
+        For an unknown executor, or a name unknown to the options of :func:`plan`.
+    DeviceError, UnsupportedEngineError
+        As for :func:`plan`.
     OptionError
         For contradicting options: ``workers`` other than 1 with the serial executor,
         ``ray_address`` without Ray, ``workers`` or ``ray_address`` with an
@@ -1029,25 +1039,26 @@ def sweep(
         When ``resume`` finds an ``output`` it cannot read or made with other settings.
     """
     start = time.perf_counter()
-    runner = _executor(_from_backend(backend, executor), workers, ray_address)
+    backend, executor = _from_backend(backend, executor)
+    runner = _executor(executor, workers, ray_address)
     if resume and output is None:
         raise OptionError(
             Opt("resume", True), " needs ", Opt("output"), ", the CSV file of the run to resume"
         )
-    entries = checkpoint_entries(checkpoints)
-    p = plan(
-        model,
-        input,
-        shapes,
-        norm,
-        device,
+    settings = Settings.make(
+        norm=norm,
+        device=device,
         engine=engine,
+        backend=backend,
         legacy=legacy,
         max_memory=max_memory,
         layers=layers,
         measure=measure,
         convention=convention,
+        skipped=skipped,
     )
+    entries = checkpoint_entries(checkpoints)
+    p = Plan.build(model, settings, input, shapes)
     in_shape = list(p.layers[0].in_shape) if p.layers else []
     info = {
         "model": type(model).__name__,

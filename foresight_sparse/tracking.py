@@ -103,8 +103,8 @@ class Tracker:
     ):
         if isinstance(every, bool) or not isinstance(every, int) or every < 1:
             raise OptionError(
-                Opt("every"),
-                f"={every!r} must be a positive int: the tracker evaluates when step % every == 0",
+                Opt("every", every),
+                " must be a positive int: the tracker evaluates when step % every == 0",
             )
         settings = Settings.make(
             norm=norm,

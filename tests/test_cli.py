@@ -30,9 +30,9 @@ from foresight_sparse.cli import cli_message, main
 from foresight_sparse.connectivity import LayerSelection
 from foresight_sparse.conventions import check_convention
 from foresight_sparse.exceptions import ForesightWarning
-from foresight_sparse.measures import get_measure
 from foresight_sparse.models import load_model
 from foresight_sparse.norms import get_norm
+from foresight_sparse.settings import get_measure
 from foresight_sparse.tracing import trace
 
 SHAPE_ARG = ",".join(map(str, SHAPE))
@@ -736,14 +736,7 @@ def test_cli_message_renders_warnings_and_points_to_the_layers_command():
     "engine",
     [
         "sparse",
-        pytest.param(
-            "dense",
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason="engines/dense.py passes its budget fix to check_budget as text, not "
-                "as Opt parts (another change owns it): the flags read as Python there",
-            ),
-        ),
+        "dense",
     ],
 )
 def test_memory_budget_error_names_the_flags(capsys, engine):

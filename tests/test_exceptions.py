@@ -6,11 +6,11 @@ from __future__ import annotations
 
 import ast
 import builtins
-import fnmatch
 import importlib
 import inspect
 import pickle
 import pkgutil
+import re
 import warnings
 from pathlib import Path
 
@@ -40,8 +40,8 @@ from foresight_sparse.exceptions import (
 )
 from foresight_sparse.geometry import conv_padding
 from foresight_sparse.history import History, Record
-from foresight_sparse.measures import get_measure
 from foresight_sparse.perturbation.estimator import check_settings
+from foresight_sparse.settings import get_measure
 
 PACKAGE = Path(fs.__file__).parent
 
@@ -112,28 +112,6 @@ BARE = {
     and not issubclass(getattr(builtins, name), Warning)
 } - {"NotImplementedError", "AssertionError", "BaseException"}
 
-# Files that other changes own while issue 23 is under way: their raises are converted there.
-# Each entry is one file (or one glob); empty the list as each of them is converted.
-OTHERS_FILES = [
-    "backends.py",
-    "engines/*.py",
-    "*_kernels.py",  # the numba kernels, and any new kernel module
-    "_numba.py",
-    "entropy.py",
-    "connectivity/__init__.py",
-    "connectivity/base.py",
-    "connectivity/stencil.py",
-    "connectivity/fully_connected.py",
-    "connectivity/explicit.py",
-    "sweeps.py",
-    "plans.py",
-    "analysis.py",
-    "tracking.py",
-    "integrations/lightning.py",
-    "ei.py",
-    "settings.py",
-    "plotting.py",  # not among issue 23's files either
-]
 
 # Raises that stay bare on purpose: (file, enclosing function, exception) -> why.
 KEPT = {
@@ -143,6 +121,16 @@ KEPT = {
     ),
     ("history.py", "_record_from_row", "TypeError"): (
         "caught three lines below and raised again as HistoryFileError"
+    ),
+    ("ei.py", "_ValidModules.__getitem__", "KeyError"): (
+        "the mapping protocol: VALID_MODULES is a drop-in for the old module's dict, whose "
+        "missing key is a bare KeyError (Mapping.get and `in` rely on it)"
+    ),
+    ("ei.py", "_ValidModules.__delitem__", "KeyError"): (
+        "the mapping protocol, as for __getitem__"
+    ),
+    ("sweeps.py", "__getattr__", "AttributeError"): (
+        "the module __getattr__ protocol: hasattr() and getattr(..., default) rely on it"
     ),
 }
 
@@ -182,12 +170,59 @@ def test_no_public_function_raises_a_bare_builtin():
     bad = []
     for path in sorted(PACKAGE.rglob("*.py")):
         rel = path.relative_to(PACKAGE).as_posix()
-        if any(fnmatch.fnmatch(rel, pattern) for pattern in OTHERS_FILES):
-            continue
         for where, name, line in _bare_raises(path):
             if (rel, where, name) not in KEPT:
                 bad.append(f"{rel}:{line} ({where}) raises a bare {name}")
     assert not bad, "raise the exported ForesightError subclass instead:\n" + "\n".join(bad)
+
+
+# The calls whose arguments are an error's or a warning's message parts.
+_MESSAGE_CALLS = {"warn_caller", "check_budget"}
+
+
+def _options_spelled_as_text(path: Path, options) -> list[tuple[int, str]]:
+    """``(line, text)`` of every message string, in a raise or a warning, that writes one
+    of ``options`` as ``name=``: such an option reads as Python on the command line too,
+    where it should be an :class:`Opt` that renders as the flag."""
+    pattern = re.compile(rf"(?<![\w.])({'|'.join(map(re.escape, options))})=")
+    found = []
+
+    def texts(node):
+        if isinstance(node, ast.Call) and getattr(node.func, "id", None) == "Opt":
+            return  # an Opt's own arguments are the option, not text
+        if isinstance(node, ast.Constant) and isinstance(node.value, str):
+            yield node
+        for child in ast.iter_child_nodes(node):
+            yield from texts(child)
+
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        call = node.func if isinstance(node, ast.Call) else None
+        name = getattr(call, "id", getattr(call, "attr", None))
+        if isinstance(node, ast.Raise) or name in _MESSAGE_CALLS:
+            found += [(c.lineno, c.value) for c in texts(node) if pattern.search(c.value)]
+    return sorted(set(found))
+
+
+def test_the_text_option_scan_finds_one(tmp_path):
+    probe = tmp_path / "probe.py"
+    probe.write_text(
+        "def f():\n    raise OptionError(f'use engine=sparse', Opt('engine', 'x=1'))\n",
+        encoding="utf-8",
+    )
+    assert _options_spelled_as_text(probe, ["engine"]) == [(2, "use engine=sparse")]
+
+
+def test_no_message_spells_a_flagged_option_as_text():
+    from foresight_sparse.cli import _FLAGS
+
+    bad = [
+        f"{path.relative_to(PACKAGE).as_posix()}:{line}: {text!r}"
+        for path in sorted(PACKAGE.rglob("*.py"))
+        for line, text in _options_spelled_as_text(path, _FLAGS)
+    ]
+    assert not bad, "write the option as an Opt part, which the CLI shows as its flag:\n" + (
+        "\n".join(bad)
+    )
 
 
 def test_every_kept_raise_is_still_there():

@@ -27,25 +27,22 @@ DEFAULTS = {
 }
 
 
-def _entry_points():
-    from foresight_sparse.integrations.lightning import EICallback
-
-    return {
-        "plan": fs.plan,
-        "report": fs.report,
-        "Tracker": Tracker.__init__,
-        "EICallback": EICallback.__init__,
-    }
+def _entry_point(name):
+    if name == "EICallback":
+        lightning = pytest.importorskip("foresight_sparse.integrations.lightning")
+        return lightning.EICallback.__init__
+    return {"plan": fs.plan, "report": fs.report, "sweep": fs.sweep, "Tracker": Tracker.__init__}[
+        name
+    ]
 
 
 def test_options_are_the_settings_fields():
     assert tuple(DEFAULTS) == OPTIONS
 
 
-@pytest.mark.parametrize("name", ["plan", "report", "Tracker", "EICallback"])
+@pytest.mark.parametrize("name", ["plan", "report", "sweep", "Tracker", "EICallback"])
 def test_every_entry_point_takes_every_option_with_the_same_default(name):
-    pytest.importorskip("lightning")
-    params = inspect.signature(_entry_points()[name]).parameters
+    params = inspect.signature(_entry_point(name)).parameters
     missing = [o for o in OPTIONS if o not in params]
     assert not missing, f"{name} lacks {missing}"
     differ = {o: params[o].default for o in OPTIONS if params[o].default is not DEFAULTS[o]}
@@ -55,7 +52,7 @@ def test_every_entry_point_takes_every_option_with_the_same_default(name):
 
 def test_the_command_line_has_a_flag_per_option_with_the_library_default():
     parser = build_parser()
-    for command in (["ei", "resnet18"], ["layers", "resnet18"]):
+    for command in (["ei", "resnet18"], ["layers", "resnet18"], ["sweep", "resnet18", "x.pt"]):
         args = parser.parse_args(command)
         for option in OPTIONS:
             assert hasattr(args, option), f"{command[0]} has no --{option.replace('_', '-')}"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import os
 import sys
+import warnings
 
 import pytest
 import torch
@@ -560,10 +561,35 @@ def test_backend_still_works_with_a_future_warning(ckpts):
     assert_matches(old.history, {k: expected[k] for k in old.history.labels})
     with pytest.raises(OptionError, match=r"backend='serial' and executor='process' both"):
         sweep(tiny_cnn(), paths, INPUT, backend="serial", executor="process")
-    with pytest.raises(UnknownNameError, match=r"unknown backend 'threads'.*executor="):
+    with pytest.raises(UnknownNameError, match=r"unknown backend 'threads'"):
         sweep(tiny_cnn(), paths, INPUT, backend="threads")
     with pytest.warns(FutureWarning, match="EXECUTORS"):
         assert sweeps.BACKENDS == sweeps.EXECUTORS == ("serial", "process", "ray")
+
+
+def test_backend_names_the_numeric_forms_as_for_plan(ckpts):
+    """backend='torch' or 'numba' reaches the plan of every checkpoint (each layer's report
+    names it) and gives the same records; skipped='ignore' silences the skipped layers."""
+
+    class Recording(SerialExecutor):
+        def run(self, plan, checkpoints, **kwargs):
+            self.plan = plan
+            return super().run(plan, checkpoints, **kwargs)
+
+    _, paths, expected = ckpts
+    model = tiny_cnn()  # its BatchNorm2d runs but does not count: a skipped layer
+    runs = {}
+    for b in ("torch", "numba"):
+        runner = Recording()
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # neither the skipped-layer nor a deprecation
+            runs[b] = sweep(model, paths[:2], INPUT, executor=runner, backend=b, skipped="ignore")
+        assert runner.plan.settings.backend == b
+        assert {layer.backend for layer in runner.plan.layers} == {b}
+    assert_matches(runs["torch"].history, {k: expected[k] for k in runs["torch"].history.labels})
+    assert_matches(runs["numba"].history, {k: expected[k] for k in runs["numba"].history.labels})
+    with pytest.warns(UserWarning, match="skipped layers.*BatchNorm2d"):
+        sweep(model, paths[:1], INPUT)
 
 
 class Reversed(Executor):

@@ -15,7 +15,7 @@ import torch
 
 from ..backends import default_backend
 from ..budget import check_budget, resolve_budget
-from ..exceptions import DeviceError, NonFiniteWeightsError, UnknownNameError
+from ..exceptions import DeviceError, NonFiniteWeightsError, Opt, UnknownNameError
 
 __all__ = ["Block", "Connectivity", "weight_scan"]
 
@@ -262,8 +262,12 @@ class Connectivity:
             budget,
             f"{self.label}: the {self.n_rows} x {self.n_cols} connectivity matrix "
             f"({self.nnz} entries, {layout})",
-            "pass a larger max_memory, or let the engines stream it "
-            "(determinism/degeneracy/ei never hold a whole matrix)",
+            (
+                "pass a larger ",
+                Opt("max_memory"),
+                ", or let the engines stream it "
+                "(determinism/degeneracy/ei never hold a whole matrix)",
+            ),
         )
         idx_dtype = torch.int64
         if layout in ("csr", "scipy") and _fits_int32(self.nnz, self.n_cols):
@@ -297,9 +301,11 @@ class Connectivity:
                 )
         if blk.vals.device.type != "cpu":
             raise DeviceError(
-                f"{self.label}: layout='scipy' needs CPU tensors; the "
-                f"layer lives on {blk.vals.device}. Move the model to the "
-                "CPU or use torch.sparse_csr"
+                f"{self.label}: ",
+                Opt("layout", "scipy"),
+                f" needs CPU tensors; the layer lives on {blk.vals.device}. Move the model "
+                "to the CPU or use ",
+                Opt("layout", "csr"),
             )
         import scipy.sparse  # scipy loads only for this layout
 

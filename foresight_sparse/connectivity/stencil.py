@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from ..backends import NUMBA_FLOATS, TORCH, numba_kernels
+from ..exceptions import ShapeMismatchError
 from ..geometry import Axis, AxisPairs, AxisProduct
 from .base import Block, Connectivity, _buffer, _rowptr
 
@@ -121,7 +122,7 @@ class Stencil(Connectivity):
         """
         axes = tuple(axes)
         if not 1 <= len(axes) <= 3:  # pragma: no cover - adapters pass 1 to 3 axes
-            raise ValueError(f"{label}: a stencil has 1 to 3 spatial axes, got {len(axes)}")
+            raise ShapeMismatchError(f"{label}: a stencil has 1 to 3 spatial axes, got {len(axes)}")
         unit = Axis(1, 1, 1)
         if len(axes) == 1:
             lanes = (unit, axes[0])

@@ -12,6 +12,7 @@ import torch
 
 from ..budget import check_budget
 from ..entropy import H
+from ..exceptions import Opt
 from .base import LayerJob, LayerStats
 
 __all__ = ["layer_stats"]
@@ -25,7 +26,7 @@ def layer_stats(job: LayerJob) -> LayerStats:
         conn.n_rows * conn.n_cols * 8 * 3,
         job.budget,
         f"{conn.label}: the dense {conn.n_rows} x {conn.n_cols} matrix",
-        "use engine='sparse' or 'implicit', or raise max_memory",
+        ("use ", Opt("engine", "sparse", "implicit"), ", or raise ", Opt("max_memory")),
     )
     p = job.norm(conn.to_dense(torch.float64, backend=job.backend).to(job.device))
     return LayerStats(

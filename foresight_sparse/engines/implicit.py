@@ -45,7 +45,7 @@ from __future__ import annotations
 from ..budget import check_budget
 from ..connectivity import FullyConnected, Stencil
 from ..entropy import row_entropy
-from ..exceptions import UnsupportedEngineError
+from ..exceptions import Opt, UnsupportedEngineError
 from ..norms import ElementwiseNorm, SoftNorm
 from .base import LayerJob, LayerStats, layer_shift
 from .conv import GATHER_BYTES
@@ -104,15 +104,15 @@ def layer_stats(job: LayerJob) -> LayerStats:
     if not supports(job):
         raise UnsupportedEngineError(
             f"{job.conn.label}: the implicit engine cannot express this layer (padding that "
-            "folds two taps onto one input, a custom norm or a custom builder); use "
-            "engine='auto' or 'sparse'"
+            "folds two taps onto one input, a custom norm or a custom builder); use ",
+            Opt("engine", "auto", "sparse"),
         )
     conn = job.conn
     check_budget(
         working_bytes(conn, job.budget),
         job.budget,
         f"{conn.label}: the implicit engine's maps ({conn.n_rows} inputs, {conn.n_cols} outputs)",
-        "raise max_memory",
+        ("raise ", Opt("max_memory")),
     )
     if isinstance(conn, FullyConnected):
         return _linear(conn, job.norm, job)  # the form checks finiteness
