@@ -172,7 +172,7 @@ def cpu():
 
 def run():
     t0 = time.perf_counter()
-    res = sweep(model, cfg["paths"], x, backend=cfg["backend"], workers=cfg["workers"],
+    res = sweep(model, cfg["paths"], x, executor=cfg["backend"], workers=cfg["workers"],
                 output=cfg["csv"])
     assert res.ok, res.errors
     return time.perf_counter() - t0

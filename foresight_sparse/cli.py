@@ -428,15 +428,15 @@ def _add_sweep_parser(sub) -> None:
         type=int,
         metavar="N",
         help="checkpoints evaluated at once: worker processes (default 1, in this "
-        "process), or with --ray the most tasks in flight",
+        "process), or with --ray the number of Ray actors (default one per CPU of the cluster)",
     )
     p.add_argument(
         "--ray",
         nargs="?",
         const="",
         metavar="ADDRESS",
-        help="run one Ray task per checkpoint: on the cluster at ADDRESS ('auto', "
-        "'ray://host:10001'), or alone, on a local Ray; put it after CKPT "
+        help="evaluate the checkpoints on Ray actors, each holding the plan: on the cluster "
+        "at ADDRESS ('auto', 'ray://host:10001'), or alone, on a local Ray; put it after CKPT "
         f"(needs Ray: {RAY_HINT})",
     )
     p.add_argument(
