@@ -9,6 +9,7 @@ with ``from conftest import ...`` (pytest puts this folder on ``sys.path``).
 from __future__ import annotations
 
 import copy
+import inspect
 import math
 import os
 import warnings
@@ -75,11 +76,17 @@ def quiet(fn, /, *args, **kwargs):
     """``fn(*args, **kwargs)`` without the library's skipped-layer warnings, and only those
     (any other warning still shows).
 
-    The test suite's one way to silence them, whatever the entry point (``plan``,
-    ``report``, the drop-in functions, ``Tracker``, ``sweep``, the CLI's ``main``): when
-    ``plan()`` and ``report()`` take ``skipped="ignore"``, this is the one place to pass it
-    to the callables that accept it instead of filtering.
+    The test suite's one way to silence them, whatever the entry point: a callable that
+    takes the library's ``skipped=`` option (``plan``, ``report``, ``sweep``, ``Tracker``,
+    ...) gets ``skipped="ignore"``; the others (the drop-in functions, the CLI's ``main``)
+    run with those warnings filtered out.
     """
+    try:
+        takes_skipped = "skipped" in inspect.signature(fn).parameters
+    except (TypeError, ValueError):  # a callable without a signature
+        takes_skipped = False
+    if takes_skipped:
+        return fn(*args, **{"skipped": "ignore", **kwargs})
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=SKIPPED_WARNING, category=UserWarning)
         return fn(*args, **kwargs)
