@@ -202,7 +202,9 @@ def test_report_rows_and_functions_agree(net, norm, engine):
         assert layer.engine in ("sparse", "implicit", "dense")
         if engine in ("sparse", "dense"):
             assert layer.engine == engine
-        assert layer.seconds >= 0
+        # wall time of the layer alone: a finite, non-negative float
+        assert type(layer.seconds) is float and math.isfinite(layer.seconds), layer.seconds
+        assert layer.seconds >= 0.0, layer.seconds
         # the layer's own numbers, from its dense reference matrix
         P = ref(A)
         h_ref = float(R.H(P, dim=1).mean())
@@ -216,6 +218,16 @@ def test_report_rows_and_functions_agree(net, norm, engine):
         expected_rows.append((layer, h_ref, deg_ref, deg_ref - h_ref, nnz))
     total_nnz = sum(row[-1] for row in expected_rows)
     assert rep.nnz == total_nnz
+    # Plan.report times the whole loop with perf_counter (monotonic), and each layer's
+    # seconds is a perf_counter difference taken inside it, one layer after another: the
+    # layers' intervals are disjoint and lie within the report's, so their sum cannot exceed
+    # it. The differences of perf_counter's floats are exact multiples of its smallest ulp
+    # here, and so is their sum (fsum): no rounding slack is needed.
+    assert type(rep.seconds) is float and math.isfinite(rep.seconds), rep.seconds
+    assert math.fsum(layer.seconds for layer in rep.layers) <= rep.seconds, (
+        rep.seconds,
+        [layer.seconds for layer in rep.layers],
+    )
 
     d = rep.to_dict()
     back = json.loads(json.dumps(d))
@@ -238,15 +250,16 @@ def test_report_rows_and_functions_agree(net, norm, engine):
         assert (int(n_in), int(n_out), int(entries)) == (layer.n_in, layer.n_out, nnz)
         for shown, value in ((h, h_ref), (dg, deg_ref), (e, ei_ref)):
             assert abs(float(shown) - value) <= 0.5e-4 + 1e-9, (line, value)
-        assert float(secs) >= 0
+        assert secs == f"{layer.seconds:.3f}", (line, layer.seconds)  # the layer's own
     totals = re.fullmatch(
-        r"network: determinism (\S+)  degeneracy (\S+)  EI (\S+) bits  \((\d+) entries, \S+ s\)",
+        r"network: determinism (\S+)  degeneracy (\S+)  EI (\S+) bits  \((\d+) entries, (\S+) s\)",
         lines[-1],
     )
     assert totals, lines[-1]
     for shown, value in zip(totals.groups()[:3], (det, deg, deg - det)):
         assert abs(float(shown) - value) <= 0.5e-6 + 1e-9, (lines[-1], value)
     assert int(totals[4]) == total_nnz
+    assert totals[5] == f"{rep.seconds:.2f}", (lines[-1], rep.seconds)
 
 
 def test_report_progress_bar_changes_nothing(capsys):
