@@ -1,8 +1,10 @@
 """Engines: reduce one layer's connectivity to its row entropies and column sums.
 
 Every engine computes, for one layer under one norm, the sum of its rows' entropies and the
-vector of its column sums (float64). :mod:`foresight_sparse.analysis` combines layers into
-determinism, degeneracy and EI, so each quantity has one code path whatever the engine.
+vector of its column sums (float64). A plan combines the layers into determinism,
+degeneracy and EI (:meth:`Plan.evaluate_layer <foresight_sparse.plans.Plan.evaluate_layer>`
+and :class:`~foresight_sparse.plans.Totals`), so each quantity has one code path whatever
+the engine.
 
 - ``'sparse'``: streams row blocks of the sparse matrix under a memory budget
   (:mod:`.sparse`);
