@@ -425,3 +425,74 @@ def no_blocks(monkeypatch):
         for name in ("block", "rows", "block_torch"):
             if name in vars(cls):
                 monkeypatch.setattr(cls, name, refuse)
+
+
+# --------------------------------------------------------------------------- parallel regions
+#
+# Whether a kernel ran its parallel form or its serial twin changes no number, so tests
+# observe it from outside: numba's ``omp`` threading layer (GNU OpenMP) terminates, with
+# SIGTERM, a forked child of a process that launched it as soon as the child opens a
+# parallel region, and lets a child that opens none exit normally. The two functions below
+# are for scripts run in a fresh process (embed them with ``inspect.getsource``; Linux
+# only), with ``NUMBA_THREADING_LAYER=omp`` and ``NUMBA_NUM_THREADS`` at least 2.
+
+
+def opens_parallel_region(fn, threads: int) -> bool:
+    """Whether ``fn()`` opens a numba parallel region on ``threads`` numba threads: run in
+    a forked child, True when the ``omp`` layer's fork guard terminated the child, False
+    when it returned. ``fn`` may assert: the child's failure raises here. Call
+    :func:`parallel_probe_ready` first."""
+    import os
+    import signal
+    import sys
+    import traceback
+
+    import numba
+
+    sys.stdout.flush()
+    sys.stderr.flush()
+    pid = os.fork()
+    if pid == 0:  # the child: never returns
+        code = 1
+        try:
+            numba.set_num_threads(threads)
+            fn()
+            code = 0
+        except BaseException:
+            traceback.print_exc()
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    if os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGTERM:
+        return True
+    if os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0:
+        return False
+    raise AssertionError(f"the child running {fn} failed: wait status {status}")
+
+
+def parallel_probe_ready() -> bool:
+    """Launch numba's threading layer in this process and check that
+    :func:`opens_parallel_region` sees a parallel region and its absence: False where it
+    cannot (another layer than GNU OpenMP's, or a numba without one)."""
+    import numba
+    import numpy as np
+
+    @numba.njit(parallel=True)
+    def total(a):
+        s = 0.0
+        for i in numba.prange(a.size):
+            s += a[i]
+        return s
+
+    a = np.ones(1 << 12)
+    try:
+        total(a)
+        if numba.threading_layer() != "omp":
+            return False
+    except Exception:  # no threading layer could be loaded
+        return False
+    return opens_parallel_region(lambda: total(a), 2) and not opens_parallel_region(
+        lambda: total.py_func(a), 2
+    )

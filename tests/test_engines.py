@@ -13,6 +13,7 @@ import json
 import math
 import os
 import re
+import sys
 import warnings
 
 import numpy as np
@@ -684,30 +685,73 @@ def test_numba_threads_do_not_change_the_result():
         assert np.allclose(values, values[0], rtol=rtol, atol=0), (what, values)
 
 
-def test_serial_twins_do_not_share_the_parallel_kernels_cache(tmp_path):
-    # numba's cache ignores compile flags: a serial twin cached under the kernel's own name
-    # was loaded in place of the parallel kernel by every later process (one thread)
-    import subprocess
-    import sys
+_CACHED_KERNELS = """
+import sys
 
-    script = (
-        "import numpy as np\n"
-        "from foresight_sparse import _entropy_kernels as K\n"
-        "small, large = np.arange(10.0) - 4.5, np.arange(float(1 << 17)) - 9.5\n"
-        "for v in (small, large):\n"
-        "    got = K.column_terms(v)\n"
-        "    p, n = v[v > 0], -v[v < 0]\n"
-        "    want = [p.sum(), (p * np.log2(p)).sum(), -n.sum(), (n * np.log2(n)).sum()]\n"
-        "    assert np.allclose(got, want, rtol=1e-12), (got, want)\n"
-    )
-    env = {**os.environ, "NUMBA_CACHE_DIR": str(tmp_path)}
-    for _ in range(2):  # the second run loads both from the cache
-        subprocess.run([sys.executable, "-c", script], env=env, check=True, timeout=300)
-    # each twin has a cache index of its own, beside its parallel kernel's
-    names = {p.name.split("-")[0] for p in tmp_path.rglob("*.nbi")}
-    twins = {n for n in names if n.endswith("_serial")}
-    assert twins, names
-    assert all(n.removesuffix("_serial") in names for n in twins), names
+import numba
+import numpy as np
+import torch
+
+from foresight_sparse.entropy import column_terms
+
+{probe}
+if not parallel_probe_ready():
+    print("no probe")
+    sys.exit(0)
+if sys.argv[1] != "default":
+    numba.set_num_threads(int(sys.argv[1]))  # the forms this process compiles or loads first
+small = torch.arange(10.0, dtype=torch.float64) - 4.5  # serial-sized work
+large = torch.arange(float(1 << 17), dtype=torch.float64) - 9.5  # parallel-sized
+for v in (small, large):
+    got = column_terms(v).numpy()
+    x = v.numpy()
+    p, n = x[x > 0], -x[x < 0]
+    want = [p.sum(), (p * np.log2(p)).sum(), -n.sum(), (n * np.log2(n)).sum()]
+    assert np.allclose(got, want, rtol=1e-12), (got, want)
+print(
+    opens_parallel_region(lambda: column_terms(large), 2),
+    opens_parallel_region(lambda: column_terms(large), 1),
+    opens_parallel_region(lambda: column_terms(small), 2),
+)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="observed through os.fork")
+def test_serial_twins_do_not_share_the_parallel_kernels_cache(tmp_path):
+    """numba's cache ignores compile flags: a serial twin cached under its kernel's name
+    was loaded in place of the parallel kernel by every later process, which then ran it
+    on one thread (and the other way round). In fresh processes sharing a fresh cache, on
+    one thread and on numba's default, cold and then loading what the others cached, the
+    column terms are right and each form runs as it should: large work on two threads
+    opens a parallel region, on one thread or small work none (seen through the ``omp``
+    layer's fork guard, ``conftest.opens_parallel_region``)."""
+    import inspect
+    import subprocess
+
+    from conftest import opens_parallel_region, parallel_probe_ready
+
+    probe = inspect.getsource(opens_parallel_region) + inspect.getsource(parallel_probe_ready)
+    script = _CACHED_KERNELS.format(probe=probe)
+    env = {
+        **os.environ,
+        "NUMBA_CACHE_DIR": str(tmp_path),
+        "NUMBA_THREADING_LAYER": "omp",
+        "NUMBA_NUM_THREADS": str(max(2, os.cpu_count() or 1)),
+    }
+    for i, threads in enumerate(["1", "default", "1", "default"]):
+        proc = subprocess.run(
+            [sys.executable, "-c", script, threads],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        assert proc.returncode == 0, proc.stderr
+        if proc.stdout.strip() == "no probe":
+            pytest.skip("numba's threading layer is not GNU OpenMP's: no fork guard to observe")
+        assert proc.stdout.split() == ["True", "False", "False"], (threads, proc.stdout)
+        if i == 0:  # the later runs find what this one cached
+            assert any(p.is_file() for p in tmp_path.rglob("*")), "nothing was cached"
 
 
 def test_wide_vectors_marks_the_prange_body():
