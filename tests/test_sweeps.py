@@ -302,55 +302,75 @@ def test_process_sweep_forks_after_parallel_kernels_ran(ckpts, bad, tmp_path):
     assert_matches(History.from_csv(out[2]), big_expected)
 
 
-def test_reader_thread_only_reads_ahead(ckpts, monkeypatch):
-    """The serial sweep's thread reads each file, in order and once, before the calling
-    thread loads it (so the load finds it in the page cache); the load itself, and with
-    it every torch and numba call, stays in the calling thread."""
+@pytest.fixture
+def opened_files(monkeypatch):
+    """Every file the test opens through Python's ``open`` (the sweep's reader, torch.load,
+    the format sniffing), as (path, thread ident), in order; an attempt on a file that
+    cannot be opened counts too."""
+    import builtins
     import threading
 
-    import foresight_sparse.sweeps as sweeps
+    opened: list[tuple[str, int]] = []
+    real_open = builtins.open
+
+    def recording_open(file, *args, **kwargs):
+        if isinstance(file, (str, os.PathLike)):
+            opened.append((os.fspath(file), threading.get_ident()))
+        return real_open(file, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "open", recording_open)
+    return opened
+
+
+def test_reader_thread_only_reads_ahead(ckpts, opened_files):
+    """The serial sweep reads each file ahead in another thread, in order and once, before
+    the calling thread loads it (so the load finds it in the page cache); the load itself,
+    and with it every torch and numba call, stays in the calling thread. Seen through the
+    files each thread opens (the .safetensors checkpoint is left out: safetensors reads it
+    in its own code, which Python's open does not see)."""
+    import threading
 
     _, paths, expected = ckpts
-    events = []
-    read, load = sweeps._warm_file, sweeps._load
-
-    def warm(path, buf):
-        events.append(("read", os.path.basename(path), threading.current_thread().name))
-        read(path, buf)
-
-    def traced_load(p, path, key, trust_pickle):
-        events.append(("load", os.path.basename(path), threading.current_thread().name))
-        return load(p, path, key, trust_pickle)
-
-    monkeypatch.setattr(sweeps, "_warm_file", warm)
-    monkeypatch.setattr(sweeps, "_load", traced_load)
-    res = sweep(tiny_cnn(), paths, INPUT)
-    assert_matches(res.history, expected)
-    names = [os.path.basename(p) for p in paths]
-    order = sorted(names, key=natural_key)
-    me = threading.current_thread().name
-    assert [e[1] for e in events if e[0] == "read"] == order
-    assert [e[1] for e in events if e[0] == "load"] == order
-    assert all(e[2] == me for e in events if e[0] == "load")
-    assert all(e[2].startswith("foresight-sparse-reader") for e in events if e[0] == "read")
-    for name in order:  # each file is read before it is loaded
-        assert events.index(("load", name, me)) > next(
-            i for i, e in enumerate(events) if e[:2] == ("read", name)
-        )
+    files = [p for p in paths if not p.endswith(".safetensors")]
+    res = sweep(tiny_cnn(), files, INPUT)
+    labels = [e.label for e in checkpoint_entries(files)]
+    assert_matches(res.history, {label: expected[label] for label in labels})
+    order = [e.path for e in checkpoint_entries(files)]  # sorted naturally
+    events = [(i, path, tid) for i, (path, tid) in enumerate(opened_files) if path in order]
+    me = threading.get_ident()
+    ahead = [(i, path) for i, path, tid in events if tid != me]
+    assert [path for _, path in ahead] == order  # each once, in order, by another thread
+    loads = {}  # the calling thread's first open of each file: its load
+    for i, path, tid in events:
+        if tid == me:
+            loads.setdefault(path, i)
+    assert list(loads) == order  # every file loaded, in order, by the calling thread
+    for i, path in ahead:  # each file is read ahead before it is loaded
+        assert i < loads[path], (path, events)
 
 
-def test_warm_file_leaves_errors_to_the_load(tmp_path):
-    """Reading ahead a missing file or a folder raises nothing; the load that follows
-    turns the same file into the checkpoint's error line."""
-    from foresight_sparse.sweeps import _load, _warm_file
+def test_read_ahead_leaves_errors_to_the_load(ckpts, tmp_path, opened_files):
+    """Reading ahead a missing file or a folder raises nothing: the serial executor reads
+    ahead both, its load turns each into the checkpoint's one-line error, and it goes on
+    to the next checkpoint."""
+    import threading
 
+    _, paths, expected = ckpts
     missing = str(tmp_path / "missing.pt")
-    assert _warm_file(missing, bytearray(16)) is None
-    assert _warm_file(str(tmp_path), bytearray(16)) is None  # a folder
+    folder = tmp_path / "folder.pt"
+    folder.mkdir()
+    good = checkpoint_entries(paths[0])[0]
+    entries = [Checkpoint(missing, "missing"), Checkpoint(str(folder), "folder"), good]
     p = foresight_sparse.plan(tiny_cnn(), INPUT)
-    for path in (missing, str(tmp_path)):
-        why = _load(p, path, None, False)
-        assert isinstance(why, str) and os.path.basename(path) in why, why
+    results = list(SerialExecutor().run(p, entries))
+    assert [entry for entry, _ in results] == entries
+    for (entry, why), name in zip(results[:2], ("missing.pt", "folder.pt")):
+        assert isinstance(why, str) and name in why, (entry, why)
+    rep, ref = results[2][1], expected[good.label]
+    assert abs(rep.ei - ref.ei) <= TOL * max(1.0, abs(ref.ei))
+    me = threading.get_ident()
+    read_ahead = [path for path, tid in opened_files if tid != me]
+    assert read_ahead == [missing, str(folder), good.path]
 
 
 #: mallopt's parameters, as glibc's <malloc.h> numbers them.
@@ -449,26 +469,74 @@ def test_glibc_takes_the_kept_memory_settings():
     assert proc.stdout.split() == ["True"], proc.stdout
 
 
-def test_one_thread_runs_serial_twins(monkeypatch):
-    """With one numba thread a kernel's parallel form never runs, whatever its work."""
-    import numpy as np
+_TWINS = """
+import sys
 
-    from foresight_sparse import _numba as _kernels
+import numba
+import torch
+from torch import nn
 
-    calls = []
+import foresight_sparse as fs
 
-    def parallel(*args):
-        calls.append(args)
+{probe}
+torch.set_num_threads(1)  # torch's own OpenMP pool stays out of the forks
+if not parallel_probe_ready():
+    print("no probe")
+    sys.exit(0)
+torch.manual_seed(0)
+# both layers' passes are parallel-sized; the small model's work is not
+big = nn.Sequential(nn.Conv2d(8, 16, 3), nn.Flatten(), nn.Linear(16 * 22 * 22, 9)).double()
+big_x = torch.zeros(1, 8, 24, 24, dtype=torch.float64)
+small = nn.Sequential(nn.Linear(4, 3)).double()
+small_x = torch.zeros(1, 4, dtype=torch.float64)
+seen = []
+for engine in ("sparse", "implicit"):
+    for model, x, threads in ((big, big_x, 1), (big, big_x, 2), (small, small_x, 2)):
+        plan = fs.plan(model, x, engine=engine, skipped="ignore")
+        numba.set_num_threads(3 - threads)
+        plan.report()  # every kernel compiled here, so the fork only runs them
+        numba.set_num_threads(threads)
+        want = plan.report()  # what the fork must give
 
-    serial_calls = []
-    monkeypatch.setitem(_kernels._SERIAL, parallel, lambda *a: serial_calls.append(a))
-    monkeypatch.setattr(_kernels, "threads", lambda: 1)
-    _kernels._launch(parallel, 1 << 30, np.zeros(1))
-    assert calls == [] and len(serial_calls) == 1
-    monkeypatch.setattr(_kernels, "threads", lambda: 2)
-    _kernels._launch(parallel, 1 << 30, np.zeros(1))
-    _kernels._launch(parallel, 10, np.zeros(1))
-    assert len(calls) == 1 and len(serial_calls) == 2
+        def run(plan=plan, want=want):
+            got = plan.report()
+            assert (got.determinism, got.degeneracy) == (want.determinism, want.degeneracy)
+
+        seen.append(opens_parallel_region(run, threads))
+print(*seen)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="observed through os.fork")
+def test_one_thread_runs_serial_twins():
+    """With one numba thread a report opens no parallel region, whatever its work (so a
+    worker forked after numba's threading layer started never uses it); on two threads
+    parallel-sized work opens one and small work none. Seen, in a fresh process, through
+    the ``omp`` layer's fork guard (``conftest.opens_parallel_region``), for the sparse
+    and the implicit engine; the forks on one thread give the numbers computed before."""
+    import inspect
+    import subprocess
+
+    from conftest import opens_parallel_region, parallel_probe_ready
+
+    probe = inspect.getsource(opens_parallel_region) + inspect.getsource(parallel_probe_ready)
+    env = {
+        **os.environ,
+        "NUMBA_THREADING_LAYER": "omp",
+        "NUMBA_NUM_THREADS": str(max(2, os.cpu_count() or 1)),
+    }
+    proc = subprocess.run(
+        [sys.executable, "-c", _TWINS.format(probe=probe)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr
+    if proc.stdout.strip() == "no probe":
+        pytest.skip("numba's threading layer is not GNU OpenMP's: no fork guard to observe")
+    # per engine: big on 1 thread, big on 2, small on 2
+    assert proc.stdout.split() == ["False", "True", "False"] * 2, proc.stdout
 
 
 def test_start_method_forks_only_while_safe(monkeypatch):
