@@ -5,12 +5,11 @@ from __future__ import annotations
 import pickle
 import subprocess
 import sys
-import warnings
 
 import numpy as np
 import pytest
 import torch
-from conftest import F64, assert_close, randomize_
+from conftest import F64, assert_close, quiet, randomize_
 from torch import nn
 
 import foresight_sparse as fs
@@ -37,12 +36,6 @@ def _cnn():
     model = nn.Sequential(nn.Conv2d(2, 3, 3, padding=1), nn.AvgPool2d(2), nn.Flatten())
     model.append(nn.Linear(12, 4))
     return randomize_(model, 5).double(), torch.zeros(1, 2, 4, 4, dtype=F64)
-
-
-def _report(*args, **kwargs) -> fs.Report:
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)  # skipped Flatten
-        return fs.report(*args, **kwargs)
 
 
 @pytest.mark.parametrize("norm", list(NORMS))
@@ -95,7 +88,7 @@ def test_every_layer_records_its_backend_and_the_value_is_the_references(backend
 
 def test_custom_norm_runs_on_the_torch_backend_under_auto():
     model, x = _cnn()
-    rep = _report(model, x, norm=_top1)
+    rep = quiet(fs.report, model, x, norm=_top1)
     assert rep.backend == "torch" and {lay.backend for lay in rep.layers} == {"torch"}
     assert_close(rep.ei, R.ei(model, x, norm=_top1), 1e-9)
 
@@ -105,10 +98,10 @@ def test_a_linear_layer_the_kernels_cannot_read_falls_back_to_torch(dtype):
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(1, 2, 2), nn.Flatten(), nn.Linear(8, 3)).to(dtype)
     x = torch.zeros(1, 1, 3, 3, dtype=dtype)
-    rep = _report(model, x, backend="numba")
+    rep = quiet(fs.report, model, x, backend="numba")
     assert rep.backend == "numba"
     assert [lay.backend for lay in rep.layers] == ["numba", "torch"]
-    exact = _report(model.double(), x.double())
+    exact = quiet(fs.report, model.double(), x.double())
     assert_close(rep.ei, exact.ei, 1e-9)
 
 
@@ -122,7 +115,7 @@ def test_a_plan_pickles_with_its_backend():
 
 def test_reports_keep_the_backend_and_read_older_files_without_it():
     model, x = _cnn()
-    rep = _report(model, x, backend="torch")
+    rep = quiet(fs.report, model, x, backend="torch")
     assert fs.Report.from_dict(rep.to_dict()) == rep
     old = rep.to_dict()
     del old["backend"]
@@ -196,9 +189,9 @@ def test_a_users_connectivity_makes_its_own_rows_under_any_backend(engine, backe
 
     try:
         fs.register(_Scale, explicit)
-        want = _report(net, x, norm="soft")
+        want = quiet(fs.report, net, x, norm="soft")
         fs.register(_Scale, diagonal)
-        got = _report(net, x, norm="soft", engine=engine, backend=backend)
+        got = quiet(fs.report, net, x, norm="soft", engine=engine, backend=backend)
     finally:
         fs.unregister(_Scale)
     assert got.layers[1].engine == ("dense" if engine == "dense" else "sparse")

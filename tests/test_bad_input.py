@@ -28,7 +28,7 @@ import warnings
 import numpy as np
 import pytest
 import torch
-from conftest import assert_close, storage_bytes
+from conftest import assert_close, quiet, storage_bytes
 from torch import nn
 
 import foresight_sparse as fs
@@ -60,13 +60,6 @@ def small_net(dtype=torch.float32) -> nn.Sequential:
 
 
 X = torch.zeros(1, 1, 4, 4)
-
-
-def quiet(fn, *args, **kwargs):
-    """Call ``fn`` with the skipped-layer warnings silenced."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)
-        return fn(*args, **kwargs)
 
 
 def exact_weights_(model: nn.Module, seed: int = 0) -> nn.Module:

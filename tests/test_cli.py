@@ -19,7 +19,7 @@ import pytest
 import torch
 import torchvision
 from _cli_models import SHAPE, TinyNet, tiny_cnn
-from conftest import structural_row_counts
+from conftest import quiet, structural_row_counts
 from torch import nn
 
 import foresight_sparse
@@ -48,9 +48,7 @@ def run(capsys, *argv: str) -> tuple[int, str, str]:
 
 def expected(model: nn.Module, shape=SHAPE, **kwargs) -> dict:
     """What ``--json`` must hold: the library's report on the same model, without timings."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        rep = foresight_sparse.report(model, torch.zeros(shape), **kwargs)
+    rep = quiet(foresight_sparse.report, model, torch.zeros(shape), **kwargs)
     return _numbers(rep.to_dict())
 
 

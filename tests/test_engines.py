@@ -14,7 +14,6 @@ import math
 import os
 import re
 import sys
-import warnings
 
 import numpy as np
 import pytest
@@ -26,6 +25,7 @@ from conftest import (
     F64,
     assert_close,
     examples,
+    quiet,
     random_nets,
     randomize_,
     smallest_budget,
@@ -56,12 +56,6 @@ NORMS = {
     "sig": (ei.sig_norm, R.sig_norm),
     "none": (None, None),
 }
-
-
-def quiet_report(*args, **kwargs) -> fs.Report:
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)  # skipped ReLU/Flatten etc.
-        return fs.report(*args, **kwargs)
 
 
 _REF_CACHE: dict = {}
@@ -108,7 +102,7 @@ def test_engine_equals_reference(engine, net):
     for norm, (ours, ref) in NORMS.items():
         for legacy in (False, True) if net.pools_unpadded else (False,):
             det, deg = reference(net.model, net.input, ref, legacy)
-            rep = quiet_report(net.model, net.input, norm=ours, engine=engine, legacy=legacy)
+            rep = quiet(fs.report, net.model, net.input, norm=ours, engine=engine, legacy=legacy)
             check_against_reference(
                 rep, det, deg, ENGINE_RTOL[engine], f"{engine}/{norm}/legacy={legacy}"
             )
@@ -131,12 +125,16 @@ def test_all_negative_and_all_zero_weights(engine):
         for p in model.parameters():
             p.copy_(-p.abs() - 0.1)
     x = torch.zeros(1, 1, 3, 3, dtype=F64)
-    rep = quiet_report(model, x, engine=engine)
+    rep = quiet(fs.report, model, x, engine=engine)
     assert rep.determinism == 0.0 and rep.degeneracy == 0.0 and rep.ei == 0.0
     for norm in ("soft", "sig"):
         det, deg = reference(model, x, NORMS[norm][1])
         check_against_reference(
-            quiet_report(model, x, norm=norm, engine=engine), det, deg, ENGINE_RTOL[engine], norm
+            quiet(fs.report, model, x, norm=norm, engine=engine),
+            det,
+            deg,
+            ENGINE_RTOL[engine],
+            norm,
         )
 
 
@@ -152,7 +150,7 @@ def test_rows_without_absent_entries_and_very_negative_weights(norm, engine):
     x = torch.zeros(1, 2, dtype=F64)
     det, deg = reference(layer, x, NORMS[norm][1])
     check_against_reference(
-        quiet_report(layer, x, norm=norm, engine=engine),
+        quiet(fs.report, layer, x, norm=norm, engine=engine),
         det,
         deg,
         ENGINE_RTOL[engine],
@@ -171,15 +169,13 @@ def test_rows_without_absent_entries_and_very_negative_weights(norm, engine):
 )
 def test_report_rows_and_functions_agree(net, norm, engine):
     ours, ref = NORMS[norm]
-    rep = quiet_report(net.model, net.input, norm=ours, engine=engine)
+    rep = quiet(fs.report, net.model, net.input, norm=ours, engine=engine)
     kwargs = dict(norm=ours, engine=engine)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)
-        funcs = (
-            ei.determinism(net.model, net.input, **kwargs),
-            ei.degeneracy(net.model, net.input, **kwargs),
-            ei.ei(net.model, net.input, **kwargs),
-        )
+    funcs = (
+        quiet(ei.determinism, net.model, net.input, **kwargs),
+        quiet(ei.degeneracy, net.model, net.input, **kwargs),
+        quiet(ei.ei, net.model, net.input, **kwargs),
+    )
     assert all(type(v) is float for v in funcs)
     assert funcs == pytest.approx((rep.determinism, rep.degeneracy, rep.ei), rel=1e-14, abs=1e-14)
     det, deg = reference(net.model, net.input, ref)
@@ -267,8 +263,8 @@ def test_report_progress_bar_changes_nothing(capsys):
     torch.manual_seed(2)
     model = nn.Sequential(nn.Conv2d(1, 2, 3), nn.Flatten(), nn.Linear(8, 3)).double()
     x = torch.zeros(1, 1, 4, 4, dtype=F64)
-    plain = quiet_report(model, x)
-    with_bar = quiet_report(model, x, progress=True)
+    plain = quiet(fs.report, model, x)
+    with_bar = quiet(fs.report, model, x, progress=True)
     assert (with_bar.determinism, with_bar.degeneracy) == (plain.determinism, plain.degeneracy)
     assert capsys.readouterr().out == ""  # the library prints nothing on stdout
 
@@ -312,8 +308,8 @@ def test_streaming_equals_one_block(net, norm):
     ours = R.lin_norm if norm == "custom" else NORMS[norm][0]
     # the smallest budget the engine accepts: blocks of a row or two
     budget = smallest_budget(net.model, net.input, norm=ours, engine="sparse")
-    whole = quiet_report(net.model, net.input, norm=ours, engine="sparse")
-    streamed = quiet_report(net.model, net.input, norm=ours, engine="sparse", max_memory=budget)
+    whole = quiet(fs.report, net.model, net.input, norm=ours, engine="sparse")
+    streamed = quiet(fs.report, net.model, net.input, norm=ours, engine="sparse", max_memory=budget)
     for name in ("determinism", "degeneracy", "ei"):
         assert_close(getattr(streamed, name), getattr(whole, name), 1e-12, what=name)
 
@@ -347,9 +343,9 @@ def test_streaming_small_fixed_budget():
     x = torch.zeros(1, 2, 6, 6, dtype=F64)
     for norm in (ei.lin_norm, ei.soft_norm, ei.sig_norm, None, R.lin_norm):
         budget = smallest_budget(model, x, norm=norm, engine="sparse")
-        whole = quiet_report(model, x, norm=norm, engine="sparse")
+        whole = quiet(fs.report, model, x, norm=norm, engine="sparse")
         with _CountBlocks() as blocks:
-            small = quiet_report(model, x, norm=norm, engine="sparse", max_memory=budget)
+            small = quiet(fs.report, model, x, norm=norm, engine="sparse", max_memory=budget)
         # the conv layer (72 rows) is streamed
         assert len(blocks.counts) == 3 and blocks.counts[0] > 1, blocks.counts
         for name in ("determinism", "degeneracy", "ei"):
@@ -385,7 +381,7 @@ def test_budget_error_reports_the_budget_given():
 def test_custom_rowwise_norm_equals_reference(engine, net, which):
     fn = NORMS[which][1]  # a plain Python function: a row-wise norm for the library
     det, deg = reference(net.model, net.input, fn)
-    rep = quiet_report(net.model, net.input, norm=fn, engine=engine)
+    rep = quiet(fs.report, net.model, net.input, norm=fn, engine=engine)
     check_against_reference(rep, det, deg, ENGINE_RTOL[engine], f"custom {which}")
     for layer in rep.layers:
         assert layer.engine in ("sparse", "dense")
@@ -402,9 +398,9 @@ def test_custom_norm_that_is_not_elementwise():
     x = torch.zeros(1, 1, 4, 4, dtype=F64)
     det, deg = R.determinism(model, x, norm=top1), R.degeneracy(model, x, norm=top1)
     for engine in ALL_ENGINES:
-        rep = quiet_report(model, x, norm=top1, engine=engine)
+        rep = quiet(fs.report, model, x, norm=top1, engine=engine)
         check_against_reference(rep, det, deg, 1e-12, engine)
-        small = quiet_report(model, x, norm=top1, engine=engine, max_memory=30_000)
+        small = quiet(fs.report, model, x, norm=top1, engine=engine, max_memory=30_000)
         check_against_reference(small, det, deg, 1e-12, f"{engine} streamed")
 
 
@@ -466,7 +462,7 @@ def test_torch_backend_in_full_pipeline(net, norm, engine):
     here on CPU tensors, against the reference."""
     ours, ref = NORMS[norm]
     det, deg = reference(net.model, net.input, ref)
-    rep = quiet_report(net.model, net.input, norm=ours, engine=engine, backend="torch")
+    rep = quiet(fs.report, net.model, net.input, norm=ours, engine=engine, backend="torch")
     _assert_served_by_torch(rep, f"{engine}/{norm}")
     check_against_reference(rep, det, deg, 1e-9, f"torch {engine}/{norm}")
 
@@ -495,7 +491,7 @@ def test_torch_backend_equals_reference(engine, norm, net):
     model, x = net()
     ours, ref = NORMS[norm]
     det, deg = reference(model, x, ref)
-    rep = quiet_report(model, x, norm=ours, engine=engine, backend="torch")
+    rep = quiet(fs.report, model, x, norm=ours, engine=engine, backend="torch")
     _assert_served_by_torch(rep, f"{engine}/{norm}")
     assert {lay.engine for lay in rep.layers} == {engine}
     check_against_reference(rep, det, deg, 1e-9, f"torch {engine}/{norm}")
@@ -529,7 +525,7 @@ def test_float32_models_equal_their_float64_copy(net, norm):
     ours, ref = NORMS[norm]
     det, deg = reference(copy.deepcopy(net.model).double(), net.input.double(), ref)
     for engine in ("sparse", "implicit", "auto"):
-        rep = quiet_report(net.model, net.input, norm=ours, engine=engine)
+        rep = quiet(fs.report, net.model, net.input, norm=ours, engine=engine)
         check_against_reference(rep, det, deg, 1e-9, f"float32/{engine}/{norm}")
 
 
@@ -541,10 +537,10 @@ def test_low_precision_models(dtype, engine):
     for norm in ("lin", "soft", "sig", "none"):
         ours, ref = NORMS[norm]
         det, deg = reference(model32, x, ref)
-        rep = quiet_report(low, x.to(dtype), norm=ours, engine=engine)
+        rep = quiet(fs.report, low, x.to(dtype), norm=ours, engine=engine)
         check_against_reference(rep, det, deg, 1e-6, f"{dtype}/{norm}")
     # the input may stay float32: it is cast to the model's dtype for tracing
-    assert quiet_report(low, x, norm=ours, engine=engine).ei == rep.ei
+    assert quiet(fs.report, low, x, norm=ours, engine=engine).ei == rep.ei
 
 
 # --------------------------------------------------------------------------- CUDA
@@ -557,13 +553,13 @@ def test_low_precision_models(dtype, engine):
 @given(net=random_nets())
 def test_cuda_equals_cpu(engine, norm, net):
     ours, ref = NORMS[norm]
-    cpu = quiet_report(net.model, net.input, norm=ours, engine=engine)
-    on_gpu = quiet_report(net.model, net.input, norm=ours, engine=engine, device="cuda")
+    cpu = quiet(fs.report, net.model, net.input, norm=ours, engine=engine)
+    on_gpu = quiet(fs.report, net.model, net.input, norm=ours, engine=engine, device="cuda")
     assert on_gpu.device.startswith("cuda")
     for name in ("determinism", "degeneracy"):
         assert_close(getattr(on_gpu, name), getattr(cpu, name), 1e-9, what=name)
     model_gpu = copy.deepcopy(net.model).cuda()
-    moved = quiet_report(model_gpu, net.input.cuda(), norm=ours, engine=engine, device="cuda")
+    moved = quiet(fs.report, model_gpu, net.input.cuda(), norm=ours, engine=engine, device="cuda")
     assert_close(moved.ei, cpu.ei, 1e-9, abs_=1e-9, what="model on cuda")
     det, deg = reference(net.model, net.input, ref)
     check_against_reference(on_gpu, det, deg, ENGINE_RTOL[engine], f"cuda {engine}")
@@ -584,8 +580,8 @@ def test_cuda_streaming_and_builders():
         .cuda()
     )
     x = torch.zeros(1, 2, 6, 6, dtype=F64, device="cuda")
-    whole = quiet_report(model, x, engine="sparse", device="cuda")
-    small = quiet_report(model, x, engine="sparse", device="cuda", max_memory=20_000)
+    whole = quiet(fs.report, model, x, engine="sparse", device="cuda")
+    small = quiet(fs.report, model, x, engine="sparse", device="cuda", max_memory=20_000)
     assert_close(small.ei, whole.ei, 1e-12, what="streamed on cuda")
     A = ei.conv2d_create_matrix(model[0], (1, 2, 6, 6), (1, 3, 6, 6))
     assert A.device.type == "cuda" and A.is_coalesced()
@@ -609,7 +605,7 @@ def test_alexnet_at_imagenet_scale():
     torch.manual_seed(0)
     model = torchvision.models.alexnet(weights=None)
     x = torch.zeros(1, 3, 224, 224)
-    rep = quiet_report(model, x, engine="sparse")
+    rep = quiet(fs.report, model, x, engine="sparse")
     assert len(rep.layers) == 8
     assert [layer.type for layer in rep.layers] == ["Conv2d"] * 5 + ["Linear"] * 3
 
@@ -632,7 +628,7 @@ def test_alexnet_at_imagenet_scale():
     for layer in rep.layers:
         assert 0.0 <= layer.mean_row_entropy <= math.log2(layer.n_out)
         assert layer.engine == "sparse"
-    auto = quiet_report(model, x, engine="auto")
+    auto = quiet(fs.report, model, x, engine="auto")
     for name in ("determinism", "degeneracy", "ei"):
         assert_close(getattr(auto, name), getattr(rep, name), 1e-9, what=f"auto {name}")
 
@@ -646,8 +642,8 @@ def test_resnet50_implicit_equals_sparse_at_imagenet_scale():
     torch.manual_seed(0)
     model = torchvision.models.resnet50(weights=None).eval()
     x = torch.zeros(1, 3, 224, 224)
-    sparse = quiet_report(model, x, engine="sparse")
-    auto = quiet_report(model, x, engine="auto")
+    sparse = quiet(fs.report, model, x, engine="sparse")
+    auto = quiet(fs.report, model, x, engine="auto")
     assert len(auto.layers) == 54 and 3.8e9 < auto.nnz < 4.0e9
     assert {layer.engine for layer in auto.layers} == {"implicit"}
     for a, b in zip(auto.layers, sparse.layers):
@@ -668,14 +664,14 @@ def test_numba_threads_do_not_change_the_result():
     model = model.double()
     x = torch.zeros(1, 8, 24, 24, dtype=F64)
     # both layers are above the size where kernels run on their serial twins
-    sizes = [layer.nnz for layer in quiet_report(model, x, engine="sparse").layers]
+    sizes = [layer.nnz for layer in quiet(fs.report, model, x, engine="sparse").layers]
     assert min(sizes) >= _numba.PARALLEL_MIN_WORK, sizes
     before = numba.get_num_threads()
     results = []
     try:
         for n in sorted({1, before}):
             numba.set_num_threads(n)
-            results.append(quiet_report(model, x, norm="soft", engine="sparse"))
+            results.append(quiet(fs.report, model, x, norm="soft", engine="sparse"))
     finally:
         numba.set_num_threads(before)
     # the threads' partial sums are added in another order: equal to rounding, and EI, a
