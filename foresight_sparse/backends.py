@@ -97,7 +97,17 @@ def numba_kernels(module: str) -> ModuleType:
     module : str
         The module's name inside the package, e.g. ``'engines._conv_kernels'``.
     """
-    return importlib.import_module(f"foresight_sparse.{module}")
+    # A dict lookup: the forms ask for their kernels on every call, and importlib's
+    # import_module (a lock and a sys.modules check) costs microseconds each time.
+    try:
+        return _LOADED[module]
+    except KeyError:
+        loaded = _LOADED[module] = importlib.import_module(f"foresight_sparse.{module}")
+        return loaded
+
+
+#: The kernel modules :func:`numba_kernels` has loaded, by name.
+_LOADED: dict[str, ModuleType] = {}
 
 
 #: The torch backend (stateless: one instance serves every plan).
