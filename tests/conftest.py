@@ -496,3 +496,32 @@ def parallel_probe_ready() -> bool:
     return opens_parallel_region(lambda: total(a), 2) and not opens_parallel_region(
         lambda: total.py_func(a), 2
     )
+
+
+def run_parallel_probe(script: str, *args: str, env: dict | None = None) -> list[str]:
+    """Run ``script`` in a fresh Python process with numba's ``omp`` layer on at least two
+    threads, and return the words it prints. ``{probe}`` in the script becomes the source of
+    :func:`opens_parallel_region` and :func:`parallel_probe_ready`; a script prints
+    ``no probe`` where the probe is not ready, and the calling test is skipped then."""
+    import inspect
+    import subprocess
+    import sys
+
+    probe = inspect.getsource(opens_parallel_region) + inspect.getsource(parallel_probe_ready)
+    env = {
+        **os.environ,
+        "NUMBA_THREADING_LAYER": "omp",
+        "NUMBA_NUM_THREADS": str(max(2, os.cpu_count() or 1)),
+        **(env or {}),
+    }
+    proc = subprocess.run(
+        [sys.executable, "-c", script.format(probe=probe), *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr
+    if proc.stdout.strip() == "no probe":
+        pytest.skip("numba's threading layer is not GNU OpenMP's: no fork guard to observe")
+    return proc.stdout.split()

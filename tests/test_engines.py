@@ -11,7 +11,6 @@ import copy
 import hashlib
 import json
 import math
-import os
 import re
 import sys
 
@@ -721,31 +720,11 @@ def test_serial_twins_do_not_share_the_parallel_kernels_cache(tmp_path):
     column terms are right and each form runs as it should: large work on two threads
     opens a parallel region, on one thread or small work none (seen through the ``omp``
     layer's fork guard, ``conftest.opens_parallel_region``)."""
-    import inspect
-    import subprocess
+    from conftest import run_parallel_probe
 
-    from conftest import opens_parallel_region, parallel_probe_ready
-
-    probe = inspect.getsource(opens_parallel_region) + inspect.getsource(parallel_probe_ready)
-    script = _CACHED_KERNELS.format(probe=probe)
-    env = {
-        **os.environ,
-        "NUMBA_CACHE_DIR": str(tmp_path),
-        "NUMBA_THREADING_LAYER": "omp",
-        "NUMBA_NUM_THREADS": str(max(2, os.cpu_count() or 1)),
-    }
     for i, threads in enumerate(["1", "default", "1", "default"]):
-        proc = subprocess.run(
-            [sys.executable, "-c", script, threads],
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=300,
-        )
-        assert proc.returncode == 0, proc.stderr
-        if proc.stdout.strip() == "no probe":
-            pytest.skip("numba's threading layer is not GNU OpenMP's: no fork guard to observe")
-        assert proc.stdout.split() == ["True", "False", "False"], (threads, proc.stdout)
+        seen = run_parallel_probe(_CACHED_KERNELS, threads, env={"NUMBA_CACHE_DIR": str(tmp_path)})
+        assert seen == ["True", "False", "False"], (threads, seen)
         if i == 0:  # the later runs find what this one cached
             assert any(p.is_file() for p in tmp_path.rglob("*")), "nothing was cached"
 

@@ -514,29 +514,11 @@ def test_one_thread_runs_serial_twins():
     parallel-sized work opens one and small work none. Seen, in a fresh process, through
     the ``omp`` layer's fork guard (``conftest.opens_parallel_region``), for the sparse
     and the implicit engine; the forks on one thread give the numbers computed before."""
-    import inspect
-    import subprocess
+    from conftest import run_parallel_probe
 
-    from conftest import opens_parallel_region, parallel_probe_ready
-
-    probe = inspect.getsource(opens_parallel_region) + inspect.getsource(parallel_probe_ready)
-    env = {
-        **os.environ,
-        "NUMBA_THREADING_LAYER": "omp",
-        "NUMBA_NUM_THREADS": str(max(2, os.cpu_count() or 1)),
-    }
-    proc = subprocess.run(
-        [sys.executable, "-c", _TWINS.format(probe=probe)],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert proc.returncode == 0, proc.stderr
-    if proc.stdout.strip() == "no probe":
-        pytest.skip("numba's threading layer is not GNU OpenMP's: no fork guard to observe")
     # per engine: big on 1 thread, big on 2, small on 2
-    assert proc.stdout.split() == ["False", "True", "False"] * 2, proc.stdout
+    seen = run_parallel_probe(_TWINS)
+    assert seen == ["False", "True", "False"] * 2, seen
 
 
 def test_start_method_forks_only_while_safe(monkeypatch):
