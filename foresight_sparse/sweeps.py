@@ -58,9 +58,8 @@ from .exceptions import (
 )
 from .history import CSVAppender, History, Record, records_from_report
 from .norms import lin_norm
-from .plans import Plan
+from .plans import Plan, plan
 from .results import Report
-from .settings import Settings
 
 __all__ = [
     "Checkpoint",
@@ -1045,9 +1044,13 @@ def sweep(
         raise OptionError(
             Opt("resume", True), " needs ", Opt("output"), ", the CSV file of the run to resume"
         )
-    settings = Settings.make(
-        norm=norm,
-        device=device,
+    entries = checkpoint_entries(checkpoints)
+    p = plan(
+        model,
+        input,
+        shapes,
+        norm,
+        device,
         engine=engine,
         backend=backend,
         legacy=legacy,
@@ -1057,8 +1060,6 @@ def sweep(
         convention=convention,
         skipped=skipped,
     )
-    entries = checkpoint_entries(checkpoints)
-    p = Plan.build(model, settings, input, shapes)
     in_shape = list(p.layers[0].in_shape) if p.layers else []
     info = {
         "model": type(model).__name__,

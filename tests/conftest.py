@@ -433,8 +433,8 @@ def no_blocks(monkeypatch):
 # observe it from outside: numba's ``omp`` threading layer (GNU OpenMP) terminates, with
 # SIGTERM, a forked child of a process that launched it as soon as the child opens a
 # parallel region, and lets a child that opens none exit normally. The two functions below
-# are for scripts run in a fresh process (embed them with ``inspect.getsource``; Linux
-# only), with ``NUMBA_THREADING_LAYER=omp`` and ``NUMBA_NUM_THREADS`` at least 2.
+# are for scripts run in a fresh process (Linux only) by :func:`run_parallel_probe`, which
+# embeds their source and sets ``NUMBA_THREADING_LAYER=omp`` and ``NUMBA_NUM_THREADS``.
 
 
 def opens_parallel_region(fn, threads: int) -> bool:
@@ -503,7 +503,6 @@ def run_parallel_probe(script: str, *args: str, env: dict | None = None) -> list
     threads, and return the words it prints. ``{probe}`` in the script becomes the source of
     :func:`opens_parallel_region` and :func:`parallel_probe_ready`; a script prints
     ``no probe`` where the probe is not ready, and the calling test is skipped then."""
-    import inspect
     import subprocess
     import sys
 

@@ -671,8 +671,9 @@ def test_backend_still_works_with_a_future_warning(ckpts):
 
 
 def test_backend_names_the_numeric_forms_as_for_plan(ckpts):
-    """backend='torch' or 'numba' reaches the plan of every checkpoint (each layer's report
-    names it) and gives the same records; skipped='ignore' silences the skipped layers."""
+    """backend='torch' or 'numba' reaches the plan the executor evaluates every checkpoint
+    with (each planned layer names it) and gives the report's records; skipped='ignore'
+    silences the skipped layers."""
 
     class Recording(SerialExecutor):
         def run(self, plan, checkpoints, **kwargs):
